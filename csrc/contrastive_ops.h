@@ -1,0 +1,183 @@
+// The four contrastive ops, written once on top of a device's kernel launchers
+// (contrastive_kernels.h). Each device file instantiates them with its launchers
+// and registers them with TORCH_LIBRARY_IMPL for its dispatch key.
+//
+// The checks here are the op-level contract (the Python API validates user input
+// with friendlier messages before it gets here).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+
+#include "contrastive_kernels.h"
+
+namespace robustft {
+
+struct KernelSet {
+  void (*clip_lse)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                   const at::Tensor&, at::Tensor&, at::Tensor&);
+  void (*siglip_softplus_sum)(const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, at::Tensor&);
+  void (*grad)(const DlogitSpec&, const at::Tensor&, const at::Tensor&,
+               const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+               at::Tensor&, at::Tensor&);
+};
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_features(const at::Tensor& a, const at::Tensor& b,
+                           const at::Tensor& scale, const at::Tensor& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "robustft_ext: a and b must be 2-D, got ",
+              a.dim(), "-D and ", b.dim(), "-D");
+  TORCH_CHECK(a.size(0) > 0 && b.size(0) > 0 && a.size(1) > 0,
+              "robustft_ext: empty feature matrix");
+  TORCH_CHECK(a.size(1) == b.size(1), "robustft_ext: feature dims differ: ", a.size(1),
+              " vs ", b.size(1));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "robustft_ext: a and b dtypes differ");
+  const auto t = a.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "robustft_ext: unsupported dtype ", t);
+  TORCH_CHECK(a.device() == b.device() && scale.device() == a.device() &&
+                  bias.device() == a.device(),
+              "robustft_ext: all tensors must be on one device");
+  TORCH_CHECK(scale.dim() == 0 && bias.dim() == 0, "robustft_ext: scale and bias must be 0-d");
+  TORCH_CHECK(scale.scalar_type() == acc_dtype(t) && bias.scalar_type() == acc_dtype(t),
+              "robustft_ext: scale and bias must have dtype ", acc_dtype(t));
+}
+
+// scale * <a_i, b_{i+offset}> + bias for every row i, in the accumulation dtype.
+inline at::Tensor positive_logits(const at::Tensor& a, const at::Tensor& b,
+                                  const at::Tensor& scale, const at::Tensor& bias,
+                                  int64_t offset) {
+  const auto acc = acc_dtype(a.scalar_type());
+  auto dots = (a.to(acc) * b.narrow(0, offset, a.size(0)).to(acc)).sum(1);
+  return dots * scale + bias;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
+    const KernelSet& k, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset,
+    bool symmetric) {
+  check_features(a, b, scale, bias);
+  const int64_t n = a.size(0), m = b.size(0);
+  if (symmetric) {
+    TORCH_CHECK(n == m && diag_offset == 0,
+                "robustft_ext: symmetric clip loss needs a square problem, offset 0");
+  } else {
+    TORCH_CHECK(diag_offset >= 0 && diag_offset + n <= m,
+                "robustft_ext: positives (i, i + ", diag_offset, ") fall outside ", m,
+                " columns");
+  }
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
+  at::Tensor row_lse = at::empty({n}, opts);
+  at::Tensor col_lse = at::empty({symmetric ? m : 0}, opts);
+  at::Tensor col_arg = symmetric ? col_lse : at::Tensor();
+  k.clip_lse(ac, bc, scale, bias, row_lse, col_arg);
+  const auto pos = positive_logits(ac, bc, scale, bias, diag_offset).sum();
+  at::Tensor loss = symmetric ? (row_lse.sum() + col_lse.sum() - 2 * pos) / (2.0 * n)
+                              : (row_lse.sum() - pos) / double(n);
+  return {loss, row_lse, col_lse};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
+    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, int64_t diag_offset,
+    bool symmetric) {
+  check_features(a, b, scale, bias);
+  const int64_t n = a.size(0), m = b.size(0);
+  const auto acc = acc_dtype(a.scalar_type());
+  TORCH_CHECK(row_lse.numel() == n && (!symmetric || col_lse.numel() == m),
+              "robustft_ext: saved log-sum-exp statistics do not match the inputs");
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto g = grad_loss.to(acc).reshape({});
+  const double wr = symmetric ? 0.5 / n : 1.0 / n;
+  const double wc = symmetric ? 0.5 / n : 0.0;
+  const double wp = 1.0 / n;  // symmetric: both terms put 1/(2n) on the diagonal
+
+  DlogitSpec spec;
+  spec.w_row = wr;
+  spec.w_col = wc;
+  spec.w_pos = wp;
+  spec.has_positives = true;
+  spec.pos_offset = diag_offset;
+  spec.row_lse = row_lse;
+  if (symmetric) spec.col_lse = col_lse;
+  at::Tensor grad_a = at::empty({n, a.size(1)}, a.options().dtype(acc));
+  at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
+  at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
+  k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0], stats[1]};
+}
+
+inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
+                                  const at::Tensor& b, const at::Tensor& scale,
+                                  const at::Tensor& bias, bool negative_only) {
+  check_features(a, b, scale, bias);
+  const int64_t n = a.size(0);
+  TORCH_CHECK(negative_only || b.size(0) == n,
+              "robustft_ext: siglip with positives needs as many rows in b as in a");
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor total = at::empty({}, a.options().dtype(acc_dtype(a.scalar_type())));
+  k.siglip_softplus_sum(ac, bc, scale, bias, total);
+  // -log sigmoid(s) = softplus(s) - s on the positives.
+  if (!negative_only) total = total - positive_logits(ac, bc, scale, bias, 0).sum();
+  return total / double(n);
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_impl(
+    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    bool negative_only) {
+  check_features(a, b, scale, bias);
+  const int64_t n = a.size(0), m = b.size(0);
+  TORCH_CHECK(negative_only || m == n,
+              "robustft_ext: siglip with positives needs as many rows in b as in a");
+  const auto acc = acc_dtype(a.scalar_type());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto g = grad_loss.to(acc).reshape({});
+  DlogitSpec spec;
+  spec.siglip = true;
+  spec.w_row = 1.0 / n;
+  spec.has_positives = !negative_only;
+  spec.pos_offset = 0;
+  at::Tensor grad_a = at::empty({n, a.size(1)}, a.options().dtype(acc));
+  at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
+  at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
+  k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0], stats[1]};
+}
+
+// Registers the four ops for one dispatch key with that device's launchers.
+#define RFT_REGISTER_CONTRASTIVE_OPS(KEY, KERNELS)                                   \
+  TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                         \
+    m.impl("clip_fwd", [](const at::Tensor& a, const at::Tensor& b,                  \
+                          const at::Tensor& scale, const at::Tensor& bias,           \
+                          int64_t off, bool sym) {                                   \
+      return ::robustft::clip_fwd_impl(KERNELS, a, b, scale, bias, off, sym);        \
+    });                                                                              \
+    m.impl("clip_bwd",                                                               \
+           [](const at::Tensor& g, const at::Tensor& a, const at::Tensor& b,         \
+              const at::Tensor& scale, const at::Tensor& bias, const at::Tensor& r,  \
+              const at::Tensor& c, int64_t off, bool sym) {                          \
+             return ::robustft::clip_bwd_impl(KERNELS, g, a, b, scale, bias, r, c,   \
+                                              off, sym);                             \
+           });                                                                       \
+    m.impl("siglip_fwd", [](const at::Tensor& a, const at::Tensor& b,                \
+                            const at::Tensor& scale, const at::Tensor& bias,         \
+                            bool neg) {                                              \
+      return ::robustft::siglip_fwd_impl(KERNELS, a, b, scale, bias, neg);           \
+    });                                                                              \
+    m.impl("siglip_bwd", [](const at::Tensor& g, const at::Tensor& a,                \
+                            const at::Tensor& b, const at::Tensor& scale,            \
+                            const at::Tensor& bias, bool neg) {                      \
+      return ::robustft::siglip_bwd_impl(KERNELS, g, a, b, scale, bias, neg);        \
+    });                                                                              \
+  }
+
+}  // namespace robustft

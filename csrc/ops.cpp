@@ -1,0 +1,37 @@
+// Op schemas of robustft_ext, declared once. Device kernels are registered in
+// cpu/contrastive_cpu.cpp and cuda/contrastive_cuda.cu; the fake (meta)
+// implementations and the autograd Functions live in robustft_ext/native.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing robustft_ext._C loads this library and so runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "robustft_ext compiled ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(robustft_ext, m) {
+  // CLIP / InfoNCE loss over logits S = scale * a b^T + bias.
+  // symmetric: a, b are [n, D]; loss = (CE_rows(S) + CE_rows(S^T)) / 2 with
+  //   positives on the diagonal; returns (loss, row_lse [n], col_lse [n]).
+  // otherwise: b is [m, D]; loss = CE_rows(S) with positives at (i, i + diag_offset);
+  //   returns (loss, row_lse [n], col_lse [0]).
+  m.def(
+      "clip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, int diag_offset, "
+      "bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "clip_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+      "Tensor row_lse, Tensor col_lse, int diag_offset, bool symmetric) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // SigLIP loss (1/n) sum_ij -log sigmoid(z_ij S_ij), z = +1 on the diagonal unless
+  // negative_only (then every pair is a negative and b may have any row count).
+  m.def(
+      "siglip_fwd(Tensor a, Tensor b, Tensor scale, Tensor bias, bool negative_only) "
+      "-> Tensor");
+  m.def(
+      "siglip_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+      "bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)");
+}

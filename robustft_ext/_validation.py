@@ -1,0 +1,105 @@
+"""Checking user input before any kernel runs: clear errors naming the argument."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class PairInputs(NamedTuple):
+    """Validated features in one dtype, with scale and bias as 0-d accumulation-dtype tensors."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    has_bias: bool
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the fused kernels: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_features(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [batch, dim] tensor, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has a zero feature dimension (shape {tuple(x.shape)})")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: float32, bfloat16, float16, float64")
+    return x
+
+
+def check_same_dim(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} have different feature dims: "
+                         f"{a.shape[1]} vs {b.shape[1]}")
+
+
+def check_same_batch(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} and {name_b} have different batch sizes: "
+                         f"{a.shape[0]} vs {b.shape[0]} (nothing is broadcast)")
+
+
+def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"inputs are on different devices: {listing}")
+    return first
+
+
+def check_scalar(x: object, name: str, device: torch.device, dtype: torch.dtype,
+                 *, optional: bool = False) -> torch.Tensor | None:
+    """A float or 0-d floating tensor on `device`, finite, returned as a 0-d `dtype` tensor."""
+    if x is None:
+        if optional:
+            return None
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got None")
+    if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0:
+            raise ValueError(f"{name} must be a 0-d tensor (a scalar), got shape {tuple(x.shape)}; "
+                             "use .squeeze() if it holds one value")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the features are on {device}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x.detach())):
+            raise ValueError(f"{name} must be finite, got {x.item()}")
+        return x.to(dtype)
+    if not math.isfinite(float(x)):
+        raise ValueError(f"{name} must be finite, got {x}")
+    return torch.tensor(float(x), dtype=dtype, device=device)
+
+
+def pair_inputs(image_features: object, text_features: object, logit_scale: object,
+                logit_bias: object = None, *, names: tuple[str, str] = ("image_features", "text_features"),
+                same_batch: bool = True) -> PairInputs:
+    """Validate a feature pair with its scale and optional bias; promote mixed dtypes (autocast)."""
+    na, nb = names
+    a = check_features(image_features, na)
+    b = check_features(text_features, nb)
+    check_same_dim(a, b, na, nb)
+    if same_batch:
+        check_same_batch(a, b, na, nb)
+    device = check_same_device({na: a, nb: b})
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    acc = acc_dtype(dtype)
+    scale = check_scalar(logit_scale, "logit_scale", device, acc)
+    bias = check_scalar(logit_bias, "logit_bias", device, acc, optional=True)
+    has_bias = bias is not None
+    if bias is None:
+        bias = torch.zeros((), dtype=acc, device=device)
+    return PairInputs(a.to(dtype), b.to(dtype), scale, bias, has_bias)

@@ -1,0 +1,115 @@
+"""Backend selection: which implementation serves an input, and why the others cannot.
+
+Order of choice: the `backend=` argument, else $ROBUSTFT_BACKEND, else automatic:
+CUDA tensors -> native, triton, reference; CPU tensors -> native, reference.
+(The CUDA order is provisional until the GPU benchmarks in benchmarks/ have been run on a GPU;
+see README "Backends".) A requested backend that cannot serve raises BackendUnavailableError
+with every backend's reason; automatic selection falls through to the next one.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "native", "triton")
+FUSED_BACKENDS = ("native", "triton")
+AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
+ENV_VAR = "ROBUSTFT_BACKEND"
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot serve these inputs."""
+
+
+def _triton_module() -> tuple[ModuleType | None, str | None]:
+    """Import the Triton backend on first use (importing triton is slow)."""
+    try:
+        from . import triton_backend
+    except Exception as exc:  # noqa: BLE001 - any failure makes the backend unavailable
+        return None, f"the Triton backend failed to import ({type(exc).__name__}: {exc})"
+    if triton_backend.IMPORT_ERROR is not None:
+        return None, triton_backend.IMPORT_ERROR
+    return triton_backend, None
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot serve tensors of this device and dtype, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "native":
+        if _extension._C is None:
+            return _extension.LOAD_ERROR or "the compiled extension is not built"
+        if device.type == "cuda" and not _extension.WITH_CUDA:
+            return "the extension was built without CUDA kernels (CPU-only build)"
+        if device.type not in ("cpu", "cuda"):
+            return f"no native kernels for device type {device.type!r}"
+        return None
+    if backend == "triton":
+        _, err = _triton_module()
+        if err is not None:
+            return err
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on device type {device.type!r}"
+        if dtype not in _TRITON_DTYPES:
+            return f"Triton kernels take float32/bfloat16/float16 inputs, not {dtype}"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def select_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that serves these inputs (see the module docstring for the rules)."""
+    if requested is None:
+        requested = os.environ.get(ENV_VAR) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+        reason = unavailable_reason(requested, device, dtype)
+        if reason is not None:
+            others = "; ".join(f"{b}: {unavailable_reason(b, device, dtype) or 'available'}"
+                               for b in BACKENDS)
+            raise BackendUnavailableError(
+                f"backend {requested!r} cannot serve {dtype} tensors on {device}: {reason} "
+                f"[{others}]")
+        return requested
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
+        if unavailable_reason(name, device, dtype) is None:
+            return name
+    return "reference"
+
+
+def fused_ops(backend: str):
+    """The custom-op namespace of a fused backend (same op names and schemas in each)."""
+    if backend == "native":
+        return torch.ops.robustft_ext
+    if backend == "triton":
+        _triton_module()
+        return torch.ops.robustft_triton
+    raise ValueError(f"{backend!r} is not a fused backend")
+
+
+def available_backends() -> dict[str, dict[str, object]]:
+    """What each backend can serve on this machine, and why not where it cannot.
+
+    Returns {backend: {"cpu": reason-or-None, "cuda": reason-or-None, "available": bool}}
+    for float32 inputs; a None reason means the backend serves that device.
+    """
+    report: dict[str, dict[str, object]] = {}
+    for name in BACKENDS:
+        entry: dict[str, object] = {}
+        for key, dev in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda"))):
+            if key == "cuda" and not torch.cuda.is_available():
+                base = unavailable_reason(name, dev, torch.float32)
+                entry[key] = "no CUDA device visible" + (f"; {base}" if base else "")
+            else:
+                entry[key] = unavailable_reason(name, dev, torch.float32)
+        entry["available"] = any(entry[k] is None for k in ("cpu", "cuda"))
+        report[name] = entry
+    return report
