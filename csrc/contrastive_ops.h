@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <tuple>
@@ -28,6 +29,11 @@ struct KernelSet {
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+
+// The kernels' internal ATen calls (tile matmuls, casts) must run in the dtypes chosen
+// here, never re-cast by an autocast region the op was called from.
+#define RFT_NO_AUTOCAST() \
+  c10::impl::ExcludeDispatchKeyGuard rft_no_autocast_(c10::autocast_dispatch_keyset)
 
 inline void check_features(const at::Tensor& a, const at::Tensor& b,
                            const at::Tensor& scale, const at::Tensor& bias) {
@@ -62,6 +68,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
     const KernelSet& k, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset,
     bool symmetric) {
+  RFT_NO_AUTOCAST();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   if (symmetric) {
@@ -89,6 +96,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
     const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& row_lse, const at::Tensor& col_lse, int64_t diag_offset,
     bool symmetric) {
+  RFT_NO_AUTOCAST();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   const auto acc = acc_dtype(a.scalar_type());
@@ -112,12 +120,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
   at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
   k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
-  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0], stats[1]};
+  // Separate storage for the two scalars: outputs must not alias.
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
+          stats[1].clone()};
 }
 
 inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
                                   const at::Tensor& b, const at::Tensor& scale,
                                   const at::Tensor& bias, bool negative_only) {
+  RFT_NO_AUTOCAST();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0);
   TORCH_CHECK(negative_only || b.size(0) == n,
@@ -134,6 +145,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
     const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
     bool negative_only) {
+  RFT_NO_AUTOCAST();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(negative_only || m == n,
@@ -150,7 +162,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
   at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
   k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
-  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0], stats[1]};
+  // Separate storage for the two scalars: outputs must not alias.
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
+          stats[1].clone()};
 }
 
 // Registers the four ops for one dispatch key with that device's launchers.

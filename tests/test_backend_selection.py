@@ -1,0 +1,73 @@
+"""Backend selection: argument, environment variable, automatic order, stated reasons."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robustft_ext as rft
+from robustft_ext import backends
+from helpers import features
+
+
+def test_available_backends_reports_every_backend():
+    report = rft.available_backends()
+    assert set(report) == {"reference", "native", "triton"}
+    assert report["reference"]["cpu"] is None and report["reference"]["available"]
+    assert report["native"]["cpu"] is None, report["native"]
+    for entry in report.values():
+        assert set(entry) == {"cpu", "cuda", "available"}
+        for key in ("cpu", "cuda"):
+            assert entry[key] is None or isinstance(entry[key], str) and entry[key]
+    if not torch.cuda.is_available():
+        assert "no CUDA device visible" in report["native"]["cuda"]
+
+
+def test_automatic_cpu_prefers_native():
+    assert backends.select_backend(None, torch.device("cpu"), torch.float32) == "native"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select_backend(None, torch.device("cpu"), torch.float32) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.select_backend(None, torch.device("cpu"), torch.float32)
+
+
+def test_explicit_backend_that_cannot_serve_lists_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(rft.BackendUnavailableError, match="CPU tensors only under TRITON_INTERPRET"):
+        backends.select_backend("triton", torch.device("cpu"), torch.float32)
+    with pytest.raises(rft.BackendUnavailableError, match="not torch.float64"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        backends.select_backend("triton", torch.device("cpu"), torch.float64)
+
+
+def test_native_missing_is_explained_and_auto_falls_through(monkeypatch):
+    from robustft_ext import _extension
+
+    monkeypatch.setattr(_extension, "_C", None)
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "not built (test)")
+    assert backends.unavailable_reason("native", torch.device("cpu"), torch.float32) == "not built (test)"
+    assert backends.select_backend(None, torch.device("cpu"), torch.float32) == "reference"
+    a = features(3, 4)
+    with pytest.raises(rft.BackendUnavailableError, match="native: not built"):
+        rft.clip_loss(a, a, 1.0, backend="native")
+
+
+def test_cuda_unavailable_in_cpu_only_build(monkeypatch):
+    from robustft_ext import _extension
+
+    monkeypatch.setattr(_extension, "WITH_CUDA", False)
+    reason = backends.unavailable_reason("native", torch.device("cuda"), torch.float32)
+    assert "without CUDA kernels" in reason
+
+
+def test_version_mismatch_message():
+    from robustft_ext import _extension
+
+    info = {"TORCH_VERSION": "0.0.1", "TORCH_CUDA_VERSION": None, "WITH_CUDA": False}
+    assert "built against torch 0.0.1" in _extension._mismatch(info)
+    info = {"TORCH_VERSION": torch.__version__, "TORCH_CUDA_VERSION": "9.9", "WITH_CUDA": True}
+    msg = _extension._mismatch(info)
+    assert "built for CUDA 9.9" in msg and "rebuild" in msg
