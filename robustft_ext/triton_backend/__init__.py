@@ -1,0 +1,31 @@
+"""Triton backend of robustft_ext: the ops `torch.ops.robustft_triton.{clip_fwd, clip_bwd,
+siglip_fwd, siglip_bwd}`, with the schemas and semantics of `robustft_ext::*` (csrc/ops.cpp).
+
+Importing this package registers the ops when Triton can be imported. Otherwise nothing is
+registered and IMPORT_ERROR says why. On a machine without a GPU the kernels run only under
+Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported.
+"""
+from __future__ import annotations
+
+import torch
+
+# The dtypes the Triton kernels accept for a and b (float64 is C++-backend only).
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+IMPORT_ERROR: str | None = None
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # ImportError, or a broken install raising something else
+    IMPORT_ERROR = f"triton could not be imported: {type(exc).__name__}: {exc}"
+
+if IMPORT_ERROR is None:
+    try:
+        from . import ops  # noqa: F401  (registers the ops)
+        from .ops import choose_config, interpreting  # noqa: F401
+    except Exception as exc:  # e.g. a torch without torch.library.triton_op
+        IMPORT_ERROR = f"registering the Triton ops failed: {type(exc).__name__}: {exc}"
+
+AVAILABLE: bool = IMPORT_ERROR is None
+
+__all__ = ["AVAILABLE", "IMPORT_ERROR", "SUPPORTED_DTYPES"]

@@ -1,0 +1,386 @@
+"""Triton-backed contrastive ops, registered as `robustft_triton::*` with torch.library.triton_op.
+
+The four ops have the semantics of the C++ ops `robustft_ext::*` (csrc/ops.cpp,
+csrc/contrastive_ops.h): same arguments, outputs, dtypes and checks, except that float64
+inputs are not supported. Each op body uses only torch ops with fake-able shapes plus
+`wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
+torch.compile(fullgraph=True) traces through to the kernels.
+
+Note on schemas: `triton_op` infers the schema from the annotations and (torch 2.11) ignores
+its `schema=` argument, so `diag_offset: int` becomes `SymInt diag_offset` where the C++
+schema says `int`. SymInt accepts every int, so calls are interchangeable.
+
+Interpreter support (TRITON_INTERPRET=1, CPU): two shims, active only in that mode, make
+wrap_triton and Triton 3.6's interpreter work here: see _InterpretedKernel and
+_fix_interpreter_index.
+
+Memory: besides the outputs, O(P * m) for the column partials of the symmetric CLIP forward
+(P = number of persistent programs, the SM count on GPU), O(n * D) float32 gradient buffers
+in the backward (as the C++ backends), and O(n / BLOCK_M) partial sums. Nothing is n x m.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+from . import SUPPORTED_DTYPES, kernels
+
+
+# @triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton
+# was imported; that, not the current environment, decides how the kernels run.
+_INTERPRETER = not isinstance(kernels.clip_lse_kernel, (JITFunction, Autotuner))
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return _INTERPRETER
+
+
+def _fix_interpreter_index() -> None:
+    """Make Triton 3.6's interpreter work with numpy >= 2.4 (interpreter mode only).
+
+    The interpreter implements `tensor.__index__` (used by `for i in range(lo, hi, step)` with
+    runtime bounds) as int() of a 1-element 1-d numpy array, which numpy 2.4 turned into a
+    TypeError ("only 0-dimensional arrays can be converted to Python scalars";
+    triton-lang/triton#9171). Every kernel here loops over runtime bounds, so we re-patch
+    __index__ after Triton's own patching, reading the single element explicitly. No effect
+    on compiled (GPU) kernels.
+    """
+    from triton.runtime import interpreter as interp
+
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_robustft_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__",
+                       lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._robustft_index_fix = True
+    interp._patch_lang_tensor = patched
+
+
+class _InterpretedKernel(JITFunction):
+    """A JITFunction whose launches run in Triton's interpreter.
+
+    Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction, which
+    torch.library.wrap_triton rejects ("wrap_triton only works on functions annotated with
+    triton.jit or triton.autotune", pytorch/pytorch#152868, open for torch 2.11). This
+    subclass carries the JIT metadata that wrap_triton and its tracing need (arg_names,
+    params, fn) and forwards every launch to the interpreter, so the same op bodies work in
+    eager mode, under fake tensors / opcheck and in traced graphs that run the kernel eagerly.
+    """
+
+    def __init__(self, interpreted) -> None:
+        super().__init__(interpreted.fn)
+        self._interpreted = interpreted
+
+    @property
+    def cache_key(self) -> str:
+        # JITFunction's key walks the kernel's dependencies and rejects the interpreted
+        # helper functions it calls; the interpreter compiles nothing, so the source suffices.
+        return hashlib.sha256(f"{self.fn.__module__}.{self.fn.__qualname__}\n{self.src}"
+                              .encode()).hexdigest()
+
+    def run(self, *args, grid, warmup, **kwargs):
+        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._interpreted.run(*args, grid=grid, warmup=False,
+                                                             **kwargs)
+
+
+def _traceable(kernel):
+    """The kernel in a form wrap_triton accepts (see _InterpretedKernel)."""
+    if isinstance(kernel, (JITFunction, Autotuner)):
+        return kernel
+    return _InterpretedKernel(kernel)
+
+
+if interpreting():
+    _fix_interpreter_index()
+
+_CLIP_LSE = _traceable(kernels.clip_lse_kernel)
+_SIGLIP_SUM = _traceable(kernels.siglip_softplus_sum_kernel)
+_GRAD_ROWS = _traceable(kernels.contrastive_grad_rows_kernel)
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int      # feature chunk of the logit tiles (and of the gradient, unless one chunk)
+    one_chunk: bool   # backward: D <= block_d, keep the P tile and gradient rows in registers
+    nprog: int        # persistent programs (forward column partials, SigLIP sum)
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        try:
+            return _sm_count(device.index if device.index is not None
+                             else torch.cuda.current_device())
+        except Exception:  # e.g. tracing with fake CUDA tensors and no device
+            return 132
+    return 2
+
+
+def choose_config(device: torch.device, dtype: torch.dtype, D: int) -> Config:
+    """Tile sizes for a problem with feature dimension D on `device`.
+
+    Interpreter (CPU): 16-wide tiles (the minimum tl.dot size) and 2 persistent programs, so
+    that small tests exercise masking, several D chunks and the cross-program merge quickly.
+
+    GPU (sm_90 targets; untuned for speed): 16-bit inputs use 64 x 64 logit tiles on tensor
+    cores (wgmma) with 64-wide feature chunks; float32 uses true fp32 "ieee" dots, which run
+    on FMA units and need far more registers, so 32 x 32 tiles and 32-wide chunks. When
+    D <= 128 the backward keeps the whole feature dimension in registers (one_chunk, 8 warps
+    above 64 features). Each of these configurations was compiled offline for sm_90 with the
+    16-byte divisibility a real launch gets (batch and D multiples of 16): no register spills.
+    """
+    if interpreting() or device.type != "cuda":
+        return Config(16, 16, 16, D <= 16, 2, 1, 1)
+    sms = _device_sms(device)
+    fp32 = dtype == torch.float32
+    tile = 32 if fp32 else 64
+    stages = 2 if fp32 else 3
+    if D <= 128:
+        bd = max(16, triton.next_power_of_2(int(D)))
+        return Config(tile, tile, bd, True, sms, 8 if bd > 64 else 4, stages)
+    return Config(tile, tile, tile, False, sms, 4, stages)
+
+
+def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast) for tl.dot, see kernels.py."""
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    return prec, interpreting() and dtype == torch.bfloat16
+
+
+def _check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
+    # The op-level contract of csrc/contrastive_ops.h::check_features.
+    if a.dim() != 2 or b.dim() != 2:
+        raise RuntimeError(
+            f"robustft_triton: a and b must be 2-D, got {a.dim()}-D and {b.dim()}-D")
+    torch._check(a.size(0) > 0 and b.size(0) > 0 and a.size(1) > 0,
+                 lambda: "robustft_triton: empty feature matrix")
+    torch._check(a.size(1) == b.size(1),
+                 lambda: f"robustft_triton: feature dims differ: {a.size(1)} vs {b.size(1)}")
+    if a.dtype != b.dtype:
+        raise RuntimeError("robustft_triton: a and b dtypes differ")
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"robustft_triton: unsupported dtype {a.dtype} "
+                           f"(the Triton backend supports {SUPPORTED_DTYPES})")
+    if not (a.device == b.device == scale.device == bias.device):
+        raise RuntimeError("robustft_triton: all tensors must be on one device")
+    if scale.dim() != 0 or bias.dim() != 0:
+        raise RuntimeError("robustft_triton: scale and bias must be 0-d")
+    if scale.dtype != torch.float32 or bias.dtype != torch.float32:
+        raise RuntimeError("robustft_triton: scale and bias must have dtype torch.float32")
+    if a.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"robustft_triton: tensors on {a.device} need a GPU, or TRITON_INTERPRET=1 set "
+            "before triton is imported")
+
+
+def _kernel_input(t: Tensor) -> Tensor:
+    """An op input as the kernels receive it: contiguous, and a private copy under the
+    interpreter.
+
+    Why the copy: torch finds out which arguments a wrap_triton launch writes by lowering the
+    kernel to TTIR, which needs a GPU driver; without one it assumes that *every* tensor
+    argument is written (torch/_higher_order_ops/triton_kernel_wrap.py,
+    identify_mutated_tensors). Traced graphs (torch.compile, AOTAutograd) then copy the
+    "written" values back into the op's inputs, bumping their version counters and breaking
+    autograd of anything that saved them. Private copies keep the op's inputs out of the
+    kernels' argument lists. On a GPU the analysis works and inputs are passed as they are.
+    """
+    t = t.contiguous()
+    return t.clone() if _INTERPRETER else t
+
+
+def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+                with_col: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """row_lse [n], col_lse [m] (with_col) and the sum of the positive logits (0-d)."""
+    n, D = a.shape
+    m = b.shape[0]
+    cfg = choose_config(a.device, a.dtype, D)
+    prec, upcast = _dot_flags(a.dtype)
+    f32 = dict(device=a.device, dtype=torch.float32)
+    row_lse = torch.empty(n, **f32)
+    if with_col:
+        nprog = cfg.nprog
+        col_max = torch.full((nprog, m), float("-inf"), **f32)
+        col_sum = torch.zeros((nprog, m), **f32)
+    else:  # no column partials: one program per row block
+        nprog = triton.cdiv(n, cfg.block_m)
+        col_max = col_sum = torch.empty(0, **f32)
+    pos = torch.empty(nprog, **f32)
+    wrap_triton(_CLIP_LSE)[(nprog,)](
+        a, b, scale, bias, row_lse, col_max, col_sum, pos,
+        n, m, D, a.stride(0), b.stride(0), diag_offset, nprog,
+        WITH_COL=with_col, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    col_lse = None
+    if with_col:
+        # Merge the per-program column partials in a fixed order: O(nprog * m).
+        cmax = col_max.amax(0)
+        cmax = torch.where(torch.isinf(cmax), torch.zeros_like(cmax), cmax)
+        col_lse = cmax + torch.log((col_sum * torch.exp(col_max - cmax)).sum(0))
+    return row_lse, col_lse, pos.sum()
+
+
+def _launch_grad_rows(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *,
+                      siglip: bool, row_lse: Tensor | None, col_lse: Tensor | None,
+                      pos_coef: int, pos_offset: int, norm: int,
+                      want_stats: bool) -> tuple[Tensor, Tensor | None]:
+    """grad_p [n, D] float32 = scale * dS @ q; with want_stats also the per-program partials
+    [programs, 2] of (sum dS <p,q>, sum dS), summed by the caller."""
+    n, D = p.shape
+    m = q.shape[0]
+    cfg = choose_config(p.device, p.dtype, D)
+    prec, upcast = _dot_flags(p.dtype)
+    f32 = dict(device=p.device, dtype=torch.float32)
+    grid = triton.cdiv(n, cfg.block_m)
+    grad = (torch.empty if cfg.one_chunk else torch.zeros)((n, D), **f32)
+    stats = torch.empty((grid, 2) if want_stats else (1, 2), **f32)
+    dummy = torch.empty(0, **f32)
+    wrap_triton(_GRAD_ROWS)[(grid,)](
+        p, q, scale, bias, g,
+        row_lse if row_lse is not None else dummy,
+        col_lse if col_lse is not None else dummy,
+        grad, stats,
+        n, m, D, p.stride(0), q.stride(0), grad.stride(0), pos_offset, norm,
+        SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
+        POS_COEF=pos_coef, WANT_STATS=want_stats, ONE_CHUNK=cfg.one_chunk,
+        LOWP_DS=p.dtype != torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grad, (stats if want_stats else None)
+
+
+@triton_op("robustft_triton::clip_fwd", mutates_args=())
+def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+             symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """CLIP / InfoNCE loss over S = scale * a b^T + bias (see csrc/ops.cpp).
+
+    symmetric: n == m, diag_offset == 0, loss = (CE_rows(S) + CE_rows(S^T)) / 2, returns
+    (loss, row_lse [n], col_lse [n]); otherwise loss = CE_rows(S) with positives at
+    (i, i + diag_offset), returns (loss, row_lse [n], col_lse [0]). All float32.
+    """
+    _check_features(a, b, scale, bias)
+    n, m = a.shape[0], b.shape[0]
+    if symmetric:
+        torch._check(n == m, lambda: "robustft_triton: symmetric clip loss needs a square "
+                     "problem, offset 0")
+        torch._check(diag_offset == 0, lambda: "robustft_triton: symmetric clip loss needs "
+                     "a square problem, offset 0")
+    else:
+        torch._check(diag_offset >= 0, lambda: f"robustft_triton: positives (i, i + "
+                     f"{diag_offset}) fall outside {m} columns")
+        torch._check(diag_offset + n <= m, lambda: f"robustft_triton: positives (i, i + "
+                     f"{diag_offset}) fall outside {m} columns")
+    a, b = _kernel_input(a), _kernel_input(b)
+    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    row_lse, col_lse, pos = _launch_lse(a, b, scale, bias, diag_offset, symmetric)
+    if symmetric:
+        loss = (row_lse.sum() + col_lse.sum() - 2 * pos) / (2 * n)
+    else:
+        loss = (row_lse.sum() - pos) / n
+        col_lse = torch.empty(0, device=a.device, dtype=torch.float32)
+    return loss, row_lse, col_lse
+
+
+@triton_op("robustft_triton::clip_bwd", mutates_args=())
+def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+             row_lse: Tensor, col_lse: Tensor, diag_offset: int,
+             symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of clip_fwd's loss: (grad_a, grad_b, grad_scale, grad_bias).
+
+    Two views, as csrc/contrastive_ops.h::clip_bwd_impl: rows of a against b gives grad_a and
+    the scalar gradients; rows of b against a (row / column LSE swapped, positives at
+    q - p == -diag_offset) gives grad_b.
+    """
+    _check_features(a, b, scale, bias)
+    n, m = a.shape[0], b.shape[0]
+    torch._check(row_lse.numel() == n and (not symmetric or col_lse.numel() == m),
+                 lambda: "robustft_triton: saved log-sum-exp statistics do not match the "
+                 "inputs")
+    a, b = _kernel_input(a), _kernel_input(b)
+    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
+    row_lse = _kernel_input(row_lse.to(torch.float32))
+    col_lse = _kernel_input(col_lse.to(torch.float32))
+    # dS = g * [w_r exp(S - r) + w_c exp(S - c) - w_p E]; symmetric: w_r = w_c = 1/(2n),
+    # w_p = 1/n = 2 / (2n); one-sided: w_r = w_p = 1/n, w_c = 0.
+    norm = 2 * n if symmetric else n
+    pos_coef = 2 if symmetric else 1
+    grad_a, stats = _launch_grad_rows(
+        a, b, scale, bias, g, siglip=False, row_lse=row_lse,
+        col_lse=col_lse if symmetric else None, pos_coef=pos_coef, pos_offset=diag_offset,
+        norm=norm, want_stats=True)
+    grad_b, _ = _launch_grad_rows(
+        b, a, scale, bias, g, siglip=False, row_lse=col_lse if symmetric else None,
+        col_lse=row_lse, pos_coef=pos_coef, pos_offset=-diag_offset, norm=norm,
+        want_stats=False)
+    # Separate reductions: the returned tensors must not alias one another.
+    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[:, 0].sum(), stats[:, 1].sum()
+
+
+@triton_op("robustft_triton::siglip_fwd", mutates_args=())
+def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+               negative_only: bool) -> Tensor:
+    """SigLIP loss (1/n) sum_ij -log sigmoid(z_ij S_ij), z = +1 on the diagonal unless
+    negative_only (then b may have any number of rows). 0-d float32."""
+    _check_features(a, b, scale, bias)
+    n, D = a.shape
+    m = b.shape[0]
+    torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
+                 "needs as many rows in b as in a")
+    a, b = _kernel_input(a), _kernel_input(b)
+    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    cfg = choose_config(a.device, a.dtype, D)
+    prec, upcast = _dot_flags(a.dtype)
+    partial = torch.empty(cfg.nprog, device=a.device, dtype=torch.float32)
+    wrap_triton(_SIGLIP_SUM)[(cfg.nprog,)](
+        a, b, scale, bias, partial, n, m, D, a.stride(0), b.stride(0), cfg.nprog,
+        HAS_POS=not negative_only,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return partial.sum() / n
+
+
+@triton_op("robustft_triton::siglip_bwd", mutates_args=())
+def siglip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+               negative_only: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of siglip_fwd's loss: dS = (g / n) (sigmoid(S) - [i == j, positives])."""
+    _check_features(a, b, scale, bias)
+    n, m = a.shape[0], b.shape[0]
+    torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
+                 "needs as many rows in b as in a")
+    a, b = _kernel_input(a), _kernel_input(b)
+    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
+    pos_coef = 0 if negative_only else 1
+    grad_a, stats = _launch_grad_rows(
+        a, b, scale, bias, g, siglip=True, row_lse=None, col_lse=None, pos_coef=pos_coef,
+        pos_offset=0, norm=n, want_stats=True)
+    grad_b, _ = _launch_grad_rows(
+        b, a, scale, bias, g, siglip=True, row_lse=None, col_lse=None, pos_coef=pos_coef,
+        pos_offset=0, norm=n, want_stats=False)
+    # Separate reductions: the returned tensors must not alias one another.
+    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[:, 0].sum(), stats[:, 1].sum()

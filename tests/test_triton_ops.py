@@ -1,0 +1,339 @@
+"""Tests of the Triton backend (robustft_ext/triton_backend): torch.ops.robustft_triton.*.
+
+Without a CUDA device the kernels run in Triton's CPU interpreter; TRITON_INTERPRET=1 must be
+set before triton is first imported, which this module does at its top (tests/conftest.py
+should do the same, since another test module may import triton first). The interpreter is
+slow, so shapes stay small (n, m <= 40, D <= 33); they still cover masking (sizes that are not
+multiples of the 16-wide interpreter tiles), several feature chunks (D = 33) and the one-chunk
+path (D = 5), several persistent programs (n = 40: 3 row blocks over 2 programs) and diagonal
+offsets that cross tile boundaries.
+
+Every op is compared with an eager float64 formula on the same (rounded) inputs: full logits,
+torch.logsumexp, F.cross_entropy / F.logsigmoid, autograd for the four gradients.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+_BACKEND_DIR = pathlib.Path(__file__).resolve().parents[1] / "robustft_ext" / "triton_backend"
+
+
+def _load_backend():
+    """robustft_ext.triton_backend; loaded on its own by path if robustft_ext won't import."""
+    if "robustft_ext.triton_backend" in sys.modules:
+        return sys.modules["robustft_ext.triton_backend"]
+    try:
+        from robustft_ext import triton_backend
+
+        return triton_backend
+    except Exception:
+        if "robustft_ext.triton_backend" in sys.modules:  # registered before the failure
+            return sys.modules["robustft_ext.triton_backend"]
+    name = "_robustft_triton_backend_standalone"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, _BACKEND_DIR / "__init__.py", submodule_search_locations=[str(_BACKEND_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tb = _load_backend()
+if tb.IMPORT_ERROR is not None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:  # installed but broken: a failure
+        raise RuntimeError(f"Triton is installed but the backend failed: {tb.IMPORT_ERROR}")
+    pytest.skip(f"Triton backend unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ops = torch.ops.robustft_triton
+
+
+# ----------------------------------------------------------------------------- helpers
+def _inputs(n, m, D, dtype, scale, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1)
+    b = F.normalize(torch.randn(m, D, generator=g, dtype=torch.float64), dim=1)
+    if m >= n:  # correlated positives, so the loss is not at its random-pair value
+        b[:n] = F.normalize(b[:n] + 2 * a.roll(0, 0), dim=1)
+    a = a.to(dtype).to(DEVICE)
+    b = b.to(dtype).to(DEVICE)
+    s = torch.tensor(scale, dtype=torch.float32, device=DEVICE)
+    t = torch.tensor(bias, dtype=torch.float32, device=DEVICE)
+    return a, b, s, t
+
+
+def _leaves(*xs):
+    return [x.detach().double().cpu().requires_grad_() for x in xs]
+
+
+def _ref_clip(a, b, scale, bias, off, sym, g):
+    a, b, s, t = _leaves(a, b, scale, bias)
+    S = s * a @ b.T + t
+    n = a.shape[0]
+    target = torch.arange(n) + off
+    r = torch.logsumexp(S, 1)
+    if sym:
+        c = torch.logsumexp(S, 0)
+        loss = (F.cross_entropy(S, target) + F.cross_entropy(S.T, target)) / 2
+    else:
+        c = torch.empty(0, dtype=torch.float64)
+        loss = F.cross_entropy(S, target)
+    grads = torch.autograd.grad(loss * g, [a, b, s, t])
+    return (loss.detach(), r.detach(), c.detach()), grads
+
+
+def _ref_siglip(a, b, scale, bias, negative_only, g):
+    a, b, s, t = _leaves(a, b, scale, bias)
+    S = s * a @ b.T + t
+    n, m = S.shape
+    z = -torch.ones(n, m, dtype=torch.float64)
+    if not negative_only:
+        z += 2 * torch.eye(n, m, dtype=torch.float64)
+    loss = -F.logsigmoid(z * S).sum() / n
+    grads = torch.autograd.grad(loss * g, [a, b, s, t])
+    return loss.detach(), grads
+
+
+# Tolerances: |x - ref| <= atol + rtol * max|ref| (per output).
+# On GPU, tl.exp / tl.log are the fast hardware approximations (a few ulp): 4x the slack.
+_SLACK = 4.0 if DEVICE == "cuda" else 1.0
+TOL = {
+    torch.float32: (2e-6 * _SLACK, 2e-5 * _SLACK),
+    torch.float16: (1e-4, 5e-3),
+    torch.bfloat16: (1e-3, 1e-2),
+}
+
+
+def _close(name, x, ref, dtype, atol_scale=1.0):
+    atol, rtol = TOL[dtype]
+    x = x.detach().double().cpu()
+    assert x.shape == ref.shape, f"{name}: shape {tuple(x.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    err = (x - ref).abs().max().item()
+    bound = atol * atol_scale + rtol * ref.abs().max().item()
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def _check_grads(out, ref_grads, a, b, dtype, scale):
+    ga, gb, gs, gt = out
+    assert ga.dtype == a.dtype and gb.dtype == b.dtype
+    assert gs.dtype == torch.float32 and gt.dtype == torch.float32
+    assert gs.shape == () and gt.shape == ()
+    for name, x, r in zip(("grad_a", "grad_b", "grad_scale", "grad_bias"), out, ref_grads):
+        # Scalar gradients sum O(n m) terms of size ~scale / n: scale their absolute slack.
+        _close(name, x, r, dtype, atol_scale=max(1.0, scale) if x.dim() == 0 else 1.0)
+
+
+# ----------------------------------------------------------------------------- CLIP
+# (n, m, D, diag_offset, symmetric, scale, bias): every n = m in {1, 3, 17} x D in {5, 33}
+# x scale in {1, 14.3, 100}, plus more programs than row blocks (40), a bias, and one-sided
+# losses with offsets inside and across tiles.
+CLIP_CASES = [(n, n, D, 0, True, scale, 0.0)
+              for n in (1, 3, 17) for D in (5, 33) for scale in (1.0, 14.3, 100.0)] + [
+    (17, 17, 33, 0, True, 14.3, -10.0),
+    (40, 40, 5, 0, True, 14.3, 0.0),
+    (3, 9, 5, 3, False, 14.3, 0.0),
+    (3, 9, 33, 3, False, 100.0, 0.0),
+    (17, 37, 33, 11, False, 14.3, 0.5),
+]
+CLIP_LOWP = [(17, 17, 33, 0, True, 14.3, 0.0), (3, 9, 5, 3, False, 100.0, 0.0)]
+
+
+def _clip_params():
+    for case in CLIP_CASES:
+        yield pytest.param(*case, torch.float32, id="-".join(map(str, case)) + "-f32")
+    for case in CLIP_LOWP:
+        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "f16")):
+            yield pytest.param(*case, dt, id="-".join(map(str, case)) + "-" + tag)
+
+
+@pytest.mark.parametrize("n,m,D,off,sym,scale,bias,dtype", list(_clip_params()))
+def test_clip_matches_reference(n, m, D, off, sym, scale, bias, dtype):
+    a, b, s, t = _inputs(n, m, D, dtype, scale, bias)
+    g = 0.7
+    loss, row_lse, col_lse = ops.clip_fwd(a, b, s, t, off, sym)
+    (ref_loss, ref_r, ref_c), ref_grads = _ref_clip(a, b, s, t, off, sym, g)
+    assert loss.dtype == row_lse.dtype == col_lse.dtype == torch.float32
+    assert loss.shape == () and row_lse.shape == (n,)
+    assert col_lse.shape == ((m,) if sym else (0,))
+    _close("loss", loss, ref_loss, dtype)
+    _close("row_lse", row_lse, ref_r, dtype)
+    _close("col_lse", col_lse, ref_c, dtype)
+    out = ops.clip_bwd(torch.tensor(g, device=DEVICE), a, b, s, t, row_lse, col_lse, off, sym)
+    _check_grads(out, ref_grads, a, b, dtype, scale)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+# (n, m, D, negative_only, scale, bias): every n = m in {1, 3, 17} x D in {5, 33} x scale in
+# {1, 14.3, 100}, with bias 0 at scale 1 and -10 (the SigLIP initialisation) otherwise; then
+# 40 x 40 and negative-only problems with n != m.
+SIGLIP_CASES = [(n, n, D, False, scale, 0.0 if scale == 1.0 else -10.0)
+                for n in (1, 3, 17) for D in (5, 33) for scale in (1.0, 14.3, 100.0)] + [
+    (17, 17, 33, False, 14.3, 0.0),
+    (40, 40, 5, False, 14.3, -10.0),
+    (3, 9, 5, True, 14.3, -10.0),
+    (17, 5, 33, True, 100.0, -10.0),
+]
+SIGLIP_LOWP = [(17, 17, 33, False, 14.3, -10.0), (3, 9, 5, True, 100.0, 0.0)]
+
+
+def _siglip_params():
+    for case in SIGLIP_CASES:
+        yield pytest.param(*case, torch.float32, id="-".join(map(str, case)) + "-f32")
+    for case in SIGLIP_LOWP:
+        for dt, tag in ((torch.bfloat16, "bf16"), (torch.float16, "f16")):
+            yield pytest.param(*case, dt, id="-".join(map(str, case)) + "-" + tag)
+
+
+@pytest.mark.parametrize("n,m,D,neg,scale,bias,dtype", list(_siglip_params()))
+def test_siglip_matches_reference(n, m, D, neg, scale, bias, dtype):
+    a, b, s, t = _inputs(n, m, D, dtype, scale, bias)
+    g = 0.7
+    loss = ops.siglip_fwd(a, b, s, t, neg)
+    ref_loss, ref_grads = _ref_siglip(a, b, s, t, neg, g)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    _close("loss", loss, ref_loss, dtype)
+    out = ops.siglip_bwd(torch.tensor(g, device=DEVICE), a, b, s, t, neg)
+    _check_grads(out, ref_grads, a, b, dtype, scale)
+
+
+# ----------------------------------------------------------------------------- contract
+def test_deterministic():
+    a, b, s, t = _inputs(17, 17, 33, torch.float32, 14.3, 0.0)
+    f1 = ops.clip_fwd(a, b, s, t, 0, True)
+    f2 = ops.clip_fwd(a, b, s, t, 0, True)
+    g = torch.tensor(1.0, device=DEVICE)
+    b1 = ops.clip_bwd(g, a, b, s, t, f1[1], f1[2], 0, True)
+    b2 = ops.clip_bwd(g, a, b, s, t, f1[1], f1[2], 0, True)
+    for x, y in zip(f1 + b1, f2 + b2):
+        assert torch.equal(x, y)
+
+
+def test_no_n_by_m_buffers():
+    # Record every tensor the op bodies create (the kernels launched directly, as in eager
+    # mode): nothing may approach n x m. (The interpreter's own host copies of the inputs show
+    # up as byte tensors of 4 n D bytes, also far below n m here.)
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Record(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out):
+                if isinstance(x, torch.Tensor):
+                    Record.largest = max(Record.largest, x.numel())
+            return out
+
+    n = m = 48
+    a, b, s, t = _inputs(n, m, 5, torch.float32, 14.3, -10.0)
+    g = torch.tensor(1.0, device=DEVICE)
+    with Record(), set_wrap_triton_enabled(False):
+        _, r, c = tb.ops.clip_fwd._init_fn(a, b, s, t, 0, True)
+        tb.ops.clip_bwd._init_fn(g, a, b, s, t, r, c, 0, True)
+        tb.ops.siglip_fwd._init_fn(a, b, s, t, False)
+        tb.ops.siglip_bwd._init_fn(g, a, b, s, t, False)
+    assert 0 < Record.largest < n * m // 2
+
+
+def test_argument_checks():
+    a, b, s, t = _inputs(3, 9, 5, torch.float32, 14.3, 0.0)
+    with pytest.raises(RuntimeError):  # symmetric needs n == m
+        ops.clip_fwd(a, b, s, t, 0, True)
+    with pytest.raises(RuntimeError):  # positives past the last column
+        ops.clip_fwd(a, b, s, t, 7, False)
+    with pytest.raises(RuntimeError):  # siglip with positives needs n == m
+        ops.siglip_fwd(a, b, s, t, False)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.siglip_fwd(a.double(), b.double(), s, t, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.siglip_fwd(a, b, s.double(), t, True)
+    with pytest.raises(RuntimeError):
+        ops.siglip_fwd(a, b[:, :4].contiguous(), s, t, True)
+
+
+def test_schemas():
+    for name, args in [
+        ("clip_fwd", "Tensor a, Tensor b, Tensor scale, Tensor bias, SymInt diag_offset, "
+                     "bool symmetric) -> (Tensor, Tensor, Tensor)"),
+        ("clip_bwd", "Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+                     "Tensor row_lse, Tensor col_lse, SymInt diag_offset, bool symmetric) "
+                     "-> (Tensor, Tensor, Tensor, Tensor)"),
+        ("siglip_fwd", "Tensor a, Tensor b, Tensor scale, Tensor bias, bool negative_only) "
+                       "-> Tensor"),
+        ("siglip_bwd", "Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+                       "bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)"),
+    ]:
+        assert str(getattr(ops, name).default._schema) == f"robustft_triton::{name}({args}"
+
+
+def _opcheck_args():
+    a, b, s, t = _inputs(5, 5, 7, torch.float32, 2.0, 0.5)
+    a2, b2, _, _ = _inputs(3, 7, 7, torch.float32, 2.0, 0.5, seed=1)
+    loss, r, c = ops.clip_fwd(a, b, s, t, 0, True)
+    _, r2, c2 = ops.clip_fwd(a2, b2, s, t, 2, False)
+    g = torch.tensor(1.0, device=DEVICE)
+    return {
+        "clip_fwd": [(a, b, s, t, 0, True), (a2, b2, s, t, 2, False)],
+        "clip_bwd": [(g, a, b, s, t, r, c, 0, True), (g, a2, b2, s, t, r2, c2, 2, False)],
+        "siglip_fwd": [(a, b, s, t, False), (a2, b2, s, t, True)],
+        "siglip_bwd": [(g, a, b, s, t, False), (g, a2, b2, s, t, True)],
+    }
+
+
+@pytest.mark.parametrize("name", ["clip_fwd", "clip_bwd", "siglip_fwd", "siglip_bwd"])
+def test_opcheck(name):
+    for args in _opcheck_args()[name]:
+        torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def _compile_smoke(backend):
+    def f(a, b, s, t):
+        loss, r, c = ops.clip_fwd(a, b, s, t, 0, True)
+        ga, gb, gs, gt = ops.clip_bwd(loss.detach() * 0 + 1, a, b, s, t, r, c, 0, True)
+        sl = ops.siglip_fwd(a * 2.0, b, s, t, False)
+        ha, hb, hs, ht = ops.siglip_bwd(sl.detach() * 0 + 1, a * 2.0, b, s, t, False)
+        return loss * 3.0 + sl, r - c, ga + ha, gb + hb, gs + hs + gt + ht
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=True)
+    for n in (5, 9):  # the second size reuses the dynamic-shape graph
+        a, b, s, t = _inputs(n, n, 7, torch.float32, 14.3, -1.0)
+        versions = [x._version for x in (a, b, s, t)]
+        for x, y in zip(compiled(a, b, s, t), f(a, b, s, t)):
+            torch.testing.assert_close(x, y)
+        # The ops must not write their inputs (in traced graphs too).
+        assert [x._version for x in (a, b, s, t)] == versions
+def test_compile_fullgraph_aot_eager():
+    # Dynamo + AOTAutograd functionalisation of the triton_op (the kernel becomes a
+    # triton_kernel_wrapper_functional node), executed eagerly: works under the interpreter.
+    _compile_smoke("aot_eager")
+
+
+@pytest.mark.skipif(
+    DEVICE == "cpu",
+    reason="Inductor cannot compile user-defined Triton kernels without a GPU driver: "
+           "WrapperCodeGen.define_user_defined_triton_kernel -> inductor_meta_common -> "
+           "torch.utils._triton.triton_hash_with_backend reads triton.runtime.driver.active, "
+           "which raises '0 active drivers' on CPU (TRITON_INTERPRET=1 provides no driver)")
+def test_compile_fullgraph_inductor():
+    _compile_smoke("inductor")
