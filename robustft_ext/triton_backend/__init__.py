@@ -1,5 +1,5 @@
 """Triton backend of robustft_ext: the ops `torch.ops.robustft_triton.{clip_fwd, clip_bwd,
-siglip_fwd, siglip_bwd}`, with the schemas and semantics of `robustft_ext::*` (csrc/ops.cpp).
+siglip_fwd, siglip_bwd}`, with the schemas and semantics of `robustft_ext::*` (csrc/schemas.cpp).
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
 registered and IMPORT_ERROR says why. On a machine without a GPU the kernels run only under

@@ -1,6 +1,6 @@
 """Triton-backed contrastive ops, registered as `robustft_triton::*` with torch.library.triton_op.
 
-The four ops have the semantics of the C++ ops `robustft_ext::*` (csrc/ops.cpp,
+The four ops have the semantics of the C++ ops `robustft_ext::*` (csrc/schemas.cpp,
 csrc/contrastive_ops.h): same arguments, outputs, dtypes and checks, except that float64
 inputs are not supported. Each op body uses only torch ops with fake-able shapes plus
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
@@ -276,7 +276,7 @@ def _launch_grad_rows(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tens
 @triton_op("robustft_triton::clip_fwd", mutates_args=())
 def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
              symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """CLIP / InfoNCE loss over S = scale * a b^T + bias (see csrc/ops.cpp).
+    """CLIP / InfoNCE loss over S = scale * a b^T + bias (see csrc/schemas.cpp).
 
     symmetric: n == m, diag_offset == 0, loss = (CE_rows(S) + CE_rows(S^T)) / 2, returns
     (loss, row_lse [n], col_lse [n]); otherwise loss = CE_rows(S) with positives at

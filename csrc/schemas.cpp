@@ -1,17 +1,10 @@
 // Op schemas of robustft_ext, declared once. Device kernels are registered in
 // cpu/contrastive_cpu.cpp and cuda/contrastive_cuda.cu; the fake (meta)
 // implementations and the autograd Functions live in robustft_ext/native.py.
-#include <Python.h>
+//
+// This translation unit needs no Python: the C++ unit tests (csrc/tests, CMake)
+// link it with the CPU kernels. The Python module init is in module.cpp.
 #include <torch/library.h>
-
-extern "C" {
-// Importing robustft_ext._C loads this library and so runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "robustft_ext compiled ops", -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(robustft_ext, m) {
   // CLIP / InfoNCE loss over logits S = scale * a b^T + bias.
