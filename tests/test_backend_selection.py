@@ -71,3 +71,21 @@ def test_version_mismatch_message():
     info = {"TORCH_VERSION": torch.__version__, "TORCH_CUDA_VERSION": "9.9", "WITH_CUDA": True}
     msg = _extension._mismatch(info)
     assert "built for CUDA 9.9" in msg and "rebuild" in msg
+
+
+def test_cuda_kernels_were_built_when_they_could_be():
+    """With nvcc and a CUDA build of torch present, the install must have compiled the CUDA
+    kernels (a silent CPU-only fallback would hide a compile error)."""
+    import os
+    import shutil
+
+    from robustft_ext import _extension
+
+    info = _extension._build_info()
+    nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    forced_cpu = info.get("CUDA_REASON") == "ROBUSTFT_FORCE_CPU is set"
+    if torch.version.cuda is None or not nvcc or forced_cpu:
+        pytest.skip(f"CUDA kernels not expected here (torch CUDA {torch.version.cuda}, "
+                    f"nvcc {'found' if nvcc else 'missing'}, forced CPU: {forced_cpu})")
+    assert info.get("WITH_CUDA") is True, info
+    assert _extension.WITH_CUDA
