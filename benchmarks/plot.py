@@ -1,0 +1,127 @@
+"""Draw benchmarks/results.csv: time and peak memory against N (log-log), one line per provider.
+
+One PNG per (loss, device, dtype, D, mode) under benchmarks/plots/ (mode: full unless --modes).
+Where a configuration was measured more than once, the newest row wins. Rows whose status is
+not "ok" are left out; an "oom" is marked with an x at the N where the provider ran out.
+
+  python benchmarks/plot.py [--csv benchmarks/results.csv] [--out benchmarks/plots] [--modes full]
+
+Needs matplotlib (pip install matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROVIDER_ORDER = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl")
+
+
+def _float(s: str) -> float | None:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return None
+
+
+def slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", s).strip("_")
+
+
+def load(csv_path: Path, modes: set[str]) -> dict:
+    """{(loss, device, dtype, D, mode): {provider: {N: row}}}, the newest row per point."""
+    groups: dict = defaultdict(lambda: defaultdict(dict))
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["mode"] not in modes or row["status"] not in ("ok", "oom"):
+                continue
+            key = (row["loss"], row["device"], row["dtype"], int(row["D"]), row["mode"])
+            n = int(row["N"])
+            old = groups[key][row["provider"]].get(n)
+            if old is None or row["timestamp"] >= old["timestamp"]:
+                groups[key][row["provider"]][n] = row
+    return groups
+
+
+def plot_group(key, providers: dict, out_dir: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss, device, dtype, d, mode = key
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
+    drawn = False
+    names = sorted(providers, key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER
+                                             else len(PROVIDER_ORDER), p))
+    for i, provider in enumerate(names):
+        pts = providers[provider]
+        color = f"C{i}"
+        ok = sorted((n, r) for n, r in pts.items() if r["status"] == "ok")
+        ns = [n for n, _ in ok]
+        t = [_float(r["ms_median"]) for _, r in ok]
+        lo = [_float(r["ms_p20"]) for _, r in ok]
+        hi = [_float(r["ms_p80"]) for _, r in ok]
+        if ns and all(v is not None and v > 0 for v in t):
+            yerr = [[max(m - (l if l is not None else m), 0) for m, l in zip(t, lo)],
+                    [max((h if h is not None else m) - m, 0) for m, h in zip(t, hi)]]
+            ax_t.errorbar(ns, t, yerr=yerr, marker="o", capsize=3, color=color, label=provider)
+            drawn = True
+        mem = [(n, _float(r["peak_mb"])) for n, r in ok]
+        mem = [(n, m) for n, m in mem if m is not None and m > 0]  # log axis: drop <= 0 (noise)
+        if mem:
+            ax_m.plot([n for n, _ in mem], [m for _, m in mem], marker="o", color=color,
+                      label=provider)
+            drawn = True
+        ooms = sorted(n for n, r in pts.items() if r["status"] == "oom")
+        if ooms:
+            for ax in (ax_t, ax_m):
+                ax.axvline(ooms[0], color=color, linestyle=":", linewidth=1)
+            ax_t.plot([], [], color=color, linestyle=":", label=f"{provider}: OOM at N={ooms[0]}")
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, ylabel in ((ax_t, "time per call, ms (median, p20-p80)"), (ax_m, "peak memory, MB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (batch size)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{loss} loss, {mode} mode, {dtype}, D={d}\n{device}", fontsize=10)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{loss}_{slug(device)}_{dtype}_D{d}_{mode}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--csv", type=Path, default=HERE / "results.csv")
+    p.add_argument("--out", type=Path, default=HERE / "plots")
+    p.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "backward", "full"])
+    args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("plot.py needs matplotlib: pip install matplotlib")
+    if not args.csv.exists():
+        sys.exit(f"no results at {args.csv}; run bench_clip.py / bench_siglip.py first")
+    written = []
+    for key, providers in sorted(load(args.csv, set(args.modes)).items()):
+        path = plot_group(key, providers, args.out)
+        if path is not None:
+            written.append(path)
+            print(path)
+    if not written:
+        print("nothing to plot (no rows with status ok)")
+    return written
+
+
+if __name__ == "__main__":
+    main()
