@@ -104,7 +104,7 @@ def _extensions():
             define_macros=[("RFT_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
             extra_link_args=["-fopenmp"],
