@@ -91,6 +91,23 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
   return {loss, row_lse, col_lse};
 }
 
+// Both feature gradients (in the inputs' dtypes) and the two scalar gradients of one
+// problem whose dlogits `spec` describes.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
+    const KernelSet& k, const DlogitSpec& spec, const at::Tensor& grad_loss,
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+    const at::Tensor& bias) {
+  const auto acc = acc_dtype(a.scalar_type());
+  const auto g = grad_loss.to(acc).reshape({});
+  at::Tensor grad_a = at::empty({a.size(0), a.size(1)}, a.options().dtype(acc));
+  at::Tensor grad_b = at::empty({b.size(0), b.size(1)}, b.options().dtype(acc));
+  at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
+  k.grad(spec, g, a.contiguous(), b.contiguous(), scale, bias, grad_a, grad_b, stats);
+  // Separate storage for the two scalars: outputs must not alias.
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
+          stats[1].clone()};
+}
+
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
     const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
@@ -99,11 +116,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
   RFT_NO_AUTOCAST();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
-  const auto acc = acc_dtype(a.scalar_type());
   TORCH_CHECK(row_lse.numel() == n && (!symmetric || col_lse.numel() == m),
               "robustft_ext: saved log-sum-exp statistics do not match the inputs");
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  const auto g = grad_loss.to(acc).reshape({});
   const double wr = symmetric ? 0.5 / n : 1.0 / n;
   const double wc = symmetric ? 0.5 / n : 0.0;
   const double wp = 1.0 / n;  // symmetric: both terms put 1/(2n) on the diagonal
@@ -116,13 +130,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
   spec.pos_offset = diag_offset;
   spec.row_lse = row_lse;
   if (symmetric) spec.col_lse = col_lse;
-  at::Tensor grad_a = at::empty({n, a.size(1)}, a.options().dtype(acc));
-  at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
-  at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
-  k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
-  // Separate storage for the two scalars: outputs must not alias.
-  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
-          stats[1].clone()};
+  return run_grad(k, spec, grad_loss, a, b, scale, bias);
 }
 
 inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
@@ -150,21 +158,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(negative_only || m == n,
               "robustft_ext: siglip with positives needs as many rows in b as in a");
-  const auto acc = acc_dtype(a.scalar_type());
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  const auto g = grad_loss.to(acc).reshape({});
   DlogitSpec spec;
   spec.siglip = true;
   spec.w_row = 1.0 / n;
   spec.has_positives = !negative_only;
   spec.pos_offset = 0;
-  at::Tensor grad_a = at::empty({n, a.size(1)}, a.options().dtype(acc));
-  at::Tensor grad_b = at::empty({m, b.size(1)}, b.options().dtype(acc));
-  at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
-  k.grad(spec, g, ac, bc, scale, bias, grad_a, grad_b, stats);
-  // Separate storage for the two scalars: outputs must not alias.
-  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
-          stats[1].clone()};
+  return run_grad(k, spec, grad_loss, a, b, scale, bias);
 }
 
 // Registers the four ops for one dispatch key with that device's launchers.
