@@ -49,25 +49,17 @@ struct DlogitSpec {
   void siglip_softplus_sum_##DEV(const at::Tensor& P, const at::Tensor& Q,     \
                                  const at::Tensor& scale,                      \
                                  const at::Tensor& bias, at::Tensor& out);     \
-  /* Both gradients of one problem: grad_P [n, D] = scale * sum_q g dS_pq Q_q  \
-     and grad_Q [m, D] = scale * sum_p g dS_pq P_p (written, not added).       \
-     stats ([2]): stats[0] = sum_pq g dS_pq <P_p, Q_q>, stats[1] = sum g dS_pq. */ \
-  void contrastive_grad_##DEV(                                                 \
+  /* One row-streaming gradient pass: grad_P [n, D] = scale * sum_q g dS_pq   \
+     Q_q (written, not added). If stats ([2]) is defined: stats[0] = sum_pq    \
+     g dS_pq <P_p, Q_q>, stats[1] = sum_pq g dS_pq. The gradient of Q is the   \
+     same pass on the transposed problem (Q, P, spec.transposed()). */         \
+  void contrastive_grad_rows_##DEV(                                            \
       const DlogitSpec& spec, const at::Tensor& grad_loss, const at::Tensor& P, \
       const at::Tensor& Q, const at::Tensor& scale, const at::Tensor& bias,    \
-      at::Tensor& grad_P, at::Tensor& grad_Q, at::Tensor& stats);
+      at::Tensor& grad_P, at::Tensor& stats);
 
 RFT_DECLARE_KERNELS(cpu)
 RFT_DECLARE_KERNELS(cuda)
-
-// CUDA computes the two gradients as two row-streaming passes (no atomics):
-// grad_P [n, D] = scale * sum_q g dS_pq Q_q (written, not added); if stats is
-// defined ([2]) it receives sum g dS_pq <P_p, Q_q> and sum g dS_pq.
-// contrastive_grad_cuda calls it for spec and for spec.transposed().
-void contrastive_grad_rows_cuda(const DlogitSpec& spec, const at::Tensor& grad_loss,
-                                const at::Tensor& P, const at::Tensor& Q,
-                                const at::Tensor& scale, const at::Tensor& bias,
-                                at::Tensor& grad_P, at::Tensor& stats);
 
 #undef RFT_DECLARE_KERNELS
 

@@ -21,9 +21,9 @@ struct KernelSet {
                    const at::Tensor&, at::Tensor&, at::Tensor&);
   void (*siglip_softplus_sum)(const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, at::Tensor&);
-  void (*grad)(const DlogitSpec&, const at::Tensor&, const at::Tensor&,
-               const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-               at::Tensor&, at::Tensor&);
+  void (*grad_rows)(const DlogitSpec&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    at::Tensor&, at::Tensor&);
 };
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
@@ -102,7 +102,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
   at::Tensor grad_a = at::empty({a.size(0), a.size(1)}, a.options().dtype(acc));
   at::Tensor grad_b = at::empty({b.size(0), b.size(1)}, b.options().dtype(acc));
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
-  k.grad(spec, g, a.contiguous(), b.contiguous(), scale, bias, grad_a, grad_b, stats);
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  // Two row-streaming passes, no atomics: rows of a against b (with the scalar
+  // gradients), then rows of b against a (the transposed problem).
+  k.grad_rows(spec, g, ac, bc, scale, bias, grad_a, stats);
+  at::Tensor no_stats;
+  k.grad_rows(spec.transposed(), g, bc, ac, scale, bias, grad_b, no_stats);
   // Separate storage for the two scalars: outputs must not alias.
   return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
           stats[1].clone()};

@@ -1,7 +1,7 @@
 // Fused CUDA kernels of the contrastive losses (METHODS.md sections 1-2): the CUDA
 // launchers declared in contrastive_kernels.h (clip_lse_cuda, siglip_softplus_sum_cuda,
-// contrastive_grad_rows_cuda and contrastive_grad_cuda, which runs grad_rows for the
-// spec and for spec.transposed()), registered for the CUDA dispatch key.
+// contrastive_grad_rows_cuda, which contrastive_ops.h runs for the spec and for
+// spec.transposed()), registered for the CUDA dispatch key.
 // Files: this one holds the host side (plans, checks, launches, registration);
 // contrastive_device.cuh the __global__ kernels; contrastive_tiles.cuh their building
 // blocks (tile shapes, the tiled dot-product tile, reductions, packed atomic merge).
@@ -304,17 +304,9 @@ void contrastive_grad_rows_cuda(const DlogitSpec& spec, const at::Tensor& grad_l
 // Both gradients as two row-streaming passes: rows of P against Q (with the scalar
 // sums), then rows of Q against P with the transposed spec (its own weights, lse
 // roles and positive offset). No atomics, no n x m buffer.
-void contrastive_grad_cuda(const DlogitSpec& spec, const at::Tensor& grad_loss,
-                           const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
-                           const at::Tensor& bias, at::Tensor& grad_P, at::Tensor& grad_Q,
-                           at::Tensor& stats) {
-  contrastive_grad_rows_cuda(spec, grad_loss, P, Q, scale, bias, grad_P, stats);
-  at::Tensor no_stats;
-  contrastive_grad_rows_cuda(spec.transposed(), grad_loss, Q, P, scale, bias, grad_Q, no_stats);
-}
 
 static const KernelSet kCudaKernels{&clip_lse_cuda, &siglip_softplus_sum_cuda,
-                                    &contrastive_grad_cuda};
+                                    &contrastive_grad_rows_cuda};
 
 RFT_REGISTER_CONTRASTIVE_OPS(CUDA, kCudaKernels)
 
