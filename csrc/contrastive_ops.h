@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
@@ -30,10 +31,13 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The kernels' internal ATen calls (tile matmuls, casts) must run in the dtypes chosen
-// here, never re-cast by an autocast region the op was called from.
-#define RFT_NO_AUTOCAST() \
-  c10::impl::ExcludeDispatchKeyGuard rft_no_autocast_(c10::autocast_dispatch_keyset)
+// The kernels' internal ATen calls (tile matmuls, casts) are plain tensor maths: they
+// must run in the dtypes chosen here, never re-cast by an autocast region the op was
+// called from, and never record autograd history (inputs may require grad; a recorded
+// graph would keep every tile alive).
+#define RFT_KERNEL_GUARDS()                                                        \
+  c10::impl::ExcludeDispatchKeyGuard rft_no_autocast_(c10::autocast_dispatch_keyset); \
+  at::AutoDispatchBelowADInplaceOrView rft_below_autograd_
 
 inline void check_features(const at::Tensor& a, const at::Tensor& b,
                            const at::Tensor& scale, const at::Tensor& bias) {
@@ -68,7 +72,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
     const KernelSet& k, const at::Tensor& a, const at::Tensor& b,
     const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset,
     bool symmetric) {
-  RFT_NO_AUTOCAST();
+  RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   if (symmetric) {
@@ -118,7 +122,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
     const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& row_lse, const at::Tensor& col_lse, int64_t diag_offset,
     bool symmetric) {
-  RFT_NO_AUTOCAST();
+  RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(row_lse.numel() == n && (!symmetric || col_lse.numel() == m),
@@ -141,7 +145,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
 inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
                                   const at::Tensor& b, const at::Tensor& scale,
                                   const at::Tensor& bias, bool negative_only) {
-  RFT_NO_AUTOCAST();
+  RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0);
   TORCH_CHECK(negative_only || b.size(0) == n,
@@ -158,7 +162,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
     const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
     bool negative_only) {
-  RFT_NO_AUTOCAST();
+  RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(negative_only || m == n,

@@ -4,7 +4,7 @@ the single-process loss on the whole batch."""
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 import traceback
 
 import pytest
@@ -14,12 +14,6 @@ import torch.multiprocessing as mp
 
 WORLD = 2
 N_LOCAL, DIM = 5, 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch():
@@ -57,10 +51,11 @@ def _full_batch(kind, backend):
     return loss.detach(), gi, gt
 
 
-def _worker(rank, port, backends, errors):
+def _worker(rank, store_file, backends, errors):
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        # A file rendezvous: no TCP port to race for with other processes.
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                world_size=WORLD)
         from open_clip import loss as oc
 
         import robustft_ext as rft
@@ -130,8 +125,9 @@ def test_two_process_gloo_matches_open_clip_and_single_process():
     require_backend("native", "cpu", torch.float64)
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
+    store_file = os.path.join(tempfile.mkdtemp(prefix="rft_dist_"), "store")
     try:
-        mp.spawn(_worker, args=(_free_port(), ("reference", "native"), errors), nprocs=WORLD,
+        mp.spawn(_worker, args=(store_file, ("reference", "native"), errors), nprocs=WORLD,
                  join=True)
     except Exception as exc:  # noqa: BLE001
         details = []

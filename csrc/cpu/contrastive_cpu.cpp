@@ -13,6 +13,7 @@
 // column state per thread and float copies of half/bfloat16 inputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -52,7 +53,11 @@ void for_each_tile(const at::Tensor& Pf, const at::Tensor& Qf, Fn&& fn) {
   const int64_t n = Pf.size(0), m = Qf.size(0);
   const int64_t block = row_block(n);
   const int64_t blocks = (n + block - 1) / block;
+  // Worker threads start with default thread-local state (grad mode on, no dispatch
+  // keys excluded): give them the caller's, set by the op's RFT_KERNEL_GUARDS.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * block, rows = std::min(block, n - i0);
       const auto P_blk = Pf.narrow(0, i0, rows);
