@@ -13,6 +13,20 @@
 namespace robustft {
 namespace cuda_tiles {
 
+// The rows and column tiles of this CTA: rows [row0, row0 + BM) (blockIdx.x) against
+// column tiles [t_begin, t_end) of this split (blockIdx.y).
+struct CtaTiles {
+  int64_t row0, t_begin, t_end;
+};
+
+template <typename T>
+__device__ __forceinline__ CtaTiles cta_tiles(int64_t m, int64_t tiles_per_split) {
+  const int64_t num_tiles = (m + T::BN - 1) / T::BN;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
+  return CtaTiles{static_cast<int64_t>(blockIdx.x) * T::BM, t_begin,
+                  min(num_tiles, t_begin + tiles_per_split)};
+}
+
 // Row (and optionally column) log-sum-exp statistics of S = scale * P Q^T + bias.
 // grid = (row blocks, column splits). Writes, for each valid row p of this block,
 // row_part[split][p] = (m, l), the online LSE state of row p over this split's
@@ -34,10 +48,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int tx = thread_tx(), ty = thread_ty();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T::BM;
-  const int64_t num_tiles = (m + T::BN - 1) / T::BN;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
-  const int64_t t_end = min(num_tiles, t_begin + tiles_per_split);
+  const CtaTiles cta = cta_tiles<T>(m, tiles_per_split);
+  const int64_t row0 = cta.row0, t_begin = cta.t_begin, t_end = cta.t_end;
   const acc_t scale = *scale_p, bias = *bias_p;
 
   bool row_ok[T::TM];
@@ -168,10 +180,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ double red[kWarps];
 
   const int tx = thread_tx(), ty = thread_ty();
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T::BM;
-  const int64_t num_tiles = (m + T::BN - 1) / T::BN;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
-  const int64_t t_end = min(num_tiles, t_begin + tiles_per_split);
+  const CtaTiles cta = cta_tiles<T>(m, tiles_per_split);
+  const int64_t row0 = cta.row0, t_begin = cta.t_begin, t_end = cta.t_end;
   const acc_t scale = *scale_p, bias = *bias_p;
 
   bool row_ok[T::TM];
@@ -228,10 +238,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   __shared__ double red[kWarps];
 
   const int tx = thread_tx(), ty = thread_ty();
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * T::BM;
-  const int64_t num_tiles = (m + T::BN - 1) / T::BN;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split;
-  const int64_t t_end = min(num_tiles, t_begin + tiles_per_split);
+  const CtaTiles cta = cta_tiles<T>(m, tiles_per_split);
+  const int64_t row0 = cta.row0, t_begin = cta.t_begin, t_end = cta.t_end;
   const acc_t scale = *scale_p, bias = *bias_p, g = *g_p;
   // Weights times g; a zero weight stays exactly 0 (even for g = inf / nan) so that
   // clip_dlogit keeps its term off and never looks at the (absent) lse.
