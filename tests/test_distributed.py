@@ -37,6 +37,21 @@ def _local_inputs(rank):
     return a, b, scale, bias
 
 
+def _ours_vs_open_clip(ours_fn, theirs_fn, rank, what):
+    """Run both losses on fresh copies of this rank's inputs; assert loss and the four
+    gradients agree; return our loss and gradients."""
+    a, b, scale, bias = _local_inputs(rank)
+    ours = ours_fn(a, b, scale, bias)
+    g_ours = torch.autograd.grad(ours, [a, b, scale, bias])
+    a2, b2, scale2, bias2 = _local_inputs(rank)
+    theirs = theirs_fn(a2, b2, scale2, bias2)
+    g_theirs = torch.autograd.grad(theirs, [a2, b2, scale2, bias2])
+    _close(ours, theirs, f"{what}: loss vs open_clip")
+    for x, y, name in zip(g_ours, g_theirs, ["image", "text", "scale", "bias"]):
+        _close(x, y, f"{what}: d{name} vs open_clip")
+    return ours, g_ours
+
+
 def _full_batch(kind, backend):
     import robustft_ext as rft
 
@@ -68,16 +83,10 @@ def _worker(rank, store_file, backends, errors):
                     what = f"{backend} local_loss={local_loss} gather_with_grad={gather_with_grad}"
                     kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad,
                               rank=rank, world_size=WORLD)
-                    a, b, scale, bias = _local_inputs(rank)
-                    ours = rft.ClipLoss(**kw, backend=backend)(a, b, scale, bias, output_dict=True)
-                    ours = ours["contrastive_loss"]
-                    g_ours = torch.autograd.grad(ours, [a, b, scale, bias])
-                    a2, b2, scale2, bias2 = _local_inputs(rank)
-                    theirs = oc.ClipLoss(**kw)(a2, b2, scale2, bias2)
-                    g_theirs = torch.autograd.grad(theirs, [a2, b2, scale2, bias2])
-                    _close(ours, theirs, f"{what}: loss vs open_clip")
-                    for x, y, name in zip(g_ours, g_theirs, ["image", "text", "scale", "bias"]):
-                        _close(x, y, f"{what}: d{name} vs open_clip")
+                    ours_module = rft.ClipLoss(**kw, backend=backend)
+                    ours, g_ours = _ours_vs_open_clip(
+                        lambda *x: ours_module(*x, output_dict=True)["contrastive_loss"],
+                        oc.ClipLoss(**kw), rank, what)
                     # Against the single-process loss on the whole batch.
                     mean_loss = ours.detach().clone()
                     dist.all_reduce(mean_loss)
@@ -93,15 +102,9 @@ def _worker(rank, store_file, backends, errors):
 
             # SigLIP: local block with positives + negative-only blocks of the other ranks.
             full_loss, full_gi, full_gt = _full_batch("siglip", backend)
-            a, b, scale, bias = _local_inputs(rank)
-            ours = rft.SigLipLoss(rank=rank, world_size=WORLD, backend=backend)(a, b, scale, bias)
-            g_ours = torch.autograd.grad(ours, [a, b, scale, bias])
-            a2, b2, scale2, bias2 = _local_inputs(rank)
-            theirs = oc.SigLipLoss(rank=rank, world_size=WORLD)(a2, b2, scale2, bias2)
-            g_theirs = torch.autograd.grad(theirs, [a2, b2, scale2, bias2])
-            _close(ours, theirs, f"{backend} siglip: loss vs open_clip")
-            for x, y, name in zip(g_ours, g_theirs, ["image", "text", "scale", "bias"]):
-                _close(x, y, f"{backend} siglip: d{name} vs open_clip")
+            ours, g_ours = _ours_vs_open_clip(
+                rft.SigLipLoss(rank=rank, world_size=WORLD, backend=backend),
+                oc.SigLipLoss(rank=rank, world_size=WORLD), rank, f"{backend} siglip")
             total = ours.detach().clone()
             dist.all_reduce(total)
             # Each rank's loss is its rows' share of the full sum, normalised by the local batch.

@@ -208,7 +208,7 @@ void grad_rows_impl(const DlogitSpec& spec, const at::Tensor& grad_loss, const a
   }
 }
 
-#define RFT_DISPATCH_ACC(TENSOR, NAME, ...)                                   \
+#define RFT_DISPATCH_ACC(TENSOR, ...)                                   \
   [&] {                                                                       \
     if ((TENSOR).scalar_type() == at::kDouble) {                              \
       using acc_t = double;                                                   \
@@ -222,22 +222,20 @@ void grad_rows_impl(const DlogitSpec& spec, const at::Tensor& grad_loss, const a
 
 void clip_lse_cpu(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
                   const at::Tensor& bias, at::Tensor& row_lse, at::Tensor& col_lse) {
-  RFT_DISPATCH_ACC(P, "clip_lse_cpu",
-                   [&] { clip_lse_impl<acc_t>(P, Q, scale, bias, row_lse, col_lse); });
+  RFT_DISPATCH_ACC(P, [&] { clip_lse_impl<acc_t>(P, Q, scale, bias, row_lse, col_lse); });
 }
 
 void siglip_softplus_sum_cpu(const at::Tensor& P, const at::Tensor& Q,
                              const at::Tensor& scale, const at::Tensor& bias,
                              at::Tensor& out) {
-  RFT_DISPATCH_ACC(P, "siglip_softplus_sum_cpu",
-                   [&] { siglip_sum_impl<acc_t>(P, Q, scale, bias, out); });
+  RFT_DISPATCH_ACC(P, [&] { siglip_sum_impl<acc_t>(P, Q, scale, bias, out); });
 }
 
 void contrastive_grad_rows_cpu(const DlogitSpec& spec, const at::Tensor& grad_loss,
                                const at::Tensor& P, const at::Tensor& Q,
                                const at::Tensor& scale, const at::Tensor& bias,
                                at::Tensor& grad_P, at::Tensor& stats) {
-  RFT_DISPATCH_ACC(P, "contrastive_grad_rows_cpu", [&] {
+  RFT_DISPATCH_ACC(P, [&] {
     grad_rows_impl<acc_t>(spec, grad_loss, P, Q, scale, bias, grad_P, stats);
   });
 }
