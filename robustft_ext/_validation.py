@@ -10,13 +10,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class PairInputs(NamedTuple):
-    """Validated features in one dtype, with scale and bias as 0-d accumulation-dtype tensors."""
+    """Validated features in one dtype, with scale and bias (0 when absent) as 0-d
+    accumulation-dtype tensors."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: torch.Tensor
     bias: torch.Tensor
-    has_bias: bool
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,7 +99,6 @@ def pair_inputs(image_features: object, text_features: object, logit_scale: obje
     acc = acc_dtype(dtype)
     scale = check_scalar(logit_scale, "logit_scale", device, acc)
     bias = check_scalar(logit_bias, "logit_bias", device, acc, optional=True)
-    has_bias = bias is not None
     if bias is None:
         bias = torch.zeros((), dtype=acc, device=device)
-    return PairInputs(a.to(dtype), b.to(dtype), scale, bias, has_bias)
+    return PairInputs(a.to(dtype), b.to(dtype), scale, bias)

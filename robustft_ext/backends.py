@@ -20,8 +20,6 @@ FUSED_BACKENDS = ("native", "triton")
 AUTO_ORDER = {"cuda": ("native", "triton", "reference"), "cpu": ("native", "reference")}
 ENV_VAR = "ROBUSTFT_BACKEND"
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot serve these inputs."""
@@ -51,14 +49,14 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"no native kernels for device type {device.type!r}"
         return None
     if backend == "triton":
-        _, err = _triton_module()
+        module, err = _triton_module()
         if err is not None:
             return err
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             return "Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on device type {device.type!r}"
-        if dtype not in _TRITON_DTYPES:
+        if dtype not in module.SUPPORTED_DTYPES:
             return f"Triton kernels take float32/bfloat16/float16 inputs, not {dtype}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
