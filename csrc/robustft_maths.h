@@ -114,5 +114,80 @@ RFT_HD bool is_positive(long long p, long long q, bool has_positives,
   return has_positives && (q - p == offset);
 }
 
+// ---------------------------------------------------------------------------------
+// Geodesic mixing (slerp) of two unit vectors a, b (METHODS.md section 3):
+//   slerp(a, b; lam) = w_a a + w_b b,  w_a = sin(lam theta) / sin theta,
+//   w_b = sin((1 - lam) theta) / sin theta,  theta = arccos <a, b>.
+// slerp_weights gives both weights and their derivatives with respect to c = <a, b>,
+// so the backward of the mix is dA += w_a dM + k b, dB += w_b dM + k a with
+// k = <dM, a> dw_a/dc + <dM, b> dw_b/dc.
+//
+// Our stabilisation (the paper's code divides by sin theta and returns NaN for
+// identical vectors):
+//  * c is clamped to [-1 + kSlerpCosEps, 1]. Below -1 + eps (antipodal pair, where the
+//    geodesic is undefined) the weights are those at the clamp and dc carries no
+//    gradient (slerp_grad_passes false). Above 1 (rounding of identical rows) c = 1.
+//  * For theta below slerp_small_angle<T>() the weights and their c-derivatives come
+//    from their Taylor series in theta (w_a is analytic in c at c = 1, so the
+//    derivative is finite there, -lam (1 - lam^2) / 3 at theta = 0): no division by a
+//    vanishing sin theta, and no cancellation in the derivative's numerator.
+//    The threshold eps_mach^(1/6) balances the series' truncation error (theta^4)
+//    against the cancellation error of the closed form (eps_mach / theta^2).
+constexpr double kSlerpCosEps = 1e-6;
+
+template <typename T>
+struct SlerpWeights {
+  T wa;      // weight of a
+  T wb;      // weight of b
+  T dwa_dc;  // d w_a / d c
+  T dwb_dc;  // d w_b / d c
+};
+
+template <typename T>
+RFT_HD T slerp_small_angle() {
+  // eps_mach^(1/6): 0.0703 for float, 0.00245 for double.
+  return sizeof(T) >= 8 ? T(2.4566e-3) : T(7.0297e-2);
+}
+
+// sin(l theta) / sin theta and its derivative in c = cos theta.
+template <typename T>
+RFT_HD void slerp_weight(T l, T theta, T sin_t, T cos_t, bool small, T* w, T* dw_dc) {
+  if (small) {
+    const T t2 = theta * theta, one_m = T(1) - l * l;
+    *w = l * (T(1) + one_m * t2 / T(6) + one_m * (T(7) - T(3) * l * l) * t2 * t2 / T(360));
+    *dw_dc = -l * one_m * (T(1) / T(3) + (T(4) - l * l) * t2 / T(30));
+    return;
+  }
+  const T s = std::sin(l * theta);
+  *w = s / sin_t;
+  // dw/dtheta = [l cos(l theta) sin theta - sin(l theta) cos theta] / sin^2 theta,
+  // dtheta/dc = -1 / sin theta.
+  *dw_dc = -(l * std::cos(l * theta) * sin_t - s * cos_t) / (sin_t * sin_t * sin_t);
+}
+
+// Does the gradient of c pass through the clamp?
+template <typename T>
+RFT_HD bool slerp_grad_passes(T c) {
+  return c > T(-1) + T(kSlerpCosEps);
+}
+
+template <typename T>
+RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
+  const T lo = T(-1) + T(kSlerpCosEps);
+  const T ch = c < lo ? lo : (c > T(1) ? T(1) : c);
+  const T theta = std::acos(ch);
+  // sin theta = sqrt((1 - c)(1 + c)): accurate near c = 1.
+  const T sin_t = std::sqrt((T(1) - ch) * (T(1) + ch));
+  const bool small = theta < slerp_small_angle<T>();
+  SlerpWeights<T> out;
+  slerp_weight(lam, theta, sin_t, ch, small, &out.wa, &out.dwa_dc);
+  slerp_weight(T(1) - lam, theta, sin_t, ch, small, &out.wb, &out.dwb_dc);
+  if (!slerp_grad_passes(c)) {
+    out.dwa_dc = T(0);
+    out.dwb_dc = T(0);
+  }
+  return out;
+}
+
 }  // namespace maths
 }  // namespace robustft

@@ -27,4 +27,21 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def(
       "siglip_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
       "bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Geodesic mixing of matched rows: out_p = slerp(a_p, b_p; lam) (METHODS.md section 3,
+  // stabilised as robustft_maths.h slerp_weights says); lam is a 0-d tensor of the
+  // accumulation dtype. slerp_bwd returns the gradients of a and b.
+  m.def("slerp(Tensor a, Tensor b, Tensor lam) -> Tensor");
+  m.def("slerp_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor lam) -> (Tensor, Tensor)");
+  // m^2-mix loss (METHODS.md section 3) with scale m2_scale, and, when with_clip, the
+  // CLIP loss of the same batch with scale clip_scale from the same pass over the tiles.
+  // Returns (m2_loss, clip_loss (0 without clip), lse [4 or 2, n]: see m2mix_kernels.h).
+  m.def(
+      "m2mix_fwd(Tensor image, Tensor text, Tensor m2_scale, Tensor lam, Tensor clip_scale, "
+      "bool with_clip) -> (Tensor, Tensor, Tensor)");
+  // Gradients of grad_m2 * m2_loss + grad_clip * clip_loss: (grad_image, grad_text,
+  // grad_m2_scale, grad_clip_scale).
+  m.def(
+      "m2mix_bwd(Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, Tensor m2_scale, "
+      "Tensor lam, Tensor clip_scale, Tensor lse, bool with_clip) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

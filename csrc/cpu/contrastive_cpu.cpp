@@ -12,8 +12,6 @@
 // task ever writes rows it does not own. Extra memory: one tile per thread, one
 // column state per thread and float copies of half/bfloat16 inputs.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,60 +19,23 @@
 
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
+#include "cpu/cpu_tiles.h"
 #include "robustft_maths.h"
 
 namespace robustft {
 namespace {
 
-namespace mx = ::robustft::maths;
+using namespace ::robustft::cpu;
 
-constexpr int64_t kMaxRowBlock = 512;
-constexpr int64_t kMinRowBlock = 32;
-constexpr int64_t kColBlock = 1024;
-
-template <typename T>
-T value(const at::Tensor& t) {
-  return t.defined() ? t.item<T>() : T(0);
-}
-
-// Rows per block: enough blocks for every thread, no more rows than kMaxRowBlock.
-inline int64_t row_block(int64_t n) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t even = (n + 2 * threads - 1) / (2 * threads);
-  return std::min(kMaxRowBlock, std::max(kMinRowBlock, even));
-}
-
-// Calls fn(i0, rows, j0, cols, dots) for every tile of P Q^T, row blocks in parallel
-// and column tiles in order within a block; dots is the rows x cols tile of dot
-// products (contiguous, accumulation dtype), which fn may overwrite. fn must only
-// write state of rows [i0, i0 + rows) or state private to the calling thread.
+// Calls fn(i0, rows, j0, cols, dots) for every tile of P Q^T (see for_each_block); dots
+// is the rows x cols tile of dot products (contiguous, accumulation dtype), which fn may
+// overwrite.
 template <typename Fn>
 void for_each_tile(const at::Tensor& Pf, const at::Tensor& Qf, Fn&& fn) {
-  const int64_t n = Pf.size(0), m = Qf.size(0);
-  const int64_t block = row_block(n);
-  const int64_t blocks = (n + block - 1) / block;
-  // Worker threads start with default thread-local state (grad mode on, no dispatch
-  // keys excluded): give them the caller's, set by the op's RFT_KERNEL_GUARDS.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * block, rows = std::min(block, n - i0);
-      const auto P_blk = Pf.narrow(0, i0, rows);
-      for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {
-        const int64_t cols = std::min(kColBlock, m - j0);
-        at::Tensor dots = at::mm(P_blk, Qf.narrow(0, j0, cols).t()).contiguous();
-        fn(i0, rows, j0, cols, dots);
-      }
-    }
+  for_each_block(Pf.size(0), Qf.size(0), [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    at::Tensor dots = dot_tile(Pf, Qf, i0, rows, j0, cols);
+    fn(i0, rows, j0, cols, dots);
   });
-}
-
-// The calling thread's slot in per-thread state.
-inline int64_t thread_slot(int64_t slots) {
-  const int64_t t = at::get_thread_num();
-  TORCH_CHECK(t >= 0 && t < slots, "robustft_ext: thread ", t, " has no state slot");
-  return t;
 }
 
 template <typename T>
@@ -85,55 +46,20 @@ void clip_lse_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& s
   const int64_t n = P.size(0), m = Q.size(0);
   const T scale = value<T>(scale_t), bias = value<T>(bias_t);
   const bool with_cols = col_lse.defined();
-  const int64_t slots = with_cols ? at::get_num_threads() : 0;
   std::vector<mx::LseState<T>> rows_state(n, mx::lse_empty<T>());
   // One column state per thread, merged at the end (no thread shares a row block).
-  std::vector<std::vector<mx::LseState<T>>> cols_state(
-      slots, std::vector<mx::LseState<T>>(m, mx::lse_empty<T>()));
+  ColumnStates<T> cols_state(with_cols ? m : 0, with_cols ? at::get_num_threads() : 0);
 
   for_each_tile(Pf, Qf, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                             at::Tensor& dots) {
     T* d = dots.data_ptr<T>();
-    // Dot products -> logits in place; each row's (max, sum exp) joins its state.
-    for (int64_t r = 0; r < rows; ++r) {
-      T* row = d + r * cols;
-      T row_max = -std::numeric_limits<T>::infinity();
-      for (int64_t c = 0; c < cols; ++c) {
-        row[c] = mx::logit(row[c], scale, bias);
-        row_max = std::max(row_max, row[c]);
-      }
-      T sum = 0;
-      for (int64_t c = 0; c < cols; ++c) sum += std::exp(row[c] - row_max);
-      rows_state[i0 + r] = mx::lse_push_block(rows_state[i0 + r], row_max, sum);
-    }
-    if (!with_cols) return;
-    // Each column's (max, sum exp) over the block's rows, rows streamed so the inner
-    // loop stays contiguous, joined into this thread's column states.
-    std::vector<T> cmax(cols, -std::numeric_limits<T>::infinity()), csum(cols, T(0));
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* row = d + r * cols;
-      for (int64_t c = 0; c < cols; ++c) cmax[c] = std::max(cmax[c], row[c]);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* row = d + r * cols;
-      for (int64_t c = 0; c < cols; ++c) csum[c] += std::exp(row[c] - cmax[c]);
-    }
-    auto& mine = cols_state[thread_slot(slots)];
-    for (int64_t c = 0; c < cols; ++c) {
-      mine[j0 + c] = mx::lse_push_block(mine[j0 + c], cmax[c], csum[c]);
-    }
+    for (int64_t e = 0; e < rows * cols; ++e) d[e] = mx::logit(d[e], scale, bias);
+    push_row_lse(d, rows, cols, i0, rows_state);
+    if (with_cols) push_col_lse(d, rows, cols, j0, cols_state.mine());
   });
 
-  T* r_out = row_lse.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) r_out[i] = mx::lse_value(rows_state[i]);
-  if (with_cols) {
-    T* c_out = col_lse.data_ptr<T>();
-    for (int64_t j = 0; j < m; ++j) {
-      mx::LseState<T> st = mx::lse_empty<T>();
-      for (const auto& part : cols_state) st = mx::lse_merge(st, part[j]);
-      c_out[j] = mx::lse_value(st);
-    }
-  }
+  write_lse(rows_state, row_lse.data_ptr<T>());
+  if (with_cols) cols_state.write(col_lse.data_ptr<T>(), m);
 }
 
 template <typename T>
@@ -207,16 +133,6 @@ void grad_rows_impl(const DlogitSpec& spec, const at::Tensor& grad_loss, const a
     stats[1].fill_(ss);
   }
 }
-
-#define RFT_DISPATCH_ACC(TENSOR, ...)                                   \
-  [&] {                                                                       \
-    if ((TENSOR).scalar_type() == at::kDouble) {                              \
-      using acc_t = double;                                                   \
-      return __VA_ARGS__();                                                   \
-    }                                                                         \
-    using acc_t = float;                                                      \
-    return __VA_ARGS__();                                                     \
-  }()
 
 }  // namespace
 
