@@ -1,5 +1,6 @@
 """Triton backend of robustft_ext: the ops `torch.ops.robustft_triton.{clip_fwd, clip_bwd,
-siglip_fwd, siglip_bwd}`, with the schemas and semantics of `robustft_ext::*` (csrc/schemas.cpp).
+siglip_fwd, siglip_bwd, slerp, slerp_bwd, m2mix_fwd, m2mix_bwd}`, with the schemas and
+semantics of `robustft_ext::*` (csrc/schemas.cpp).
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
 registered and IMPORT_ERROR says why. On a machine without a GPU the kernels run only under
@@ -22,6 +23,7 @@ except Exception as exc:  # ImportError, or a broken install raising something e
 if IMPORT_ERROR is None:
     try:
         from . import ops  # noqa: F401  (registers the ops)
+        from . import m2mix_ops  # noqa: F401  (registers the m^2-mix ops)
         from .ops import choose_config, interpreting  # noqa: F401
     except Exception as exc:  # e.g. a torch without torch.library.triton_op
         IMPORT_ERROR = f"registering the Triton ops failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,396 @@
+"""Triton kernels of the fused m^2-mix loss (shared/METHODS.md section 3).
+
+Only @triton.jit code lives here; the op bodies (slerp prologue, O(n D) diagonal and slerp
+backward terms) are in m2mix_ops.py. The Triton counterpart of csrc/m2mix_kernels.h:
+
+For n pairs (I_p, T_p) and the mixed negatives M_q = slerp(I_q, T_q; lam) (an n x D buffer
+the op body builds with torch ops; the kernels only read it):
+  A_pq = s_m <I_p, M_q>  (q != p),   A_pp = diag[p]     (the true pair, s_m <I_p, T_p>)
+  B_pq = s_m <T_p, M_q>  (q != p),   B_pp = diag[p]
+  C_pq = s_c <I_p, T_q>                                  (the CLIP logits, WITH_CLIP only)
+I, T and M are [n, D], contiguous, one dtype (float32, bfloat16, float16) and one row stride;
+scales, lse, diag and the upstream gradients are float32. Conventions as kernels.py: logit
+tiles of BLOCK_M x BLOCK_N live in registers and are recomputed in the backward (nothing of
+size n x n is written), no atomics (every buffer element has one writing program; partials are
+merged afterwards in a fixed order), DOT_PREC / UPCAST / LOWP_DS as there.
+
+Kernels:
+  m2mix_lse_kernel        forward: row LSE of A, B (and C), the column LSE partials of C.
+  m2mix_grad_rows_kernel  backward, owner p: grad_I, grad_T, the scale-gradient partials.
+  m2mix_grad_cols_kernel  backward, owner q: grad_M, grad_Tc (the CLIP gradient of T).
+The diagonal entries of A and B are excluded from both backward passes: their gradient flows
+to T_p / I_p (not M_p) and is added in O(n D) by the op body.
+"""
+import triton
+import triton.language as tl
+
+from .kernels import _mma
+
+
+@triton.jit
+def _three_dots(P1, P2, Q1, Q2, rows, cols, row_ok, col_ok, D, stride,
+                NEED21: tl.constexpr, NEED12: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # The tiles <P1_r, Q1_c>, <P2_r, Q1_c> (NEED21) and <P1_r, Q2_c> (NEED12), each
+    # BLOCK_M x BLOCK_N in float32, in one loop over D in BLOCK_D chunks that shares the loads
+    # (the chunk of P1 and the transposed chunk of Q1 serve two dots each). All four matrices
+    # have row stride `stride`; out-of-range rows / columns / features load as 0. Tiles that
+    # are not needed stay 0.
+    x11 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x21 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x12 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_off = rows.to(tl.int64)[:, None] * stride
+    c_off = cols.to(tl.int64)[None, :] * stride
+    for k in range(0, D, BLOCK_D):
+        d = k + offs_d
+        d_ok = d < D
+        p_mask = row_ok[:, None] & d_ok[None, :]
+        q_mask = d_ok[:, None] & col_ok[None, :]
+        p1 = tl.load(P1 + r_off + d[None, :], mask=p_mask, other=0.0)
+        q1t = tl.load(Q1 + c_off + d[:, None], mask=q_mask, other=0.0)
+        x11 = _mma(p1, q1t, x11, DOT_PREC, UPCAST)
+        if NEED21:
+            p2 = tl.load(P2 + r_off + d[None, :], mask=p_mask, other=0.0)
+            x21 = _mma(p2, q1t, x21, DOT_PREC, UPCAST)
+        if NEED12:
+            q2t = tl.load(Q2 + c_off + d[:, None], mask=q_mask, other=0.0)
+            x12 = _mma(p1, q2t, x12, DOT_PREC, UPCAST)
+    return x11, x21, x12
+
+
+@triton.jit
+def _lse_update(m_i, l_i, s):
+    # One tile of an online row log-sum-exp: (max, sum of exp(s - max)) over axis 1.
+    # Masked entries are -inf; the "safe" max (0 where the max is -inf) keeps exp() NaN-free.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+    return m_new, l_new
+
+
+@triton.jit
+def _lse_final(m_i, l_i, row_ok):
+    # log-sum-exp from (max, sum); rows past n (l = 0) give log(1) and are not stored.
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return m_safe + tl.log(tl.where(row_ok, l_i, 1.0))
+
+
+@triton.jit
+def m2mix_lse_kernel(
+    I, T, M, diag_ptr, m2_scale_ptr, clip_scale_ptr,
+    lse_ptr,              # [2 or 3, n] f32 out: LSE_q A_pq, LSE_q B_pq (, LSE_q C_pq)
+    col_max_ptr,          # [NPROG, n] f32 in/out (WITH_CLIP): this program's column max of C
+    col_sum_ptr,          # [NPROG, n] f32 in/out (WITH_CLIP): its sum of exp(C - col max)
+    n, D, stride, NPROG,
+    WITH_CLIP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """m^2-mix forward statistics in one pass over the tiles (m2mix_kernels.h m2mix_lse).
+
+    Grid: NPROG persistent programs; program `pid` owns the row blocks pid, pid + NPROG, ...
+    For each of its row blocks it streams the column tiles: one loop over D (_three_dots)
+    gives <I_p, M_q>, <T_p, M_q> and, WITH_CLIP, <I_p, T_q>; the diagonal of A and B is
+    replaced by diag[p] in the tile; an online log-sum-exp per row and logit matrix is kept in
+    registers and written at the end of the row block. WITH_CLIP also folds each tile's column
+    max / sum of C into this program's row of the [NPROG, n] partials (only this program
+    touches that row: no atomics); the host merges the NPROG partials into LSE_p C_pq.
+    """
+    pid = tl.program_id(0)
+    s_m = tl.load(m2_scale_ptr)
+    s_c = tl.load(clip_scale_ptr)
+    num_rb = tl.cdiv(n, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    col_base = pid.to(tl.int64) * n
+    for rb in range(pid, num_rb, NPROG):
+        rows = rb * BLOCK_M + offs_m
+        row_ok = rows < n
+        dg = tl.load(diag_ptr + rows, mask=row_ok, other=0.0)
+        ma = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        mb = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        mc = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        la = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        lb = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        lc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for cb in range(0, n, BLOCK_N):
+            cols = cb + offs_n
+            col_ok = cols < n
+            x_im, x_tm, x_it = _three_dots(I, T, M, T, rows, cols, row_ok, col_ok, D, stride,
+                                           True, WITH_CLIP, BLOCK_M, BLOCK_N, BLOCK_D,
+                                           DOT_PREC, UPCAST)
+            valid = row_ok[:, None] & col_ok[None, :]
+            on_diag = rows[:, None] == cols[None, :]
+            a = tl.where(valid, tl.where(on_diag, dg[:, None], s_m * x_im), float("-inf"))
+            b = tl.where(valid, tl.where(on_diag, dg[:, None], s_m * x_tm), float("-inf"))
+            ma, la = _lse_update(ma, la, a)
+            mb, lb = _lse_update(mb, lb, b)
+            if WITH_CLIP:
+                c = tl.where(valid, s_c * x_it, float("-inf"))
+                mc, lc = _lse_update(mc, lc, c)
+                # Column statistics of C: merge this tile into the program's partial.
+                cptr = col_base + cols
+                pm = tl.load(col_max_ptr + cptr, mask=col_ok, other=float("-inf"))
+                ps = tl.load(col_sum_ptr + cptr, mask=col_ok, other=0.0)
+                cm = tl.maximum(pm, tl.max(c, axis=0))
+                cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+                ps = ps * tl.exp(pm - cm_safe) + tl.sum(tl.exp(c - cm_safe[None, :]), axis=0)
+                tl.store(col_max_ptr + cptr, cm, mask=col_ok)
+                tl.store(col_sum_ptr + cptr, ps, mask=col_ok)
+                # The next row block re-reads these columns, possibly from other threads of
+                # this program (load and store layouts may differ): order them.
+                tl.debug_barrier()
+        tl.store(lse_ptr + rows, _lse_final(ma, la, row_ok), mask=row_ok)
+        tl.store(lse_ptr + n + rows, _lse_final(mb, lb, row_ok), mask=row_ok)
+        if WITH_CLIP:
+            tl.store(lse_ptr + 2 * n + rows, _lse_final(mc, lc, row_ok), mask=row_ok)
+
+
+@triton.jit
+def m2mix_grad_rows_kernel(
+    I, T, M, g_ptr, m2_scale_ptr, clip_scale_ptr,
+    lse_ptr,              # [2 or 4, n] f32: the forward's statistics
+    grad_i_ptr,           # [n, D] f32 out: grad_I (zero-filled by the host unless ONE_CHUNK)
+    grad_t_ptr,           # [n, D] f32 out: grad_T (likewise)
+    stats_ptr,            # [grid, 2] f32 out: this program's partials of stats[0], stats[1]
+    n, D, stride, stride_g, norm,
+    WITH_CLIP: tl.constexpr, ONE_CHUNK: tl.constexpr, LOWP_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The row pass of the m^2-mix backward (owner p), m2mix_kernels.h m2mix_grad_rows:
+      grad_I[p] = s_m sum_{q != p} dA_pq M_q + s_c sum_q dC_pq T_q
+      grad_T[p] = s_m sum_{q != p} dB_pq M_q
+      stats     = (sum_{q != p} dA_pq <I_p, M_q> + dB_pq <T_p, M_q>,  sum_q dC_pq <I_p, T_q>)
+    with dA = (g_m / norm) UA, dB = (g_m / norm) UB, dC = (g_c / norm) UC (norm = 2n) and the
+    unit-weight dlogits (in [0, 1] or [-2, 2], so that they survive a cast to 16 bits):
+      UA_pq = exp(A_pq - lse[0][p]), UB_pq = exp(B_pq - lse[1][p])       (0 on the diagonal)
+      UC_pq = exp(C_pq - lse[2][p]) + exp(C_pq - lse[3][q]) - 2 [p == q]
+
+    Grid: one program per BLOCK_M row block. It streams the column tiles: recomputes the
+    logit tiles, forms the U tiles, and adds U @ (M or T)_tile to the rows' gradients.
+    ONE_CHUNK (D <= BLOCK_D): the I / T row tiles and three [BLOCK_M, BLOCK_D] accumulators
+    stay in registers and are scaled once at the end. Otherwise (large D) the scaled
+    contributions are added chunk by chunk of BLOCK_D features to grad_i / grad_t, whose rows
+    this program alone owns (read-modify-write; a barrier after each column tile orders the
+    stores before the next tile's loads, which other threads of the program may issue).
+    """
+    pid = tl.program_id(0)
+    s_m = tl.load(m2_scale_ptr)
+    s_c = tl.load(clip_scale_ptr)
+    g_m = tl.load(g_ptr) / norm
+    g_c = tl.load(g_ptr + 1) / norm
+    f_m = g_m * s_m
+    f_c = g_c * s_c
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_off = rows.to(tl.int64)[:, None] * stride
+    gi_rows = grad_i_ptr + rows.to(tl.int64)[:, None] * stride_g
+    gt_rows = grad_t_ptr + rows.to(tl.int64)[:, None] * stride_g
+    r0 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    r1 = tl.load(lse_ptr + n + rows, mask=row_ok, other=0.0)
+    if WITH_CLIP:
+        r2 = tl.load(lse_ptr + 2 * n + rows, mask=row_ok, other=0.0)
+    d_ok = offs_d < D
+    if ONE_CHUNK:
+        tile_mask = row_ok[:, None] & d_ok[None, :]
+        i_tile = tl.load(I + r_off + offs_d[None, :], mask=tile_mask, other=0.0)
+        t_tile = tl.load(T + r_off + offs_d[None, :], mask=tile_mask, other=0.0)
+    acc_i = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_ic = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    st_m = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    st_c = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for cb in range(0, n, BLOCK_N):
+        cols = cb + offs_n
+        col_ok = cols < n
+        c_off = cols.to(tl.int64) * stride
+        if ONE_CHUNK:
+            qt_mask = d_ok[:, None] & col_ok[None, :]
+            mt = tl.load(M + c_off[None, :] + offs_d[:, None], mask=qt_mask, other=0.0)
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_im = _mma(i_tile, mt, zero, DOT_PREC, UPCAST)
+            x_tm = _mma(t_tile, mt, zero, DOT_PREC, UPCAST)
+            if WITH_CLIP:
+                tt = tl.load(T + c_off[None, :] + offs_d[:, None], mask=qt_mask, other=0.0)
+                x_it = _mma(i_tile, tt, zero, DOT_PREC, UPCAST)
+        else:
+            x_im, x_tm, x_it = _three_dots(I, T, M, T, rows, cols, row_ok, col_ok, D, stride,
+                                           True, WITH_CLIP, BLOCK_M, BLOCK_N, BLOCK_D,
+                                           DOT_PREC, UPCAST)
+        valid = row_ok[:, None] & col_ok[None, :]
+        on_diag = rows[:, None] == cols[None, :]
+        off = valid & (rows[:, None] != cols[None, :])
+        ua = tl.where(off, tl.exp(s_m * x_im - r0[:, None]), 0.0)
+        ub = tl.where(off, tl.exp(s_m * x_tm - r1[:, None]), 0.0)
+        st_m += tl.sum(ua * x_im + ub * x_tm, axis=1)
+        if WITH_CLIP:
+            r3 = tl.load(lse_ptr + 3 * n + cols, mask=col_ok, other=0.0)
+            cc = s_c * x_it
+            uc = tl.exp(cc - r2[:, None]) + tl.exp(cc - r3[None, :])
+            uc = tl.where(valid, tl.where(on_diag, uc - 2.0, uc), 0.0)
+            st_c += tl.sum(uc * x_it, axis=1)
+        if LOWP_DS:
+            ua_op = ua.to(I.dtype.element_ty)
+            ub_op = ub.to(I.dtype.element_ty)
+            if WITH_CLIP:
+                uc_op = uc.to(I.dtype.element_ty)
+        else:
+            ua_op = ua
+            ub_op = ub
+            if WITH_CLIP:
+                uc_op = uc
+        if ONE_CHUNK:
+            acc_i = _mma(ua_op, tl.trans(mt), acc_i, DOT_PREC, UPCAST)
+            acc_t = _mma(ub_op, tl.trans(mt), acc_t, DOT_PREC, UPCAST)
+            if WITH_CLIP:
+                acc_ic = _mma(uc_op, tl.trans(tt), acc_ic, DOT_PREC, UPCAST)
+        else:
+            for k in range(0, D, BLOCK_D):
+                d = k + offs_d
+                d_ok2 = d < D
+                q_mask = col_ok[:, None] & d_ok2[None, :]
+                g_mask = row_ok[:, None] & d_ok2[None, :]
+                mq = tl.load(M + c_off[:, None] + d[None, :], mask=q_mask, other=0.0)
+                zero_d = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+                upd_i = f_m * _mma(ua_op, mq, zero_d, DOT_PREC, UPCAST)
+                if WITH_CLIP:
+                    tq = tl.load(T + c_off[:, None] + d[None, :], mask=q_mask, other=0.0)
+                    upd_i += f_c * _mma(uc_op, tq, zero_d, DOT_PREC, UPCAST)
+                old_i = tl.load(gi_rows + d[None, :], mask=g_mask, other=0.0)
+                tl.store(gi_rows + d[None, :], old_i + upd_i, mask=g_mask)
+                old_t = tl.load(gt_rows + d[None, :], mask=g_mask, other=0.0)
+                tl.store(gt_rows + d[None, :],
+                         old_t + f_m * _mma(ub_op, mq, zero_d, DOT_PREC, UPCAST), mask=g_mask)
+            # The next column tile re-reads these gradient rows, possibly from other threads
+            # of this program: make the stores visible first.
+            tl.debug_barrier()
+    if ONE_CHUNK:
+        g_mask = row_ok[:, None] & d_ok[None, :]
+        out_i = acc_i * f_m
+        if WITH_CLIP:
+            out_i += acc_ic * f_c
+        tl.store(gi_rows + offs_d[None, :], out_i, mask=g_mask)
+        tl.store(gt_rows + offs_d[None, :], acc_t * f_m, mask=g_mask)
+    tl.store(stats_ptr + 2 * pid, tl.sum(st_m, axis=0) * g_m)
+    tl.store(stats_ptr + 2 * pid + 1, tl.sum(st_c, axis=0) * g_c)
+
+
+@triton.jit
+def m2mix_grad_cols_kernel(
+    I, T, M, g_ptr, m2_scale_ptr, clip_scale_ptr,
+    lse_ptr,              # [2 or 4, n] f32: the forward's statistics
+    grad_m_ptr,           # [n, D] f32 out: grad_M (zero-filled by the host unless ONE_CHUNK)
+    grad_tc_ptr,          # [n, D] f32 out (WITH_CLIP): grad_Tc (likewise)
+    n, D, stride, stride_g, norm,
+    WITH_CLIP: tl.constexpr, ONE_CHUNK: tl.constexpr, LOWP_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The column pass of the m^2-mix backward (owner q), m2mix_kernels.h m2mix_grad_cols:
+      grad_M[q]  = s_m sum_{p != q} (dA_pq I_p + dB_pq T_p)
+      grad_Tc[q] = s_c sum_p dC_pq I_p                                   (WITH_CLIP)
+    with the dlogits of m2mix_grad_rows_kernel. Grid: one program per BLOCK_M block of
+    columns q; it streams the BLOCK_N blocks of rows p and works on transposed tiles
+    [q, p] (<M_q, I_p>, <M_q, T_p>, <T_q, I_p>), so that the gradient is U^T-tile @ (I or
+    T)_tile. ONE_CHUNK / large-D handling as m2mix_grad_rows_kernel.
+    """
+    pid = tl.program_id(0)
+    s_m = tl.load(m2_scale_ptr)
+    s_c = tl.load(clip_scale_ptr)
+    g_m = tl.load(g_ptr) / norm
+    g_c = tl.load(g_ptr + 1) / norm
+    f_m = g_m * s_m
+    f_c = g_c * s_c
+    qs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qs < n
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = qs.to(tl.int64)[:, None] * stride
+    gm_rows = grad_m_ptr + qs.to(tl.int64)[:, None] * stride_g
+    gtc_rows = grad_tc_ptr + qs.to(tl.int64)[:, None] * stride_g
+    if WITH_CLIP:
+        r3 = tl.load(lse_ptr + 3 * n + qs, mask=q_ok, other=0.0)
+    d_ok = offs_d < D
+    if ONE_CHUNK:
+        tile_mask = q_ok[:, None] & d_ok[None, :]
+        m_tile = tl.load(M + q_off + offs_d[None, :], mask=tile_mask, other=0.0)
+        if WITH_CLIP:
+            t_tile = tl.load(T + q_off + offs_d[None, :], mask=tile_mask, other=0.0)
+    acc_m = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_tc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for pb in range(0, n, BLOCK_N):
+        ps = pb + offs_n
+        p_ok = ps < n
+        p_off = ps.to(tl.int64) * stride
+        r0 = tl.load(lse_ptr + ps, mask=p_ok, other=0.0)
+        r1 = tl.load(lse_ptr + n + ps, mask=p_ok, other=0.0)
+        if ONE_CHUNK:
+            pt_mask = d_ok[:, None] & p_ok[None, :]
+            it = tl.load(I + p_off[None, :] + offs_d[:, None], mask=pt_mask, other=0.0)
+            tt = tl.load(T + p_off[None, :] + offs_d[:, None], mask=pt_mask, other=0.0)
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_mi = _mma(m_tile, it, zero, DOT_PREC, UPCAST)
+            x_mt = _mma(m_tile, tt, zero, DOT_PREC, UPCAST)
+            if WITH_CLIP:
+                x_ti = _mma(t_tile, it, zero, DOT_PREC, UPCAST)
+        else:
+            x_mi, x_ti, x_mt = _three_dots(M, T, I, T, qs, ps, q_ok, p_ok, D, stride,
+                                           WITH_CLIP, True, BLOCK_M, BLOCK_N, BLOCK_D,
+                                           DOT_PREC, UPCAST)
+        valid = q_ok[:, None] & p_ok[None, :]
+        on_diag = qs[:, None] == ps[None, :]
+        off = valid & (qs[:, None] != ps[None, :])
+        # Transposed tiles: A_pq = s_m <I_p, M_q> at [q, p], its row LSE indexed by p.
+        ua = tl.where(off, tl.exp(s_m * x_mi - r0[None, :]), 0.0)
+        ub = tl.where(off, tl.exp(s_m * x_mt - r1[None, :]), 0.0)
+        if WITH_CLIP:
+            r2 = tl.load(lse_ptr + 2 * n + ps, mask=p_ok, other=0.0)
+            cc = s_c * x_ti
+            uc = tl.exp(cc - r2[None, :]) + tl.exp(cc - r3[:, None])
+            uc = tl.where(valid, tl.where(on_diag, uc - 2.0, uc), 0.0)
+        if LOWP_DS:
+            ua_op = ua.to(I.dtype.element_ty)
+            ub_op = ub.to(I.dtype.element_ty)
+            if WITH_CLIP:
+                uc_op = uc.to(I.dtype.element_ty)
+        else:
+            ua_op = ua
+            ub_op = ub
+            if WITH_CLIP:
+                uc_op = uc
+        if ONE_CHUNK:
+            acc_m = _mma(ua_op, tl.trans(it), acc_m, DOT_PREC, UPCAST)
+            acc_m = _mma(ub_op, tl.trans(tt), acc_m, DOT_PREC, UPCAST)
+            if WITH_CLIP:
+                acc_tc = _mma(uc_op, tl.trans(it), acc_tc, DOT_PREC, UPCAST)
+        else:
+            for k in range(0, D, BLOCK_D):
+                d = k + offs_d
+                d_ok2 = d < D
+                p_mask = p_ok[:, None] & d_ok2[None, :]
+                g_mask = q_ok[:, None] & d_ok2[None, :]
+                ip = tl.load(I + p_off[:, None] + d[None, :], mask=p_mask, other=0.0)
+                tp = tl.load(T + p_off[:, None] + d[None, :], mask=p_mask, other=0.0)
+                zero_d = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+                upd_m = _mma(ub_op, tp, _mma(ua_op, ip, zero_d, DOT_PREC, UPCAST),
+                             DOT_PREC, UPCAST)
+                old_m = tl.load(gm_rows + d[None, :], mask=g_mask, other=0.0)
+                tl.store(gm_rows + d[None, :], old_m + f_m * upd_m, mask=g_mask)
+                if WITH_CLIP:
+                    old_tc = tl.load(gtc_rows + d[None, :], mask=g_mask, other=0.0)
+                    tl.store(gtc_rows + d[None, :],
+                             old_tc + f_c * _mma(uc_op, ip, zero_d, DOT_PREC, UPCAST),
+                             mask=g_mask)
+            # The next row tile re-reads these gradient rows, possibly from other threads of
+            # this program: make the stores visible first.
+            tl.debug_barrier()
+    if ONE_CHUNK:
+        g_mask = q_ok[:, None] & d_ok[None, :]
+        tl.store(gm_rows + offs_d[None, :], acc_m * f_m, mask=g_mask)
+        if WITH_CLIP:
+            tl.store(gtc_rows + offs_d[None, :], acc_tc * f_c, mask=g_mask)
