@@ -1,10 +1,12 @@
 """robustft_ext: fused losses for robust fine-tuning of CLIP-style models.
 
-Public API (see README): clip_loss, siglip_loss, ClipLoss, SigLipLoss, available_backends.
+Public API (see README): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
+slerp, sample_beta, ClipLoss, SigLipLoss, M2MixLoss, available_backends.
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
 from .backends import BackendUnavailableError, available_backends
-from .functional import clip_loss, clip_rows_loss, siglip_loss
+from .functional import clip_loss, clip_m2mix_loss, clip_rows_loss, m2mix_loss, siglip_loss, slerp
+from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
 
 __version__ = "0.1.0"
@@ -12,9 +14,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ClipLoss",
+    "M2MixLoss",
     "SigLipLoss",
     "available_backends",
     "clip_loss",
+    "clip_m2mix_loss",
     "clip_rows_loss",
+    "m2mix_loss",
+    "sample_beta",
     "siglip_loss",
+    "slerp",
 ]

@@ -102,3 +102,22 @@ def pair_inputs(image_features: object, text_features: object, logit_scale: obje
     if bias is None:
         bias = torch.zeros((), dtype=acc, device=device)
     return PairInputs(a.to(dtype), b.to(dtype), scale, bias)
+
+
+def check_lam(lam: object, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The mixing ratio: a float or 0-d tensor in [0, 1], returned as a 0-d `dtype` tensor."""
+    t = check_scalar(lam, "lam", device, dtype)
+    if not torch.compiler.is_compiling():
+        value = float(t.detach())
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {value}")
+    return t.detach()
+
+
+def check_weight(value: object, name: str) -> float:
+    """A loss-term weight: a finite, non-negative float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and non-negative, got {value}")
+    return float(value)

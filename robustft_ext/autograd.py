@@ -47,3 +47,54 @@ class SigLipLossFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (ga if need[0] else None, gb if need[1] else None, gs if need[2] else None,
                 gbias if need[3] else None, None, None)
+
+
+class SlerpFunction(torch.autograd.Function):
+    """Row-wise slerp(a, b; lam) on a fused backend (the O(n D) mix, with its explicit backward)."""
+
+    @staticmethod
+    def forward(ctx, a, b, lam, backend: str):
+        a, b = a.contiguous(), b.contiguous()
+        ctx.save_for_backward(a, b, lam)
+        ctx.backend = backend
+        return fused_ops(backend).slerp(a, b, lam)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, lam = ctx.saved_tensors
+        ga, gb = fused_ops(ctx.backend).slerp_bwd(grad.contiguous(), a, b, lam)
+        need = ctx.needs_input_grad
+        return ga if need[0] else None, gb if need[1] else None, None, None
+
+
+class M2MixFunction(torch.autograd.Function):
+    """m^2-mix loss, and with_clip the CLIP loss of the same batch, from one fused pass.
+
+    Returns (m2_loss, clip_loss); clip_loss is 0 without clip. Saves the inputs and the O(n)
+    log-sum-exp statistics; the backward recomputes the mix and the tiles.
+    """
+
+    @staticmethod
+    def forward(ctx, image, text, m2_scale, lam, clip_scale, with_clip: bool, backend: str):
+        image, text = image.contiguous(), text.contiguous()
+        m2, clip, lse = fused_ops(backend).m2mix_fwd(image, text, m2_scale, lam, clip_scale,
+                                                     with_clip)
+        ctx.save_for_backward(image, text, m2_scale, lam, clip_scale, lse)
+        ctx.with_clip, ctx.backend = with_clip, backend
+        if not with_clip:
+            ctx.mark_non_differentiable(clip)
+        return m2, clip
+
+    @staticmethod
+    def backward(ctx, grad_m2, grad_clip):
+        image, text, m2_scale, lam, clip_scale, lse = ctx.saved_tensors
+        if grad_m2 is None:
+            grad_m2 = torch.zeros_like(lse[0, 0])
+        if grad_clip is None or not ctx.with_clip:
+            grad_clip = torch.zeros_like(lse[0, 0])
+        gi, gt, gsm, gsc = fused_ops(ctx.backend).m2mix_bwd(
+            grad_m2.contiguous(), grad_clip.contiguous(), image, text, m2_scale, lam,
+            clip_scale, lse, ctx.with_clip)
+        need = ctx.needs_input_grad
+        return (gi if need[0] else None, gt if need[1] else None, gsm if need[2] else None,
+                None, gsc if need[4] else None, None, None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._validation import PairInputs, pair_inputs
-from .autograd import ClipLossFunction, SigLipLossFunction
+from ._validation import PairInputs, acc_dtype, check_lam, check_scalar, pair_inputs
+from .autograd import ClipLossFunction, M2MixFunction, SigLipLossFunction, SlerpFunction
 from .backends import select_backend
 
 Scalar = float | torch.Tensor
@@ -62,3 +62,68 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     x = pair_inputs(image_features, text_features, logit_scale, logit_bias,
                     same_batch=not negative_only)
     return _siglip(x, negative_only, backend)
+
+
+def _m2(x: PairInputs, lam: Scalar, m2_scale: torch.Tensor, clip_scale: torch.Tensor | None,
+        backend: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(m2_loss, clip_loss or None) of validated inputs."""
+    lam_t = check_lam(lam, x.a.device, x.scale.dtype)
+    name = select_backend(backend, x.a.device, x.a.dtype)
+    if name == "reference":
+        m2 = reference.m2mix_loss(x.a, x.b, m2_scale, lam_t)
+        clip = None if clip_scale is None else reference.clip_loss(x.a, x.b, clip_scale, x.bias)
+        return m2, clip
+    with_clip = clip_scale is not None
+    if clip_scale is m2_scale:
+        # One tensor passed as two inputs of the Function: under torch.compile (AOT autograd,
+        # torch 2.11) only one of its two gradients reached it. A differentiable copy keeps
+        # both (tests/test_m2mix.py::test_torch_compile_fullgraph).
+        clip_scale = clip_scale.clone()
+    m2, clip = M2MixFunction.apply(x.a, x.b, m2_scale, lam_t,
+                                   clip_scale if with_clip else m2_scale.detach(), with_clip, name)
+    return m2, (clip if with_clip else None)
+
+
+def m2mix_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,
+               lam: Scalar, *, backend: str | None = None) -> torch.Tensor:
+    """Geodesic multi-modal mixup (m^2-mix) loss of matched [N, D] unit rows (METHODS.md 3).
+
+    The negatives off the diagonal are M_j = slerp(image_j, text_j; lam) (lam = 1 gives the
+    image, 0 the text), the true pair stays on the diagonal; returns
+    1/2 [CE_rows(s I M^T) + CE_rows(s T M^T)] as a 0-d float32 tensor (float64 for float64
+    inputs). Gradients reach both features through the slerp and logit_scale; lam (a float or
+    0-d tensor in [0, 1]) gets none. Stable for identical or opposite rows.
+    """
+    x = pair_inputs(image_features, text_features, logit_scale)
+    return _m2(x, lam, x.scale, None, backend)[0]
+
+
+def clip_m2mix_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                    logit_scale: Scalar, lam: Scalar, *, m2_logit_scale: Scalar | None = None,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLIP loss, m^2-mix loss) of one batch from one fused pass over the similarity tiles.
+
+    The CLIP term uses logit_scale, the m^2 term m2_logit_scale (default: logit_scale; the
+    paper's code uses 100 and 1/0.07). Each value and gradient equals that of clip_loss and
+    m2mix_loss called separately; weight and add them as the objective needs.
+    """
+    x = pair_inputs(image_features, text_features, logit_scale)
+    m2_scale = x.scale if m2_logit_scale is None else check_scalar(
+        m2_logit_scale, "m2_logit_scale", x.a.device, x.scale.dtype)
+    m2, clip = _m2(x, lam, m2_scale, x.scale, backend)
+    return clip, m2
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, lam: Scalar, *, backend: str | None = None) -> torch.Tensor:
+    """Row-wise spherical interpolation slerp(a_i, b_i; lam) of matched [N, D] unit rows.
+
+    lam weights a (lam = 1 gives a, 0 gives b); computed in float32 (float64) and returned in
+    the inputs' dtype, with gradients to a and b. Stable where the paper's formula divides by
+    zero: identical rows use the small-angle limit, opposite rows are clamped (see README).
+    """
+    x = pair_inputs(a, b, 1.0, names=("a", "b"))
+    lam_t = check_lam(lam, x.a.device, acc_dtype(x.a.dtype))
+    name = select_backend(backend, x.a.device, x.a.dtype)
+    if name == "reference":
+        return reference.slerp(x.a, x.b, lam_t)
+    return SlerpFunction.apply(x.a, x.b, lam_t, name)

@@ -32,6 +32,28 @@ def _register_fakes() -> None:
                 torch.empty_like(b, memory_format=torch.contiguous_format),
                 a.new_empty((), dtype=acc), a.new_empty((), dtype=acc))
 
+    @torch.library.register_fake("robustft_ext::slerp")
+    def _slerp(a, b, lam):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("robustft_ext::slerp_bwd")
+    def _slerp_bwd(grad_out, a, b, lam):
+        return (torch.empty_like(a, memory_format=torch.contiguous_format),
+                torch.empty_like(b, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake("robustft_ext::m2mix_fwd")
+    def _m2mix_fwd(image, text, m2_scale, lam, clip_scale, with_clip):
+        acc = acc_dtype(image.dtype)
+        return (image.new_empty((), dtype=acc), image.new_empty((), dtype=acc),
+                image.new_empty((4 if with_clip else 2, image.shape[0]), dtype=acc))
+
+    @torch.library.register_fake("robustft_ext::m2mix_bwd")
+    def _m2mix_bwd(grad_m2, grad_clip, image, text, m2_scale, lam, clip_scale, lse, with_clip):
+        acc = acc_dtype(image.dtype)
+        return (torch.empty_like(image, memory_format=torch.contiguous_format),
+                torch.empty_like(text, memory_format=torch.contiguous_format),
+                image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+
 
 if _extension._C is not None:
     _register_fakes()
