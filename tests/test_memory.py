@@ -27,7 +27,10 @@ _SCRIPT = textwrap.dedent("""
     a = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
     b = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
     s = torch.tensor(14.3, requires_grad=True)
-    fn = rft.clip_loss if kind == "clip" else rft.siglip_loss
+    fn = {"clip": rft.clip_loss, "siglip": rft.siglip_loss,
+          "m2mix": lambda a, b, s, bias, backend: rft.m2mix_loss(a, b, s, 0.3, backend=backend),
+          "clip_m2mix": lambda a, b, s, bias, backend: sum(
+              rft.clip_m2mix_loss(a, b, s, 0.3, backend=backend))}[kind]
     # Warm up on a tiny problem so lazy initialisation is not counted.
     t = torch.randn(8, d)
     fn(t, t, 1.0, 0.0, backend=backend)
@@ -48,7 +51,7 @@ def _peak_growth_mb(kind: str, backend: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "m2mix", "clip_m2mix"])
 def test_cpu_native_allocates_no_nxn(kind):
     require_backend("native", "cpu")
     fused = _peak_growth_mb(kind, "native")
@@ -63,7 +66,7 @@ def test_cpu_measurement_sees_nxn():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["native", "triton"])
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "clip_m2mix"])
 def test_cuda_peak_allocated_has_no_nxn(backend, kind):
     require_backend(backend, "cuda")
     import robustft_ext as rft
@@ -72,7 +75,9 @@ def test_cuda_peak_allocated_has_no_nxn(backend, kind):
     a = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1).requires_grad_()
     b = torch.nn.functional.normalize(torch.randn(n, d, device="cuda"), dim=1).requires_grad_()
     s = torch.tensor(14.3, device="cuda", requires_grad=True)
-    fn = rft.clip_loss if kind == "clip" else rft.siglip_loss
+    fn = {"clip": rft.clip_loss, "siglip": rft.siglip_loss,
+          "clip_m2mix": lambda a, b, s, bias, backend: sum(
+              rft.clip_m2mix_loss(a, b, s, 0.3, backend=backend))}[kind]
     fn(a[:8], b[:8], s, -1.0, backend=backend).backward()  # warm-up, autotuning
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
