@@ -50,8 +50,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 DEFAULT_CSV = HERE / "results.csv"
 
-LOSSES = ("clip", "siglip")
-PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl")
+LOSSES = ("clip", "siglip", "m2mix", "clip_m2mix")
+PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl",
+             "native-separate")
 MODES = ("forward", "backward", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,8 +64,8 @@ CSV_COLUMNS = ["timestamp", "device", "torch", "triton", "robustft_ext", "loss",
 GPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536], d=[512, 768, 1024],
                     dtype="bf16", providers=list(PROVIDERS))
 CPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192], d=[512], dtype="fp32",
-                    providers=["reference", "reference+compile", "native", "open_clip",
-                               "triton", "inf_cl"])  # the last two: "skipped" rows, with why
+                    providers=["reference", "reference+compile", "native", "native-separate",
+                               "open_clip", "triton", "inf_cl"])  # the last two: "skipped" rows, with why
 QUICK = dict(cuda=dict(n=[1024, 4096], d=[512]), cpu=dict(n=[256, 1024], d=[512]))
 
 # Timing policy: `warmup` untimed forward+backward calls once per (provider, N, D, dtype) run
@@ -78,6 +79,8 @@ QUICK_TIMING = dict(cuda=dict(warmup=2, warmup_next=1, min_reps=5, max_reps=20, 
 # SigLIP init of the paper (t' = log 10, b = -10); CLIP's 1/0.07.
 CLIP_SCALE = 1.0 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
+# m^2-mix: the paper's code puts CLIP at scale 100 and the m^2 term at 1/0.07, weight w.
+M2_LAM, M2_SCALE, M2_WEIGHT = 0.3, 1.0 / 0.07, 0.01
 
 # Fixed glibc mmap threshold for CPU workers: without it glibc raises the threshold after
 # large frees and later buffers come from the heap, whose pages are not returned.
@@ -139,6 +142,13 @@ def skip_reason(loss: str, provider: str, device: torch.device, dtype: torch.dty
             return unavailable_reason(provider, device, dtype)
         except Exception as exc:  # noqa: BLE001 - a broken backend is a skip with the reason
             return f"{provider} backend check failed ({type(exc).__name__}: {exc})"
+    if provider == "native-separate":
+        if loss != "clip_m2mix":
+            return "native-separate (CLIP and m^2 by two separate fused calls) is for clip_m2mix"
+        from robustft_ext.backends import unavailable_reason
+        return unavailable_reason("native", device, dtype)
+    if loss in ("m2mix", "clip_m2mix") and provider in ("open_clip", "inf_cl"):
+        return f"{provider} has no m^2-mix loss"
     if provider == "open_clip":
         try:
             import open_clip.loss  # noqa: F401
@@ -176,6 +186,8 @@ def make_loss_fn(loss: str, provider: str, d: int | None = None) -> LossFn:
 
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    if loss in ("m2mix", "clip_m2mix"):
+        return _m2mix_loss_fn(loss, provider)
     if provider in ("reference", "native", "triton"):
         backend = provider
         if loss == "clip":
@@ -212,6 +224,34 @@ def make_loss_fn(loss: str, provider: str, d: int | None = None) -> LossFn:
     raise ValueError(f"unknown provider {provider!r}; known: {PROVIDERS}")
 
 
+def _m2mix_loss_fn(loss: str, provider: str) -> LossFn:
+    """m^2 alone, or the paper's objective CLIP + w m^2 (from one fused pass, or, for
+    native-separate, two fused calls). The reference materialises the mixed logits, as the
+    paper's code does."""
+    import robustft_ext as rft
+
+    def fn(backend: str):
+        if loss == "m2mix":
+            return lambda a, b, s, bias: rft.m2mix_loss(a, b, s, M2_LAM, backend=backend)
+        return lambda a, b, s, bias: _weighted(*rft.clip_m2mix_loss(
+            a, b, s, M2_LAM, m2_logit_scale=M2_SCALE, backend=backend))
+
+    if provider in ("reference", "native", "triton"):
+        return fn(provider)
+    if provider == "native-separate":
+        return lambda a, b, s, bias: _weighted(
+            rft.clip_loss(a, b, s, backend="native"),
+            rft.m2mix_loss(a, b, M2_SCALE, M2_LAM, backend="native"))
+    if provider == "reference+compile":
+        torch._dynamo.reset()
+        return torch.compile(fn("reference"), dynamic=False)
+    raise ValueError(f"{provider!r} has no m^2-mix loss")
+
+
+def _weighted(clip: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    return clip + M2_WEIGHT * m2
+
+
 def make_inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """L2-normalised features requiring grad, a 0-d fp32 scale requiring grad, SigLIP's bias."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -219,8 +259,9 @@ def make_inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.dev
     b = torch.nn.functional.normalize(a + 0.5 * torch.randn(n, d, generator=g), dim=1)
     a = a.to(device=device, dtype=dtype).requires_grad_()
     b = b.to(device=device, dtype=dtype).requires_grad_()
-    if loss == "clip":
-        scale = torch.tensor(CLIP_SCALE, device=device).requires_grad_()
+    if loss in ("clip", "m2mix", "clip_m2mix"):
+        scale = torch.tensor(CLIP_SCALE if loss != "clip_m2mix" else 100.0,
+                             device=device).requires_grad_()
         bias = None
     else:
         scale = torch.tensor(SIGLIP_SCALE, device=device).requires_grad_()
@@ -546,8 +587,19 @@ def print_ratios(rows: list[dict], file=sys.stdout) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+def _default_for(loss: str, provider: str) -> bool:
+    """Whether a provider is in this loss's default list (no rows for providers that have no
+    such loss at all)."""
+    if provider == "native-separate":
+        return loss == "clip_m2mix"
+    if provider in ("open_clip", "inf_cl"):
+        return loss not in ("m2mix", "clip_m2mix")
+    return True
+
+
 def build_parser(loss: str) -> argparse.ArgumentParser:
-    name = {"clip": "CLIP", "siglip": "SigLIP"}[loss]
+    name = {"clip": "CLIP", "siglip": "SigLIP", "m2mix": "m^2-mix",
+            "clip_m2mix": "CLIP + m^2-mix (one fused pass)"}[loss]
     epilog = (f"defaults on a GPU: --n {' '.join(map(str, GPU_DEFAULTS['n']))} "
               f"--d {' '.join(map(str, GPU_DEFAULTS['d']))} --dtype {GPU_DEFAULTS['dtype']} "
               f"--providers {' '.join(GPU_DEFAULTS['providers'])}\n"
@@ -591,7 +643,7 @@ def main(loss: str, argv: list[str] | None = None) -> list[dict]:
     ns = args.n or (QUICK[kind]["n"] if args.quick else defaults["n"])
     ds = args.d or (QUICK[kind]["d"] if args.quick else defaults["d"])
     dtype_name = args.dtype or defaults["dtype"]
-    providers = args.providers or defaults["providers"]
+    providers = args.providers or [p for p in defaults["providers"] if _default_for(loss, p)]
     timing = dict((QUICK_TIMING if args.quick else TIMING)[kind])
     for key, val in (("warmup", args.warmup), ("min_reps", args.min_reps),
                      ("max_reps", args.max_reps), ("budget_s", args.budget)):

@@ -1,7 +1,8 @@
 """pytest-benchmark micro-benchmarks: the providers of benchmarks/ at a small size on CPU.
 
 N=256, D=64, float32, one thread, full mode (forward + backward, the scale's gradient included), for the
-CLIP and SigLIP losses with the reference, native and open_clip providers. The loss functions
+CLIP and SigLIP losses with the reference, native and open_clip providers, and for m^2-mix alone
+and CLIP + m^2 (one fused pass, or two fused calls: native-separate). The loss functions
 and inputs are those of benchmarks/_harness.py. Each benchmark also checks that the loss it
 timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
@@ -44,14 +45,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("provider", ["reference", "native", "open_clip"])
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+CASES = ([(loss, p) for loss in ("clip", "siglip") for p in ("reference", "native", "open_clip")]
+         + [("m2mix", "reference"), ("m2mix", "native"), ("clip_m2mix", "reference"),
+            ("clip_m2mix", "native"), ("clip_m2mix", "native-separate")])
+
+
+@pytest.mark.parametrize("loss,provider", CASES)
 def test_micro_full(benchmark, one_thread, loss, provider):
     h = _harness()
     if provider == "open_clip":
         pytest.importorskip("open_clip.loss")
     else:
-        require_backend(provider, "cpu")
+        require_backend(provider.split("-")[0], "cpu")
     fn = h.make_loss_fn(loss, provider, D)
     a, b, scale, bias = h.make_inputs(loss, N, D, torch.float32, torch.device("cpu"))
     leaves = [t for t in (a, b, scale, bias) if t is not None]

@@ -1,0 +1,28 @@
+"""Benchmark m^2-mix: the paper's objective CLIP + w m^2 (default) or the m^2 term alone.
+
+  python benchmarks/bench_m2mix.py                       # CLIP + m^2: reference (full mixed
+                                                         #   logits, as the paper's code),
+                                                         #   reference+compile, native (one fused
+                                                         #   pass), native-separate (two fused
+                                                         #   calls), triton
+  python benchmarks/bench_m2mix.py --objective m2        # the m^2 term alone
+  python benchmarks/bench_m2mix.py --quick
+  python benchmarks/bench_m2mix.py --n 8192 --providers reference native --modes full
+
+Rows go to benchmarks/results.csv with loss "clip_m2mix" or "m2mix"; compare them with the
+"clip" rows of bench_clip.py (the target: CLIP + m^2 at most 1.6x our fused CLIP alone).
+Every other flag is bench_clip.py's (see _harness.py).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import main  # noqa: E402
+
+if __name__ == "__main__":
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--objective", choices=["clip+m2", "m2"], default="clip+m2")
+    known, rest = pre.parse_known_args()
+    main("clip_m2mix" if known.objective == "clip+m2" else "m2mix", rest)
