@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import m2mix_kernels
-from .ops import Config, _check_features, _dot_flags, _kernel_input, _traceable, choose_config
+from .ops import (Config, _check_features, _dot_flags, _kernel_input, _traceable, choose_config,
+                  interpreting)
 
 
 def _load_reference():
@@ -60,15 +61,17 @@ _M2_COLS = _traceable(m2mix_kernels.m2mix_grad_cols_kernel)
 
 
 def _m2_config(device: torch.device, dtype: torch.dtype, D: int) -> Config:
-    """choose_config, with the register-resident backward (one_chunk) limited to D <= 64 on
-    GPU: the m^2-mix tiles carry three logit tiles and up to three [BLOCK_M, BLOCK_D]
-    accumulators, against one of each in the contrastive kernels. Untuned (no GPU was
-    available when this was written); the interpreter configuration is unchanged."""
+    """choose_config, adapted to the heavier m^2-mix tiles on GPU: they carry three logit
+    tiles and (register-resident backward) up to three [BLOCK_M, BLOCK_D] accumulators,
+    against one of each in the contrastive kernels. So one_chunk only for D <= 64, and 8 warps
+    for the 64 x 64 (16-bit) tiles. A guess, neither tuned nor checked for register spills:
+    no GPU was available when this was written. The interpreter configuration is unchanged."""
     cfg = choose_config(device, dtype, D)
-    if device.type == "cuda" and cfg.one_chunk and D > 64:
-        tile = cfg.block_m
-        cfg = cfg._replace(block_d=tile, one_chunk=False, num_warps=4)
-    return cfg
+    if device.type != "cuda" or interpreting():
+        return cfg
+    if cfg.one_chunk and D > 64:
+        cfg = cfg._replace(block_d=cfg.block_m, one_chunk=False)
+    return cfg._replace(num_warps=8 if cfg.block_m >= 64 else 4)
 
 
 # ----------------------------------------------------------------------------- checks
