@@ -1,3 +1,6 @@
+"""python -m robustft_train: the same as the robustft-train command."""
+import sys
+
 from .cli import main
 
-raise SystemExit(main())
+sys.exit(main())
