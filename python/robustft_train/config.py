@@ -269,7 +269,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.pretrain_epochs >= 0, f"--pretrain-epochs must be >= 0, got {cfg.pretrain_epochs}")
     _check(0 < cfg.embedded_fraction <= 1, f"--embedded-fraction must be in (0, 1], got {cfg.embedded_fraction}")
     _check(cfg.m2mix_alpha > 0, f"--m2mix-alpha must be > 0 (Beta parameter), got {cfg.m2mix_alpha}")
-    _check(cfg.m2mix_weight >= 0, f"--m2mix-weight must be >= 0, got {cfg.m2mix_weight}")
+    _check(cfg.m2mix_weight > 0, f"--m2mix-weight must be > 0, got {cfg.m2mix_weight}")
     _check(cfg.m2mix_logit_scale > 0, f"--m2mix-logit-scale must be > 0, got {cfg.m2mix_logit_scale}")
     _check(cfg.dive_lambda >= 0, f"--dive-lambda must be >= 0, got {cfg.dive_lambda}")
     _check(0 <= cfg.dive_momentum < 1, f"--dive-momentum must be in [0, 1), got {cfg.dive_momentum}")

@@ -267,7 +267,8 @@ def _write_outputs(p: Prepared, rows: list[dict], training: dict, seconds: float
         json.dump({"phases": training, "seconds_total": round(seconds, 2)}, f, indent=2)
     if not p.cfg.no_plots:
         ood = [n for n, role in set_order if role == "ood"]
-        plots.wise_ft_plot(rows, p.id_set, ood, os.path.join(p.run_dir, "wise_ft_id_vs_ood.png"))
+        zs = [n for n, role in set_order if role == "zeroshot"]
+        plots.wise_ft_plot(rows, p.id_set, ood, os.path.join(p.run_dir, "wise_ft_id_vs_ood.png"), zs)
         plots.method_bars(summary, [n for n, _ in set_order], os.path.join(p.run_dir, "method_bars.png"))
     print("\nresults (top-1 %; ID validation set: " + p.id_set + "; ECE % and RSA on it):")
     print(report.format_table(summary, columns))
