@@ -36,7 +36,8 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-3) -> float:
     return (x - ref).abs().max().item() / max(scale, floor)
 
 
-def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, bound: float, what: str) -> None:
+def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, bound: float, what: str,
+                     floor: float = 1e-3) -> None:
     assert torch.isfinite(x).all(), f"{what}: non-finite values"
-    err = rel_err(x, ref)
+    err = rel_err(x, ref, floor)
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
