@@ -253,10 +253,15 @@ def load_eval_set(name: str, path: str, train: TrainSource, cols: CsvColumns,
     """An evaluation set sharing the training classes (folder) or a CSV (captions, labels)."""
     flag = f"--eval-data {name}"
     if os.path.isdir(path):
-        if not train.folder_names:
-            raise DriverError(f"{flag}: an image-folder evaluation set needs an image-folder --train-data "
-                              "or a CSV with --csv-label-key (for the class names)")
-        paths, labels = scan_folder(path, flag, {f: i for i, f in enumerate(train.folder_names)})
+        if not train.classnames:
+            raise DriverError(f"{flag}: an image-folder evaluation set needs the class names: an image-folder "
+                              "--train-data, CSV labels (--csv-label-key) or --classnames")
+        index = {}  # a sub-folder may be named as a training sub-folder or as a class name (' ' or '_')
+        for i, name in enumerate(train.classnames):
+            index[name] = index[name.replace(" ", "_")] = i
+        for i, name in enumerate(train.folder_names):
+            index[name] = i
+        paths, labels = scan_folder(path, flag, index)
         paths, labels, _ = _drop_unreadable(flag, paths, labels)
         if not paths:
             raise DriverError(f"{flag} {path}: none of the images is readable")

@@ -120,6 +120,13 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
                               "--train-data has none (give --csv-label-key)")
         if m.base == "flyp" and not (train.dataset.has_captions or train.dataset.has_labels):
             raise DriverError(f"--methods {m.spec}: needs captions or class labels in --train-data")
+    world = info.world_size
+    for phase_name, n, batch in ([("pretrain", len(pretrain.dataset), embedded.PRETRAIN_BATCH_SIZE)]
+                                 if pretrain is not None and cfg.pretrain_epochs > 0 and cfg.pretrained is None
+                                 else []) + [("fine-tuning", len(train.dataset), cfg.batch_size)]:
+        if (n // (batch * world)) // cfg.accum_steps == 0 and any(m.trains for m in methods):
+            raise DriverError(f"{phase_name}: the training set has {n} images, fewer than one optimiser step "
+                              f"(--batch-size {batch} x {world} processes x --accum-steps {cfg.accum_steps})")
     if any(m.base == "ft" for m in methods) and not train.classnames:
         raise DriverError("--classnames: class names are needed for the ft head")
     id_eval = next(e for e in evals if e.name == id_set)
