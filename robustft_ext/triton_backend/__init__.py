@@ -1,6 +1,9 @@
 """Triton backend of robustft_ext: the ops `torch.ops.robustft_triton.{clip_fwd, clip_bwd,
-siglip_fwd, siglip_bwd, slerp, slerp_bwd, m2mix_fwd, m2mix_bwd}`, with the schemas and
-semantics of `robustft_ext::*` (csrc/schemas.cpp).
+siglip_fwd, siglip_bwd, slerp, slerp_bwd, m2mix_fwd, m2mix_bwd, lipsum_fwd, lipsum_bwd,
+dive_fwd, dive_bwd, robust_step_fwd, robust_step_bwd}`, with the schemas and semantics of
+`robustft_ext::*` (csrc/schemas.cpp). ops.py / kernels.py: CLIP and SigLIP; step_ops.py /
+step_kernels.py: the ops of a robust fine-tuning step (m^2-mix, Lipsum-FT, DiVE and their
+combination with CLIP, csrc/step_kernels.h); m2mix_ops.py re-exports the m^2-mix ones.
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
 registered and IMPORT_ERROR says why. On a machine without a GPU the kernels run only under
@@ -23,7 +26,8 @@ except Exception as exc:  # ImportError, or a broken install raising something e
 if IMPORT_ERROR is None:
     try:
         from . import ops  # noqa: F401  (registers the ops)
-        from . import m2mix_ops  # noqa: F401  (registers the m^2-mix ops)
+        from . import step_ops  # noqa: F401  (registers the step ops, m^2-mix included)
+        from . import m2mix_ops  # noqa: F401  (the m^2-mix ops under their earlier name)
         from .ops import choose_config, interpreting  # noqa: F401
     except Exception as exc:  # e.g. a torch without torch.library.triton_op
         IMPORT_ERROR = f"registering the Triton ops failed: {type(exc).__name__}: {exc}"
