@@ -19,12 +19,22 @@ def _stack_images(items) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_images(clip, dataset: ImageSet, batch_size: int, device: torch.device,
-                  workers: int = 0) -> torch.Tensor:
-    """Normalised float32 image features of a whole set, in order."""
+                  workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """Normalised float32 image features of a whole set, in order (the encoder under autocast
+    for --precision bf16/fp16)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_stack_images)
-    feats = [F.normalize(clip.encode_image(x.to(device)).float(), dim=-1) for x in loader]
-    return torch.cat(feats).cpu()
+    feats = []
+    for x in loader:
+        with _autocast(device, precision):
+            f = clip.encode_image(x.to(device))
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+    return torch.cat(feats)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.no_grad()
@@ -100,7 +110,7 @@ def _subset(n: int, m: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(module: TrainModule, sets: list[EvalSet], tokenizer, templates: list[str],
              pre_features: dict[str, torch.Tensor], device: torch.device, batch_size: int,
-             metric_max_images: int, workers: int = 0) -> list[dict]:
+             metric_max_images: int, workers: int = 0, precision: str = "fp32") -> list[dict]:
     """One row of metrics per evaluation set. Sets of role id/ood use the method's head when it has
     one (ft), else the zero-shot classifier built from the model's own text tower; zero-shot sets
     always use their own class names' prompts. `pre_features` are the pre-trained image features
@@ -111,7 +121,7 @@ def evaluate(module: TrainModule, sets: list[EvalSet], tokenizer, templates: lis
     rows = []
     for es in sets:
         ds = es.dataset
-        img = encode_images(clip, ds, batch_size, device, workers)
+        img = encode_images(clip, ds, batch_size, device, workers, precision)
         row: dict = {"eval_set": es.name, "role": es.role, "n": len(ds)}
         sub = _subset(len(img), metric_max_images)
         paired_text = None

@@ -127,6 +127,10 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
         if (n // (batch * world)) // cfg.accum_steps == 0 and any(m.trains for m in methods):
             raise DriverError(f"{phase_name}: the training set has {n} images, fewer than one optimiser step "
                               f"(--batch-size {batch} x {world} processes x --accum-steps {cfg.accum_steps})")
+    if any("lipsum" in m.regularisers for m in methods if m.spec not in unavailable) and not (
+            hasattr(tokenizer, "sot_token_id") and hasattr(tokenizer, "eot_token_id")):
+        raise DriverError(f"--methods lipsum: the tokenizer of {model_name} has no start/end token ids "
+                          "to build random texts from (it needs open_clip's BPE tokenizer)")
     if any(m.base == "ft" for m in methods) and not train.classnames:
         raise DriverError("--classnames: class names are needed for the ft head")
     id_eval = next(e for e in evals if e.name == id_set)
@@ -141,9 +145,11 @@ def _trainable_module(clip: torch.nn.Module, method: Method, head: torch.nn.Line
     """A copy of the zero-shot model set up for `method`: ft trains the image tower and the head,
     flyp trains everything."""
     clip = copy.deepcopy(clip)
-    if method.base == "ft":
-        for name, p in clip.named_parameters():
+    for name, p in clip.named_parameters():
+        if method.base == "ft":
             p.requires_grad_(name.startswith("visual."))
+        elif name == "logit_bias":  # SigLIP-style models: the CLIP loss does not use the bias
+            p.requires_grad_(False)
     return TrainModule(clip, copy.deepcopy(head) if method.base == "ft" else None)
 
 
@@ -209,12 +215,12 @@ def execute(p: Prepared) -> int:
 
     def eval_fn(module: TrainModule) -> list[dict]:
         return evaluate(module, p.evals, p.tokenizer, p.templates, pre_features, device,
-                        cfg.eval_batch_size, cfg.metric_max_images, cfg.workers)
+                        cfg.eval_batch_size, cfg.metric_max_images, cfg.workers, cfg.precision)
 
     pre_features = {}
     if info.is_main:
-        pre_features = {e.name: encode_images(frozen.clip, e.dataset, cfg.eval_batch_size, device, cfg.workers)
-                        for e in p.evals}
+        pre_features = {e.name: encode_images(frozen.clip, e.dataset, cfg.eval_batch_size, device, cfg.workers,
+                                              cfg.precision) for e in p.evals}
     rows: list[dict] = []
 
     # 2. each method from the same zero-shot model
@@ -229,21 +235,22 @@ def execute(p: Prepared) -> int:
             continue
         _log(info, f"fine-tuning: {method.spec}")
         module = _trainable_module(clip, method, zs_head)
-        zs_module = _trainable_module(clip, method, zs_head)
         status, stats = _train(p, module, method, _phase(cfg, method.spec, epochs=cfg.epochs, lr=cfg.lr),
                                p.train, frozen if method.needs_frozen else None)
         training[method.spec] = _stats(stats)
         if status == "stopped":
             return _stopped(info, method.spec, stats)
         if info.is_main:
+            zs_module = _trainable_module(clip, method, zs_head)  # clip is still the zero-shot model
             sweep = wise_ft.sweep(zs_module, module, cfg.alphas, eval_fn)
+            del zs_module
             best = wise_ft.best_alpha(sweep, p.id_set)
             for alpha, rs in sweep:
                 for r in rs:
                     rows.append({"method": method.spec, "status": "ok", "alpha": alpha,
                                  "best_alpha": alpha == best, **r})
         dist_utils.barrier(info)
-        del module, zs_module
+        del module
 
     # 3. the run folder
     if info.is_main:

@@ -20,7 +20,7 @@ def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Te
     for k, ft in finetuned.items():
         zs = zeroshot[k]
         if ft.is_floating_point():
-            out[k] = (1 - alpha) * zs.to(ft.dtype) + alpha * ft
+            out[k] = (1 - alpha) * zs.to(device=ft.device, dtype=ft.dtype) + alpha * ft
         else:
             out[k] = ft.clone()
     return out
