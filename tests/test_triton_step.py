@@ -1,0 +1,628 @@
+"""Tests of the Triton step ops: torch.ops.robustft_triton.{dive_fwd, dive_bwd, lipsum_fwd,
+lipsum_bwd, robust_step_fwd, robust_step_bwd} (robustft_ext/triton_backend/step_ops.py,
+step_kernels.py).
+
+Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1; so does this module, before anything imports triton). The interpreter is
+slow, so shapes stay small; with its 16-wide tiles and 2 persistent programs they still cover
+masking (n = 1, 3, 17; B' = 1, 5; K = 1, 7, 80; D = 5, 33 are not multiples of 16), the
+register-resident backward (D = 5) and the chunked large-D backward (D = 33: three chunks),
+several Lipsum column blocks (K = 80: five) and DiVE programs next to the row programs.
+
+Every output is compared with float64 eager formulas written here from shared/METHODS.md
+(sections 4, 5; CLIP and m^2-mix from robustft_ext.reference, the oracle of sections 1, 3) on
+the same (rounded) inputs: the terms, the lse statistics, diff_mean and every gradient
+(autograd through the formulas), with the relative tolerances of tests/helpers.py.
+"""
+import itertools
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, rel_err  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+from robustft_ext import reference  # noqa: E402
+
+try:
+    from robustft_ext import triton_backend as tb
+except Exception as exc:  # pragma: no cover - robustft_ext itself broken
+    pytest.skip(f"robustft_ext.triton_backend does not import: {exc}", allow_module_level=True)
+if tb.IMPORT_ERROR is not None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:  # installed but broken: a failure
+        raise RuntimeError(f"Triton is installed but the backend failed: {tb.IMPORT_ERROR}")
+    pytest.skip(f"Triton backend unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ops = torch.ops.robustft_triton
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+CLIP_SCALE, M2_SCALE, LIP_SCALE, LAM = 10.0, 14.3, 14.3, 0.3
+# Non-unit upstream gradients, StepTerm order: clip, m2, lipsum, avl, pvl.
+GRADS = (1.3, 0.7, 0.9, 0.4, 1.1)
+TERMS = ("clip", "m2", "lipsum", "avl", "pvl")
+
+
+# ----------------------------------------------------------------------------- inputs
+def _unit(g, *shape):
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _f32(x):
+    return torch.tensor(x, dtype=torch.float32, device=DEVICE)
+
+
+def _batch(n, D, K, dtype, seed=0):
+    """Training batch, rounded to dtype: image / text rows (text correlated with its image,
+    cos ~ 0.45, so that the m^2 loss is not saturated and its gradients are not dominated by
+    the float32 rounding of exp(diag - lse) - 1), the pre-trained image features (near the
+    fine-tuned ones, as in fine-tuning) and K random-text features."""
+    g = torch.Generator().manual_seed(seed)
+    I = _unit(g, n, D)
+    T = F.normalize(_unit(g, n, D) + 0.5 * I, dim=1)
+    P = F.normalize(I + 0.3 * _unit(g, n, D), dim=1)
+    G = _unit(g, K, D)
+    return [x.to(dtype).to(DEVICE) for x in (I, T, P, G)]
+
+
+def _ref_batch(B, D, dtype, seed=1):
+    """DiVE reference batch (fi, ft, pi, pt) rounded to dtype and a float32 centre [D]."""
+    g = torch.Generator().manual_seed(seed)
+    pi, pt = _unit(g, B, D), _unit(g, B, D)
+    fi = F.normalize(pi + 0.2 * _unit(g, B, D), dim=1)
+    ft = F.normalize(pt + 0.2 * _unit(g, B, D), dim=1)
+    center = (0.05 * torch.randn(D, generator=g, dtype=torch.float64)).float().to(DEVICE)
+    return [x.to(dtype).to(DEVICE) for x in (fi, ft, pi, pt)] + [center]
+
+
+# ----------------------------------------------------------------------------- formulas
+def _dive_formula(fi, ft, pi, pt, center):
+    """METHODS.md section 4, float64: (AVL, PVL, diff_mean)."""
+    u, v, m = fi - pi, ft - pt, center
+    avl = ((u - m).pow(2).sum(1) + (v - m).pow(2).sum(1)).mean()
+    pvl = (u - v).pow(2).sum(1).mean()
+    return avl, pvl, ((u + v) / 2).mean(0)
+
+
+def _lipsum_formula(F_, F0, G, s0):
+    """METHODS.md section 5, float64: R = |s0 (F - F0) G^T|_F^2 / (2 K B)."""
+    V = s0 * (F_ - F0) @ G.T
+    return V.pow(2).sum() / (2 * G.shape[0] * F_.shape[0])
+
+
+def _step_formula(with_m2, with_clip, with_lipsum, with_dive, batch, refs, dd=torch.float64):
+    """The five terms of a step in float64 (absent ones 0), the lse [4, n] of the present
+    tiles (0 elsewhere), diff_mean, and the gradients of sum_i GRADS[i] terms[i] with respect
+    to (image, text, clip_scale, m2_scale, ref_image_ft, ref_text_ft). dd = float32: the same
+    in plain float32 eager PyTorch, the baseline of the tolerance."""
+    I, T, P, G = (x.detach().cpu().to(dd) for x in batch)
+    I.requires_grad_()
+    T.requires_grad_()
+    s_c = torch.tensor(CLIP_SCALE, dtype=dd, requires_grad=True)
+    s_m = torch.tensor(M2_SCALE, dtype=dd, requires_grad=True)
+    lam = torch.tensor(LAM, dtype=dd)
+    fi, ft, pi, pt, c = (x.detach().cpu().to(dd) for x in refs)
+    fi.requires_grad_()
+    ft.requires_grad_()
+    zero = torch.zeros((), dtype=dd)
+    n = I.shape[0]
+    terms = [zero] * 5
+    lse = torch.zeros(4, n, dtype=dd)
+    if with_clip:
+        terms[0] = reference.clip_loss(I, T, s_c, zero)
+        with torch.no_grad():
+            C = s_c * I @ T.T
+            lse[2], lse[3] = torch.logsumexp(C, 1), torch.logsumexp(C, 0)
+    if with_m2:
+        terms[1] = reference.m2mix_loss(I, T, s_m, lam)
+        with torch.no_grad():
+            A, B = reference._m2_logits(I, T, s_m, lam)
+            lse[0], lse[1] = torch.logsumexp(A, 1), torch.logsumexp(B, 1)
+    if with_lipsum:
+        terms[2] = _lipsum_formula(I, P, G, torch.tensor(LIP_SCALE, dtype=dd))
+    diff_mean = torch.zeros(0, dtype=dd)
+    if with_dive:
+        terms[3], terms[4], diff_mean = _dive_formula(fi, ft, pi, pt, c)
+    total = sum(g * t for g, t in zip(GRADS, terms))
+    wrt = [I, T, s_c, s_m, fi, ft]
+    if total.requires_grad:
+        grads = torch.autograd.grad(total, wrt, allow_unused=True)
+    else:
+        grads = [None] * 6
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, wrt)]
+    return [t.detach() for t in terms], lse, diff_mean.detach(), grads
+
+
+def _step_args(with_m2, with_clip, with_lipsum, with_dive, batch, refs):
+    I, T, P, G = batch
+    lip = (P, G) if with_lipsum else (None, None)
+    dive = tuple(refs) if with_dive else (None,) * 5
+    return (I, T, _f32(CLIP_SCALE), _f32(M2_SCALE), _f32(LAM), with_m2, with_clip, *lip,
+            _f32(LIP_SCALE), *dive)
+
+
+def _close_loss(x, ref, bound, what):
+    # Losses are compared relative to max(|loss|, 1): the lse - positive-logit terms carry an
+    # absolute rounding error of a few ulp of the logits (tests/test_triton_m2mix.py).
+    assert torch.isfinite(x).all(), f"{what}: non-finite values"
+    err = rel_err(x, ref, floor=1.0)
+    assert err <= bound, f"{what}: error {err:.3g} (relative to max(|ref|, 1)) > {bound:.3g}"
+
+
+def _check_step(flags, n, D, K, B, dtype, seed=0):
+    with_m2, with_clip, with_lipsum, with_dive = flags
+    batch = _batch(n, D, K, dtype, seed)
+    refs = _ref_batch(B, D, dtype, seed + 1)
+    args = _step_args(*flags, batch, refs)
+    terms, diff_mean, lse = ops.robust_step_fwd(*args)
+    g = torch.tensor(GRADS, dtype=torch.float32, device=DEVICE)
+    grads = ops.robust_step_bwd(g, *args, lse)
+    r_terms, r_lse, r_diff, r_grads = _step_formula(*flags, batch, refs)
+    # The bound of each output: the dtype's tolerance, or LOWP_FACTOR times the error of the
+    # plain float32 eager computation where that is larger (as tests/test_triton_m2mix.py:
+    # the m^2 gradients are ill-conditioned at these scales, eager float32 misses 5e-5 too).
+    e_terms, _, _, e_grads = _step_formula(*flags, batch, refs, dd=torch.float32)
+    tag = f"flags={flags} n={n} D={D} K={K} B'={B} {dtype}"
+    tol = TOLERANCE[dtype]
+
+    def bound(eager, ref, floor=1e-3):
+        return max(tol, LOWP_FACTOR * rel_err(eager, ref, floor))
+
+    # Contract: shapes and dtypes as csrc/step_ops.h.
+    # Without m^2, CLIP and Lipsum the training batch is not read: it counts as n = 0.
+    n_used = n if (with_m2 or with_clip or with_lipsum) else 0
+    assert terms.shape == (5,) and terms.dtype == torch.float32
+    assert diff_mean.dtype == torch.float32 and diff_mean.shape == ((D,) if with_dive else (0,))
+    assert lse.dtype == torch.float32 and lse.shape == (4, n_used)
+    shapes = [(n_used, D), (n_used, D), (), (), (B, D) if with_dive else (0, D),
+              (B, D) if with_dive else (0, D)]
+    dts = [dtype, dtype, torch.float32, torch.float32, dtype, dtype]
+    for i, (x, shp, dt) in enumerate(zip(grads, shapes, dts)):
+        assert x.shape == shp and x.dtype == dt, f"{tag} output {i}: {x.shape} {x.dtype}"
+    if n_used == 0:
+        r_lse = r_lse[:, :0]
+        r_grads[0], r_grads[1] = r_grads[0][:0], r_grads[1][:0]
+
+    present = (with_clip, with_m2, with_lipsum, with_dive, with_dive)
+    for i, name in enumerate(TERMS):
+        if present[i]:
+            _close_loss(terms[i], r_terms[i], bound(e_terms[i], r_terms[i], 1.0),
+                        f"{tag} term {name}")
+        else:
+            assert terms[i].item() == 0.0, f"{tag} absent term {name}"
+    if n_used:
+        assert_close_rel(lse, r_lse, tol, f"{tag} lse")
+    if not with_m2:
+        assert not lse[:2].any()
+    if not with_clip:
+        assert not lse[2:].any()
+    if with_dive:
+        assert_close_rel(diff_mean, r_diff, tol, f"{tag} diff_mean")
+    names = ("grad_image", "grad_text", "grad_clip_scale", "grad_m2_scale",
+             "grad_ref_image_ft", "grad_ref_text_ft")
+    for name, x, r, e in zip(names, grads, r_grads, e_grads):
+        if x.numel() == 0:
+            continue
+        if not r.abs().max() > 0:  # terms absent: exactly zero
+            assert not x.any(), f"{tag} {name} should be 0"
+            continue
+        assert_close_rel(x, r, bound(e[:x.shape[0]] if x.dim() else e, r), f"{tag} {name}")
+
+
+# ----------------------------------------------------------------------------- DiVE
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("B,D", [(1, 5), (5, 33), (17, 5), (5, 1)])
+def test_dive_matches_formula(B, D, dtype):
+    fi, ft, pi, pt, c = _ref_batch(B, D, dtype)
+    avl, pvl, dm = ops.dive_fwd(fi, ft, pi, pt, c)
+    ga, gp = _f32(0.4), _f32(1.1)
+    gfi, gft = ops.dive_bwd(ga, gp, fi, ft, pi, pt, c)
+    assert avl.dtype == pvl.dtype == dm.dtype == torch.float32
+    assert avl.shape == pvl.shape == () and dm.shape == (D,)
+    assert gfi.dtype == gft.dtype == dtype and gfi.shape == gft.shape == (B, D)
+    x = [t.detach().double().cpu().requires_grad_() for t in (fi, ft)]
+    r_avl, r_pvl, r_dm = _dive_formula(*x, pi.double().cpu(), pt.double().cpu(), c.double().cpu())
+    r_gfi, r_gft = torch.autograd.grad(0.4 * r_avl + 1.1 * r_pvl, x)
+    tol = TOLERANCE[dtype]
+    tag = f"B'={B} D={D} {dtype}"
+    assert_close_rel(avl, r_avl, tol, f"{tag} avl")
+    assert_close_rel(pvl, r_pvl, tol, f"{tag} pvl")
+    assert_close_rel(dm, r_dm.detach(), tol, f"{tag} diff_mean")
+    assert_close_rel(gfi, r_gfi, tol, f"{tag} grad_image_ft")
+    assert_close_rel(gft, r_gft, tol, f"{tag} grad_text_ft")
+    # METHODS.md's closed form of the gradients (m constant).
+    u, v = (fi - pi).double().cpu(), (ft - pt).double().cpu()
+    m = c.double().cpu()
+    assert_close_rel(gfi, 2 / B * (0.4 * (u - m) + 1.1 * (u - v)), tol, f"{tag} du")
+    assert_close_rel(gft, 2 / B * (0.4 * (v - m) - 1.1 * (u - v)), tol, f"{tag} dv")
+
+
+# ----------------------------------------------------------------------------- Lipsum-FT
+LIPSUM_CASES = [(1, 1, 5), (3, 7, 33), (17, 80, 5), (17, 7, 33), (3, 80, 33)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("n,K,D", LIPSUM_CASES)
+def test_lipsum_matches_formula(n, K, D, dtype):
+    if dtype != torch.float32 and (n, K, D) not in ((17, 80, 5), (3, 7, 33)):
+        pytest.skip("16-bit inputs: two shapes suffice (the interpreter is slow)")
+    I, _, P, G = _batch(n, D, K, dtype)
+    s0 = _f32(LIP_SCALE)
+    r = ops.lipsum_fwd(I, P, G, s0)
+    gI = ops.lipsum_bwd(_f32(0.9), I, P, G, s0)
+    assert r.dtype == torch.float32 and r.shape == ()
+    assert gI.dtype == dtype and gI.shape == (n, D)
+    x = I.detach().double().cpu().requires_grad_()
+    ref = _lipsum_formula(x, P.double().cpu(), G.double().cpu(), torch.tensor(LIP_SCALE).double())
+    (r_g,) = torch.autograd.grad(0.9 * ref, [x])
+    tol = TOLERANCE[dtype]
+    tag = f"n={n} K={K} D={D} {dtype}"
+    assert_close_rel(r, ref, tol, f"{tag} lipsum")
+    assert_close_rel(gI, r_g, tol, f"{tag} grad_image_ft")
+    # METHODS.md's closed form: dF = g s0 V G / (K B).
+    V = LIP_SCALE * (I.double() - P.double()).cpu() @ G.double().cpu().T
+    assert_close_rel(gI, 0.9 * LIP_SCALE * V @ G.double().cpu() / (K * n), tol, f"{tag} dF")
+
+
+# ----------------------------------------------------------------------------- the step
+ALL_FLAGS = [f for f in itertools.product((False, True), repeat=4) if any(f)]
+
+
+def _flag_id(f):
+    return "+".join(name for name, on in zip(("m2", "clip", "lipsum", "dive"), f) if on)
+
+
+@pytest.mark.parametrize("flags", ALL_FLAGS, ids=[_flag_id(f) for f in ALL_FLAGS])
+def test_robust_step_every_combination(flags):
+    # Every combination of enabled terms: the sum of the separate formulas.
+    _check_step(flags, 17, 33, 7, 5, torch.float32)
+
+
+STEP_SHAPES = [(1, 5, 1, 1), (3, 5, 80, 5), (3, 33, 1, 1), (17, 5, 80, 1)]
+
+
+@pytest.mark.parametrize("n,D,K,B", STEP_SHAPES)
+def test_robust_step_odd_shapes(n, D, K, B):
+    _check_step((True, True, True, True), n, D, K, B, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("flags,n,D,K,B", [((True, True, True, True), 17, 33, 7, 5),
+                                           ((True, False, True, True), 3, 5, 80, 1),
+                                           ((False, True, True, False), 17, 5, 7, 5)])
+def test_robust_step_low_precision(flags, n, D, K, B, dtype):
+    _check_step(flags, n, D, K, B, dtype)
+
+
+def test_robust_step_equals_separate_ops():
+    # fused step == the separate ops of each term (which are the same kernels with the other
+    # terms switched off): terms and gradients agree to float32 rounding.
+    batch = _batch(17, 33, 7, torch.float32)
+    refs = _ref_batch(5, 33, torch.float32)
+    I, T, P, G = batch
+    args = _step_args(True, True, True, True, batch, refs)
+    terms, diff_mean, lse = ops.robust_step_fwd(*args)
+    g = torch.tensor(GRADS, device=DEVICE)
+    gI, gT, gsc, gsm, gfi, gft = ops.robust_step_bwd(g, *args, lse)
+    s_c, s_m, lam, s_l = _f32(CLIP_SCALE), _f32(M2_SCALE), _f32(LAM), _f32(LIP_SCALE)
+    m2, clip, lse_m = ops.m2mix_fwd(I, T, s_m, lam, s_c, True)
+    lip = ops.lipsum_fwd(I, P, G, s_l)
+    avl, pvl, dm = ops.dive_fwd(*refs)
+    close = dict(rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(terms, torch.stack([clip, m2, lip, avl, pvl]), **close)
+    torch.testing.assert_close(lse, lse_m, **close)
+    torch.testing.assert_close(diff_mean, dm, **close)
+    mI, mT, msm, msc = ops.m2mix_bwd(g[1], g[0], I, T, s_m, lam, s_c, lse_m, True)
+    lI = ops.lipsum_bwd(g[2], I, P, G, s_l)
+    dfi, dft = ops.dive_bwd(g[3], g[4], *refs)
+    torch.testing.assert_close(gI, mI + lI, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gT, mT, **close)
+    torch.testing.assert_close(gsc, msc, **close)
+    torch.testing.assert_close(gsm, msm, **close)
+    torch.testing.assert_close(gfi, dfi, **close)
+    torch.testing.assert_close(gft, dft, **close)
+
+
+def test_robust_step_dive_only_ignores_batch():
+    # Without m^2, CLIP and Lipsum the training batch is not read (csrc/step_ops.h): empty
+    # image / text are fine, the image / text gradients are [0, D].
+    refs = _ref_batch(5, 33, torch.float16)
+    empty = torch.empty(0, device=DEVICE)
+    args = (empty, empty, _f32(CLIP_SCALE), _f32(M2_SCALE), _f32(LAM), False, False, None,
+            None, _f32(LIP_SCALE), *refs)
+    terms, dm, lse = ops.robust_step_fwd(*args)
+    assert lse.shape == (4, 0) and dm.shape == (33,)
+    avl, pvl, dm2 = ops.dive_fwd(*refs)
+    assert torch.equal(terms, torch.stack([avl * 0, avl * 0, avl * 0, avl, pvl]))
+    assert torch.equal(dm, dm2)
+    g = torch.tensor(GRADS, device=DEVICE)
+    gI, gT, gsc, gsm, gfi, gft = ops.robust_step_bwd(g, *args, lse)
+    assert gI.shape == gT.shape == (0, 33) and gI.dtype == torch.float16
+    assert gsc.item() == 0.0 and gsm.item() == 0.0
+    dfi, dft = ops.dive_bwd(g[3], g[4], *refs)
+    assert torch.equal(gfi, dfi) and torch.equal(gft, dft)
+
+
+# ----------------------------------------------------------------------------- contract
+def test_deterministic():
+    batch = _batch(40, 33, 20, torch.float32)
+    refs = _ref_batch(40, 33, torch.float32)  # B' = 40: three DiVE programs
+    args = _step_args(True, True, True, True, batch, refs)
+    g = torch.tensor(GRADS, device=DEVICE)
+    first = ops.robust_step_fwd(*args)
+    first = list(first) + list(ops.robust_step_bwd(g, *args, first[2]))
+    second = ops.robust_step_fwd(*args)
+    second = list(second) + list(ops.robust_step_bwd(g, *args, second[2]))
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_inputs_not_written():
+    batch = _batch(17, 5, 7, torch.float32)
+    refs = _ref_batch(5, 5, torch.float32)
+    args = _step_args(True, True, True, True, batch, refs)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    before = [x.clone() for x in tensors]
+    _, _, lse = ops.robust_step_fwd(*args)
+    ops.robust_step_bwd(torch.tensor(GRADS, device=DEVICE), *args, lse)
+    for x, y in zip(tensors, before):
+        assert torch.equal(x, y)
+
+
+def test_noncontiguous_inputs():
+    batch = _batch(17, 5, 7, torch.float32)
+    refs = _ref_batch(5, 5, torch.float32)
+
+    def strided(x):
+        base = torch.zeros(x.shape[0], 2 * x.shape[1], device=DEVICE, dtype=x.dtype)
+        base[:, ::2] = x
+        return base[:, ::2]
+
+    args = _step_args(True, True, True, True, batch, refs)
+    sargs = _step_args(True, True, True, True, [strided(x) for x in batch],
+                       [strided(x) for x in refs[:4]] + [refs[4]])
+    assert not sargs[0].is_contiguous()
+    g = torch.tensor(GRADS, device=DEVICE)
+    want = list(ops.robust_step_fwd(*args))
+    got = list(ops.robust_step_fwd(*sargs))
+    want += list(ops.robust_step_bwd(g, *args, want[2]))
+    got += list(ops.robust_step_bwd(g, *sargs, got[2]))
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("n,D,K", [(48, 5, 64), (96, 17, 100)])  # one-chunk and chunked
+def test_no_n_by_n_or_n_by_k_buffers(n, D, K):
+    # Record every float tensor the op bodies create (kernels launched directly, as in eager
+    # mode): nothing may approach n x n or n x K.
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Record(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out):
+                # (Float tensors only: the interpreter's host copies of the kernel
+                # arguments are byte tensors of the arguments' size.)
+                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+                    Record.largest = max(Record.largest, x.numel())
+            return out
+
+    batch = _batch(n, D, K, torch.float32)
+    refs = _ref_batch(5, D, torch.float32)
+    args = _step_args(True, True, True, True, batch, refs)
+    g = torch.tensor(GRADS, device=DEVICE)
+    with Record(), set_wrap_triton_enabled(False):
+        _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
+        tb.step_ops.robust_step_bwd._init_fn(g, *args, lse)
+    # Inputs themselves are K x D (G); the largest buffer may be that or n x D.
+    assert 0 < Record.largest <= max(4 * n, n * D, K * D) < min(n * n, n * K) // 4
+
+
+def test_argument_checks():
+    I, T, P, G = _batch(3, 5, 7, torch.float32)
+    fi, ft, pi, pt, c = _ref_batch(2, 5, torch.float32)
+    s = _f32(1.0)
+    g = torch.ones(5, device=DEVICE)
+
+    def step(**kw):
+        a = dict(image=I, text=T, clip_scale=s, m2_scale=s, lam=s, with_m2=False,
+                 with_clip=False, image_pre=None, lipsum_texts=None, lipsum_scale=s,
+                 ref_image_ft=None, ref_text_ft=None, ref_image_pre=None, ref_text_pre=None,
+                 center=None)
+        a.update(kw)
+        return ops.robust_step_fwd(*a.values())
+
+    with pytest.raises(RuntimeError, match="no term"):
+        step()
+    with pytest.raises(RuntimeError, match="Lipsum needs both"):
+        step(image_pre=P)
+    with pytest.raises(RuntimeError, match="lipsum_texts"):  # wrong D
+        step(image_pre=P, lipsum_texts=G[:, :4].contiguous())
+    with pytest.raises(RuntimeError, match="image and image_pre"):
+        step(image_pre=P[:2].contiguous(), lipsum_texts=G)
+    with pytest.raises(RuntimeError, match="lipsum_scale"):
+        step(image_pre=P, lipsum_texts=G, lipsum_scale=s.double())
+    with pytest.raises(RuntimeError, match="DiVE needs"):
+        step(ref_image_ft=fi, ref_text_ft=ft, ref_image_pre=pi, ref_text_pre=pt)
+    with pytest.raises(RuntimeError, match="center"):
+        ops.dive_fwd(fi, ft, pi, pt, c.double())
+    with pytest.raises(RuntimeError, match="center"):
+        ops.dive_fwd(fi, ft, pi, pt, c[:4])
+    with pytest.raises(RuntimeError, match="ref_image_ft and ref_text_ft"):
+        ops.dive_fwd(fi, ft[:1].contiguous(), pi, pt, c)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.dive_fwd(fi.double(), ft.double(), pi.double(), pt.double(), c)
+    with pytest.raises(RuntimeError, match="training batch"):  # DiVE dtype != batch dtype
+        step(with_clip=True, ref_image_ft=fi.half(), ref_text_ft=ft.half(),
+             ref_image_pre=pi.half(), ref_text_pre=pt.half(), center=c)
+    with pytest.raises(RuntimeError, match="lam"):
+        step(with_m2=True, lam=s.reshape(1))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.lipsum_fwd(I.double(), P.double(), G.double(), s)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.lipsum_fwd(I, P, G, s.double())
+    with pytest.raises(RuntimeError, match="image and text"):
+        step(with_clip=True, text=T[:2].contiguous())
+    args = (I, T, s, s, s, True, False, None, None, s, None, None, None, None, None)
+    _, _, lse = ops.robust_step_fwd(*args)
+    with pytest.raises(RuntimeError, match="grad_terms"):
+        ops.robust_step_bwd(g[:4], *args, lse)
+    with pytest.raises(RuntimeError, match="statistics"):
+        ops.robust_step_bwd(g, *args, lse[:2])
+
+
+SCHEMAS = {
+    "dive_fwd": "Tensor image_ft, Tensor text_ft, Tensor image_pre, Tensor text_pre, "
+                "Tensor center) -> (Tensor, Tensor, Tensor)",
+    "dive_bwd": "Tensor grad_avl, Tensor grad_pvl, Tensor image_ft, Tensor text_ft, "
+                "Tensor image_pre, Tensor text_pre, Tensor center) -> (Tensor, Tensor)",
+    "lipsum_fwd": "Tensor image_ft, Tensor image_pre, Tensor texts, Tensor scale) -> Tensor",
+    "lipsum_bwd": "Tensor grad_loss, Tensor image_ft, Tensor image_pre, Tensor texts, "
+                  "Tensor scale) -> Tensor",
+    "robust_step_fwd": "Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
+                       "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
+                       "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, "
+                       "Tensor? ref_text_ft, Tensor? ref_image_pre, Tensor? ref_text_pre, "
+                       "Tensor? center) -> (Tensor, Tensor, Tensor)",
+    "robust_step_bwd": "Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
+                       "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, "
+                       "Tensor? image_pre, Tensor? lipsum_texts, Tensor lipsum_scale, "
+                       "Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
+                       "Tensor? ref_text_pre, Tensor? center, Tensor lse) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+}
+
+
+def test_schemas_match_native():
+    # The schemas of csrc/schemas.cpp, written out; and the native ones where built.
+    for name, args in SCHEMAS.items():
+        assert str(getattr(ops, name).default._schema) == f"robustft_triton::{name}({args}"
+        native = getattr(torch.ops.robustft_ext, name, None)
+        if native is not None:
+            assert str(native.default._schema) == f"robustft_ext::{name}({args}"
+
+
+def _opcheck_args():
+    batch = _batch(5, 7, 3, torch.float32)
+    refs = _ref_batch(3, 7, torch.float32)
+    lbatch = _batch(3, 5, 2, torch.bfloat16, seed=1)
+    lrefs = _ref_batch(2, 5, torch.bfloat16, seed=2)
+    I, T, P, G = batch
+    g = torch.tensor(GRADS, device=DEVICE)
+    full = _step_args(True, True, True, True, batch, refs)
+    _, _, lse_full = ops.robust_step_fwd(*full)
+    part = _step_args(False, True, True, False, lbatch, lrefs)  # None arguments
+    _, _, lse_part = ops.robust_step_fwd(*part)
+    dive = _step_args(False, False, False, True, lbatch, lrefs)
+    _, _, lse_dive = ops.robust_step_fwd(*dive)
+    s = _f32(LIP_SCALE)
+    return {
+        "dive_fwd": [tuple(refs), tuple(lrefs)],
+        "dive_bwd": [(g[3], g[4], *refs), (g[3], g[4], *lrefs)],
+        "lipsum_fwd": [(I, P, G, s), (lbatch[0], lbatch[2], lbatch[3], s)],
+        "lipsum_bwd": [(g[2], I, P, G, s)],
+        "robust_step_fwd": [full, part, dive],
+        "robust_step_bwd": [(g, *full, lse_full), (g, *part, lse_part), (g, *dive, lse_dive)],
+    }
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_opcheck(name):
+    for args in _opcheck_args()[name]:
+        torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_compile_fullgraph_aot_eager():
+    # Dynamo + AOTAutograd functionalisation of the triton_ops (None arguments included),
+    # executed eagerly.
+    def f(I, T, P, G, fi, ft, pi, pt, c, s_c, s_m, lam, s_l, g):
+        full = (I, T, s_c, s_m, lam, True, True, P, G, s_l, fi, ft, pi, pt, c)
+        terms, dm, lse = ops.robust_step_fwd(*full)
+        gi, gt, gsc, gsm, gfi, gft = ops.robust_step_bwd(g, *full, lse)
+        part = (I, T, s_c, s_m, lam, False, True, None, None, s_l, None, None, None, None, None)
+        terms2, _, lse2 = ops.robust_step_fwd(*part)
+        gi2, gt2, _, _, _, _ = ops.robust_step_bwd(g, *part, lse2)
+        lip = ops.lipsum_fwd(I, P, G, s_l)
+        gl = ops.lipsum_bwd(g[2], I, P, G, s_l)
+        avl, pvl, dm3 = ops.dive_fwd(fi, ft, pi, pt, c)
+        da, db = ops.dive_bwd(g[3], g[4], fi, ft, pi, pt, c)
+        return (terms + terms2, dm * 2 + dm3, lse + lse2, gi + gi2 + gl, gt + gt2, gsc + gsm,
+                gfi + da, gft + db, lip + avl * pvl)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for n in (5, 9):  # the second size reuses the dynamic-shape graph
+        batch = _batch(n, 7, 3, torch.float32, seed=n)
+        refs = _ref_batch(n - 2, 7, torch.float32, seed=n)
+        args = [*batch, *refs, _f32(CLIP_SCALE), _f32(M2_SCALE), _f32(LAM), _f32(LIP_SCALE),
+                torch.tensor(GRADS, device=DEVICE)]
+        versions = [x._version for x in args]
+        for x, y in zip(compiled(*args), f(*args)):
+            torch.testing.assert_close(x, y)
+        assert [x._version for x in args] == versions  # the ops must not write their inputs
+
+
+# ----------------------------------------------------------------------------- native
+def _native_or_skip(name):
+    import robustft_ext  # noqa: F401  (loads the extension, if built)
+
+    op = getattr(torch.ops.robustft_ext, name, None)
+    if op is None:
+        pytest.skip(f"torch.ops.robustft_ext.{name} does not exist in this build of the "
+                    "extension (not rebuilt since the step ops were added)")
+    return op
+
+
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, True, True, False),
+                                   (True, False, False, True), (False, False, True, False),
+                                   (False, False, False, True)],
+                         ids=lambda f: _flag_id(f))
+def test_matches_native(flags):
+    # fused_ops("triton") and fused_ops("native") are interchangeable: same outputs, shapes
+    # and dtypes (native on CPU copies of the inputs).
+    _native_or_skip("robust_step_fwd")
+    nat = torch.ops.robustft_ext
+    batch = _batch(17, 33, 7, torch.float32)
+    refs = _ref_batch(5, 33, torch.float32)
+    args = _step_args(*flags, batch, refs)
+    cpu = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    g = torch.tensor(GRADS)
+    t_fwd = ops.robust_step_fwd(*args)
+    n_fwd = nat.robust_step_fwd(*cpu)
+    t_bwd = ops.robust_step_bwd(g.to(DEVICE), *args, t_fwd[2])
+    n_bwd = nat.robust_step_bwd(g, *cpu, n_fwd[2])
+    for x, y in zip(list(t_fwd) + list(t_bwd), list(n_fwd) + list(n_bwd)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y, rtol=5e-5, atol=5e-6)
+
+
+def test_separate_ops_match_native():
+    _native_or_skip("dive_fwd")
+    _native_or_skip("lipsum_fwd")
+    nat = torch.ops.robustft_ext
+    I, _, P, G = _batch(17, 33, 80, torch.float32)
+    refs = _ref_batch(5, 33, torch.float32)
+    s, g = _f32(LIP_SCALE), _f32(0.9)
+    pairs = [
+        (ops.lipsum_fwd(I, P, G, s), nat.lipsum_fwd(I.cpu(), P.cpu(), G.cpu(), s.cpu())),
+        (ops.lipsum_bwd(g, I, P, G, s),
+         nat.lipsum_bwd(g.cpu(), I.cpu(), P.cpu(), G.cpu(), s.cpu())),
+    ]
+    pairs += list(zip(ops.dive_fwd(*refs), nat.dive_fwd(*(x.cpu() for x in refs))))
+    pairs += list(zip(ops.dive_bwd(g, g * 2, *refs),
+                      nat.dive_bwd(g.cpu(), g.cpu() * 2, *(x.cpu() for x in refs))))
+    for x, y in pairs:
+        assert x.shape == y.shape and x.dtype == y.dtype
+        torch.testing.assert_close(x.cpu(), y, rtol=5e-5, atol=5e-6)
