@@ -13,25 +13,28 @@
 // of owner rows against a range of BN-column streamed tiles (64 x 64 tiles, 4 x 4 register
 // micro-tiles, fp32 accumulation; 32 x 32 and fp64 for double), column splits over
 // gridDim.y for small n.
-//  * m2mix_lse (one pass): per step, the two or three dot tiles I_p.M_q, T_p.M_q (and with
-//    clip I_p.T_q) come from one K loop over D that loads the four operand slabs once
-//    (tile_dots_multi; 48 FMAs per four 16-byte shared loads). The true pair diag[p]
-//    replaces A_pp and B_pp inside the tile; the row LSEs of A, B (and C) are streamed
-//    (push_tile_rows); with clip the column LSE of C is merged across CTAs through the
-//    packed 64-bit atomicCAS state of clip_lse (merge_tile_col_states). For double inputs
-//    (no 128-bit CAS on sm_80) the column LSE of C is instead the row LSE of C^T, a second
-//    pass of the contrastive clip_lse_kernel over (T, I) with bias 0.
+//  * m2mix_lse (one pass): per step, the A and B dot tiles I_p.M_q and T_p.M_q come from
+//    one K loop over D that loads the slabs of I, T and M once (tile_dots_multi: 32 FMAs
+//    per three 16-byte shared loads); with clip, C = I_p.T_q from a second K loop (a
+//    third live tile would spill). The true pair diag[p] replaces A_pp and B_pp inside
+//    the tile; the row LSEs of A, B (and C) are streamed (push_tile_rows); with clip the
+//    column LSE of C is merged across CTAs through the packed 64-bit atomicCAS state of
+//    clip_lse (merge_tile_col_states). For double inputs (no 128-bit CAS on sm_80) the
+//    column LSE of C is instead the row LSE of C^T, a second pass of the contrastive
+//    clip_lse_kernel over (T, I) with bias 0.
 //  * m2mix_grad_rows (owner p, streams q) and m2mix_grad_cols (owner q, streams p) are one
-//    kernel template in a row and a column view (M2Pairs): recompute the dot tiles, form
-//    the dlogits in registers with maths::clip_dlogit (A, B diagonal excluded, padded
-//    entries 0), then for each pair k: the dS tile to shared memory and the GEMM
-//    out_row(k) (+)= scale_k dS_k @ Y_col(k) over D in BD-wide chunks
-//    (accumulate_dS_rows). Deterministic: each output element is always updated by the
-//    same thread of the owning CTA; with several splits each split writes its own slice
-//    of a [splits, n, D] buffer, summed by at::sum_out. The scalar-gradient sums (stats)
-//    are per-CTA double partials, summed on the device.
-//    Shared memory (float): operand slabs (4 x 4.3 KB) unioned with the GEMM's Y chunk
-//    (17 KB), plus one dS tile (17 KB), about 35 KB, so two CTAs fit on an SM.
+//    kernel template in a row and a column view (M2Pairs). Pair after pair (A, B, C),
+//    a streaming loop over the split's tiles recomputes the pair's dot tile, forms the
+//    dlogits with maths::clip_dlogit (A, B diagonal excluded, padded entries 0), puts the
+//    dS tile in shared memory and runs the GEMM out_row(k) (+)= scale_k dS_k @ Y_col(k)
+//    over D in BD-wide chunks (accumulate_dS_rows). Deterministic: each output element is
+//    always updated by the same thread of the owning CTA; with several splits each split
+//    writes its own slice of a [splits, n, D] buffer, summed by at::sum_out. The
+//    scalar-gradient sums (stats) are per-thread double sums in shared memory, reduced
+//    per CTA into double partials and summed on the device.
+//    Shared memory (float): the two operand slabs (2 x 4.3 KB) unioned with the GEMM's Y
+//    chunk (17 KB), one dS tile (17 KB), the owner rows' LSE and, in the row view, the
+//    per-thread stats (4 KB): 35-39 KB, so two CTAs fit on an SM.
 // What would be tuned on a GPU (none was available when this was written): BK, the
 // micro-tile shape and double buffering of the slabs; tensor cores (mma.sync / wgmma)
 // for the fp16 / bf16 inputs; merging the row view's two GEMMs into grad_I (A @ M and

@@ -47,7 +47,10 @@ struct M2Pairs {
 
 // ---------------------------------------------------------------------------------
 // Forward: the row log-sum-exps of A, B (and C) and, with kColStats, the column
-// log-sum-exp of C, in one pass over the tiles.
+// log-sum-exp of C, in one pass over the tiles. Per step, the A and B tiles come from one
+// K loop over the slabs of I, T and M (tile_dots_multi); with clip, the C tile from a
+// second K loop over I and T (three live dot tiles beside the row states would exceed
+// the 128 registers of two CTAs per SM).
 // grid = (row blocks, column splits). For each valid row p of this block and each
 // streamed matrix k (A, B, C), writes row_part[k][split][p] = (m, l), the online LSE
 // state of row p over this split's columns. kColStats (with clip, float accumulation
@@ -158,14 +161,14 @@ __global__ void __launch_bounds__(kThreads, 2)
 // stats_part[2 cta] = sum dA <I_p, M_q> + dB <T_p, M_q> (off the diagonal), and
 // stats_part[2 cta + 1] = sum dC <I_p, T_q>, over the CTA's entries.
 //
-// Per streamed tile, pair after pair: the dot tile (tile_dots) -> its dlogits in
-// registers (padded and A / B diagonal entries 0) -> the dS tile to shared memory
-// (transposed) -> the GEMM into out_row(k) (accumulate_dS_rows). The pairs are done one
-// at a time, not from one shared K loop as in the forward: the GEMM needs its 4 x 4
-// output accumulators live, and holding the other pairs' dS tiles in registers
-// meanwhile spills (the contrastive grad_rows_kernel already uses ~128 registers).
-// The slabs of the dot tile and the Y chunk of the GEMM are never live together, so
-// they share shared memory.
+// Pair after pair (A, B, then C), each a streaming loop over this split's tiles: the dot
+// tile (tile_dots) -> its dlogits in registers (padded and A / B diagonal entries 0) ->
+// the dS tile to shared memory (transposed) -> the GEMM into out_row(k)
+// (accumulate_dS_rows). The pairs do not share one K loop as in the forward: the GEMM
+// needs its 4 x 4 output accumulators live, and other pairs' dot or dS tiles held in
+// registers meanwhile spill (the contrastive grad_rows_kernel already uses ~128
+// registers). The slabs of the dot tile and the Y chunk of the GEMM are never live
+// together, so they share shared memory.
 template <typename acc_t>
 union M2GradSmem {
   struct {
@@ -215,9 +218,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = 0; i < T::TM; ++i) row_ok[i] = row0 + ty * T::TM + i < n;
 
   // Pairs outside, tiles inside: K streaming loops one after the other, each shaped like
-  // the contrastive grad_rows_kernel (the pairs interleaved inside one tile loop left
-  // the compiler long live ranges across them, and spills).
-#pragma unroll
+  // the contrastive grad_rows_kernel. Register pressure decided this layout: the kernel
+  // sits at the 128 registers of two CTAs per SM, and with the pairs interleaved inside
+  // one tile loop, or this loop unrolled, ptxas kept values live across pairs and spilled.
+#pragma unroll 1
   for (int k = 0; k < Pairs::kPairs; ++k) {
     const scalar_t* const X = Pairs::row(k) == 0 ? x0 : Tx;
     const scalar_t* const Y = Pairs::col(k) == 0 ? y0 : Tx;
