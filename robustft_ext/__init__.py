@@ -8,12 +8,15 @@ from .backends import BackendUnavailableError, available_backends
 from .functional import clip_loss, clip_m2mix_loss, clip_rows_loss, m2mix_loss, siglip_loss, slerp
 from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
+from .regularisers import DiVELoss, LipsumLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "ClipLoss",
+    "DiVELoss",
+    "LipsumLoss",
     "M2MixLoss",
     "SigLipLoss",
     "available_backends",
