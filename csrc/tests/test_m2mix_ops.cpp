@@ -1,0 +1,199 @@
+// The m^2-mix maths (maths::slerp_weights) against long double closed forms, and the fused
+// CPU ops (slerp, slerp_bwd, m2mix_fwd, m2mix_bwd) through the dispatcher against direct
+// libtorch formulas in double (explicit mixing, full logit matrices, at::log_softmax), with
+// gradients from torch::autograd. Sizes include n beyond the CPU row block (512) and column
+// tile (1024).
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "harness.h"
+#include "robustft_maths.h"
+
+namespace {
+
+namespace mx = ::robustft::maths;
+using at::Tensor;
+using rft_test::add_case;
+using rft_test::cat;
+
+// ---- maths::slerp_weights ------------------------------------------------------------
+// sin(l theta) / sin(theta) in long double, and its c-derivative by a central difference in c.
+long double weight_ld(long double l, long double c) {
+  const long double t = std::acos(c);
+  return std::sin(l * t) / std::sin(t);
+}
+
+template <typename T>
+void check_weights_closed_form() {
+  const T tol = sizeof(T) == 8 ? T(1e-9) : T(2e-4);
+  for (long double lam : {0.0L, 0.2L, 0.5L, 0.9L, 1.0L}) {
+    for (long double c : {-0.999L, -0.5L, 0.0L, 0.3L, 0.9L, 0.99L, 0.9999L}) {
+      const auto w = mx::slerp_weights<T>(T(c), T(lam));
+      const long double h = 1e-7L;
+      const long double dwa = (weight_ld(lam, c + h) - weight_ld(lam, c - h)) / (2 * h);
+      const long double dwb = (weight_ld(1 - lam, c + h) - weight_ld(1 - lam, c - h)) / (2 * h);
+      RFT_CHECK_MSG(std::fabs(w.wa - weight_ld(lam, c)) <= tol * (1 + std::fabs(weight_ld(lam, c))),
+                    "w_a lam=", double(lam), " c=", double(c), ": ", w.wa);
+      RFT_CHECK_MSG(std::fabs(w.wb - weight_ld(1 - lam, c)) <= tol * (1 + std::fabs(weight_ld(1 - lam, c))),
+                    "w_b lam=", double(lam), " c=", double(c), ": ", w.wb);
+      const T dtol = sizeof(T) == 8 ? T(1e-5) : T(3e-3);
+      RFT_CHECK_MSG(std::fabs(w.dwa_dc - dwa) <= dtol * (1 + std::fabs(dwa)),
+                    "dw_a/dc lam=", double(lam), " c=", double(c), ": ", w.dwa_dc, " vs ", double(dwa));
+      RFT_CHECK_MSG(std::fabs(w.dwb_dc - dwb) <= dtol * (1 + std::fabs(dwb)),
+                    "dw_b/dc lam=", double(lam), " c=", double(c), ": ", w.dwb_dc, " vs ", double(dwb));
+    }
+  }
+}
+
+// At c = 1 (and above, from rounding) the weights are exactly lam, 1 - lam, with the
+// analytic derivative; the series and the closed form agree at the switch-over angle.
+template <typename T>
+void check_weights_small_angle() {
+  for (T lam : {T(0), T(0.3), T(0.5), T(1)}) {
+    for (T c : {T(1), T(1) + std::numeric_limits<T>::epsilon()}) {
+      const auto w = mx::slerp_weights<T>(c, lam);
+      RFT_CHECK(w.wa == lam && w.wb == T(1) - lam);
+      const T expect = -lam * (1 - lam * lam) / 3;
+      RFT_CHECK_MSG(std::fabs(w.dwa_dc - expect) <= T(1e-6), w.dwa_dc, " vs ", expect);
+    }
+    const T t0 = mx::slerp_small_angle<T>();
+    const auto below = mx::slerp_weights<T>(std::cos(t0 * T(0.999)), lam);
+    const auto above = mx::slerp_weights<T>(std::cos(t0 * T(1.001)), lam);
+    const T tol = sizeof(T) == 8 ? T(1e-8) : T(1e-4);
+    RFT_CHECK_MSG(std::fabs(below.wa - above.wa) <= tol, below.wa, " vs ", above.wa);
+    RFT_CHECK_MSG(std::fabs(below.dwa_dc - above.dwa_dc) <= 20 * tol, below.dwa_dc, " vs ", above.dwa_dc);
+  }
+}
+
+// Opposite rows: finite weights at the clamp, no gradient through c below it.
+template <typename T>
+void check_weights_antipodal() {
+  for (T lam : {T(0), T(0.3), T(0.5), T(1)}) {
+    const auto w = mx::slerp_weights<T>(T(-1), lam);
+    RFT_CHECK(std::isfinite(w.wa) && std::isfinite(w.wb));
+    RFT_CHECK(w.dwa_dc == T(0) && w.dwb_dc == T(0));
+  }
+}
+
+// ---- The ops ----------------------------------------------------------------------------
+using Fwd3 = std::tuple<Tensor, Tensor, Tensor>;
+using Bwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using M2FwdSig = Fwd3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool);
+using M2BwdSig = Bwd4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, const Tensor&, const Tensor&, bool);
+using SlerpSig = Tensor(const Tensor&, const Tensor&, const Tensor&);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+Tensor unit_rows(const Tensor& x) { return x / x.norm(2, {1}, true); }
+
+struct M2Case {
+  at::ScalarType dtype;
+  int64_t n, D;
+  double lam;
+  bool with_clip;
+};
+
+// The direct formula in double: explicit mix (closed-form weights), full logits.
+std::pair<Tensor, Tensor> direct_losses(const Tensor& I, const Tensor& T, const Tensor& sm,
+                                        const Tensor& sc, double lam) {
+  const auto theta = at::acos((I * T).sum(1, true));
+  const auto M = (at::sin(lam * theta) * I + at::sin((1 - lam) * theta) * T) / at::sin(theta);
+  const int64_t n = I.size(0);
+  const auto eye = at::eye(n, I.options().dtype(at::kBool));
+  const auto pos = sm * (I * T).sum(1, true);
+  const auto A = at::where(eye, pos, sm * at::mm(I, M.t()));
+  const auto B = at::where(eye, pos, sm * at::mm(T, M.t()));
+  auto ce = [](const Tensor& L) { return -at::log_softmax(L, 1).diagonal().mean(); };
+  const auto m2 = (ce(A) + ce(B)) / 2;
+  const auto C = sc * at::mm(I, T.t());
+  const auto clip = (ce(C) + ce(C.t())) / 2;
+  return {m2, clip};
+}
+
+void run_m2_case(const M2Case& k) {
+  static const auto fwd = op<M2FwdSig>("robustft_ext::m2mix_fwd");
+  static const auto bwd = op<M2BwdSig>("robustft_ext::m2mix_bwd");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(uint64_t(k.n * 131 + k.D));
+  const auto d64 = at::TensorOptions().dtype(at::kDouble);
+  const Tensor I0 = unit_rows(at::randn({k.n, k.D}, gen, d64));
+  const Tensor T0 = unit_rows(I0 + 0.8 * at::randn({k.n, k.D}, gen, d64));
+  // The op's inputs, rounded to its dtype; the reference sees the same rounded values.
+  const Tensor I = I0.to(k.dtype), T = T0.to(k.dtype);
+  const auto acc = k.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto sc_v = 30.0, sm_v = 14.3, g_m = 1.3, g_c = 0.6;
+  auto t = [&](double v) { return at::scalar_tensor(v, at::TensorOptions().dtype(acc)); };
+  auto [m2, clip, lse] = fwd.call(I, T, t(sm_v), t(k.lam), t(sc_v), k.with_clip);
+  auto [gI, gT, gsm, gsc] =
+      bwd.call(t(g_m), t(k.with_clip ? g_c : 0.0), I, T, t(sm_v), t(k.lam), t(sc_v), lse, k.with_clip);
+
+  Tensor Ir = I.to(at::kDouble).requires_grad_(), Tr = T.to(at::kDouble).requires_grad_();
+  Tensor smr = at::scalar_tensor(sm_v, d64).requires_grad_(), scr = at::scalar_tensor(sc_v, d64).requires_grad_();
+  auto [m2r, clipr] = direct_losses(Ir, Tr, smr, scr, k.lam);
+  Tensor total = g_m * m2r + (k.with_clip ? g_c : 0.0) * clipr;
+  auto grads = torch::autograd::grad({total}, {Ir, Tr, smr, scr});
+  const double tol = k.dtype == at::kDouble ? 1e-10 : 2e-5;
+  auto rel = [](const Tensor& x, const Tensor& r, double floor = 1e-3) {
+    return (x.to(at::kDouble) - r).abs().max().item<double>() / std::max(floor, r.abs().max().item<double>());
+  };
+  // A loss is a difference of log-sum-exps of logits of size ~scale: its rounding error
+  // scales with the logits, not with the (possibly ~0, e.g. n = 1) loss.
+  RFT_CHECK_MSG(rel(m2, m2r.detach(), sm_v) <= tol, "m2 loss ", rel(m2, m2r.detach(), sm_v));
+  if (k.with_clip) {
+    RFT_CHECK_MSG(rel(clip, clipr.detach(), sc_v) <= tol, "clip loss ", rel(clip, clipr.detach(), sc_v));
+  }
+  RFT_CHECK_MSG(rel(gI, grads[0]) <= tol, "grad image ", rel(gI, grads[0]));
+  RFT_CHECK_MSG(rel(gT, grads[1]) <= tol, "grad text ", rel(gT, grads[1]));
+  RFT_CHECK_MSG(rel(gsm, grads[2]) <= tol, "grad m2 scale ", rel(gsm, grads[2]));
+  if (k.with_clip) RFT_CHECK_MSG(rel(gsc, grads[3]) <= tol, "grad clip scale ", rel(gsc, grads[3]));
+  RFT_CHECK(gI.scalar_type() == k.dtype && gT.scalar_type() == k.dtype);
+  RFT_CHECK(lse.size(0) == (k.with_clip ? 4 : 2) && lse.size(1) == k.n);
+}
+
+// slerp of identical rows is the row itself, with finite gradients.
+void test_slerp_identical_rows() {
+  static const auto slerp = op<SlerpSig>("robustft_ext::slerp");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  const Tensor a = unit_rows(at::randn({5, 9}, gen, at::TensorOptions().dtype(at::kFloat)));
+  for (double lam : {0.0, 0.3, 1.0}) {
+    const Tensor out = slerp.call(a, a, at::scalar_tensor(lam, at::TensorOptions().dtype(at::kFloat)));
+    RFT_CHECK_MSG((out - a).abs().max().item<double>() <= 1e-6, "lam=", lam);
+  }
+}
+
+}  // namespace
+
+RFT_CASES(m2mix) {
+  add_case("maths/slerp_weights_closed_form/float", &check_weights_closed_form<float>);
+  add_case("maths/slerp_weights_closed_form/double", &check_weights_closed_form<double>);
+  add_case("maths/slerp_weights_small_angle/float", &check_weights_small_angle<float>);
+  add_case("maths/slerp_weights_small_angle/double", &check_weights_small_angle<double>);
+  add_case("maths/slerp_weights_antipodal/float", &check_weights_antipodal<float>);
+  add_case("maths/slerp_weights_antipodal/double", &check_weights_antipodal<double>);
+  add_case("m2mix/slerp_identical_rows", &test_slerp_identical_rows);
+  for (auto dtype : {at::kDouble, at::kFloat}) {
+    for (int64_t n : {1, 3, 70, 1100}) {
+      for (int64_t D : {5, 17}) {
+        if (n == 1100 && D == 17) continue;
+        for (bool clip : {false, true}) {
+          for (double lam : {0.0, 0.35, 1.0}) {
+            if (n == 1100 && lam != 0.35) continue;
+            const M2Case k{dtype, n, D, lam, clip};
+            add_case(cat("m2mix/", dtype == at::kDouble ? "double" : "float", "/n=", n, ",D=", D,
+                         ",lam=", lam, clip ? ",clip" : ""),
+                     [k] { run_m2_case(k); });
+          }
+        }
+      }
+    }
+  }
+}
