@@ -189,5 +189,40 @@ RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------
+// DiVE, difference-vector equalisation (METHODS.md section 4), per coordinate of one
+// reference pair: u = f_ft - f_pre (image), v = g_ft - g_pre (text), m the centre.
+//   AVL term (u - m)^2 + (v - m)^2,  PVL term (u - v)^2.
+// Gradients of w_a * AVL + w_p * PVL (weights already include 1/B'; m is a constant):
+//   du = 2 [w_a (u - m) + w_p (u - v)],  dv = 2 [w_a (v - m) - w_p (u - v)].
+template <typename T>
+RFT_HD T dive_avl_term(T u, T v, T m) {
+  return (u - m) * (u - m) + (v - m) * (v - m);
+}
+
+template <typename T>
+RFT_HD T dive_pvl_term(T u, T v) {
+  return (u - v) * (u - v);
+}
+
+template <typename T>
+RFT_HD void dive_grads(T u, T v, T m, T w_a, T w_p, T* du, T* dv) {
+  *du = T(2) * (w_a * (u - m) + w_p * (u - v));
+  *dv = T(2) * (w_a * (v - m) - w_p * (u - v));
+}
+
+// Lipsum-FT (METHODS.md section 5), one entry V_bk = s0 <F_b - F0_b, G_k>:
+// R = sum V^2 / (2 K B); dR/d<F_b - F0_b, G_k> = w s0 V_bk with w = g / (K B).
+template <typename T>
+RFT_HD T lipsum_term(T diff_dot, T s0) {
+  const T v = s0 * diff_dot;
+  return v * v;
+}
+
+template <typename T>
+RFT_HD T lipsum_dgrad(T diff_dot, T s0, T w) {
+  return w * s0 * s0 * diff_dot;
+}
+
 }  // namespace maths
 }  // namespace robustft

@@ -44,4 +44,37 @@ TORCH_LIBRARY(robustft_ext, m) {
       "m2mix_bwd(Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, Tensor m2_scale, "
       "Tensor lam, Tensor clip_scale, Tensor lse, bool with_clip) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // DiVE (METHODS.md section 4) on B' reference pairs: (AVL, PVL, diff_mean [D] =
+  // mean_j (u_j + v_j) / 2, the batch mean of the centre update); gradients to the
+  // fine-tuned features only.
+  m.def(
+      "dive_fwd(Tensor image_ft, Tensor text_ft, Tensor image_pre, Tensor text_pre, "
+      "Tensor center) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dive_bwd(Tensor grad_avl, Tensor grad_pvl, Tensor image_ft, Tensor text_ft, "
+      "Tensor image_pre, Tensor text_pre, Tensor center) -> (Tensor, Tensor)");
+  // Lipsum-FT regulariser (METHODS.md section 5): |s0 (F - F0) G^T|_F^2 / (2 K B), with
+  // scale = s0; gradient to image_ft only.
+  m.def("lipsum_fwd(Tensor image_ft, Tensor image_pre, Tensor texts, Tensor scale) -> Tensor");
+  m.def(
+      "lipsum_bwd(Tensor grad_loss, Tensor image_ft, Tensor image_pre, Tensor texts, "
+      "Tensor scale) -> Tensor");
+  // A robust fine-tuning step in one pass (csrc/step_kernels.h): with_clip the CLIP loss of
+  // (image, text) at clip_scale, with_m2 the m^2-mix term at m2_scale, with image_pre and
+  // lipsum_texts the Lipsum-FT term at lipsum_scale, with the four ref_* and center the
+  // DiVE terms. Returns (terms [5] = clip, m2, lipsum, avl, pvl (0 when absent),
+  // diff_mean [D] (DiVE; [0] without), lse [4, n]).
+  m.def(
+      "robust_step_fwd(Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
+      "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, Tensor? lipsum_texts, "
+      "Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
+      "Tensor? ref_text_pre, Tensor? center) -> (Tensor, Tensor, Tensor)");
+  // Gradients of sum_i grad_terms[i] * terms[i]: (grad_image, grad_text, grad_clip_scale,
+  // grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft ([0, D] without DiVE)).
+  m.def(
+      "robust_step_bwd(Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
+      "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
+      "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, "
+      "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

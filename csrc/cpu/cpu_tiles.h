@@ -39,24 +39,42 @@ inline int64_t row_block(int64_t n) {
   return std::min(kMaxRowBlock, std::max(kMinRowBlock, even));
 }
 
+// Calls task(t) for t in [0, tasks) in one parallel region. Worker threads start with
+// default thread-local state (grad mode on, no dispatch keys excluded): they get the
+// caller's, set by the op's RFT_KERNEL_GUARDS.
+template <typename Fn>
+void parallel_tasks(int64_t tasks, Fn&& task) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t t = t0; t < t1; ++t) task(t);
+  });
+}
+
+// The row blocks of an n-row problem: block b covers rows [b * size, b * size + rows(b)).
+struct RowBlocks {
+  int64_t n, size, count;
+  explicit RowBlocks(int64_t n_) : n(n_), size(row_block(n_)), count((n_ + size - 1) / size) {}
+  int64_t start(int64_t b) const { return b * size; }
+  int64_t rows(int64_t b) const { return std::min(size, n - b * size); }
+};
+
+// Calls fn(j0, cols) for the column tiles of an m-column problem, in order.
+template <typename Fn>
+void for_each_col_tile(int64_t m, Fn&& fn) {
+  for (int64_t j0 = 0; j0 < m; j0 += kColBlock) fn(j0, std::min(kColBlock, m - j0));
+}
+
 // Calls fn(i0, rows, j0, cols) for every (row block, column tile) of an n x m problem,
 // row blocks in parallel and column tiles in order within a block. fn must only write
 // state of rows [i0, i0 + rows) or state private to the calling thread.
 template <typename Fn>
 void for_each_block(int64_t n, int64_t m, Fn&& fn) {
-  const int64_t block = row_block(n);
-  const int64_t blocks = (n + block - 1) / block;
-  // Worker threads start with default thread-local state (grad mode on, no dispatch
-  // keys excluded): give them the caller's, set by the op's RFT_KERNEL_GUARDS.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * block, rows = std::min(block, n - i0);
-      for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {
-        fn(i0, rows, j0, std::min(kColBlock, m - j0));
-      }
-    }
+  const RowBlocks blocks(n);
+  parallel_tasks(blocks.count, [&](int64_t b) {
+    for_each_col_tile(m, [&](int64_t j0, int64_t cols) {
+      fn(blocks.start(b), blocks.rows(b), j0, cols);
+    });
   });
 }
 
