@@ -5,7 +5,8 @@ slerp, sample_beta, ClipLoss, SigLipLoss, M2MixLoss, available_backends.
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
 from .backends import BackendUnavailableError, available_backends
-from .functional import clip_loss, clip_m2mix_loss, clip_rows_loss, m2mix_loss, siglip_loss, slerp
+from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, lipsum_loss,
+                         m2mix_loss, siglip_loss, slerp)
 from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
 from .regularisers import DiVELoss, LipsumLoss
@@ -23,6 +24,8 @@ __all__ = [
     "clip_loss",
     "clip_m2mix_loss",
     "clip_rows_loss",
+    "dive_loss",
+    "lipsum_loss",
     "m2mix_loss",
     "sample_beta",
     "siglip_loss",

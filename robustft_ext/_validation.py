@@ -121,3 +121,42 @@ def check_weight(value: object, name: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and non-negative, got {value}")
     return float(value)
+
+
+def check_dive_inputs(image_ft: object, text_ft: object, image_pre: object, text_pre: object,
+                      center: object) -> tuple[torch.Tensor, ...]:
+    """The four [B', D] DiVE features (one shape, dtype and device) and a [D] centre, returned
+    in one dtype with the centre in the accumulation dtype."""
+    names = ("image_ft", "text_ft", "image_pre", "text_pre")
+    feats = [check_features(x, n) for x, n in zip((image_ft, text_ft, image_pre, text_pre), names)]
+    for x, n in zip(feats[1:], names[1:]):
+        if x.shape != feats[0].shape:
+            raise ValueError(f"the four DiVE inputs must have one shape: image_ft is "
+                             f"{tuple(feats[0].shape)} but {n} is {tuple(x.shape)}")
+    if not isinstance(center, torch.Tensor):
+        raise TypeError(f"center must be a torch.Tensor, got {type(center).__name__}")
+    if center.dim() != 1 or center.shape[0] != feats[0].shape[1]:
+        raise ValueError(f"center must be a [D] = [{feats[0].shape[1]}] tensor, got shape "
+                         f"{tuple(center.shape)}")
+    if not center.is_floating_point():
+        raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
+    device = check_same_device(dict(zip(names, feats)) | {"center": center})
+    dtype = feats[0].dtype
+    for x in feats[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return (*(x.to(dtype) for x in feats), center.detach().to(device=device, dtype=acc_dtype(dtype)))
+
+
+def check_lipsum_inputs(image_ft: object, image_pre: object, random_text_features: object
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """F, F0 [B, D] of one shape and G [K, D], in one dtype and on one device."""
+    f = check_features(image_ft, "image_ft")
+    f0 = check_features(image_pre, "image_pre")
+    g = check_features(random_text_features, "random_text_features")
+    if f0.shape != f.shape:
+        raise ValueError(f"image_pre must have image_ft's shape {tuple(f.shape)}, got "
+                         f"{tuple(f0.shape)}")
+    check_same_dim(f, g, "image_ft", "random_text_features")
+    check_same_device({"image_ft": f, "image_pre": f0, "random_text_features": g})
+    dtype = torch.promote_types(torch.promote_types(f.dtype, f0.dtype), g.dtype)
+    return f.to(dtype), f0.to(dtype), g.to(dtype)

@@ -98,3 +98,82 @@ class M2MixFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         return (gi if need[0] else None, gt if need[1] else None, gsm if need[2] else None,
                 None, gsc if need[4] else None, None, None)
+
+
+class DiveFunction(torch.autograd.Function):
+    """DiVE's (AVL, PVL, diff_mean) on a fused backend; gradients to the fine-tuned features."""
+
+    @staticmethod
+    def forward(ctx, fi, ft, pi, pt, center, backend: str):
+        fi, ft, pi, pt = (t.contiguous() for t in (fi, ft, pi, pt))
+        avl, pvl, diff_mean = fused_ops(backend).dive_fwd(fi, ft, pi, pt, center)
+        ctx.save_for_backward(fi, ft, pi, pt, center)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(diff_mean)
+        return avl, pvl, diff_mean
+
+    @staticmethod
+    def backward(ctx, grad_avl, grad_pvl, _grad_mean):
+        fi, ft, pi, pt, center = ctx.saved_tensors
+        zero = torch.zeros((), dtype=center.dtype, device=center.device)
+        g_fi, g_ft = fused_ops(ctx.backend).dive_bwd(
+            zero if grad_avl is None else grad_avl.contiguous(),
+            zero if grad_pvl is None else grad_pvl.contiguous(), fi, ft, pi, pt, center)
+        need = ctx.needs_input_grad
+        return g_fi if need[0] else None, g_ft if need[1] else None, None, None, None, None
+
+
+class LipsumFunction(torch.autograd.Function):
+    """The Lipsum-FT regulariser on a fused backend; gradient to the fine-tuned features."""
+
+    @staticmethod
+    def forward(ctx, image_ft, image_pre, texts, scale, backend: str):
+        image_ft, image_pre, texts = image_ft.contiguous(), image_pre.contiguous(), texts.contiguous()
+        ctx.save_for_backward(image_ft, image_pre, texts, scale)
+        ctx.backend = backend
+        return fused_ops(backend).lipsum_fwd(image_ft, image_pre, texts, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        image_ft, image_pre, texts, scale = ctx.saved_tensors
+        g = fused_ops(ctx.backend).lipsum_bwd(grad.contiguous(), image_ft, image_pre, texts, scale)
+        return (g if ctx.needs_input_grad[0] else None), None, None, None, None
+
+
+class RobustStepFunction(torch.autograd.Function):
+    """Every term of a robust fine-tuning step (CLIP, m^2-mix, Lipsum-FT, DiVE) from one fused
+    pass: returns (terms [5] = clip, m2, lipsum, avl, pvl, diff_mean [D or 0]). Inputs
+    after `with_clip` may be None (their terms are then off)."""
+
+    @staticmethod
+    def forward(ctx, image, text, clip_scale, m2_scale, lam, with_m2: bool, with_clip: bool,
+                image_pre, texts, lipsum_scale, rfi, rft, rpi, rpt, center, backend: str):
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        args = (c(image), c(text), clip_scale, m2_scale, lam, with_m2, with_clip, c(image_pre),
+                c(texts), lipsum_scale, c(rfi), c(rft), c(rpi), c(rpt), center)
+        terms, diff_mean, lse = fused_ops(backend).robust_step_fwd(*args)
+        ctx.args_nonlist = (with_m2, with_clip)
+        ctx.optional = [t is not None for t in (args[7], args[8], args[10], args[11], args[12],
+                                                args[13], args[14])]
+        tensors = [args[0], args[1], clip_scale, m2_scale, lam, lipsum_scale, lse]
+        tensors += [t for t in (args[7], args[8], args[10], args[11], args[12], args[13], args[14])
+                    if t is not None]
+        ctx.save_for_backward(*tensors)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(diff_mean)
+        return terms, diff_mean
+
+    @staticmethod
+    def backward(ctx, grad_terms, _grad_mean):
+        saved = list(ctx.saved_tensors)
+        image, text, clip_scale, m2_scale, lam, lipsum_scale, lse = saved[:7]
+        rest = iter(saved[7:])
+        ip, g, rfi, rft, rpi, rpt, center = (next(rest) if has else None for has in ctx.optional)
+        with_m2, with_clip = ctx.args_nonlist
+        gi, gt, gsc, gsm, gfi, gft = fused_ops(ctx.backend).robust_step_bwd(
+            grad_terms.contiguous(), image, text, clip_scale, m2_scale, lam, with_m2, with_clip,
+            ip, g, lipsum_scale, rfi, rft, rpi, rpt, center, lse)
+        need = ctx.needs_input_grad
+        return (gi if need[0] else None, gt if need[1] else None, gsc if need[2] else None,
+                gsm if need[3] else None, None, None, None, None, None, None,
+                gfi if need[10] else None, gft if need[11] else None, None, None, None, None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._validation import PairInputs, acc_dtype, check_lam, check_scalar, pair_inputs
-from .autograd import ClipLossFunction, M2MixFunction, SigLipLossFunction, SlerpFunction
+from ._validation import (PairInputs, acc_dtype, check_dive_inputs, check_lam, check_lipsum_inputs,
+                          check_scalar, pair_inputs)
+from .autograd import (ClipLossFunction, DiveFunction, LipsumFunction, M2MixFunction,
+                       SigLipLossFunction, SlerpFunction)
 from .backends import select_backend
 
 Scalar = float | torch.Tensor
@@ -127,3 +129,42 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: Scalar, *, backend: str | None 
     if name == "reference":
         return reference.slerp(x.a, x.b, lam_t)
     return SlerpFunction.apply(x.a, x.b, lam_t, name)
+
+
+def dive_terms(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
+               text_pre: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(AVL, PVL, diff_mean) of DiVE (METHODS.md section 4) from one pass; diff_mean [D] =
+    mean_j (u_j + v_j) / 2 is detached (the batch mean of the centre update)."""
+    fi, ft, pi, pt, c = check_dive_inputs(image_ft, text_ft, image_pre, text_pre, center)
+    name = select_backend(backend, fi.device, fi.dtype)
+    if name == "reference":
+        return reference.dive_terms(fi, ft, pi, pt, c)
+    return DiveFunction.apply(fi, ft, pi, pt, c, name)
+
+
+def dive_loss(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
+              text_pre: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DiVE's (AVL, PVL) (METHODS.md section 4) on B' reference pairs.
+
+    u = image_ft - image_pre, v = text_ft - text_pre; AVL = mean_j |u_j - m|^2 + |v_j - m|^2,
+    PVL = mean_j |u_j - v_j|^2, m = center [D]. Gradients reach image_ft and text_ft only
+    (the pre-trained features and the centre are constants). 0-d float32 (float64) results.
+    """
+    avl, pvl, _ = dive_terms(image_ft, text_ft, image_pre, text_pre, center, backend=backend)
+    return avl, pvl
+
+
+def lipsum_loss(image_ft: torch.Tensor, image_pre: torch.Tensor,
+                random_text_features: torch.Tensor, logit_scale: Scalar, *,
+                backend: str | None = None) -> torch.Tensor:
+    """The Lipsum-FT regulariser (METHODS.md section 5): R = |V|_F^2 / (2 K B) with
+    V = s0 (F - F0) G^T, F = image_ft, F0 = image_pre [B, D], G = random_text_features [K, D],
+    s0 = logit_scale (the pre-trained model's multiplier). Gradient to image_ft only."""
+    f, f0, g = check_lipsum_inputs(image_ft, image_pre, random_text_features)
+    scale = check_scalar(logit_scale, "logit_scale", f.device, acc_dtype(f.dtype)).detach()
+    name = select_backend(backend, f.device, f.dtype)
+    if name == "reference":
+        return reference.lipsum_loss(f, f0, g, scale)
+    return LipsumFunction.apply(f, f0, g, scale, name)

@@ -54,6 +54,48 @@ def _register_fakes() -> None:
                 torch.empty_like(text, memory_format=torch.contiguous_format),
                 image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
 
+    @torch.library.register_fake("robustft_ext::dive_fwd")
+    def _dive_fwd(fi, ft, pi, pt, center):
+        acc = acc_dtype(fi.dtype)
+        return (fi.new_empty((), dtype=acc), fi.new_empty((), dtype=acc),
+                fi.new_empty((fi.shape[1],), dtype=acc))
+
+    @torch.library.register_fake("robustft_ext::dive_bwd")
+    def _dive_bwd(grad_avl, grad_pvl, fi, ft, pi, pt, center):
+        return (torch.empty_like(fi, memory_format=torch.contiguous_format),
+                torch.empty_like(ft, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake("robustft_ext::lipsum_fwd")
+    def _lipsum_fwd(image_ft, image_pre, texts, scale):
+        return image_ft.new_empty((), dtype=acc_dtype(image_ft.dtype))
+
+    @torch.library.register_fake("robustft_ext::lipsum_bwd")
+    def _lipsum_bwd(grad_loss, image_ft, image_pre, texts, scale):
+        return torch.empty_like(image_ft, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("robustft_ext::robust_step_fwd")
+    def _robust_step_fwd(image, text, clip_scale, m2_scale, lam, with_m2, with_clip, image_pre,
+                         lipsum_texts, lipsum_scale, rfi, rft, rpi, rpt, center):
+        batch = with_m2 or with_clip or image_pre is not None or lipsum_texts is not None
+        ref = image if batch else rfi
+        acc = acc_dtype(ref.dtype)
+        n = image.shape[0] if batch else 0
+        return (ref.new_empty((5,), dtype=acc),
+                ref.new_empty((rfi.shape[1] if rfi is not None else 0,), dtype=acc),
+                ref.new_empty((4, n), dtype=acc))
+
+    @torch.library.register_fake("robustft_ext::robust_step_bwd")
+    def _robust_step_bwd(grad_terms, image, text, clip_scale, m2_scale, lam, with_m2, with_clip,
+                         image_pre, lipsum_texts, lipsum_scale, rfi, rft, rpi, rpt, center, lse):
+        batch = with_m2 or with_clip or image_pre is not None or lipsum_texts is not None
+        ref = image if batch else rfi
+        acc = acc_dtype(ref.dtype)
+        n = image.shape[0] if batch else 0
+        d = ref.shape[1]
+        n_ref = rfi.shape[0] if rfi is not None else 0
+        return (ref.new_empty((n, d)), ref.new_empty((n, d)), ref.new_empty((), dtype=acc),
+                ref.new_empty((), dtype=acc), ref.new_empty((n_ref, d)), ref.new_empty((n_ref, d)))
+
 
 if _extension._C is not None:
     _register_fakes()

@@ -1,4 +1,4 @@
-"""The reference backend: eager PyTorch written straight from METHODS.md (sections 1-3).
+"""The reference backend: eager PyTorch written straight from METHODS.md (sections 1-5).
 
 It materialises the full logit matrix and is the oracle of the tests and the fallback for any
 device. Logits are computed in the accumulation dtype (float32, float64 for float64 inputs).
@@ -120,3 +120,25 @@ def clip_m2mix_loss(I: torch.Tensor, T: torch.Tensor, clip_scale: torch.Tensor, 
     """(CLIP loss with clip_scale, m^2-mix loss with m2_scale) of one batch."""
     zero = torch.zeros((), dtype=clip_scale.dtype, device=I.device)
     return clip_loss(I, T, clip_scale, zero), m2mix_loss(I, T, m2_scale, lam)
+
+
+# ---- DiVE and Lipsum-FT (METHODS.md sections 4-5) -----------------------------------------
+def dive_terms(fi: torch.Tensor, ft: torch.Tensor, pi: torch.Tensor, pt: torch.Tensor,
+               center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(AVL, PVL, diff_mean): u = fi - pi, v = ft - pt, AVL = mean_j |u_j - m|^2 + |v_j - m|^2,
+    PVL = mean_j |u_j - v_j|^2, diff_mean = mean_j (u_j + v_j) / 2 (detached). The
+    pre-trained features and the centre are constants."""
+    acc = acc_dtype(fi.dtype)
+    u = fi.to(acc) - pi.detach().to(acc)
+    v = ft.to(acc) - pt.detach().to(acc)
+    m = center.detach().to(acc)
+    avl = ((u - m) ** 2).sum(1).mean() + ((v - m) ** 2).sum(1).mean()
+    pvl = ((u - v) ** 2).sum(1).mean()
+    return avl, pvl, ((u + v) / 2).mean(0).detach()
+
+
+def lipsum_loss(F_ft: torch.Tensor, F_pre: torch.Tensor, G: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """R = |s0 (F - F0) G^T|_F^2 / (2 K B); F0, G and s0 are constants."""
+    acc = acc_dtype(F_ft.dtype)
+    V = scale.detach() * (F_ft.to(acc) - F_pre.detach().to(acc)) @ G.detach().to(acc).T
+    return (V ** 2).sum() / (2 * G.shape[0] * F_ft.shape[0])

@@ -60,7 +60,9 @@ class DiVELoss(nn.Module):
     ranks first (every rank must call forward), so all ranks hold the same m: that of the
     concatenated batch when the ranks' batches have equal sizes.
     dim=None sizes the centre at the first forward (float64 for float64 features, else float32,
-    on the features' device); load_state_dict into such a fresh module accepts a saved centre.
+    on the features' device); load_state_dict into such a fresh module adopts a saved centre's
+    size and dtype. With dim given, the centre is a float32 zero buffer that follows .to() /
+    .double() as any buffer does; the loss uses m in float32 (float64 for float64 features).
     """
 
     def __init__(self, weight: float = 1000.0, momentum: float = 0.99, center_mode: str = "ema",
@@ -247,23 +249,22 @@ class LipsumLoss(nn.Module):
             raise ValueError(f"text_length={self.text_length} plus {n_special} start/end tokens "
                              f"exceeds the tokenizer's context length {context}")
         gen = generator if generator is not None else torch.default_generator
-        excluded = torch.tensor(sorted({i for i in special if 0 <= i < vocab_size}),
-                                dtype=torch.long)
-        allowed = torch.arange(vocab_size, dtype=torch.long)
-        if excluded.numel():
-            allowed = allowed[~torch.isin(allowed, excluded)]
-        if allowed.numel() == 0:
+        excluded = sorted({i for i in special if 0 <= i < vocab_size})
+        n_allowed = vocab_size - len(excluded)
+        if n_allowed < 1:
             raise ValueError("the tokenizer's vocabulary has no non-special token")
-        allowed = allowed.to(gen.device)
-        # Indices into the allowed ids: for open_clip's BPE (special ids last) the id is the index.
-        idx = torch.randint(0, allowed.numel(), (self.num_texts, self.text_length),
+        # The r-th allowed id for r uniform in [0, n_allowed): stepping over the excluded ids in
+        # increasing order. For open_clip's BPE (special ids last) the id is r itself.
+        ids = torch.randint(0, n_allowed, (self.num_texts, self.text_length),
                             generator=gen, device=gen.device)
+        for e in excluded:
+            ids += (ids >= e).long()
         tokens = torch.full((self.num_texts, context), pad, dtype=torch.long, device=gen.device)
         col = 0
         if start is not None:
             tokens[:, 0] = start
             col = 1
-        tokens[:, col:col + self.text_length] = allowed[idx]
+        tokens[:, col:col + self.text_length] = ids
         tokens[:, col + self.text_length] = end
         return tokens if device is None else tokens.to(device)
 

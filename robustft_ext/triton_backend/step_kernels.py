@@ -208,7 +208,10 @@ def _fwd_rows(I, T, M, P, G, diag_ptr, m2_scale_ptr, clip_scale_ptr, lip_scale_p
                 x = _lipsum_dots(I, P, G, rows, ks, row_ok, ks < K, D, stride, stride_g,
                                  BLOCK_M, BLOCK_N, BLOCK_D)
                 lip += tl.sum(x * x, axis=1)
-    tl.store(sums_ptr + 3 * pid, tl.sum(lip, axis=0) * s_l * s_l)
+    if WITH_LIPSUM:
+        tl.store(sums_ptr + 3 * pid, tl.sum(lip, axis=0) * s_l * s_l)
+    else:
+        tl.store(sums_ptr + 3 * pid, 0.0)
     tl.store(sums_ptr + 3 * pid + 1, 0.0)
     tl.store(sums_ptr + 3 * pid + 2, 0.0)
 
@@ -400,7 +403,13 @@ def _grad_rows_batch(
                 # The next column tile re-reads these gradient rows, possibly from other
                 # threads of this program: make the stores visible first.
                 tl.debug_barrier()
-    out_i = acc_i * f_m + acc_ic * f_c   # ONE_CHUNK: the tiles' part of grad_I
+    # ONE_CHUNK: the tiles' part of grad_I. (Absent terms' scales and upstream gradients
+    # are never multiplied in, even by 0: they may be anything.)
+    out_i = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if WITH_M2:
+        out_i += acc_i * f_m
+    if WITH_CLIP:
+        out_i += acc_ic * f_c
     if WITH_LIPSUM:
         # + f_l sum_k <I_p - P_p, G_k> G_k, f_l = g_lipsum / (K n) s_l^2, over the K texts.
         for kb in range(0, K, BLOCK_N):
@@ -429,8 +438,14 @@ def _grad_rows_batch(
         tl.store(gi_rows + offs_d[None, :], out_i, mask=g_mask)
         if WITH_M2:
             tl.store(gt_rows + offs_d[None, :], acc_t * f_m, mask=g_mask)
-    tl.store(stats_ptr + 2 * pid, tl.sum(st_m, axis=0) * g_m)
-    tl.store(stats_ptr + 2 * pid + 1, tl.sum(st_c, axis=0) * g_c)
+    if WITH_M2:
+        tl.store(stats_ptr + 2 * pid, tl.sum(st_m, axis=0) * g_m)
+    else:
+        tl.store(stats_ptr + 2 * pid, 0.0)
+    if WITH_CLIP:
+        tl.store(stats_ptr + 2 * pid + 1, tl.sum(st_c, axis=0) * g_c)
+    else:
+        tl.store(stats_ptr + 2 * pid + 1, 0.0)
 
 
 @triton.jit
