@@ -352,6 +352,58 @@ def test_robust_step_dive_only_ignores_batch():
 
 
 # ----------------------------------------------------------------------------- contract
+@pytest.mark.skipif(not tb.interpreting(), reason="counts the interpreter's kernel launches")
+def test_one_launch_per_pass(monkeypatch):
+    # The fusion contract: the terms that share inputs share one pass. A step's forward is
+    # one launch whatever its terms; its backward one row launch (plus the column launch
+    # with m^2 or CLIP). No other kernel of the backend runs.
+    from robustft_ext.triton_backend import ops as contrastive_ops
+
+    counts = {}
+
+    class Counting:
+        def __init__(self, inner, name):
+            self.inner, self.name = inner, name
+
+        def run(self, *args, **kwargs):
+            counts[self.name] = counts.get(self.name, 0) + 1
+            return self.inner.run(*args, **kwargs)
+
+    for mod, name in [(tb.step_ops, "_STEP_FWD"), (tb.step_ops, "_STEP_ROWS"),
+                      (tb.step_ops, "_STEP_COLS"), (contrastive_ops, "_CLIP_LSE"),
+                      (contrastive_ops, "_SIGLIP_SUM"), (contrastive_ops, "_GRAD_ROWS")]:
+        kernel = getattr(mod, name)
+        monkeypatch.setattr(kernel, "_interpreted", Counting(kernel._interpreted, name))
+    batch = _batch(17, 5, 7, torch.float32)
+    refs = _ref_batch(5, 5, torch.float32)
+    g = torch.tensor(GRADS, device=DEVICE)
+    for flags, cols in [((True, True, True, True), 1), ((False, False, True, True), 0)]:
+        counts.clear()
+        args = _step_args(*flags, batch, refs)
+        _, _, lse = ops.robust_step_fwd(*args)
+        assert counts == {"_STEP_FWD": 1}, flags
+        counts.clear()
+        ops.robust_step_bwd(g, *args, lse)
+        assert counts == {"_STEP_ROWS": 1, **({"_STEP_COLS": 1} if cols else {})}, flags
+
+
+@pytest.mark.parametrize("flags", [(False, False, True, True), (True, False, False, False),
+                                   (False, True, True, False)], ids=lambda f: _flag_id(f))
+def test_absent_terms_gradients_ignored(flags):
+    # The upstream gradients of absent terms never enter the results, not even as 0 * g:
+    # NaN there gives the same outputs as 0.
+    batch = _batch(17, 5, 7, torch.float32)
+    refs = _ref_batch(5, 5, torch.float32)
+    args = _step_args(*flags, batch, refs)
+    _, _, lse = ops.robust_step_fwd(*args)
+    present = torch.tensor([flags[1], flags[0], flags[2], flags[3], flags[3]], device=DEVICE)
+    g = torch.tensor(GRADS, device=DEVICE)
+    want = ops.robust_step_bwd(torch.where(present, g, 0.0), *args, lse)
+    got = ops.robust_step_bwd(torch.where(present, g, float("nan")), *args, lse)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
 def test_deterministic():
     batch = _batch(40, 33, 20, torch.float32)
     refs = _ref_batch(40, 33, torch.float32)  # B' = 40: three DiVE programs
