@@ -38,9 +38,9 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in [
     Component("flyp", "base", ("ClipLoss",), summary="CLIP loss on image / class-prompt pairs (FLYP)"),
     Component("m2mix", "regulariser", ("M2MixLoss",), ("flyp",), "flyp",
               summary="+ w * geodesic multi-modal mixup term (m^2-mix)"),
-    Component("dive", "regulariser", ("dive_loss",), ("flyp",), "flyp", needs_reference=True,
+    Component("dive", "regulariser", ("DiVELoss",), ("flyp",), "flyp", needs_reference=True,
               needs_frozen=True, summary="+ lambda (AVL + PVL) on reference pairs (DiVE)"),
-    Component("lipsum", "regulariser", ("lipsum_loss",), ("ft", "flyp"), "ft", needs_frozen=True,
+    Component("lipsum", "regulariser", ("LipsumLoss",), ("ft", "flyp"), "ft", needs_frozen=True,
               summary="+ lambda * random-text logit regulariser (Lipsum-FT)"),
 ]}
 
@@ -128,18 +128,6 @@ def parse_methods(text: str) -> list[Method]:
     return methods
 
 
-def random_text_tokens(k: int, length: int, context_length: int, sot: int, eot: int,
-                       generator: torch.Generator) -> torch.Tensor:
-    """Lipsum-FT's random texts: start token, `length` ids uniform over the vocabulary below the
-    start/end tokens, end token, zero padding."""
-    length = min(length, context_length - 2)
-    tokens = torch.zeros(k, context_length, dtype=torch.long)
-    tokens[:, 0] = sot
-    tokens[:, 1:length + 1] = torch.randint(0, min(sot, eot), (k, length), generator=generator)
-    tokens[:, length + 1] = eot
-    return tokens
-
-
 @dataclass
 class StepInputs:
     """What one training step feeds the model beyond the batch (DiVE's reference pairs)."""
@@ -150,9 +138,10 @@ class StepInputs:
 
 @dataclass
 class MethodLoss:
-    """The loss of one method for one training run. Terms come from robustft_ext's public API;
-    per-step randomness (m^2-mix lam, Lipsum texts, DiVE reference pairs) is seeded by (seed, step,
-    rank), so a resumed run draws what an uninterrupted one would. `state_dict` holds DiVE's centre."""
+    """The loss of one method for one training run, from robustft_ext's public modules (ClipLoss,
+    M2MixLoss, DiVELoss, LipsumLoss). Per-step randomness (m^2-mix lam, Lipsum texts, DiVE
+    reference pairs) is seeded by (seed, step, rank), so a resumed run draws what an
+    uninterrupted one would. `state_dict` holds DiVE's centre (the DiVELoss buffer)."""
 
     method: Method
     cfg: object
@@ -161,7 +150,7 @@ class MethodLoss:
     frozen: object | None = None          # models.FrozenEncoders
     tokenizer: object | None = None
     reference: object | None = None       # data.TrainView for DiVE's reference pairs
-    center: torch.Tensor | None = None
+    device: torch.device = torch.device("cpu")
     _modules: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -176,6 +165,13 @@ class MethodLoss:
             self._modules["m2mix"] = rft.M2MixLoss(
                 alpha=cfg.m2mix_alpha, generator=self._generator, m2_weight=cfg.m2mix_weight,
                 clip_weight=0.0, m2_logit_scale=cfg.m2mix_logit_scale)
+        if "dive" in self.method.regularisers:
+            # the centre: an EMA (momentum) of the batch mean of (u + v) / 2, averaged over ranks
+            self._modules["dive"] = rft.DiVELoss(weight=cfg.dive_lambda, momentum=cfg.dive_momentum,
+                                                 center_mode="ema").to(self.device)
+        if "lipsum" in self.method.regularisers:
+            self._modules["lipsum"] = rft.LipsumLoss(weight=cfg.lipsum_lambda, num_texts=cfg.lipsum_num_texts,
+                                                     text_length=cfg.lipsum_text_length)
 
     def _seed(self, step: int, salt: int) -> int:
         return (self.cfg.seed * 1_000_003 + step * 7_919 + self.rank * 104_729 + salt) % (2**63 - 1)
@@ -193,9 +189,7 @@ class MethodLoss:
     def __call__(self, out: dict[str, torch.Tensor], labels: torch.Tensor, images: torch.Tensor,
                  inputs: StepInputs, step: int) -> dict[str, torch.Tensor]:
         """The weighted loss terms of this step (their sum is the loss)."""
-        import robustft_ext as rft
-
-        cfg, terms = self.cfg, {}
+        terms = {}
         img, scale = out["image_features"], out["logit_scale"]
         if self.method.base == "flyp":
             terms["clip"] = self._modules["clip"](img, out["text_features"], scale)
@@ -208,52 +202,27 @@ class MethodLoss:
             elif reg == "dive":
                 image_pre = self.frozen.image_features(inputs.extra_images)
                 text_pre = self.frozen.text_features(inputs.extra_texts)
-                center = self._center(img.shape[1], img.device)
-                avl, pvl = rft.dive_loss(out["extra_image_features"], out["extra_text_features"],
-                                         image_pre, text_pre, center)
-                terms["dive"] = cfg.dive_lambda * (avl + pvl)
-                self._pending = (out["extra_image_features"].detach() - image_pre,
-                                 out["extra_text_features"].detach() - text_pre)
+                terms["dive"] = self._modules["dive"](out["extra_image_features"], out["extra_text_features"],
+                                                      image_pre, text_pre)
             elif reg == "lipsum":
+                lipsum = self._modules["lipsum"]
                 g = torch.Generator().manual_seed(self._seed(step, 43))
-                clip = self.frozen.clip
-                ctx = int(getattr(clip, "context_length", 77))
-                sot = getattr(self.tokenizer, "sot_token_id", None)
-                eot = getattr(self.tokenizer, "eot_token_id", None)
-                if sot is None or eot is None:
-                    raise ValueError("lipsum needs a tokenizer with start/end token ids (open_clip's BPE)")
-                tokens = random_text_tokens(cfg.lipsum_num_texts, cfg.lipsum_text_length, ctx, sot, eot, g)
-                texts = self.frozen.text_features(tokens.to(img.device))
+                texts = lipsum.random_text_features(self.frozen.clip, self.tokenizer, g).float()
                 image_pre = self.frozen.image_features(images)
-                terms["lipsum"] = cfg.lipsum_lambda * rft.lipsum_loss(img, image_pre, texts,
-                                                                      self.frozen.logit_scale)
+                terms["lipsum"] = lipsum(img, image_pre, texts, self.frozen.logit_scale)
         return terms
 
-    def _center(self, dim: int, device: torch.device) -> torch.Tensor:
-        if self.center is None:
-            self.center = torch.zeros(dim, device=device)
-        return self.center
-
     def after_step(self) -> None:
-        """DiVE: m <- beta m + (1 - beta) mean_j (u_j + v_j) / 2 (averaged over processes)."""
-        pending = getattr(self, "_pending", None)
-        if pending is None:
-            return
-        u, v = pending
-        batch_mean = ((u + v) / 2).mean(0)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(batch_mean)
-            batch_mean /= self.world_size
-        beta = self.cfg.dive_momentum
-        self.center = beta * self.center + (1 - beta) * batch_mean
-        self._pending = None
+        """Hook after each optimiser step (DiVELoss updates its centre in its own forward)."""
 
     def state_dict(self) -> dict:
-        return {"center": None if self.center is None else self.center.cpu()}
+        return {name: m.state_dict() for name, m in self._modules.items() if name == "dive"}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        c = state.get("center")
-        self.center = None if c is None else c.to(device)
+        if "dive" in state and "dive" in self._modules:
+            self._modules["dive"].load_state_dict(state["dive"])
+            self._modules["dive"].to(device)
 
+    @property
+    def dive_center(self) -> torch.Tensor | None:
+        return self._modules["dive"].center if "dive" in self._modules else None

@@ -127,10 +127,14 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
         if (n // (batch * world)) // cfg.accum_steps == 0 and any(m.trains for m in methods):
             raise DriverError(f"{phase_name}: the training set has {n} images, fewer than one optimiser step "
                               f"(--batch-size {batch} x {world} processes x --accum-steps {cfg.accum_steps})")
-    if any("lipsum" in m.regularisers for m in methods if m.spec not in unavailable) and not (
-            hasattr(tokenizer, "sot_token_id") and hasattr(tokenizer, "eot_token_id")):
-        raise DriverError(f"--methods lipsum: the tokenizer of {model_name} has no start/end token ids "
-                          "to build random texts from (it needs open_clip's BPE tokenizer)")
+    if any("lipsum" in m.regularisers for m in methods if m.spec not in unavailable):
+        import robustft_ext
+
+        try:  # the random texts must fit the tokenizer (type, context length)
+            robustft_ext.LipsumLoss(num_texts=1, text_length=cfg.lipsum_text_length).random_tokens(
+                tokenizer, torch.Generator())
+        except (TypeError, ValueError) as e:
+            raise DriverError(f"--methods lipsum with model {model_name}: {e} (--lipsum-text-length)") from e
     if any(m.base == "ft" for m in methods) and not train.classnames:
         raise DriverError("--classnames: class names are needed for the ft head")
     id_eval = next(e for e in evals if e.name == id_set)
@@ -162,7 +166,7 @@ def _train(p: Prepared, module: TrainModule, method: Method, phase: Phase, sourc
            frozen: FrozenEncoders | None):
     cfg, info = p.cfg, p.info
     view = TrainView(source.dataset, source.classnames, p.templates, cfg.seed)
-    loss_fn = MethodLoss(method, cfg, info.rank, info.world_size, frozen, p.tokenizer, view)
+    loss_fn = MethodLoss(method, cfg, info.rank, info.world_size, frozen, p.tokenizer, view, info.device)
     ckpt_dir = os.path.join(p.run_dir, "checkpoints", phase.name)
     log_path = os.path.join(p.run_dir, "logs", f"{phase.name}.jsonl")
     if info.is_main:

@@ -182,7 +182,7 @@ def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: Metho
             history.append(row)
             terms_acc = {}
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.3g}")
             at_epoch_end = step % per_epoch == 0
             due = time.perf_counter() - last_save >= EPOCH_CHECKPOINT_MIN_S
             if step < total and ((at_epoch_end and due) or (save_every_steps and step % save_every_steps == 0)):
@@ -195,7 +195,7 @@ def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: Metho
         bar.close()
         if info.is_main and not interactive and history:  # logs: one line per epoch instead of a bar
             print(f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} step {step}/{total} "
-                  f"loss {history[-1]['loss']:.4f} {history[-1]['images_per_s']:.0f} img/s", flush=True)
+                  f"loss {history[-1]['loss']:.4f} {history[-1]['images_per_s']:.3g} img/s", flush=True)
     if info.is_main:
         checkpoint.atomic_save({"model": module.state_dict(), "method_state": loss_fn.state_dict(),
                                 "history": history, "phase": phase.name, "steps": step}, final_path)
