@@ -10,6 +10,7 @@ from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, 
 from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
 from .regularisers import DiVELoss, LipsumLoss
+from .robust_ft import RobustFTLoss
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "ClipLoss",
     "DiVELoss",
     "LipsumLoss",
+    "RobustFTLoss",
     "M2MixLoss",
     "SigLipLoss",
     "available_backends",

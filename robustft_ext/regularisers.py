@@ -126,38 +126,53 @@ class DiVELoss(nn.Module):
                                  f"are on {device}: move the module with .to({str(device)!r})")
         return xs
 
-    def forward(self, image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
-                text_pre: torch.Tensor, output_dict: bool = False
-                ) -> torch.Tensor | dict[str, torch.Tensor]:
-        xs = self._check_inputs((image_ft, text_ft, image_pre, text_pre))
+    def center_for_loss(self, image_ft: torch.Tensor, text_ft: torch.Tensor,
+                        image_pre: torch.Tensor, text_pre: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(m for this step's loss, the batch centre or None) for checked inputs.
+
+        "ema": a copy of the buffer (it is updated in place after the step, and a backend may
+        keep its input for the backward), sizing it at the first call. "batch": the detached
+        batch mean of (u + v) / 2, averaged across ranks, returned twice.
+        """
+        xs = (image_ft, text_ft, image_pre, text_pre)
         dtype = xs[0].dtype
         for x in xs[1:]:
             dtype = torch.promote_types(dtype, x.dtype)
         acc = acc_dtype(dtype)
         if not self.initialized:
             self.center = torch.zeros(xs[0].shape[1], dtype=acc, device=xs[0].device)
-        update = self.training
         if self.center_mode == "batch":
             with torch.no_grad():
                 u = xs[0].detach().to(acc) - xs[2].detach().to(acc)
                 v = xs[1].detach().to(acc) - xs[3].detach().to(acc)
                 center = _mean_across_ranks(((u + v) / 2).mean(0))
-            avl, pvl = functional.dive_loss(*xs, center, backend=self.backend)
-            new_center = center
+            return center, center
+        return self.center.detach().clone(), None
+
+    def update_center(self, diff_mean: torch.Tensor | None, batch_center: torch.Tensor | None) -> None:
+        """After a training step: m <- momentum m + (1 - momentum) mean_ranks(diff_mean) ("ema"),
+        or m <- the batch centre ("batch"). Nothing in eval mode."""
+        if not self.training:
+            return
+        with torch.no_grad():
+            if self.center_mode == "batch":
+                self.center.copy_(batch_center)
+                return
+            diff_mean = _mean_across_ranks(diff_mean.detach().to(self.center.dtype))
+            self.center.copy_(self.momentum * self.center + (1.0 - self.momentum) * diff_mean)
+
+    def forward(self, image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
+                text_pre: torch.Tensor, output_dict: bool = False
+                ) -> torch.Tensor | dict[str, torch.Tensor]:
+        xs = self._check_inputs((image_ft, text_ft, image_pre, text_pre))
+        center, batch_center = self.center_for_loss(*xs)
+        if self.training and self.center_mode == "ema":
+            avl, pvl, diff_mean = functional.dive_terms(*xs, center, backend=self.backend)
         else:
-            # A copy: the buffer is updated in place below, and a backend may keep its input
-            # for the backward.
-            center = self.center.detach().clone()
-            if update:
-                avl, pvl, diff_mean = functional.dive_terms(*xs, center, backend=self.backend)
-                with torch.no_grad():
-                    diff_mean = _mean_across_ranks(diff_mean.detach().to(self.center.dtype))
-                    new_center = self.momentum * self.center + (1.0 - self.momentum) * diff_mean
-            else:
-                avl, pvl = functional.dive_loss(*xs, center, backend=self.backend)
-        if update:
-            with torch.no_grad():
-                self.center.copy_(new_center)
+            avl, pvl = functional.dive_loss(*xs, center, backend=self.backend)
+            diff_mean = None
+        self.update_center(diff_mean, batch_center)
         if output_dict:
             return {"dive_avl_loss": self.weight * avl, "dive_pvl_loss": self.weight * pvl}
         return self.weight * (avl + pvl)
