@@ -50,7 +50,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 DEFAULT_CSV = HERE / "results.csv"
 
-LOSSES = ("clip", "siglip", "m2mix", "clip_m2mix")
+LOSSES = ("clip", "siglip", "m2mix", "clip_m2mix", "robust_step")
 PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl",
              "native-separate")
 MODES = ("forward", "backward", "full")
@@ -81,6 +81,9 @@ CLIP_SCALE = 1.0 / 0.07
 SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0
 # m^2-mix: the paper's code puts CLIP at scale 100 and the m^2 term at 1/0.07, weight w.
 M2_LAM, M2_SCALE, M2_WEIGHT = 0.3, 1.0 / 0.07, 0.01
+# A robust fine-tuning step: CLIP + w m^2 + Lipsum-FT (K random texts, lambda 1) + DiVE
+# (lambda 1000) on a reference batch of the training batch's size.
+LIPSUM_K, LIPSUM_WEIGHT, DIVE_WEIGHT = 80, 1.0, 1000.0
 
 # Fixed glibc mmap threshold for CPU workers: without it glibc raises the threshold after
 # large frees and later buffers come from the heap, whose pages are not returned.
@@ -142,12 +145,16 @@ def skip_reason(loss: str, provider: str, device: torch.device, dtype: torch.dty
             return unavailable_reason(provider, device, dtype)
         except Exception as exc:  # noqa: BLE001 - a broken backend is a skip with the reason
             return f"{provider} backend check failed ({type(exc).__name__}: {exc})"
-    if provider == "native-separate":
+    if provider == "native-separate" and loss != "robust_step":
         if loss != "clip_m2mix":
-            return "native-separate (CLIP and m^2 by two separate fused calls) is for clip_m2mix"
+            return ("native-separate (the terms by separate fused calls) is for clip_m2mix and "
+                    "robust_step")
         from robustft_ext.backends import unavailable_reason
         return unavailable_reason("native", device, dtype)
-    if loss in ("m2mix", "clip_m2mix") and provider in ("open_clip", "inf_cl"):
+    if provider == "native-separate" and loss == "robust_step":
+        from robustft_ext.backends import unavailable_reason
+        return unavailable_reason("native", device, dtype)
+    if loss in ("m2mix", "clip_m2mix", "robust_step") and provider in ("open_clip", "inf_cl"):
         return f"{provider} has no m^2-mix loss"
     if provider == "open_clip":
         try:
@@ -188,6 +195,8 @@ def make_loss_fn(loss: str, provider: str, d: int | None = None) -> LossFn:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
     if loss in ("m2mix", "clip_m2mix"):
         return _m2mix_loss_fn(loss, provider)
+    if loss == "robust_step":
+        return _robust_step_fn(provider)
     if provider in ("reference", "native", "triton"):
         backend = provider
         if loss == "clip":
@@ -248,6 +257,52 @@ def _m2mix_loss_fn(loss: str, provider: str) -> LossFn:
     raise ValueError(f"{provider!r} has no m^2-mix loss")
 
 
+def _robust_step_fn(provider: str) -> LossFn:
+    """A RobustFTLoss step with every term on. The extra inputs (pre-trained image features,
+    random-text features, the reference batch) are made once per shape from a fixed seed;
+    their gradients (the reference batch's) are part of the backward."""
+    import robustft_ext as rft
+
+    extras: dict = {}
+
+    def inputs(a: torch.Tensor) -> dict:
+        key = (a.shape, a.dtype, a.device)
+        if key not in extras:
+            g = torch.Generator(device="cpu").manual_seed(1)
+            unit = lambda *s: torch.nn.functional.normalize(  # noqa: E731
+                torch.randn(*s, generator=g), dim=-1).to(device=a.device, dtype=a.dtype)
+            n, d = a.shape
+            extras.clear()
+            extras[key] = dict(image_pre=unit(n, d), random_text_features=unit(LIPSUM_K, d),
+                               ref_image_ft=unit(n, d).requires_grad_(),
+                               ref_text_ft=unit(n, d).requires_grad_(), ref_image_pre=unit(n, d),
+                               ref_text_pre=unit(n, d))
+        return extras[key]
+
+    weights = dict(m2_weight=M2_WEIGHT, lipsum_weight=LIPSUM_WEIGHT, dive_weight=DIVE_WEIGHT)
+    if provider == "native-separate":
+        def separate(a, b, s, bias):
+            x = inputs(a)
+            avl, pvl = rft.dive_loss(x["ref_image_ft"], x["ref_text_ft"], x["ref_image_pre"],
+                                     x["ref_text_pre"], torch.zeros(a.shape[1], device=a.device),
+                                     backend="native")
+            return (rft.clip_loss(a, b, s, backend="native")
+                    + M2_WEIGHT * rft.m2mix_loss(a, b, M2_SCALE, M2_LAM, backend="native")
+                    + LIPSUM_WEIGHT * rft.lipsum_loss(a, x["image_pre"], x["random_text_features"],
+                                                      100.0, backend="native")
+                    + DIVE_WEIGHT * (avl + pvl))
+        return separate
+    backend = "reference" if provider == "reference+compile" else provider
+    module = rft.RobustFTLoss(**weights, m2_lam=M2_LAM, m2_logit_scale=M2_SCALE, backend=backend)
+
+    def step(a, b, s, bias):
+        return module(a, b, s, pre_logit_scale=100.0, **inputs(a))
+    if provider == "reference+compile":
+        torch._dynamo.reset()
+        return torch.compile(step, dynamic=False)
+    return step
+
+
 def _weighted(clip: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
     return clip + M2_WEIGHT * m2
 
@@ -259,8 +314,8 @@ def make_inputs(loss: str, n: int, d: int, dtype: torch.dtype, device: torch.dev
     b = torch.nn.functional.normalize(a + 0.5 * torch.randn(n, d, generator=g), dim=1)
     a = a.to(device=device, dtype=dtype).requires_grad_()
     b = b.to(device=device, dtype=dtype).requires_grad_()
-    if loss in ("clip", "m2mix", "clip_m2mix"):
-        scale = torch.tensor(CLIP_SCALE if loss != "clip_m2mix" else 100.0,
+    if loss in ("clip", "m2mix", "clip_m2mix", "robust_step"):
+        scale = torch.tensor(CLIP_SCALE if loss in ("clip", "m2mix") else 100.0,
                              device=device).requires_grad_()
         bias = None
     else:
@@ -591,15 +646,16 @@ def _default_for(loss: str, provider: str) -> bool:
     """Whether a provider is in this loss's default list (no rows for providers that have no
     such loss at all)."""
     if provider == "native-separate":
-        return loss == "clip_m2mix"
+        return loss in ("clip_m2mix", "robust_step")
     if provider in ("open_clip", "inf_cl"):
-        return loss not in ("m2mix", "clip_m2mix")
+        return loss not in ("m2mix", "clip_m2mix", "robust_step")
     return True
 
 
 def build_parser(loss: str) -> argparse.ArgumentParser:
     name = {"clip": "CLIP", "siglip": "SigLIP", "m2mix": "m^2-mix",
-            "clip_m2mix": "CLIP + m^2-mix (one fused pass)"}[loss]
+            "clip_m2mix": "CLIP + m^2-mix (one fused pass)",
+            "robust_step": "a RobustFTLoss step: CLIP + m^2 + Lipsum-FT + DiVE"}[loss]
     epilog = (f"defaults on a GPU: --n {' '.join(map(str, GPU_DEFAULTS['n']))} "
               f"--d {' '.join(map(str, GPU_DEFAULTS['d']))} --dtype {GPU_DEFAULTS['dtype']} "
               f"--providers {' '.join(GPU_DEFAULTS['providers'])}\n"

@@ -1,8 +1,9 @@
 """pytest-benchmark micro-benchmarks: the providers of benchmarks/ at a small size on CPU.
 
 N=256, D=64, float32, one thread, full mode (forward + backward, the scale's gradient included), for the
-CLIP and SigLIP losses with the reference, native and open_clip providers, and for m^2-mix alone
-and CLIP + m^2 (one fused pass, or two fused calls: native-separate). The loss functions
+CLIP and SigLIP losses with the reference, native and open_clip providers, for m^2-mix alone,
+CLIP + m^2 (one fused pass, or two fused calls: native-separate) and a whole RobustFTLoss step
+(CLIP + m^2 + Lipsum-FT + DiVE: one fused pass, or one fused call per term). The loss functions
 and inputs are those of benchmarks/_harness.py. Each benchmark also checks that the loss it
 timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
@@ -47,7 +48,9 @@ def one_thread():
 
 CASES = ([(loss, p) for loss in ("clip", "siglip") for p in ("reference", "native", "open_clip")]
          + [("m2mix", "reference"), ("m2mix", "native"), ("clip_m2mix", "reference"),
-            ("clip_m2mix", "native"), ("clip_m2mix", "native-separate")])
+            ("clip_m2mix", "native"), ("clip_m2mix", "native-separate"),
+            ("robust_step", "reference"), ("robust_step", "native"),
+            ("robust_step", "native-separate")])
 
 
 @pytest.mark.parametrize("loss,provider", CASES)

@@ -1,0 +1,24 @@
+"""Benchmark a whole robust fine-tuning step: RobustFTLoss with CLIP + w m^2 + Lipsum-FT + DiVE.
+
+  python benchmarks/bench_robust_step.py            # reference (every term eager, full logits),
+                                                    #   reference+compile, native (one fused pass),
+                                                    #   native-separate (one fused call per term),
+                                                    #   triton
+  python benchmarks/bench_robust_step.py --quick
+  python benchmarks/bench_robust_step.py --n 8192 --providers reference native --modes full
+
+Inputs: the training batch [N, D], its pre-trained image features, K = 80 random-text features,
+and a DiVE reference batch of N pairs (their gradients are part of the backward). Rows go to
+benchmarks/results.csv with loss "robust_step"; compare with the "clip" rows of bench_clip.py
+(the target: the fused step at most 1.8x our fused CLIP loss alone). Every other flag is
+bench_clip.py's (see _harness.py).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("robust_step")
