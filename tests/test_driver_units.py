@@ -135,3 +135,34 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path):
         checkpoint.atomic_save({"x": torch.arange(5), "bad": Unpicklable()}, path)
     assert torch.equal(checkpoint.load(path)["x"], torch.arange(3))  # the old checkpoint is intact
     assert os.listdir(tmp_path / "ck") == ["last.pt"]  # no temporary file left behind
+
+
+def test_model_names_and_configs(tmp_path):
+    import json
+
+    from robustft_train.errors import DriverError
+    from robustft_train.models import EMBEDDED_MODEL_CONFIG, resolve_model_name
+
+    assert resolve_model_name("ViT-B-32", str(tmp_path)) == "ViT-B-32"  # a built-in name (not built here)
+    assert resolve_model_name("ViT-B/32", str(tmp_path)) == "ViT-B-32"
+    path = tmp_path / "my-tiny.json"
+    path.write_text(json.dumps({"model_cfg": EMBEDDED_MODEL_CONFIG}))  # open_clip_config.json layout
+    assert resolve_model_name(str(path), str(tmp_path / "reg")) == "my-tiny"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(DriverError, match="missing"):
+        resolve_model_name(str(bad), str(tmp_path / "reg"))
+    with pytest.raises(DriverError, match="did you mean"):
+        resolve_model_name("ViT-B-31", str(tmp_path))
+
+
+def test_embedded_images_follow_the_model_input_size():
+    from robustft_train import embedded
+
+    _, train, evals, _ = embedded.build(0.1, model_size=48)
+    assert train.dataset.image(0).shape == (3, 48, 48)
+    assert all(e.dataset.image(0).shape == (3, 48, 48) for e in evals)
+    _, train32, _, _ = embedded.build(0.1)
+    assert train32.dataset.image(0).shape == (3, 32, 32)
+    assert {e.role for e in evals} == {"id", "ood", "zeroshot"}
+    assert [e.name for e in evals] == ["val", "test", "rotate", "invert", "noise", "blur", "digits5-9"]

@@ -61,15 +61,22 @@ class ImageSet(Dataset):
 
 
 class TensorImageSet(ImageSet):
-    """Images already in memory as a [N, C, H, W] float tensor (the embedded default)."""
+    """Images already in memory as a [N, C, H, W] float tensor (the embedded default), resized
+    bilinearly on the fly when the model takes another `size`."""
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int], captions: list[str] | None = None):
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], captions: list[str] | None = None,
+                 size: tuple[int, int] | None = None):
         self.images = images
         self.labels = [int(v) for v in labels]
         self.captions = captions
+        self.size = None if size is None or tuple(size) == tuple(images.shape[-2:]) else tuple(size)
 
     def image(self, i: int) -> torch.Tensor:
-        return self.images[i]
+        img = self.images[i]
+        if self.size is not None:
+            img = torch.nn.functional.interpolate(img[None], size=self.size, mode="bilinear",
+                                                  align_corners=False)[0]
+        return img
 
 
 class FileImageSet(ImageSet):

@@ -61,8 +61,11 @@ def shift(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown shift {kind!r}")
 
 
-def build(fraction: float = 1.0) -> tuple[TrainSource, TrainSource, list[EvalSet], list[str]]:
-    """(pretraining source, fine-tuning source, evaluation sets, templates)."""
+def build(fraction: float = 1.0, model_size: int | tuple[int, int] = IMAGE_SIZE
+          ) -> tuple[TrainSource, TrainSource, list[EvalSet], list[str]]:
+    """(pretraining source, fine-tuning source, evaluation sets, templates); images are resized
+    to `model_size` when a --model with another input size is used."""
+    size = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
     x, y = _load_digits()
     rng = np.random.default_rng(DATA_SEED)
     order = rng.permutation(len(y))
@@ -80,7 +83,7 @@ def build(fraction: float = 1.0) -> tuple[TrainSource, TrainSource, list[EvalSet
         labels = [int(v) for v in y[idx]]
         if label_map is not None:
             labels = [label_map.index(v) for v in labels]
-        return TensorImageSet(_to_model_input(imgs), labels)
+        return TensorImageSet(_to_model_input(imgs), labels, size=size)
 
     pretrain = TrainSource(tensor_set(pre), list(DIGIT_NAMES))
     ft_names = [DIGIT_NAMES[c] for c in FINETUNE_CLASSES]

@@ -10,7 +10,6 @@ loss on image / class-prompt pairs; everything trains). Regularisers add a term 
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 

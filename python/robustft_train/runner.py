@@ -77,7 +77,8 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
     notes: list[str] = []
     pretrain = None
     if cfg.embedded:
-        pretrain, train, evals, emb_templates = embedded.build(cfg.embedded_fraction)
+        pretrain, train, evals, emb_templates = embedded.build(
+            cfg.embedded_fraction, preprocess_cfg(clip).get("size", embedded.IMAGE_SIZE))
         if cfg.templates is None:
             templates = emb_templates
         if cfg.pretrained is None and cfg.pretrain_epochs == 0:
