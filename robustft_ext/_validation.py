@@ -160,3 +160,14 @@ def check_lipsum_inputs(image_ft: object, image_pre: object, random_text_feature
     check_same_device({"image_ft": f, "image_pre": f0, "random_text_features": g})
     dtype = torch.promote_types(torch.promote_types(f.dtype, f0.dtype), g.dtype)
     return f.to(dtype), f0.to(dtype), g.to(dtype)
+
+
+def check_positive_float(value: object, name: str, *, optional: bool = False) -> float | None:
+    """A finite positive float (None passes when optional)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        what = "None or a finite positive float" if optional else "a finite positive float"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)

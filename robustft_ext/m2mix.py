@@ -6,7 +6,8 @@ import math
 import torch
 from torch import nn
 
-from ._validation import check_features, check_same_batch, check_same_dim, check_weight
+from ._validation import (check_features, check_positive_float, check_same_batch, check_same_dim,
+                          check_weight)
 from .functional import Scalar, clip_loss, clip_m2mix_loss, m2mix_loss, slerp
 
 
@@ -43,14 +44,31 @@ def sample_beta(alpha: float, generator: torch.Generator | None = None) -> float
     torch.distributions.Beta cannot take a generator; this draws two Gamma(alpha) variates with
     the generator's own uniforms and normals, so a seeded generator reproduces the sequence.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-            or alpha <= 0:
-        raise ValueError(f"alpha must be a finite positive float, got {alpha!r}")
+    alpha = check_positive_float(alpha, "alpha")
     gen = generator if generator is not None else torch.default_generator
     log_x = _log_gamma_sample(float(alpha), gen)
     log_y = _log_gamma_sample(float(alpha), gen)
     # x / (x + y) = sigmoid(log x - log y)
     return 1.0 / (1.0 + math.exp(min(log_y - log_x, 700.0)))
+
+
+class LamSampler:
+    """The mix ratio of each step: the fixed `lam`, else one Beta(alpha, alpha) draw from
+    `generator` (torch's default generator when None)."""
+
+    def __init__(self, alpha: float, lam: float | None, generator: torch.Generator | None,
+                 names: tuple[str, str] = ("alpha", "lam")) -> None:
+        self.alpha = check_positive_float(alpha, names[0])
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                or not 0.0 <= lam <= 1.0):
+            raise ValueError(f"{names[1]} must be None or a float in [0, 1], got {lam!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.lam = None if lam is None else float(lam)
+        self.generator = generator
+
+    def draw(self) -> float:
+        return self.lam if self.lam is not None else sample_beta(self.alpha, self.generator)
 
 
 class M2MixLoss(nn.Module):
@@ -76,35 +94,20 @@ class M2MixLoss(nn.Module):
                  text_mix_weight: float = 0.0, m2_logit_scale: float | None = None,
                  backend: str | None = None) -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-                or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha must be a finite positive float, got {alpha!r}")
-        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
-                                or not 0.0 <= lam <= 1.0):
-            raise ValueError(f"lam must be None or a float in [0, 1], got {lam!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if m2_logit_scale is not None and (
-                isinstance(m2_logit_scale, bool) or not isinstance(m2_logit_scale, (int, float))
-                or not math.isfinite(m2_logit_scale) or m2_logit_scale <= 0):
-            raise ValueError(f"m2_logit_scale must be None or a finite positive float, "
-                             f"got {m2_logit_scale!r}")
-        self.alpha = float(alpha)
-        self.lam = None if lam is None else float(lam)
-        self.generator = generator
+        self.sampler = LamSampler(alpha, lam, generator)
         self.m2_weight = check_weight(m2_weight, "m2_weight")
         self.clip_weight = check_weight(clip_weight, "clip_weight")
         self.image_mix_weight = check_weight(image_mix_weight, "image_mix_weight")
         self.text_mix_weight = check_weight(text_mix_weight, "text_mix_weight")
         if not any((self.m2_weight, self.clip_weight, self.image_mix_weight, self.text_mix_weight)):
             raise ValueError("every term weight is 0: enable at least one term")
-        self.m2_logit_scale = None if m2_logit_scale is None else float(m2_logit_scale)
+        self.m2_logit_scale = check_positive_float(m2_logit_scale, "m2_logit_scale", optional=True)
         self.backend = backend
         self.last_lam: float | None = None
 
     def draw_lam(self) -> float:
         """The lam of the next step: the fixed lam, else one Beta(alpha, alpha) draw."""
-        return self.lam if self.lam is not None else sample_beta(self.alpha, self.generator)
+        return self.sampler.draw()
 
     def _unimodal(self, mixed_first: bool, image: torch.Tensor, text: torch.Tensor,
                   scale: Scalar, lam: float) -> torch.Tensor:

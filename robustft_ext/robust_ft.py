@@ -2,18 +2,16 @@
 from one module, and on the fused backends from one pass."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import reference
-from ._validation import (acc_dtype, check_dive_inputs, check_lam, check_lipsum_inputs,
+from ._validation import (check_dive_inputs, check_lam, check_lipsum_inputs, check_positive_float,
                           check_scalar, check_weight, pair_inputs)
 from .autograd import RobustStepFunction
 from .backends import select_backend
 from .functional import Scalar, dive_terms
-from .m2mix import sample_beta
+from .m2mix import LamSampler
 from .regularisers import DiVELoss
 
 TERMS = ("contrastive_loss", "m2mix_loss", "lipsum_loss", "dive_avl_loss", "dive_pvl_loss")
@@ -53,23 +51,8 @@ class RobustFTLoss(nn.Module):
         self.lipsum_weight = check_weight(lipsum_weight, "lipsum_weight")
         if not any((self.clip_weight, self.m2_weight, self.dive_weight, self.lipsum_weight)):
             raise ValueError("every term weight is 0: enable at least one term")
-        if isinstance(m2_alpha, bool) or not isinstance(m2_alpha, (int, float)) \
-                or not math.isfinite(m2_alpha) or m2_alpha <= 0:
-            raise ValueError(f"m2_alpha must be a finite positive float, got {m2_alpha!r}")
-        if m2_lam is not None and (isinstance(m2_lam, bool) or not isinstance(m2_lam, (int, float))
-                                   or not 0.0 <= m2_lam <= 1.0):
-            raise ValueError(f"m2_lam must be None or a float in [0, 1], got {m2_lam!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if m2_logit_scale is not None and (
-                isinstance(m2_logit_scale, bool) or not isinstance(m2_logit_scale, (int, float))
-                or not math.isfinite(m2_logit_scale) or m2_logit_scale <= 0):
-            raise ValueError(f"m2_logit_scale must be None or a finite positive float, "
-                             f"got {m2_logit_scale!r}")
-        self.m2_alpha = float(m2_alpha)
-        self.m2_lam = None if m2_lam is None else float(m2_lam)
-        self.generator = generator
-        self.m2_logit_scale = None if m2_logit_scale is None else float(m2_logit_scale)
+        self.sampler = LamSampler(m2_alpha, m2_lam, generator, names=("m2_alpha", "m2_lam"))
+        self.m2_logit_scale = check_positive_float(m2_logit_scale, "m2_logit_scale", optional=True)
         # The DiVE centre and its update rule; its weight is applied here.
         self.dive = DiVELoss(weight=1.0, momentum=dive_momentum, center_mode=dive_center_mode,
                              dim=dive_dim, backend=backend)
@@ -89,7 +72,7 @@ class RobustFTLoss(nn.Module):
         dtype, device, acc = x.a.dtype, x.a.device, x.scale.dtype
         lam_t = m2_scale = None
         if with_m2:
-            lam = self.m2_lam if self.m2_lam is not None else sample_beta(self.m2_alpha, self.generator)
+            lam = self.sampler.draw()
             self.last_lam = lam
             lam_t = check_lam(lam, device, acc)
             m2_scale = x.scale if self.m2_logit_scale is None else check_scalar(

@@ -41,3 +41,17 @@ def assert_close_rel(x: torch.Tensor, ref: torch.Tensor, bound: float, what: str
     assert torch.isfinite(x).all(), f"{what}: non-finite values"
     err = rel_err(x, ref, floor)
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g}"
+
+
+def assert_compiled_matches(step, args: tuple, wrt: list[torch.Tensor], device: str):
+    """torch.compile(step, fullgraph=True) (aot_eager on CPU, where Inductor cannot compile user
+    Triton kernels; Inductor on CUDA) gives eager's value and gradients wrt `wrt`. Returns the
+    compiled function."""
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
+    out, eager = compiled(*args), step(*args)
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6), (out, eager)
+    for x, y in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(eager, wrt)):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    return compiled

@@ -8,7 +8,7 @@ import torch
 import robustft_ext as rft
 from robustft_ext.functional import dive_terms
 from conftest import DEVICES, require_backend
-from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, rel_err
+from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, assert_compiled_matches, rel_err
 
 TRITON_MAX = 24
 
@@ -165,7 +165,6 @@ def test_opcheck(device, backend):
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_torch_compile_fullgraph(device, backend):
     require_backend(backend, device)
-    torch._dynamo.reset()
     fi, ft, pi, pt, m = _dive_inputs(6, 8, device=device)
     G = _rand((4, 8), device=device)
 
@@ -173,12 +172,7 @@ def test_torch_compile_fullgraph(device, backend):
         avl, pvl = rft.dive_loss(fi, ft, pi, pt, m, backend=backend)
         return avl + pvl + rft.lipsum_loss(fi, pi, G, 5.0, backend=backend)
 
-    compiled = torch.compile(step, fullgraph=True,
-                             backend="aot_eager" if device == "cpu" else "inductor")
-    out, eager = compiled(fi, ft, pi, pt, m, G), step(fi, ft, pi, pt, m, G)
-    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
-    for x, y in zip(torch.autograd.grad(out, [fi, ft]), torch.autograd.grad(eager, [fi, ft])):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches(step, (fi, ft, pi, pt, m, G), [fi, ft], device)
 
 
 def test_bad_inputs():

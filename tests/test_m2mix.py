@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import robustft_ext as rft
 from conftest import DEVICES, require_backend
-from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, features, rel_err
+from helpers import (LOWP_FACTOR, TOLERANCE, assert_close_rel, assert_compiled_matches, features,
+                     rel_err)
 
 TRITON_MAX = 40  # keep shapes small under the Triton interpreter
 
@@ -353,7 +354,6 @@ def test_opcheck_m2mix_ops(device, backend):
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_torch_compile_fullgraph(device, backend):
     require_backend(backend, device)
-    torch._dynamo.reset()
     I, T = features(6, 8, device=device), features(6, 8, device=device)
     scale = torch.tensor(14.3, device=device, requires_grad=True)
     lam = torch.tensor(0.3, device=device)
@@ -362,18 +362,10 @@ def test_torch_compile_fullgraph(device, backend):
         clip, m2 = rft.clip_m2mix_loss(I, T, scale, lam, backend=backend)
         return clip + 0.1 * m2 + rft.slerp(I, T, lam, backend=backend).sum()
 
-    compiled = torch.compile(step, fullgraph=True,
-                             backend="aot_eager" if device == "cpu" else "inductor")
-    out = compiled(I, T, scale, lam)
-    eager = step(I, T, scale, lam)
-    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+    compiled = assert_compiled_matches(step, (I, T, scale, lam), [I, T, scale], device)
     # A new lam is a new tensor value, not a recompilation.
-    out2 = compiled(I, T, scale, torch.tensor(0.8, device=device))
-    assert torch.allclose(out2, step(I, T, scale, torch.tensor(0.8, device=device)),
-                          rtol=1e-5, atol=1e-6)
-    for x, y in zip(torch.autograd.grad(out, [I, T, scale]),
-                    torch.autograd.grad(eager, [I, T, scale])):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    lam2 = torch.tensor(0.8, device=device)
+    assert torch.allclose(compiled(I, T, scale, lam2), step(I, T, scale, lam2), rtol=1e-5, atol=1e-6)
 
 
 # ---- M2MixLoss ---------------------------------------------------------------------------
