@@ -32,8 +32,10 @@ def register_config(name: str, config: dict, folder: str | None = None) -> str:
     folder = folder or tempfile.mkdtemp(prefix="robustft_model_cfg_")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
-    with open(path, "w") as f:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".part", dir=folder)
+    with os.fdopen(fd, "w") as f:  # atomic: other processes of a distributed run may read it now
         json.dump(config, f, indent=2)
+    os.replace(tmp, path)
     open_clip.add_model_config(path)
     return name
 

@@ -111,8 +111,6 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
             if info.is_main:
                 print(f"warning: {w.message}", flush=True)
             notes.append(str(w.message))
-        if train.skipped and info.is_main:
-            print(f"warning: --train-data: {train.skipped} unreadable image(s) skipped", flush=True)
     for m in methods:
         if m.spec in unavailable:
             continue
@@ -125,7 +123,8 @@ def prepare(cfg: Config, info: dist_utils.DistInfo) -> Prepared:
     for phase_name, n, batch in ([("pretrain", len(pretrain.dataset), embedded.PRETRAIN_BATCH_SIZE)]
                                  if pretrain is not None and cfg.pretrain_epochs > 0 and cfg.pretrained is None
                                  else []) + [("fine-tuning", len(train.dataset), cfg.batch_size)]:
-        if (n // (batch * world)) // cfg.accum_steps == 0 and any(m.trains for m in methods):
+        if (n // (batch * world)) // cfg.accum_steps == 0 and any(
+                m.trains for m in methods if m.spec not in unavailable):
             raise DriverError(f"{phase_name}: the training set has {n} images, fewer than one optimiser step "
                               f"(--batch-size {batch} x {world} processes x --accum-steps {cfg.accum_steps})")
     if any("lipsum" in m.regularisers for m in methods if m.spec not in unavailable):
