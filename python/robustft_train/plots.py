@@ -63,7 +63,7 @@ def method_bars(summary: list[dict], sets: list[str], path: str) -> None:
     """Grouped bars: top-1 of each evaluation set (and OOD mean) for each method's summary rows."""
     rows = [r for r in summary if r.get("status", "ok") == "ok"]
     labels = [r["method"] if r["which"] in ("fine-tuned", "zero-shot", "fine-tuned = best WiSE-FT")
-              else f"{r['method']} (WiSE a={r['alpha']:g})" for r in rows]
+              else f"{r['method']} (WiSE-FT alpha {r['alpha']:g})" for r in rows]
     cols = sets + ["ood_mean"]
     fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(cols) * max(1, len(rows))), 4.8), dpi=120)
     width = 0.8 / max(1, len(rows))

@@ -45,11 +45,13 @@ def summarise(rows: list[dict], set_order: list[tuple[str, str]], id_set: str) -
         picks = [max(alphas)] + ([best] if best is not None and best != max(alphas) else [])
         for alpha in picks:
             by_set = {r["eval_set"]: r for r in mrows if r["alpha"] == alpha}
-            s = {"method": m, "status": "ok", "alpha": alpha,
-                 "which": "fine-tuned" if alpha == max(alphas) and m != "zeroshot" else
-                          ("zero-shot" if m == "zeroshot" else "best WiSE-FT")}
-            if alpha == best and alpha == max(alphas) and m != "zeroshot":
-                s["which"] = "fine-tuned = best WiSE-FT"
+            if m == "zeroshot":
+                which = "zero-shot"
+            else:  # the largest alpha is the fine-tuned model itself when the sweep includes 1
+                which = "fine-tuned" if alpha == 1.0 else f"WiSE-FT alpha {alpha:g}"
+                if alpha == best:
+                    which = f"{which} = best WiSE-FT" if alpha == max(alphas) else "best WiSE-FT"
+            s = {"method": m, "status": "ok", "alpha": alpha, "which": which}
             for name, _ in set_order:
                 s[f"{name}"] = by_set.get(name, {}).get("top1")
             accs = [by_set[n]["top1"] for n in ood if n in by_set and by_set[n].get("top1") is not None]
