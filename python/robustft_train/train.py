@@ -174,6 +174,8 @@ def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: Metho
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():  # as open_clip's training loop: the logit scale stays <= 100
+                module.clip.logit_scale.clamp_(0, math.log(100))
             loss_fn.after_step()
             step += 1
             rate = seen / max(time.perf_counter() - t0, 1e-9)
