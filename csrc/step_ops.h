@@ -27,8 +27,6 @@ struct StepKernelSet {
                     at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&);
   void (*grad_cols)(const StepProblem&, const at::Tensor&, const at::Tensor&, at::Tensor&,
                     at::Tensor&);
-  // The slerp weights as the m^2-mix helpers of m2mix_ops.h take them.
-  M2MixKernelSet mix() const { return M2MixKernelSet{slerp_weights, nullptr, nullptr, nullptr}; }
 };
 
 // The arguments of a step op, optional parts as the schema gives them.
@@ -85,7 +83,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
-    auto mix = mix_rows(k.mix(), s.If, s.Tf, a.lam);
+    auto mix = mix_rows(k.slerp_weights, s.If, s.Tf, a.lam);
     p.M = mix.out.to(a.image.scalar_type()).contiguous();
     s.weights = mix.weights;
     p.diag = s.pair_dot * a.m2_scale;
@@ -320,11 +318,11 @@ inline at::Tensor grads_one(const at::Tensor& g, StepTerm term, const at::Tensor
   TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                                  \
     using namespace ::robustft;                                                               \
     m.impl("slerp", [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& lam) {     \
-      return slerp_impl(KERNELS.mix(), a, b, lam);                                            \
+      return slerp_impl(KERNELS.slerp_weights, a, b, lam);                                     \
     });                                                                                       \
     m.impl("slerp_bwd", [](const at::Tensor& g, const at::Tensor& a, const at::Tensor& b,     \
                            const at::Tensor& lam) {                                           \
-      return slerp_bwd_impl(KERNELS.mix(), g, a, b, lam);                                     \
+      return slerp_bwd_impl(KERNELS.slerp_weights, g, a, b, lam);                              \
     });                                                                                       \
     m.impl("m2mix_fwd", [](const at::Tensor& i, const at::Tensor& t, const at::Tensor& sm,    \
                            const at::Tensor& lam, const at::Tensor& sc, bool clip) {          \
