@@ -85,6 +85,14 @@ class Config:
     save_every_steps: int = 0
     stop_after_steps: int = 0
     no_plots: bool = False
+    # sharpness along WiSE-FT (sharpness_cli, README_SHARPNESS.md)
+    analyze_sharpness: bool = False
+    sharpness_rho: float = 0.05
+    sharpness_samples: int = 8
+    sharpness_batch_size: int = 256
+    sharpness_stragglers: str = "std:2"
+    sharpness_measure: str = "random"
+    sharpness_sparsity: str = "0.5"
     # derived
     embedded: bool = False
 
@@ -213,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for testing: checkpoint and stop after N optimiser steps of a training phase, "
                    "as if the run was interrupted (0: off)")
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+
+    from . import sharpness_cli
+
+    g = p.add_argument_group("sharpness along WiSE-FT (also: robustft-train analyze-sharpness --help)")
+    g.add_argument("--analyze-sharpness", action="store_true",
+                   help="after each method's WiSE-FT sweep, measure overall and layer-wise sharpness at every "
+                   "alpha, find the straggler layers, correlate with OOD accuracy and run the sparsity "
+                   "intervention (<run-dir>/sharpness/)")
+    sharpness_cli.add_arguments(g)
     return p
 
 
@@ -286,6 +303,12 @@ def validate(cfg: Config) -> None:
     _check(cfg.device in (None, "cpu", "cuda") or str(cfg.device).startswith("cuda:"),
            f"--device must be cpu or cuda[:N], got {cfg.device!r}")
     parse_alphas(cfg.wise_ft_alphas)
+    from . import sharpness_cli
+
+    try:
+        sharpness_cli.check(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from .methods import parse_methods  # the method grammar lives with the registry
     parse_methods(cfg.methods)
     for flag, path in (("--pretrained", cfg.pretrained), ("--train-data", cfg.train_data),

@@ -226,6 +226,11 @@ def execute(p: Prepared) -> int:
         pre_features = {e.name: encode_images(frozen.clip, e.dataset, cfg.eval_batch_size, device, cfg.workers,
                                               cfg.precision) for e in p.evals}
     rows: list[dict] = []
+    sharp = None
+    if cfg.analyze_sharpness and info.is_main:  # README_SHARPNESS.md
+        from .sharpness_analysis import TrainingHook
+
+        sharp = TrainingHook(p, eval_fn)
 
     # 2. each method from the same zero-shot model
     for method in p.methods:
@@ -247,6 +252,8 @@ def execute(p: Prepared) -> int:
         if info.is_main:
             zs_module = _trainable_module(clip, method, zs_head)  # clip is still the zero-shot model
             sweep = wise_ft.sweep(zs_module, module, cfg.alphas, eval_fn)
+            if sharp is not None:
+                sharp.add(method.spec, zs_module, module, sweep)
             del zs_module
             best = wise_ft.best_alpha(sweep, p.id_set)
             for alpha, rs in sweep:
@@ -259,6 +266,8 @@ def execute(p: Prepared) -> int:
     # 3. the run folder
     if info.is_main:
         _write_outputs(p, rows, training, time.perf_counter() - t_start)
+        if sharp is not None:
+            sharp.report()
     dist_utils.barrier(info)
     return 0
 
