@@ -385,7 +385,7 @@ def _modules(env, model_name, clip, classnames, zs_path, zs_flag, finetuned):
             head = nn.Linear(w.shape[1], w.shape[0], bias=False).to(env.device)
             # WiSE-FT's zero-shot head: logit_scale x the zero-shot class embeddings (as the driver)
             zs_head = make_head(class_embeddings(zs_module.clip, env.tokenizer, classnames, env.templates,
-                                                 env.device), float(zs_module.clip.logit_scale.exp()))
+                                                 env.device), float(zs_module.clip.logit_scale.detach().exp()))
             zs_full["head.weight"] = zs_head.weight.detach().cpu()
         template = TrainModule(copy.deepcopy(clip), head)
         _fit(template, state, "--finetuned", path, model_name)
