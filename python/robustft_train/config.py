@@ -88,7 +88,7 @@ class Config:
     # sharpness along WiSE-FT (sharpness_cli, README_SHARPNESS.md)
     analyze_sharpness: bool = False
     sharpness_rho: float = 0.05
-    sharpness_samples: int = 8
+    sharpness_samples: int = 16
     sharpness_batch_size: int = 256
     sharpness_stragglers: str = "std:2"
     sharpness_measure: str = "random"

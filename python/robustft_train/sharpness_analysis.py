@@ -35,7 +35,7 @@ from .wise_ft import interpolate
 @dataclass
 class SharpnessOptions:
     rho: float = 0.05
-    samples: int = 8
+    samples: int = 16
     batch_size: int = 256
     stragglers: str = "std:2"
     measure: str = "random"          # the measure that picks the stragglers

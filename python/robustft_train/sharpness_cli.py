@@ -20,7 +20,7 @@ import sys
 import time
 
 SUBCOMMAND = "analyze-sharpness"
-DEFAULTS = {"sharpness_rho": 0.05, "sharpness_samples": 8, "sharpness_batch_size": 256,
+DEFAULTS = {"sharpness_rho": 0.05, "sharpness_samples": 16, "sharpness_batch_size": 256,
             "sharpness_stragglers": "std:2", "sharpness_measure": "random", "sharpness_sparsity": "0.5"}
 EMBEDDED_METHODS = "ft,flyp"
 
