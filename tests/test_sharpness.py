@@ -398,6 +398,49 @@ def test_analysis_of_a_finished_run_and_of_explicit_checkpoints(sharp_run, tmp_p
     assert {r["method"] for r in rows} == {"ft", "flyp"} and {r["alpha"] for r in rows} == {1.0}
 
 
+def test_explicit_checkpoints_on_image_folders(sharp_run, tmp_path):
+    """Real-data flags: --eval-data image folders (class names from the ID folder), a zero-shot
+    folder, a templates file; a contrastive (flyp) checkpoint, so any class count works."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+
+    def folder(root, classes, n=4):
+        for c in classes:
+            os.makedirs(root / c)
+            for i in range(n):
+                arr = (torch.rand(20, 20, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(root / c / f"{i}.png")
+        return str(root)
+
+    val = folder(tmp_path / "val", ["zero", "one", "two"])
+    shift = folder(tmp_path / "shift", ["zero", "one", "two"], n=3)
+    zs_task = folder(tmp_path / "task", ["seven", "eight"], n=3)
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of the digit {}.\nthe number {}.\n")
+    ck = os.path.join(sharp_run, "checkpoints")
+    out = str(tmp_path / "out")
+    code = main(["analyze-sharpness", "--zeroshot", os.path.join(ck, "pretrain", "final.pt"),
+                 "--finetuned", os.path.join(ck, "flyp", "final.pt"), "--eval-data", f"val={val}",
+                 "--eval-data", f"shift={shift}", "--zeroshot-data", f"task={zs_task}",
+                 "--templates", str(templates), "--wise-ft-alphas", "0,1", "--samples", "1",
+                 "--sparsity", "0.3", "--run-dir", out, "--threads", "1"])
+    assert code == 0
+    rows = _read(os.path.join(out, "sharpness", "alphas.jsonl"))
+    assert [r["method"] for r in rows] == ["flyp", "flyp"]
+    for r in rows:
+        assert {"top1_val", "top1_shift", "top1_task"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("overall_random", "overall_worst", "id_top1", "ood_mean",
+                                                  "zeroshot_mean"))
+    assert os.path.exists(os.path.join(out, "sharpness", "flyp_layer_sharpness.png"))
+    # ft's head has the embedded model's 5 classes: a 3-class ID set is a clear error
+    with pytest.raises(SystemExit) as e:
+        main(["analyze-sharpness", "--zeroshot", os.path.join(ck, "pretrain", "final.pt"),
+              "--finetuned", os.path.join(ck, "ft", "final.pt"), "--eval-data", f"val={val}",
+              "--run-dir", str(tmp_path / "out2")])
+    assert e.value.code == 2
+
+
 def _bad(argv, capsys, *needles):
     with pytest.raises(SystemExit) as e:
         main(argv)
