@@ -34,7 +34,7 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def("slerp_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor lam) -> (Tensor, Tensor)");
   // m^2-mix loss (METHODS.md section 3) with scale m2_scale, and, when with_clip, the
   // CLIP loss of the same batch with scale clip_scale from the same pass over the tiles.
-  // Returns (m2_loss, clip_loss (0 without clip), lse [4 or 2, n]: see m2mix_kernels.h).
+  // Returns (m2_loss, clip_loss (0 without clip), lse [4 or 2, n]: see step_kernels.h).
   m.def(
       "m2mix_fwd(Tensor image, Tensor text, Tensor m2_scale, Tensor lam, Tensor clip_scale, "
       "bool with_clip) -> (Tensor, Tensor, Tensor)");

@@ -1,5 +1,5 @@
 """Tests of the Triton m^2-mix ops: torch.ops.robustft_triton.{slerp, slerp_bwd, m2mix_fwd,
-m2mix_bwd} (robustft_ext/triton_backend/m2mix_ops.py, m2mix_kernels.py).
+m2mix_bwd} (robustft_ext/triton_backend/step_ops.py, step_kernels.py).
 
 Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1; so does this module, before anything imports triton). The interpreter is

@@ -1,4 +1,4 @@
-// Building blocks of the fused C++ CPU kernels (contrastive_cpu.cpp, m2mix_cpu.cpp).
+// Building blocks of the fused C++ CPU kernels (contrastive_cpu.cpp, step_cpu.cpp).
 //
 // Rows are split into blocks processed in parallel (at::parallel_for); each task streams
 // the column tiles of its block in order. One parallel region per launch keeps the threads
