@@ -179,12 +179,12 @@ def test_backends_noncontiguous_and_scales(device, backend):
                    s_m=1.0, s_c=14.3, upstream=1.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["native", "triton"])
-def test_native_multiblock_cpu_sizes(device, backend):
-    """Sizes past the CPU kernels' row blocks (512) and column tiles (1024)."""
-    if backend == "triton" and device == "cpu":
-        pytest.skip("too large for the Triton interpreter; covered on CUDA")
+@pytest.mark.parametrize("device,backend", [("cpu", "native"),
+                                            pytest.param("cuda", "native", marks=pytest.mark.cuda),
+                                            pytest.param("cuda", "triton", marks=pytest.mark.cuda)])
+def test_multiblock_sizes(device, backend):
+    """Sizes past the CPU kernels' row blocks (512) and column tiles (1024), and several CUDA
+    column splits (too large for the Triton interpreter on CPU)."""
     _check_backend(backend, device, torch.float32, 1100, 8, 0.4, True)
 
 
