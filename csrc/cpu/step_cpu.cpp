@@ -3,12 +3,13 @@
 // dive_* and robust_step_* ops.
 //
 // One parallel region per launch (cpu_tiles.h). Its tasks are the row blocks of the
-// training batch followed by the row blocks of DiVE's reference batch. A training task
-// streams the column tiles of its rows: up to three dot-product tiles per step from
-// sequential ATen matmuls (I_p M_q^T and T_p M_q^T for m^2, I_p T_q^T for CLIP), folded
-// with robustft_maths.h's per-entry maths; then its K Lipsum columns ((I_p - P_p) G^T).
-// A DiVE task folds its reference rows. Per-task partial sums are reduced in task order
-// afterwards, so results do not depend on the thread count's scheduling.
+// training batch; each streams the column tiles of its rows: up to three dot-product tiles
+// per step from sequential ATen matmuls (I_p M_q^T and T_p M_q^T for m^2, I_p T_q^T for
+// CLIP), folded with robustft_maths.h's per-entry maths; then its K Lipsum columns
+// ((I_p - P_p) G^T); then an equal slice of DiVE's reference rows. (DiVE as tasks of their
+// own after the training blocks left one thread with every training block under the static
+// split of at::parallel_for: 1.4x slower on two threads.) Per-task partial sums are reduced
+// in task order afterwards, so results do not depend on the scheduling.
 //
 // The mixed negatives are read from the n x D buffer M that the op body computed: the
 // prologue costs O(n D), and mixing GEMM tiles instead (s <I_p, M_q> = w_a[q] <I_p, I_q> +
@@ -21,6 +22,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "cpu/cpu_tiles.h"
@@ -71,7 +74,17 @@ struct StepTiles {
     }
   }
 
-  int64_t tasks() const { return train.count + (p.with_dive ? ref.count : 0); }
+  // One task per block of training rows, each also folding an equal slice of DiVE's rows
+  // (a cheap O(B' D / tasks) extra): the static split of the tasks over the threads then
+  // balances. Without a training batch, DiVE's own row blocks are the tasks.
+  int64_t tasks() const { return train.count > 0 ? train.count : ref.count; }
+  int64_t ref_per_task() const { return (ref.n + tasks() - 1) / tasks(); }
+  // The DiVE rows [j0, j0 + rows) of a task (possibly none).
+  std::pair<int64_t, int64_t> ref_rows(int64_t task) const {
+    if (!p.with_dive) return {0, 0};
+    const int64_t j0 = std::min(ref.n, task * ref_per_task());
+    return {j0, std::min(ref.n, j0 + ref_per_task()) - j0};
+  }
   // (I_p - P_p) G^T for the rows of a block: the Lipsum entries / s_l.
   at::Tensor lipsum_tile(int64_t i0, int64_t rows, at::Tensor* diff) const {
     *diff = I.narrow(0, i0, rows) - P.narrow(0, i0, rows);
@@ -119,7 +132,7 @@ void step_fwd_impl(const StepProblem& p, at::Tensor& lse, at::Tensor& sums,
   const int64_t D = p.with_dive ? p.dv_fi.size(1) : 0;
   // Per-task partial sums (Lipsum, AVL, PVL) and DiVE column sums, reduced in task order.
   std::vector<T> part(3 * x.tasks(), T(0));
-  std::vector<T> mean_part(p.with_dive ? x.ref.count * D : 0, T(0));
+  std::vector<T> mean_part(p.with_dive ? x.tasks() * D : 0, T(0));
 
   parallel_tasks(x.tasks(), [&](int64_t task) {
     if (task < x.train.count) {
@@ -157,14 +170,14 @@ void step_fwd_impl(const StepProblem& p, at::Tensor& lse, at::Tensor& sums,
         for (int64_t e = 0; e < v.numel(); ++e) acc += mx::lipsum_term(d[e], x.s_l);
         part[3 * task + 0] = acc;
       }
-      return;
     }
-    // A block of DiVE's reference rows.
-    const int64_t b = task - x.train.count, j0 = x.ref.start(b), rows = x.ref.rows(b);
+    // The task's slice of DiVE's reference rows.
+    const auto [j0, rows] = x.ref_rows(task);
+    if (rows == 0) return;
     const T* m = p.center.data_ptr<T>();
     const T *fi = ptr<T>(x.fi), *ft = ptr<T>(x.ft), *pi = ptr<T>(x.pi), *pt = ptr<T>(x.pt);
     T avl = 0, pvl = 0;
-    T* mean = mean_part.data() + b * D;
+    T* mean = mean_part.data() + task * D;
     for (int64_t j = j0; j < j0 + rows; ++j) {
       for (int64_t d = 0; d < D; ++d) {
         const int64_t e = j * D + d;
@@ -197,7 +210,7 @@ void step_fwd_impl(const StepProblem& p, at::Tensor& lse, at::Tensor& sums,
     const T inv = T(1) / T(p.dv_fi.size(0));
     for (int64_t d = 0; d < D; ++d) {
       T acc = 0;
-      for (int64_t b = 0; b < x.ref.count; ++b) acc += mean_part[b * D + d];
+      for (int64_t t = 0; t < x.tasks(); ++t) acc += mean_part[t * D + d];
       out[d] = acc * inv;
     }
   }
@@ -271,9 +284,9 @@ void step_grad_rows_impl(const StepProblem& p, const at::Tensor& grads_t, const 
         for (int64_t e = 0; e < v.numel(); ++e) d[e] = mx::lipsum_dgrad(d[e], x.s_l, w_lip);
         gI.addmm_(v, x.G);
       }
-      return;
     }
-    const int64_t b = task - x.train.count, j0 = x.ref.start(b), rows = x.ref.rows(b);
+    const auto [j0, rows] = x.ref_rows(task);
+    if (rows == 0) return;
     const int64_t D = p.dv_fi.size(1);
     const T* m = p.center.data_ptr<T>();
     const T *fi = ptr<T>(x.fi), *ft = ptr<T>(x.ft), *pi = ptr<T>(x.pi), *pt = ptr<T>(x.pt);
