@@ -295,54 +295,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     stat_dot += static_cast<double>(tile_dot);
     stat_sum += static_cast<double>(tile_sum);
 
-    // out[rows, d0:d0+BD] (+)= scale * dS_tile @ Q[col0:col0+BN, d0:d0+BD].
-    // Thread (ty, tx) owns rows ty*TM + i and feature columns tx + 16*j of the chunk.
-    for (int64_t d0 = 0; d0 < D; d0 += T::BD) {
-      __syncthreads();  // dSs complete; previous chunk's Qs no longer read
-#pragma unroll
-      for (int it = 0; it < T::BN * T::BD / kThreads; ++it) {
-        const int e = threadIdx.x + it * kThreads;
-        const int c = e / T::BD, dd = e % T::BD;
-        const int64_t q = col0 + c, f = d0 + dd;
-        Qs[c][dd] = (q < m && f < D) ? static_cast<acc_t>(Q[q * D + f]) : acc_t(0);
-      }
-      __syncthreads();
-      acc_t o[T::TM][T::TD];
-#pragma unroll
-      for (int i = 0; i < T::TM; ++i)
-#pragma unroll
-        for (int j = 0; j < T::TD; ++j) o[i][j] = acc_t(0);
-#pragma unroll 16
-      for (int c = 0; c < T::BN; ++c) {
-        const Vec<acc_t, T::TM> a = load_vec<T::TM>(&dSs[c][ty * T::TM]);
-#pragma unroll
-        for (int j = 0; j < T::TD; ++j) {
-          const acc_t b = Qs[c][tx + kGrid * j];
-#pragma unroll
-          for (int i = 0; i < T::TM; ++i) o[i][j] += a.v[i] * b;
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < T::TM; ++i) {
-        if (!row_ok[i]) continue;
-        acc_t* orow = out + (row0 + ty * T::TM + i) * D;
-#pragma unroll
-        for (int j = 0; j < T::TD; ++j) {
-          const int64_t f = d0 + tx + kGrid * j;
-          if (f < D) orow[f] = first ? scale * o[i][j] : orow[f] + scale * o[i][j];
-        }
-      }
-    }
+    // out[rows, :] (+)= scale * dS_tile @ Q[col0:col0+BN, :] (the first tile writes).
+    accumulate_dS_rows<scalar_t, acc_t>(dSs, Q, m, D, col0, scale, out, row0, row_ok, !first, Qs);
     first = false;
   }
 
-  if (first) {  // no column tile in this split (the host plan avoids it): write zeros
-    for (int i = 0; i < T::TM; ++i) {
-      if (!row_ok[i]) continue;
-      acc_t* orow = out + (row0 + ty * T::TM + i) * D;
-      for (int64_t f = tx; f < D; f += kGrid) orow[f] = acc_t(0);
-    }
-  }
+  // No column tile in this split (the host plan avoids it): write zeros.
+  if (first) zero_rows(out, row0, D, row_ok);
 
   if (stats_part != nullptr) {  // uniform over the CTA, so block_sum's barriers are safe
     const double sd = block_sum(stat_dot, red);
