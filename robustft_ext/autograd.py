@@ -6,6 +6,16 @@ import torch
 from .backends import fused_ops
 
 
+def untied(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """x, or a differentiable copy of it when it is the very tensor `other`.
+
+    Two inputs of one Function that are the same tensor (the CLIP and m^2 scales by default):
+    under torch.compile (AOT autograd, torch 2.11) only one of the two gradients reached it
+    (tests/test_m2mix.py::test_torch_compile_fullgraph).
+    """
+    return x.clone() if x is other else x
+
+
 class ClipLossFunction(torch.autograd.Function):
     """CLIP loss on a fused backend; saves only the O(n) row/column log-sum-exp."""
 

@@ -7,7 +7,7 @@ from . import reference
 from ._validation import (PairInputs, acc_dtype, check_dive_inputs, check_lam, check_lipsum_inputs,
                           check_scalar, pair_inputs)
 from .autograd import (ClipLossFunction, DiveFunction, LipsumFunction, M2MixFunction,
-                       SigLipLossFunction, SlerpFunction)
+                       SigLipLossFunction, SlerpFunction, untied)
 from .backends import select_backend
 
 Scalar = float | torch.Tensor
@@ -76,13 +76,9 @@ def _m2(x: PairInputs, lam: Scalar, m2_scale: torch.Tensor, clip_scale: torch.Te
         clip = None if clip_scale is None else reference.clip_loss(x.a, x.b, clip_scale, x.bias)
         return m2, clip
     with_clip = clip_scale is not None
-    if clip_scale is m2_scale:
-        # One tensor passed as two inputs of the Function: under torch.compile (AOT autograd,
-        # torch 2.11) only one of its two gradients reached it. A differentiable copy keeps
-        # both (tests/test_m2mix.py::test_torch_compile_fullgraph).
-        clip_scale = clip_scale.clone()
     m2, clip = M2MixFunction.apply(x.a, x.b, m2_scale, lam_t,
-                                   clip_scale if with_clip else m2_scale.detach(), with_clip, name)
+                                   untied(clip_scale, m2_scale) if with_clip else m2_scale.detach(),
+                                   with_clip, name)
     return m2, (clip if with_clip else None)
 
 

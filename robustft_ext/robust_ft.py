@@ -8,7 +8,7 @@ from torch import nn
 from . import reference
 from ._validation import (check_dive_inputs, check_lam, check_lipsum_inputs, check_positive_float,
                           check_scalar, check_weight, pair_inputs)
-from .autograd import RobustStepFunction
+from .autograd import RobustStepFunction, untied
 from .backends import select_backend
 from .functional import Scalar, dive_terms
 from .m2mix import LamSampler
@@ -135,10 +135,8 @@ class RobustFTLoss(nn.Module):
         clip_scale = x.scale
         if m2_scale is None:
             m2_scale, lam_t = zero, zero
-        elif m2_scale is clip_scale:
-            # One tensor as two Function inputs loses a gradient under torch.compile
-            # (see functional._m2): a differentiable copy keeps both.
-            m2_scale = m2_scale.clone()
+        else:
+            m2_scale = untied(m2_scale, clip_scale)
         image_pre, texts, s0 = lip if lip is not None else (None, None, zero)
         rfi, rft, rpi, rpt, center = dive if dive is not None else (None,) * 5
         terms, diff_mean = RobustStepFunction.apply(

@@ -55,3 +55,71 @@ def assert_compiled_matches(step, args: tuple, wrt: list[torch.Tensor], device: 
     for x, y in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(eager, wrt)):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
     return compiled
+
+
+def run_gloo(worker, world: int, *args) -> None:
+    """Runs worker(rank, *args) in `world` spawned processes joined in a gloo process group
+    (file rendezvous: no TCP port to race for); a failing rank fails the test with every
+    rank's traceback. `worker` must be a module-level function (spawn pickles it by name)."""
+    import os
+    import tempfile
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    store_file = os.path.join(tempfile.mkdtemp(prefix="rft_gloo_"), "store")
+    try:
+        mp.spawn(_gloo_rank, args=(world, store_file, errors, worker, args), nprocs=world,
+                 join=True)
+    except Exception as exc:  # noqa: BLE001
+        details = []
+        while not errors.empty():
+            details.append(errors.get())
+        pytest.fail(f"distributed worker failed: {exc}\n" + "\n".join(details))
+
+
+def _gloo_rank(rank, world, store_file, errors, worker, args):
+    import traceback
+
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                world_size=world)
+        worker(rank, *args)
+        dist.barrier()
+    except Exception:  # report to the parent, which fails the test with the trace
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def import_triton_backend():
+    """robustft_ext.triton_backend for the Triton test modules (tests/conftest.py has set
+    TRITON_INTERPRET=1 when no GPU is visible): a module-level skip when Triton is not
+    installed, an error when it is installed but the backend fails."""
+    import pytest
+
+    try:
+        from robustft_ext import triton_backend
+    except Exception as exc:  # pragma: no cover - robustft_ext itself broken
+        pytest.skip(f"robustft_ext.triton_backend does not import: {exc}", allow_module_level=True)
+    check_triton_backend(triton_backend)
+    return triton_backend
+
+
+def check_triton_backend(backend) -> None:
+    """Skip (Triton not installed) or fail (installed but broken) on the backend's IMPORT_ERROR."""
+    import importlib.util
+
+    import pytest
+
+    if backend.IMPORT_ERROR is None:
+        return
+    if importlib.util.find_spec("triton") is not None:
+        raise RuntimeError(f"Triton is installed but the backend failed: {backend.IMPORT_ERROR}")
+    pytest.skip(f"Triton backend unavailable: {backend.IMPORT_ERROR}", allow_module_level=True)

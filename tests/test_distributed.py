@@ -3,14 +3,12 @@ local_loss and gather_with_grad, against open_clip's classes in the same process
 the single-process loss on the whole batch."""
 from __future__ import annotations
 
-import os
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_gloo
 
 WORLD = 2
 N_LOCAL, DIM = 5, 12
@@ -66,58 +64,47 @@ def _full_batch(kind, backend):
     return loss.detach(), gi, gt
 
 
-def _worker(rank, store_file, backends, errors):
-    try:
-        # A file rendezvous: no TCP port to race for with other processes.
-        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
-                                world_size=WORLD)
-        from open_clip import loss as oc
+def _worker(rank, backends):
+    from open_clip import loss as oc
 
-        import robustft_ext as rft
+    import robustft_ext as rft
 
-        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        for backend in backends:
-            full_loss, full_gi, full_gt = _full_batch("clip", backend)
-            for local_loss in (False, True):
-                for gather_with_grad in (False, True):
-                    what = f"{backend} local_loss={local_loss} gather_with_grad={gather_with_grad}"
-                    kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad,
-                              rank=rank, world_size=WORLD)
-                    ours_module = rft.ClipLoss(**kw, backend=backend)
-                    ours, g_ours = _ours_vs_open_clip(
-                        lambda *x: ours_module(*x, output_dict=True)["contrastive_loss"],
-                        oc.ClipLoss(**kw), rank, what)
-                    # Against the single-process loss on the whole batch.
-                    mean_loss = ours.detach().clone()
-                    dist.all_reduce(mean_loss)
-                    _close(mean_loss / WORLD, full_loss, f"{what}: mean loss vs single process")
-                    if not local_loss:
-                        _close(ours.detach(), full_loss, f"{what}: loss vs single process")
-                    if gather_with_grad:
-                        _close(g_ours[0] / WORLD, full_gi[sl], f"{what}: d image vs single process")
-                        _close(g_ours[1] / WORLD, full_gt[sl], f"{what}: d text vs single process")
-                    elif not local_loss:
-                        _close(g_ours[0], full_gi[sl], f"{what}: d image vs single process")
-                        _close(g_ours[1], full_gt[sl], f"{what}: d text vs single process")
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    for backend in backends:
+        full_loss, full_gi, full_gt = _full_batch("clip", backend)
+        for local_loss in (False, True):
+            for gather_with_grad in (False, True):
+                what = f"{backend} local_loss={local_loss} gather_with_grad={gather_with_grad}"
+                kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad,
+                          rank=rank, world_size=WORLD)
+                ours_module = rft.ClipLoss(**kw, backend=backend)
+                ours, g_ours = _ours_vs_open_clip(
+                    lambda *x: ours_module(*x, output_dict=True)["contrastive_loss"],
+                    oc.ClipLoss(**kw), rank, what)
+                # Against the single-process loss on the whole batch.
+                mean_loss = ours.detach().clone()
+                dist.all_reduce(mean_loss)
+                _close(mean_loss / WORLD, full_loss, f"{what}: mean loss vs single process")
+                if not local_loss:
+                    _close(ours.detach(), full_loss, f"{what}: loss vs single process")
+                if gather_with_grad:
+                    _close(g_ours[0] / WORLD, full_gi[sl], f"{what}: d image vs single process")
+                    _close(g_ours[1] / WORLD, full_gt[sl], f"{what}: d text vs single process")
+                elif not local_loss:
+                    _close(g_ours[0], full_gi[sl], f"{what}: d image vs single process")
+                    _close(g_ours[1], full_gt[sl], f"{what}: d text vs single process")
 
-            # SigLIP: local block with positives + negative-only blocks of the other ranks.
-            full_loss, full_gi, full_gt = _full_batch("siglip", backend)
-            ours, g_ours = _ours_vs_open_clip(
-                rft.SigLipLoss(rank=rank, world_size=WORLD, backend=backend),
-                oc.SigLipLoss(rank=rank, world_size=WORLD), rank, f"{backend} siglip")
-            total = ours.detach().clone()
-            dist.all_reduce(total)
-            # Each rank's loss is its rows' share of the full sum, normalised by the local batch.
-            _close(total / WORLD, full_loss, f"{backend} siglip: mean loss vs single process")
-            _close(g_ours[0] / WORLD, full_gi[sl], f"{backend} siglip: d image vs single process")
-            _close(g_ours[1] / WORLD, full_gt[sl], f"{backend} siglip: d text vs single process")
-        dist.barrier()
-    except Exception:  # report to the parent, which fails the test with the trace
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # SigLIP: local block with positives + negative-only blocks of the other ranks.
+        full_loss, full_gi, full_gt = _full_batch("siglip", backend)
+        ours, g_ours = _ours_vs_open_clip(
+            rft.SigLipLoss(rank=rank, world_size=WORLD, backend=backend),
+            oc.SigLipLoss(rank=rank, world_size=WORLD), rank, f"{backend} siglip")
+        total = ours.detach().clone()
+        dist.all_reduce(total)
+        # Each rank's loss is its rows' share of the full sum, normalised by the local batch.
+        _close(total / WORLD, full_loss, f"{backend} siglip: mean loss vs single process")
+        _close(g_ours[0] / WORLD, full_gi[sl], f"{backend} siglip: d image vs single process")
+        _close(g_ours[1] / WORLD, full_gt[sl], f"{backend} siglip: d text vs single process")
 
 
 @pytest.mark.distributed
@@ -126,14 +113,4 @@ def test_two_process_gloo_matches_open_clip_and_single_process():
     from conftest import require_backend
 
     require_backend("native", "cpu", torch.float64)
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    store_file = os.path.join(tempfile.mkdtemp(prefix="rft_dist_"), "store")
-    try:
-        mp.spawn(_worker, args=(store_file, ("reference", "native"), errors), nprocs=WORLD,
-                 join=True)
-    except Exception as exc:  # noqa: BLE001
-        details = []
-        while not errors.empty():
-            details.append(errors.get())
-        pytest.fail(f"distributed worker failed: {exc}\n" + "\n".join(details))
+    run_gloo(_worker, WORLD, ("reference", "native"))

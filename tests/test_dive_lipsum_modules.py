@@ -5,19 +5,15 @@ tokenizers on a tiny open_clip model."""
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import robustft_ext as rft
 from conftest import require_backend
-from helpers import TOLERANCE, assert_close_rel
+from helpers import TOLERANCE, assert_close_rel, run_gloo
 
 BACKENDS = ["reference", "native"]
 DTYPES = [torch.float32, torch.float64]
@@ -300,53 +296,34 @@ def _dist_single_process(backend, center_mode, steps):
     return losses, centers
 
 
-def _dist_worker(rank, store_file, errors):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
-                                world_size=WORLD)
-        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        for backend in BACKENDS:
-            for center_mode in ("ema", "batch"):
-                what = f"{backend} {center_mode}"
-                full_losses, full_centers = _dist_single_process(backend, center_mode, 3)
-                mod = rft.DiVELoss(weight=3.0, momentum=0.5, center_mode=center_mode,
-                                   backend=backend)
-                for step in range(3):
-                    local = [x[sl].detach().requires_grad_(x.requires_grad)
-                             for x in _dist_batches(step)]
-                    loss = mod(*local).detach()
-                    centers = [torch.empty_like(mod.center) for _ in range(WORLD)]
-                    dist.all_gather(centers, mod.center)
-                    assert torch.equal(centers[0], centers[1]), f"{what}: ranks' centres differ"
-                    assert torch.allclose(mod.center, full_centers[step], rtol=1e-12, atol=1e-14), \
-                        f"{what} step {step}: centre {mod.center} vs single process " \
-                        f"{full_centers[step]}"
-                    # equal local batch sizes: the mean of the ranks' losses is the full loss
-                    dist.all_reduce(loss)
-                    assert torch.allclose(loss / WORLD, full_losses[step], rtol=1e-12), \
-                        f"{what} step {step}: mean loss {loss / WORLD} vs {full_losses[step]}"
-        dist.barrier()
-    except Exception:
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _dist_worker(rank):
+    sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    for backend in BACKENDS:
+        for center_mode in ("ema", "batch"):
+            what = f"{backend} {center_mode}"
+            full_losses, full_centers = _dist_single_process(backend, center_mode, 3)
+            mod = rft.DiVELoss(weight=3.0, momentum=0.5, center_mode=center_mode,
+                               backend=backend)
+            for step in range(3):
+                local = [x[sl].detach().requires_grad_(x.requires_grad)
+                         for x in _dist_batches(step)]
+                loss = mod(*local).detach()
+                centers = [torch.empty_like(mod.center) for _ in range(WORLD)]
+                dist.all_gather(centers, mod.center)
+                assert torch.equal(centers[0], centers[1]), f"{what}: ranks' centres differ"
+                assert torch.allclose(mod.center, full_centers[step], rtol=1e-12, atol=1e-14), \
+                    f"{what} step {step}: centre {mod.center} vs single process " \
+                    f"{full_centers[step]}"
+                # equal local batch sizes: the mean of the ranks' losses is the full loss
+                dist.all_reduce(loss)
+                assert torch.allclose(loss / WORLD, full_losses[step], rtol=1e-12), \
+                    f"{what} step {step}: mean loss {loss / WORLD} vs {full_losses[step]}"
 
 
 @pytest.mark.distributed
 def test_dive_two_process_gloo_center_matches_single_process():
     require_backend("native", "cpu", torch.float64)
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    store_file = os.path.join(tempfile.mkdtemp(prefix="rft_dive_"), "store")
-    try:
-        mp.spawn(_dist_worker, args=(store_file, errors), nprocs=WORLD, join=True)
-    except Exception as exc:  # noqa: BLE001
-        details = []
-        while not errors.empty():
-            details.append(errors.get())
-        pytest.fail(f"distributed worker failed: {exc}\n" + "\n".join(details))
+    run_gloo(_dist_worker, WORLD)
 
 
 # ---- Lipsum-FT: values and gradients ---------------------------------------------------------

@@ -2,7 +2,7 @@
 m2mix_bwd} (robustft_ext/triton_backend/step_ops.py, step_kernels.py).
 
 Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1; so does this module, before anything imports triton). The interpreter is
+TRITON_INTERPRET=1 before anything imports triton). The interpreter is
 slow, so shapes stay small; with its 16-wide tiles and 2 persistent programs they still cover
 masking (n = 1, 3, 17, 70 are not multiples of 16), the register-resident backward (D = 5) and
 the chunked large-D backward (D = 33: three feature chunks), several row blocks per persistent
@@ -13,32 +13,15 @@ float64 on the same (rounded) inputs: losses, the lse statistics (against torch.
 the reference logits) and all four gradients (autograd through the reference), with the
 relative tolerances of tests/helpers.py.
 """
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, rel_err  # noqa: E402
+from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
+from robustft_ext import reference
 
 pytestmark = pytest.mark.triton
-
-from robustft_ext import reference  # noqa: E402
-
-try:
-    from robustft_ext import triton_backend as tb
-except Exception as exc:  # pragma: no cover - robustft_ext itself broken
-    pytest.skip(f"robustft_ext.triton_backend does not import: {exc}", allow_module_level=True)
-if tb.IMPORT_ERROR is not None:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:  # installed but broken: a failure
-        raise RuntimeError(f"Triton is installed but the backend failed: {tb.IMPORT_ERROR}")
-    pytest.skip(f"Triton backend unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+tb = import_triton_backend()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.robustft_triton

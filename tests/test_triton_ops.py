@@ -25,6 +25,8 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from helpers import check_triton_backend  # noqa: E402
+
 pytestmark = pytest.mark.triton
 
 _BACKEND_DIR = pathlib.Path(__file__).resolve().parents[1] / "robustft_ext" / "triton_backend"
@@ -53,12 +55,7 @@ def _load_backend():
 
 
 tb = _load_backend()
-if tb.IMPORT_ERROR is not None:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:  # installed but broken: a failure
-        raise RuntimeError(f"Triton is installed but the backend failed: {tb.IMPORT_ERROR}")
-    pytest.skip(f"Triton backend unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+check_triton_backend(tb)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.robustft_triton

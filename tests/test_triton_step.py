@@ -3,7 +3,7 @@ lipsum_bwd, robust_step_fwd, robust_step_bwd} (robustft_ext/triton_backend/step_
 step_kernels.py).
 
 Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1; so does this module, before anything imports triton). The interpreter is
+TRITON_INTERPRET=1 before anything imports triton). The interpreter is
 slow, so shapes stay small; with its 16-wide tiles and 2 persistent programs they still cover
 masking (n = 1, 3, 17; B' = 1, 5; K = 1, 7, 80; D = 5, 33 are not multiples of 16), the
 register-resident backward (D = 5) and the chunked large-D backward (D = 33: three chunks),
@@ -15,32 +15,16 @@ the same (rounded) inputs: the terms, the lse statistics, diff_mean and every gr
 (autograd through the formulas), with the relative tolerances of tests/helpers.py.
 """
 import itertools
-import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, rel_err  # noqa: E402
+from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
+from robustft_ext import reference
 
 pytestmark = pytest.mark.triton
-
-from robustft_ext import reference  # noqa: E402
-
-try:
-    from robustft_ext import triton_backend as tb
-except Exception as exc:  # pragma: no cover - robustft_ext itself broken
-    pytest.skip(f"robustft_ext.triton_backend does not import: {exc}", allow_module_level=True)
-if tb.IMPORT_ERROR is not None:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:  # installed but broken: a failure
-        raise RuntimeError(f"Triton is installed but the backend failed: {tb.IMPORT_ERROR}")
-    pytest.skip(f"Triton backend unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+tb = import_triton_backend()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.robustft_triton

@@ -137,6 +137,22 @@ def _lse_final(m_i, l_i, row_ok):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
+def _clip_dlogits(cc, lse_row, lse_col, valid, on_diag):
+    """CLIP dlogits of a tile per unit of g_clip / 2n: exp(C - r) + exp(C - c), minus 2 on the
+    diagonal (the positives), 0 outside the valid entries. lse_row / lse_col broadcast."""
+    u = tl.exp(cc - lse_row) + tl.exp(cc - lse_col)
+    return tl.where(valid, tl.where(on_diag, u - 2.0, u), 0.0)
+
+
+@triton.jit
+def _ds_operand(u, dtype, LOWP_DS: tl.constexpr):
+    """A dS tile as the gradient product's operand: rounded to the inputs' dtype with LOWP_DS."""
+    if LOWP_DS:
+        return u.to(dtype)
+    return u
+
+
+@triton.jit
 def _fwd_rows(I, T, M, P, G, diag_ptr, m2_scale_ptr, clip_scale_ptr, lip_scale_ptr,
               lse_ptr, col_max_ptr, col_sum_ptr, sums_ptr,
               pid, n, K, D, stride, stride_g, NROW,
@@ -358,22 +374,13 @@ def _grad_rows_batch(
                 ua = tl.where(off, tl.exp(s_m * x_im - r0[:, None]), 0.0)
                 ub = tl.where(off, tl.exp(s_m * x_tm - r1[:, None]), 0.0)
                 st_m += tl.sum(ua * x_im + ub * x_tm, axis=1)
-                if LOWP_DS:
-                    ua_op = ua.to(I.dtype.element_ty)
-                    ub_op = ub.to(I.dtype.element_ty)
-                else:
-                    ua_op = ua
-                    ub_op = ub
+                ua_op = _ds_operand(ua, I.dtype.element_ty, LOWP_DS)
+                ub_op = _ds_operand(ub, I.dtype.element_ty, LOWP_DS)
             if WITH_CLIP:
                 r3 = tl.load(lse_ptr + 3 * n + cols, mask=col_ok, other=0.0)
-                cc = s_c * x_it
-                uc = tl.exp(cc - r2[:, None]) + tl.exp(cc - r3[None, :])
-                uc = tl.where(valid, tl.where(on_diag, uc - 2.0, uc), 0.0)
+                uc = _clip_dlogits(s_c * x_it, r2[:, None], r3[None, :], valid, on_diag)
                 st_c += tl.sum(uc * x_it, axis=1)
-                if LOWP_DS:
-                    uc_op = uc.to(I.dtype.element_ty)
-                else:
-                    uc_op = uc
+                uc_op = _ds_operand(uc, I.dtype.element_ty, LOWP_DS)
             if ONE_CHUNK:
                 if WITH_M2:
                     acc_i = _mma(ua_op, tl.trans(mt), acc_i, DOT_PREC, UPCAST)
@@ -607,21 +614,12 @@ def step_grad_cols_kernel(
             off = valid & (qs[:, None] != ps[None, :])
             ua = tl.where(off, tl.exp(s_m * x_mi - r0[None, :]), 0.0)
             ub = tl.where(off, tl.exp(s_m * x_mt - r1[None, :]), 0.0)
-            if LOWP_DS:
-                ua_op = ua.to(I.dtype.element_ty)
-                ub_op = ub.to(I.dtype.element_ty)
-            else:
-                ua_op = ua
-                ub_op = ub
+            ua_op = _ds_operand(ua, I.dtype.element_ty, LOWP_DS)
+            ub_op = _ds_operand(ub, I.dtype.element_ty, LOWP_DS)
         if WITH_CLIP:
             r2 = tl.load(lse_ptr + 2 * n + ps, mask=p_ok, other=0.0)
-            cc = s_c * x_ti
-            uc = tl.exp(cc - r2[None, :]) + tl.exp(cc - r3[:, None])
-            uc = tl.where(valid, tl.where(on_diag, uc - 2.0, uc), 0.0)
-            if LOWP_DS:
-                uc_op = uc.to(I.dtype.element_ty)
-            else:
-                uc_op = uc
+            uc = _clip_dlogits(s_c * x_ti, r2[None, :], r3[:, None], valid, on_diag)
+            uc_op = _ds_operand(uc, I.dtype.element_ty, LOWP_DS)
         if ONE_CHUNK:
             if WITH_M2:
                 acc_m = _mma(ua_op, tl.trans(it), acc_m, DOT_PREC, UPCAST)
