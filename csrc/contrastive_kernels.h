@@ -1,62 +1,68 @@
 // The per-device kernel launchers behind the contrastive ops.
 //
-// Each device (cpu/, cuda/) implements these three launchers; contrastive_ops.h
-// builds the four public ops on top of them once, for every device. Conventions:
+// Each device (cpu/, cuda/) implements these launchers; contrastive_ops.h builds the four
+// public ops on top of them once, for every device. Conventions:
 //  * P [n, D] and Q [m, D] are contiguous and share one dtype (float, double, half,
 //    bfloat16); the logits of this "view" are S_pq = scale * <P_p, Q_q> + bias.
-//  * scale, bias and grad_loss are 0-d tensors of the accumulation dtype
-//    (double for double inputs, float otherwise) on the device of P.
-//  * Outputs are preallocated by the caller in the accumulation dtype.
-//  * No launcher allocates anything of size n x m.
+//  * scale and bias are 0-d tensors of the accumulation dtype (double for double
+//    inputs, float otherwise) on the device of P.
+//  * Outputs are preallocated by the caller.
+//  * No launcher allocates anything of size n x m: the backward forms its dlogits one row
+//    chunk at a time into a workspace the caller sizes (workspace.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <utility>
-
 namespace robustft {
 
-// How dL/dS_pq is formed for one view (see maths::clip_dlogit / siglip_dlogit).
+// How dL/dS_pq is formed for one view (maths::clip_dlogit / siglip_dlogit), up to the
+// factor `norm` that the backward applies in its GEMMs: the launcher forms
+//   CLIP:   w_row exp(S - row_lse[p]) + w_col exp(S - col_lse[q]) - w_pos [positive]
+//   SigLIP: w_row (sigmoid(S) - [positive])
+// with weights of order one (the true dlogit is norm * grad_loss times this). Keeping the
+// stored dlogits O(1) lets 16-bit workspaces hold them without underflow (the true values
+// are O(1/n)) or overflow (grad_loss may carry a loss scale).
 struct DlogitSpec {
   bool siglip = false;     // false: CLIP dlogit; true: SigLIP dlogit (weight w_row)
   double w_row = 0.0;      // CLIP: weight of exp(S - row_lse[p]); SigLIP: weight w
   double w_col = 0.0;      // CLIP: weight of exp(S - col_lse[q]); 0 switches it off
   double w_pos = 0.0;      // CLIP: subtracted on positives (SigLIP subtracts w_row)
+  double norm = 1.0;       // the true dlogit is norm * grad_loss * (the formed one)
   bool has_positives = false;
   int64_t pos_offset = 0;  // (p, q) is positive where q - p == pos_offset
   at::Tensor row_lse;      // [n] acc dtype; undefined when w_row == 0 or siglip
   at::Tensor col_lse;      // [m] acc dtype; undefined when w_col == 0 or siglip
-
-  // The same dlogits seen from the transposed problem (rows of Q against P).
-  DlogitSpec transposed() const {
-    DlogitSpec t = *this;
-    if (!siglip) {
-      std::swap(t.w_row, t.w_col);
-      std::swap(t.row_lse, t.col_lse);
-    }
-    t.pos_offset = -pos_offset;
-    return t;
-  }
 };
 
-#define RFT_DECLARE_KERNELS(DEV)                                                 \
-  /* row_lse[p] = LSE_q S_pq; if col_lse is defined, also col_lse[q] = LSE_p   \
-     S_pq from the same tiles. */                                              \
-  void clip_lse_##DEV(const at::Tensor& P, const at::Tensor& Q,                \
-                      const at::Tensor& scale, const at::Tensor& bias,         \
-                      at::Tensor& row_lse, at::Tensor& col_lse);               \
-  /* out (0-d) = sum_pq softplus(S_pq). */                                     \
-  void siglip_softplus_sum_##DEV(const at::Tensor& P, const at::Tensor& Q,     \
-                                 const at::Tensor& scale,                      \
-                                 const at::Tensor& bias, at::Tensor& out);     \
-  /* One row-streaming gradient pass: grad_P [n, D] = scale * sum_q g dS_pq   \
-     Q_q (written, not added). If stats ([2]) is defined: stats[0] = sum_pq    \
-     g dS_pq <P_p, Q_q>, stats[1] = sum_pq g dS_pq. The gradient of Q is the   \
-     same pass on the transposed problem (Q, P, spec.transposed()). */         \
-  void contrastive_grad_rows_##DEV(                                            \
-      const DlogitSpec& spec, const at::Tensor& grad_loss, const at::Tensor& P, \
-      const at::Tensor& Q, const at::Tensor& scale, const at::Tensor& bias,    \
-      at::Tensor& grad_P, at::Tensor& stats);
+#define RFT_DECLARE_KERNELS(DEV)                                                  \
+  /* row_lse[p] = LSE_q S_pq; if col_lse is defined, also col_lse[q] = LSE_p    \
+     S_pq from the same tiles. */                                               \
+  void clip_lse_##DEV(const at::Tensor& P, const at::Tensor& Q,                 \
+                      const at::Tensor& scale, const at::Tensor& bias,          \
+                      at::Tensor& row_lse, at::Tensor& col_lse);                \
+  /* out (0-d) = sum_pq softplus(S_pq). */                                      \
+  void siglip_softplus_sum_##DEV(const at::Tensor& P, const at::Tensor& Q,      \
+                                 const at::Tensor& scale,                       \
+                                 const at::Tensor& bias, at::Tensor& out);      \
+  /* One row chunk of dlogits: ds [R, m] (workspace dtype, contiguous) gets the  \
+     dlogits of rows [r0, r0 + R) of P against every row of Q, as `spec` says;   \
+     stats ([2], acc dtype) is incremented by sum dS_pq <P_p, Q_q> and sum dS_pq  \
+     over the chunk (the gradients of the scale and the bias). */               \
+  void contrastive_dlogits_##DEV(const DlogitSpec& spec, const at::Tensor& P,   \
+                                 const at::Tensor& Q, const at::Tensor& scale,  \
+                                 const at::Tensor& bias, int64_t r0,            \
+                                 at::Tensor& ds, at::Tensor& stats);            \
+  /* out [r, c] (acc dtype, contiguous) = alpha * op(A) @ op(B) + beta * out,    \
+     op(X) = X or X^T; A and B are contiguous 2-D and each of the workspace dtype \
+     or of the features' dtype (the two coincide where the GEMMs run on tensor    \
+     cores), alpha is a 0-d acc-dtype tensor on the device, beta 0 or 1. */      \
+  void gemm_acc_##DEV(const at::Tensor& A, bool transpose_a, const at::Tensor& B, \
+                      bool transpose_b, const at::Tensor& alpha, double beta,   \
+                      at::Tensor& out);                                         \
+  /* The dtype of the dlogit workspace and of the GEMM operands for features of   \
+     dtype t: the input dtype where the tile products run on tensor cores, the    \
+     accumulation dtype otherwise. */                                           \
+  at::ScalarType workspace_dtype_##DEV(at::ScalarType t);
 
 RFT_DECLARE_KERNELS(cpu)
 RFT_DECLARE_KERNELS(cuda)

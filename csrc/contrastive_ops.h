@@ -11,21 +11,33 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "contrastive_kernels.h"
+#include "workspace.h"
 
 namespace robustft {
+
+// The GEMM and workspace launchers, shared by the contrastive and the step ops.
+struct GemmKernels {
+  void (*gemm_acc)(const at::Tensor&, bool, const at::Tensor&, bool, const at::Tensor&, double,
+                   at::Tensor&);
+  at::ScalarType (*workspace_dtype)(at::ScalarType);
+};
 
 struct KernelSet {
   void (*clip_lse)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                    const at::Tensor&, at::Tensor&, at::Tensor&);
   void (*siglip_softplus_sum)(const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, at::Tensor&);
-  void (*grad_rows)(const DlogitSpec&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    at::Tensor&, at::Tensor&);
+  void (*dlogits)(const DlogitSpec&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, int64_t, at::Tensor&, at::Tensor&);
+  GemmKernels gemm;
 };
+
+// Row block of every device's dlogit kernels: chunks are multiples of it.
+constexpr int64_t kChunkAlign = 128;
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -96,22 +108,35 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
 }
 
 // Both feature gradients (in the inputs' dtypes) and the two scalar gradients of one
-// problem whose dlogits `spec` describes.
+// problem whose dlogits `spec` describes. One pass over row chunks of a: the device forms
+// the chunk's dlogits dS [R, m] into the workspace, then two GEMMs take
+//   grad_a[chunk] = scale g norm dS b,   grad_b += scale g norm dS^T a[chunk]
+// (docs/maths.md, section 1: dI = s dS T, dT = s dS^T I). Each logit tile is recomputed
+// once, and the GEMMs run on the library's tensor-core kernels where the device has them.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
     const KernelSet& k, const DlogitSpec& spec, const at::Tensor& grad_loss,
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
     const at::Tensor& bias) {
   const auto acc = acc_dtype(a.scalar_type());
-  const auto g = grad_loss.to(acc).reshape({});
-  at::Tensor grad_a = at::empty({a.size(0), a.size(1)}, a.options().dtype(acc));
-  at::Tensor grad_b = at::empty({b.size(0), b.size(1)}, b.options().dtype(acc));
+  const int64_t n = a.size(0), m = b.size(0), D = a.size(1);
+  const auto g_norm = grad_loss.to(acc).reshape({}) * spec.norm;  // the dlogits' true factor
+  const auto alpha = scale * g_norm;
+  at::Tensor grad_a = at::empty({n, D}, a.options().dtype(acc));
+  at::Tensor grad_b = at::zeros({m, D}, b.options().dtype(acc));
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
   const auto ac = a.contiguous(), bc = b.contiguous();
-  // Two row-streaming passes, no atomics: rows of a against b (with the scalar
-  // gradients), then rows of b against a (the transposed problem).
-  k.grad_rows(spec, g, ac, bc, scale, bias, grad_a, stats);
-  at::Tensor no_stats;
-  k.grad_rows(spec.transposed(), g, bc, ac, scale, bias, grad_b, no_stats);
+  const auto ws_dtype = k.gemm.workspace_dtype(a.scalar_type());
+  const int64_t rows = workspace_chunk_rows(n, m * at::elementSize(ws_dtype), kChunkAlign);
+  at::Tensor ws = at::empty({rows, m}, a.options().dtype(ws_dtype));
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor ds = ws.narrow(0, 0, r);
+    k.dlogits(spec, ac, bc, scale, bias, r0, ds, stats);
+    at::Tensor grad_rows = grad_a.narrow(0, r0, r);
+    k.gemm.gemm_acc(ds, /*transpose_a=*/false, bc, false, alpha, 0.0, grad_rows);
+    k.gemm.gemm_acc(ds, /*transpose_a=*/true, ac.narrow(0, r0, r), false, alpha, 1.0, grad_b);
+  }
+  stats = stats * g_norm;
   // Separate storage for the two scalars: outputs must not alias.
   return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type()), stats[0].clone(),
           stats[1].clone()};
@@ -127,14 +152,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(row_lse.numel() == n && (!symmetric || col_lse.numel() == m),
               "robustft_ext: saved log-sum-exp statistics do not match the inputs");
-  const double wr = symmetric ? 0.5 / n : 1.0 / n;
-  const double wc = symmetric ? 0.5 / n : 0.0;
-  const double wp = 1.0 / n;  // symmetric: both terms put 1/(2n) on the diagonal
-
+  // dS = (1/n) [w_row exp(S - r) + w_col exp(S - c) - [positive]]; symmetric: both
+  // terms put 1/(2n) on the diagonal.
   DlogitSpec spec;
-  spec.w_row = wr;
-  spec.w_col = wc;
-  spec.w_pos = wp;
+  spec.w_row = symmetric ? 0.5 : 1.0;
+  spec.w_col = symmetric ? 0.5 : 0.0;
+  spec.w_pos = 1.0;
+  spec.norm = 1.0 / n;
   spec.has_positives = true;
   spec.pos_offset = diag_offset;
   spec.row_lse = row_lse;
@@ -169,7 +193,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
               "robustft_ext: siglip with positives needs as many rows in b as in a");
   DlogitSpec spec;
   spec.siglip = true;
-  spec.w_row = 1.0 / n;
+  spec.w_row = 1.0;
+  spec.norm = 1.0 / n;
   spec.has_positives = !negative_only;
   spec.pos_offset = 0;
   return run_grad(k, spec, grad_loss, a, b, scale, bias);

@@ -115,24 +115,33 @@ RFT_HD bool is_positive(long long p, long long q, bool has_positives,
 }
 
 // ---------------------------------------------------------------------------------
-// Geodesic mixing (slerp) of two unit vectors a, b (METHODS.md section 3):
+// Geodesic mixing (slerp) of two unit vectors a, b (docs/maths.md, section 3):
 //   slerp(a, b; lam) = w_a a + w_b b,  w_a = sin(lam theta) / sin theta,
 //   w_b = sin((1 - lam) theta) / sin theta,  theta = arccos <a, b>.
 // slerp_weights gives both weights and their derivatives with respect to c = <a, b>,
 // so the backward of the mix is dA += w_a dM + k b, dB += w_b dM + k a with
-// k = <dM, a> dw_a/dc + <dM, b> dw_b/dc.
+// k = <dM, a> dw_a/dc + <dM, b> dw_b/dc. The kernels evaluate it in double (the prologue
+// is O(n)); T = float is kept for the unit tests of the float-precision behaviour.
 //
 // Our stabilisation (the paper's code divides by sin theta and returns NaN for
 // identical vectors):
 //  * c is clamped to [-1 + kSlerpCosEps, 1]. Below -1 + eps (antipodal pair, where the
 //    geodesic is undefined) the weights are those at the clamp and dc carries no
 //    gradient (slerp_grad_passes false). Above 1 (rounding of identical rows) c = 1.
+//  * sin theta = sqrt((1 - c)(1 + c)): both factors are exact near c = +-1.
+//  * dw/dc = -N(l, theta) / sin^3 theta with N = l cos(l theta) sin theta -
+//    sin(l theta) cos theta. For l -> 1 the two products of N cancel (both tend to
+//    sin theta cos theta), catastrophically so near theta = pi where sin^3 theta is tiny
+//    and the true derivative of w_a at lam = 1 is exactly 0. The identity
+//    N = sin((1 - l) theta) - (1 - l) cos(l theta) sin theta has no cancellation there
+//    (both terms vanish with 1 - l), so it is used for l > 1/2; the first form is exact
+//    as l -> 0 (both terms vanish with l).
 //  * For theta below slerp_small_angle<T>() the weights and their c-derivatives come
 //    from their Taylor series in theta (w_a is analytic in c at c = 1, so the
 //    derivative is finite there, -lam (1 - lam^2) / 3 at theta = 0): no division by a
-//    vanishing sin theta, and no cancellation in the derivative's numerator.
-//    The threshold eps_mach^(1/6) balances the series' truncation error (theta^4)
-//    against the cancellation error of the closed form (eps_mach / theta^2).
+//    vanishing sin theta, and no cancellation of N, which is O(theta^3). The threshold
+//    eps_mach^(1/6) balances the series' truncation error (theta^4) against that
+//    cancellation (eps_mach / theta^2).
 constexpr double kSlerpCosEps = 1e-6;
 
 template <typename T>
@@ -160,9 +169,10 @@ RFT_HD void slerp_weight(T l, T theta, T sin_t, T cos_t, bool small, T* w, T* dw
   }
   const T s = std::sin(l * theta);
   *w = s / sin_t;
-  // dw/dtheta = [l cos(l theta) sin theta - sin(l theta) cos theta] / sin^2 theta,
-  // dtheta/dc = -1 / sin theta.
-  *dw_dc = -(l * std::cos(l * theta) * sin_t - s * cos_t) / (sin_t * sin_t * sin_t);
+  // dw/dtheta = N / sin^2 theta, dtheta/dc = -1 / sin theta.
+  const T num = l > T(0.5) ? std::sin((T(1) - l) * theta) - (T(1) - l) * std::cos(l * theta) * sin_t
+                           : l * std::cos(l * theta) * sin_t - s * cos_t;
+  *dw_dc = -num / (sin_t * sin_t * sin_t);
 }
 
 // Does the gradient of c pass through the clamp?
@@ -176,7 +186,6 @@ RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
   const T lo = T(-1) + T(kSlerpCosEps);
   const T ch = c < lo ? lo : (c > T(1) ? T(1) : c);
   const T theta = std::acos(ch);
-  // sin theta = sqrt((1 - c)(1 + c)): accurate near c = 1.
   const T sin_t = std::sqrt((T(1) - ch) * (T(1) + ch));
   const bool small = theta < slerp_small_angle<T>();
   SlerpWeights<T> out;

@@ -6,7 +6,14 @@
 // link it with the CPU kernels. The Python module init is in module.cpp.
 #include <torch/library.h>
 
+#include "workspace.h"
+
 TORCH_LIBRARY(robustft_ext, m) {
+  // The byte limit of the backward passes' dlogit workspace (workspace.h), for every device.
+  m.def("set_workspace_limit(int nbytes) -> ()", [](int64_t nbytes) {
+    TORCH_CHECK(nbytes > 0, "robustft_ext: the workspace limit must be positive, got ", nbytes);
+    robustft::workspace_limit_bytes().store(nbytes);
+  });
   // CLIP / InfoNCE loss over logits S = scale * a b^T + bias.
   // symmetric: a, b are [n, D]; loss = (CE_rows(S) + CE_rows(S^T)) / 2 with
   //   positives on the diagonal; returns (loss, row_lse [n], col_lse [n]).

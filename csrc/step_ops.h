@@ -1,32 +1,39 @@
 // The ops of a robust fine-tuning step (m2mix_*, lipsum_*, dive_*, robust_step_*) written
-// once on top of a device's step launchers (step_kernels.h). Each device file
-// instantiates them with its launchers and registers them with RFT_REGISTER_STEP_OPS.
+// once on top of a device's step launchers (step_kernels.h) and GEMM launchers
+// (contrastive_kernels.h). Each device file instantiates them with its launchers and
+// registers them with RFT_REGISTER_STEP_OPS.
 //
-// What the op bodies do themselves, with ATen on the device (all O(n D)): the slerp
-// prologue and backward (m2mix_ops.h's mix_rows / mix_rows_backward), the true-pair
-// diagonal of m^2-mix, assembling the losses from the launchers' statistics, and the input
-// checks. Everything of size n x n (or n x K) stays inside the launchers' passes.
+// What the op bodies do themselves, with ATen on the device (all O(n D) or O(n K D)): the
+// slerp prologue and backward (m2mix_ops.h), the true-pair diagonal of m^2-mix, the
+// Lipsum-FT and DiVE terms (docs/maths.md, sections 4 and 5: an n x K product with K ~ 80
+// through the device's GEMM, and elementwise maths), the chunk loop of the backward with
+// its GEMMs, assembling the losses, and the input checks. Everything of size n x n stays
+// inside the launchers and the workspace chunks.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <array>
 #include <tuple>
 
 #include "contrastive_ops.h"
 #include "m2mix_ops.h"
 #include "step_kernels.h"
+#include "workspace.h"
 
 namespace robustft {
 
+// The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`.
+enum StepTerm { kClip = 0, kM2 = 1, kLipsum = 2, kAvl = 3, kPvl = 4 };
+
 struct StepKernelSet {
   void (*slerp_weights)(const at::Tensor&, const at::Tensor&, at::Tensor&);
-  void (*fwd)(const StepProblem&, at::Tensor&, at::Tensor&, at::Tensor&);
-  void (*grad_rows)(const StepProblem&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                    at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&);
-  void (*grad_cols)(const StepProblem&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                    at::Tensor&);
+  void (*lse)(const StepProblem&, at::Tensor&);
+  void (*dlogits)(const StepProblem&, const at::Tensor&, int64_t, at::Tensor&, at::Tensor&,
+                  at::Tensor&, at::Tensor&);
+  GemmKernels gemm;
 };
 
 // The arguments of a step op, optional parts as the schema gives them.
@@ -47,93 +54,175 @@ inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const cha
               a.sizes(), " ", a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
 }
 
+// Lipsum-FT's inputs (docs/maths.md, section 5): F = the training rows of image, F0 = P.
+struct LipsumInputs {
+  at::Tensor F, P, G;  // [n, D], [n, D], [K, D], contiguous
+  at::Tensor scale;    // 0-d s_0
+};
+
+// DiVE's inputs (docs/maths.md, section 4): u = fi - pi, v = ft - pt, centre m.
+struct DiveInputs {
+  at::Tensor fi, ft, pi, pt;  // [B', D], contiguous
+  at::Tensor center;          // [D] acc dtype
+};
+
 // The launchers' problem, with the mix when m^2 is on (its weights kept for the backward).
 struct StepSetup {
   StepProblem p;
-  at::Tensor If, Tf;       // [n, D] acc dtype (with m^2 / CLIP)
-  at::Tensor weights;      // [4, n] slerp weights (with m^2)
-  at::Tensor pair_dot;     // [n] <I_p, T_p> (with m^2 / CLIP)
-  int64_t K = 0, n_ref = 0;
+  bool with_lipsum = false, with_dive = false;
+  LipsumInputs lip;
+  DiveInputs dive;
+  at::Tensor mix_out;      // [n, D] double (with m^2)
+  at::Tensor weights;      // [4, n] double slerp weights (with m^2)
+  at::Tensor pair_dot;     // [n] acc <I_p, T_p> (with m^2 / CLIP)
+  at::ScalarType acc = at::kFloat;
+  at::TensorOptions acc_options;
 };
+
+inline void setup_lipsum(const StepArgs& a, StepSetup& s) {
+  TORCH_CHECK(given(a.image_pre) && given(a.lipsum_texts),
+              "robustft_ext: Lipsum needs both image_pre and lipsum_texts");
+  check_same_shape(a.image, *a.image_pre, "image and image_pre");
+  const auto& G = *a.lipsum_texts;
+  TORCH_CHECK(G.dim() == 2 && G.size(0) > 0 && G.size(1) == a.image.size(1) &&
+                  G.scalar_type() == a.image.scalar_type() && G.device() == a.image.device(),
+              "robustft_ext: lipsum_texts must be [K >= 1, D] like image, got ", G.sizes());
+  check_m2_scalar(a.lipsum_scale, a.image, "lipsum_scale");
+  s.lip = LipsumInputs{a.image.contiguous(), a.image_pre->contiguous(), G.contiguous(),
+                       a.lipsum_scale};
+}
+
+inline void setup_dive(const StepArgs& a, bool batch, StepSetup& s) {
+  TORCH_CHECK(given(a.ref_image_ft) && given(a.ref_text_ft) && given(a.ref_image_pre) &&
+                  given(a.ref_text_pre) && given(a.center),
+              "robustft_ext: DiVE needs ref_image_ft, ref_text_ft, ref_image_pre, "
+              "ref_text_pre and center");
+  const auto& fi = *a.ref_image_ft;
+  check_same_shape(fi, *a.ref_text_ft, "ref_image_ft and ref_text_ft");
+  check_same_shape(fi, *a.ref_image_pre, "ref_image_ft and ref_image_pre");
+  check_same_shape(fi, *a.ref_text_pre, "ref_image_ft and ref_text_pre");
+  TORCH_CHECK(fi.size(0) > 0 && fi.size(1) > 0, "robustft_ext: empty DiVE batch");
+  TORCH_CHECK(!batch || (fi.scalar_type() == a.image.scalar_type() &&
+                         fi.size(1) == a.image.size(1) && fi.device() == a.image.device()),
+              "robustft_ext: the DiVE batch must share the training batch's dtype, D and device");
+  const auto& c = *a.center;
+  TORCH_CHECK(c.dim() == 1 && c.size(0) == fi.size(1) && c.scalar_type() == s.acc &&
+                  c.device() == fi.device(),
+              "robustft_ext: center must be a [D] ", s.acc, " tensor on ", fi.device(), ", got ",
+              c.sizes(), " ", c.scalar_type());
+  s.dive = DiveInputs{fi.contiguous(), a.ref_text_ft->contiguous(), a.ref_image_pre->contiguous(),
+                      a.ref_text_pre->contiguous(), c.contiguous()};
+}
 
 inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   StepSetup s;
   StepProblem& p = s.p;
   p.with_m2 = a.with_m2;
   p.with_clip = a.with_clip;
-  p.with_lipsum = given(a.image_pre) || given(a.lipsum_texts);
-  p.with_dive = given(a.ref_image_ft) || given(a.ref_text_ft) || given(a.ref_image_pre) ||
+  s.with_lipsum = given(a.image_pre) || given(a.lipsum_texts);
+  s.with_dive = given(a.ref_image_ft) || given(a.ref_text_ft) || given(a.ref_image_pre) ||
                 given(a.ref_text_pre) || given(a.center);
-  const bool batch = p.with_m2 || p.with_clip || p.with_lipsum;
+  const bool batch = p.with_m2 || p.with_clip || s.with_lipsum;
+  TORCH_CHECK(batch || s.with_dive, "robustft_ext: a step with no term");
+  const auto& dtype_source = batch ? a.image : *a.ref_image_ft;
+  s.acc = acc_dtype(dtype_source.scalar_type());
+  s.acc_options = dtype_source.options().dtype(s.acc);
   if (batch) {
     check_features(a.image, a.text, a.clip_scale, a.m2_scale);
     TORCH_CHECK(a.image.sizes() == a.text.sizes(), "robustft_ext: image and text must have one "
                 "shape, got ", a.image.sizes(), " and ", a.text.sizes());
     p.n = a.image.size(0);
+  }
+  if (p.with_m2 || p.with_clip) {
     p.I = a.image.contiguous();
     p.T = a.text.contiguous();
     p.m2_scale = a.m2_scale;
     p.clip_scale = a.clip_scale;
-  }
-  const auto acc = acc_dtype(batch ? a.image.scalar_type() : a.ref_image_ft->scalar_type());
-  if (p.with_tiles()) {
-    s.If = p.I.to(acc);
-    s.Tf = p.T.to(acc);
-    s.pair_dot = (s.If * s.Tf).sum(1);
+    s.pair_dot = (p.I.to(s.acc) * p.T.to(s.acc)).sum(1);
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
-    auto mix = mix_rows(k.slerp_weights, s.If, s.Tf, a.lam);
-    p.M = mix.out.to(a.image.scalar_type()).contiguous();
+    auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
+    s.mix_out = mix.out;
     s.weights = mix.weights;
+    // The tile operand: rounded once to the dtype the device's tile products take.
+    p.M = mix.out.to(k.gemm.workspace_dtype(a.image.scalar_type())).contiguous();
     p.diag = s.pair_dot * a.m2_scale;
   }
-  if (p.with_lipsum) {
-    TORCH_CHECK(given(a.image_pre) && given(a.lipsum_texts),
-                "robustft_ext: Lipsum needs both image_pre and lipsum_texts");
-    check_same_shape(a.image, *a.image_pre, "image and image_pre");
-    const auto& G = *a.lipsum_texts;
-    TORCH_CHECK(G.dim() == 2 && G.size(0) > 0 && G.size(1) == a.image.size(1) &&
-                    G.scalar_type() == a.image.scalar_type() && G.device() == a.image.device(),
-                "robustft_ext: lipsum_texts must be [K >= 1, D] like image, got ", G.sizes());
-    check_m2_scalar(a.lipsum_scale, a.image, "lipsum_scale");
-    p.lip_pre = a.image_pre->contiguous();
-    p.lip_texts = G.contiguous();
-    p.lip_scale = a.lipsum_scale;
-    s.K = G.size(0);
-  }
-  if (p.with_dive) {
-    TORCH_CHECK(given(a.ref_image_ft) && given(a.ref_text_ft) && given(a.ref_image_pre) &&
-                    given(a.ref_text_pre) && given(a.center),
-                "robustft_ext: DiVE needs ref_image_ft, ref_text_ft, ref_image_pre, "
-                "ref_text_pre and center");
-    const auto& fi = *a.ref_image_ft;
-    check_same_shape(fi, *a.ref_text_ft, "ref_image_ft and ref_text_ft");
-    check_same_shape(fi, *a.ref_image_pre, "ref_image_ft and ref_image_pre");
-    check_same_shape(fi, *a.ref_text_pre, "ref_image_ft and ref_text_pre");
-    TORCH_CHECK(fi.size(0) > 0 && fi.size(1) > 0, "robustft_ext: empty DiVE batch");
-    TORCH_CHECK(!batch || (fi.scalar_type() == a.image.scalar_type() &&
-                           fi.size(1) == a.image.size(1) && fi.device() == a.image.device()),
-                "robustft_ext: the DiVE batch must share the training batch's dtype, D and device");
-    const auto& c = *a.center;
-    TORCH_CHECK(c.dim() == 1 && c.size(0) == fi.size(1) && c.scalar_type() == acc &&
-                    c.device() == fi.device(),
-                "robustft_ext: center must be a [D] ", acc, " tensor on ", fi.device(), ", got ",
-                c.sizes(), " ", c.scalar_type());
-    p.dv_fi = fi.contiguous();
-    p.dv_ft = a.ref_text_ft->contiguous();
-    p.dv_pi = a.ref_image_pre->contiguous();
-    p.dv_pt = a.ref_text_pre->contiguous();
-    p.center = c.contiguous();
-    s.n_ref = fi.size(0);
-  }
-  TORCH_CHECK(batch || p.with_dive, "robustft_ext: a step with no term");
+  if (s.with_lipsum) setup_lipsum(a, s);
+  if (s.with_dive) setup_dive(a, batch, s);
   return s;
 }
 
-inline at::TensorOptions step_acc_options(const StepArgs& a, const StepSetup& s) {
-  const auto& ref = s.p.n > 0 ? a.image : *a.ref_image_ft;
-  return ref.options().dtype(acc_dtype(ref.scalar_type()));
+// The rows of X in the dtype the device's GEMMs take (a no-op where they match).
+inline at::Tensor gemm_operand(const GemmKernels& g, const at::Tensor& X) {
+  return X.to(g.workspace_dtype(X.scalar_type())).contiguous();
+}
+
+// V = (F - P) G^T for rows [r0, r0 + r), in the accumulation dtype: two GEMMs of the exact
+// inputs (F G^T - P G^T) rather than one of their rounded difference.
+inline at::Tensor lipsum_dots(const GemmKernels& g, const LipsumInputs& lip, int64_t r0, int64_t r,
+                              const at::Tensor& one, const at::Tensor& minus_one) {
+  at::Tensor v = at::empty({r, lip.G.size(0)}, one.options());
+  const auto G = gemm_operand(g, lip.G);
+  g.gemm_acc(gemm_operand(g, lip.F.narrow(0, r0, r)), false, G, true, one, 0.0, v);
+  g.gemm_acc(gemm_operand(g, lip.P.narrow(0, r0, r)), false, G, true, minus_one, 1.0, v);
+  return v;
+}
+
+// Rows per chunk of the Lipsum product (an n x K block in the accumulation dtype).
+inline int64_t lipsum_chunk_rows(const LipsumInputs& lip, const at::Tensor& one) {
+  return workspace_chunk_rows(lip.F.size(0), lip.G.size(0) * one.element_size(), 1);
+}
+
+// sum_pk (s_0 V_pk)^2 (docs/maths.md, section 5).
+inline at::Tensor lipsum_sum_sq(const GemmKernels& g, const LipsumInputs& lip,
+                                const at::TensorOptions& acc) {
+  const auto one = at::ones({}, acc), minus_one = -one;
+  const int64_t n = lip.F.size(0), rows = lipsum_chunk_rows(lip, one);
+  at::Tensor total = at::zeros({}, acc);
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    total += lipsum_dots(g, lip, r0, std::min(rows, n - r0), one, minus_one).square().sum();
+  }
+  return total * lip.scale * lip.scale;
+}
+
+// grad_F += w s_0^2 V G with w = g_lipsum / (K n).
+inline void lipsum_backward(const GemmKernels& g, const LipsumInputs& lip, const at::Tensor& w,
+                            at::Tensor& grad_F) {
+  const auto one = at::ones({}, grad_F.options()), minus_one = -one;
+  const int64_t n = lip.F.size(0), rows = lipsum_chunk_rows(lip, one);
+  const auto alpha = w * lip.scale * lip.scale;
+  const auto G = gemm_operand(g, lip.G);
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor v = lipsum_dots(g, lip, r0, r, one, minus_one);
+    at::Tensor grad_rows = grad_F.narrow(0, r0, r);
+    g.gemm_acc(gemm_operand(g, v), false, G, false, alpha, 1.0, grad_rows);
+  }
+}
+
+// u, v in the accumulation dtype.
+inline std::pair<at::Tensor, at::Tensor> dive_differences(const DiveInputs& d, at::ScalarType acc) {
+  return {d.fi.to(acc) - d.pi.to(acc), d.ft.to(acc) - d.pt.to(acc)};
+}
+
+// (sum_j |u_j - m|^2 + |v_j - m|^2, sum_j |u_j - v_j|^2, mean_j (u_j + v_j) / 2).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dive_sums(const DiveInputs& d,
+                                                                at::ScalarType acc) {
+  const auto [u, v] = dive_differences(d, acc);
+  const auto m = d.center.unsqueeze(0);
+  return {(u - m).square().sum() + (v - m).square().sum(), (u - v).square().sum(),
+          ((u + v) / 2).mean(0)};
+}
+
+// Gradients of w_a AVL_sum + w_p PVL_sum (weights include 1/B'; m is a constant):
+//   du = 2 [w_a (u - m) + w_p (u - v)],  dv = 2 [w_a (v - m) - w_p (u - v)].
+inline std::pair<at::Tensor, at::Tensor> dive_grads(const DiveInputs& d, at::ScalarType acc,
+                                                    const at::Tensor& w_a, const at::Tensor& w_p) {
+  const auto [u, v] = dive_differences(d, acc);
+  const auto m = d.center.unsqueeze(0);
+  return {2 * (w_a * (u - m) + w_p * (u - v)), 2 * (w_a * (v - m) - w_p * (u - v))};
 }
 
 // (terms [5], diff_mean [D or 0], lse [4, n])
@@ -142,24 +231,82 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   RFT_KERNEL_GUARDS();
   const auto s = step_setup(k, a);
   const auto& p = s.p;
-  const auto opts = step_acc_options(a, s);
+  const auto& opts = s.acc_options;
   at::Tensor lse = at::zeros({4, p.n}, opts);
-  at::Tensor sums = at::zeros({3}, opts);
-  at::Tensor diff_mean = at::zeros({p.with_dive ? p.dv_fi.size(1) : 0}, opts);
-  k.fwd(p, lse, sums, diff_mean);
+  if (p.with_m2 || p.with_clip) k.lse(p, lse);
   std::array<at::Tensor, 5> t;
   for (auto& x : t) x = at::zeros({}, opts);
+  at::Tensor diff_mean = at::zeros({s.with_dive ? s.dive.fi.size(1) : 0}, opts);
   const double n = double(p.n);
   if (p.with_m2) t[kM2] = (lse[0].sum() + lse[1].sum() - 2 * p.diag.sum()) / (2.0 * n);
   if (p.with_clip) {
     t[kClip] = (lse[2].sum() + lse[3].sum() - 2 * a.clip_scale * s.pair_dot.sum()) / (2.0 * n);
   }
-  if (p.with_lipsum) t[kLipsum] = sums[0] / (2.0 * double(s.K) * n);
-  if (p.with_dive) {
-    t[kAvl] = sums[1] / double(s.n_ref);
-    t[kPvl] = sums[2] / double(s.n_ref);
+  if (s.with_lipsum) {
+    t[kLipsum] = lipsum_sum_sq(k.gemm, s.lip, opts) / (2.0 * double(s.lip.G.size(0)) * n);
+  }
+  if (s.with_dive) {
+    auto [avl, pvl, mean] = dive_sums(s.dive, s.acc);
+    const double n_ref = double(s.dive.fi.size(0));
+    t[kAvl] = avl / n_ref;
+    t[kPvl] = pvl / n_ref;
+    diff_mean = mean;
   }
   return {at::stack({t[0], t[1], t[2], t[3], t[4]}), diff_mean, lse};
+}
+
+// The tile terms' gradients: grad_I, grad_T [n, D] (written), grad_M [n, D] (written, with
+// m^2) and the two scale statistics, from chunks of dlogits (step_kernels.h).
+struct TileGrads {
+  at::Tensor grad_I, grad_T, grad_M, stats;
+};
+
+inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const at::Tensor& grads,
+                               const at::Tensor& lse) {
+  const auto& p = s.p;
+  const int64_t n = p.n, D = p.I.size(1);
+  const auto& opts = s.acc_options;
+  TileGrads out{at::zeros({n, D}, opts), at::zeros({n, D}, opts),
+                p.with_m2 ? at::zeros({n, D}, opts) : at::Tensor(), at::zeros({2}, opts)};
+  // The dlogits' true factors (step_kernels.h) times the logit scales: the GEMMs' alphas.
+  const auto f_m2 = grads[kM2] / (2.0 * n), f_clip = grads[kClip] / double(n);
+  const auto alpha_m2 = p.with_m2 ? p.m2_scale * f_m2 : at::Tensor();
+  const auto alpha_clip = p.with_clip ? p.clip_scale * f_clip : at::Tensor();
+  const auto ws_dtype = k.gemm.workspace_dtype(p.I.scalar_type());
+  const int64_t per_row = n * at::elementSize(ws_dtype) * ((p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0));
+  const int64_t rows = workspace_chunk_rows(n, per_row, kChunkAlign);
+  const auto ws_opts = p.I.options().dtype(ws_dtype);
+  at::Tensor wsA, wsB, wsC;
+  if (p.with_m2) {
+    wsA = at::empty({rows, n}, ws_opts);
+    wsB = at::empty({rows, n}, ws_opts);
+  }
+  if (p.with_clip) wsC = at::empty({rows, n}, ws_opts);
+  const auto I = gemm_operand(k.gemm, p.I), T = gemm_operand(k.gemm, p.T);
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r = std::min(rows, n - r0);
+    at::Tensor dA = p.with_m2 ? wsA.narrow(0, 0, r) : at::Tensor();
+    at::Tensor dB = p.with_m2 ? wsB.narrow(0, 0, r) : at::Tensor();
+    at::Tensor dC = p.with_clip ? wsC.narrow(0, 0, r) : at::Tensor();
+    k.dlogits(p, lse, r0, dA, dB, dC, out.stats);
+    at::Tensor gI = out.grad_I.narrow(0, r0, r), gT = out.grad_T.narrow(0, r0, r);
+    const auto I_rows = I.narrow(0, r0, r), T_rows = T.narrow(0, r0, r);
+    // Every GEMM adds (beta 1): rows of grad_T receive CLIP's column terms from every chunk.
+    if (p.with_m2) {
+      k.gemm.gemm_acc(dA, false, p.M, false, alpha_m2, 1.0, gI);
+      k.gemm.gemm_acc(dB, false, p.M, false, alpha_m2, 1.0, gT);
+      k.gemm.gemm_acc(dA, true, I_rows, false, alpha_m2, 1.0, out.grad_M);
+      k.gemm.gemm_acc(dB, true, T_rows, false, alpha_m2, 1.0, out.grad_M);
+    }
+    if (p.with_clip) {
+      k.gemm.gemm_acc(dC, false, T, false, alpha_clip, 1.0, gI);
+      k.gemm.gemm_acc(dC, true, I_rows, false, alpha_clip, 1.0, out.grad_T);
+    }
+  }
+  const auto zero = at::zeros({}, opts);
+  out.stats = at::stack({p.with_m2 ? out.stats[0] * f_m2 : zero,
+                         p.with_clip ? out.stats[1] * f_clip : zero});
+  return out;
 }
 
 // (grad_image, grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)
@@ -169,37 +316,44 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   RFT_KERNEL_GUARDS();
   const auto s = step_setup(k, a);
   const auto& p = s.p;
-  const auto opts = step_acc_options(a, s);
+  const auto& opts = s.acc_options;
   TORCH_CHECK(grad_terms.numel() == 5, "robustft_ext: grad_terms must hold 5 values");
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == p.n,
               "robustft_ext: saved log-sum-exp statistics do not match the inputs");
-  const auto grads = grad_terms.to(opts.dtype()).reshape({5}).contiguous();
-  const auto lse_c = lse.contiguous();
+  const auto grads = grad_terms.to(s.acc).reshape({5}).contiguous();
+  const auto lse_c = lse.to(s.acc).contiguous();
   const int64_t D = p.n > 0 ? a.image.size(1) : a.ref_image_ft->size(1);
   at::Tensor grad_I = at::zeros({p.n, D}, opts), grad_T = at::zeros({p.n, D}, opts);
-  at::Tensor stats = at::zeros({2}, opts);
-  at::Tensor grad_fi = at::zeros({s.n_ref, D}, opts), grad_ft = at::zeros({s.n_ref, D}, opts);
-  k.grad_rows(p, grads, lse_c, grad_I, grad_T, stats, grad_fi, grad_ft);
-  at::Tensor grad_m2_scale = at::zeros({}, opts);
-  if (p.with_tiles()) {
-    at::Tensor grad_M = p.with_m2 ? at::empty({p.n, D}, opts) : at::Tensor();
-    at::Tensor grad_Tc = p.with_clip ? at::empty({p.n, D}, opts) : at::Tensor();
-    k.grad_cols(p, grads, lse_c, grad_M, grad_Tc);
-    if (p.with_clip) grad_T += grad_Tc;
+  at::Tensor grad_clip_scale = at::zeros({}, opts), grad_m2_scale = at::zeros({}, opts);
+  if (p.with_m2 || p.with_clip) {
+    TileGrads tg = tile_backward(k, s, grads, lse_c);
+    grad_I = tg.grad_I;
+    grad_T = tg.grad_T;
+    grad_clip_scale = tg.stats[1].clone();  // own storage; dC includes the positives
     if (p.with_m2) {
-      // The true pair on the diagonals of A and B, then the slerp backward.
+      // The true pair on the diagonals of A and B, then the slerp backward (in double).
       const auto g_diag = grads[kM2] / (2.0 * p.n) *
                           ((p.diag - lse_c[0]).exp() + (p.diag - lse_c[1]).exp() - 2);
-      grad_I += (a.m2_scale * g_diag).unsqueeze(1) * s.Tf;
-      grad_T += (a.m2_scale * g_diag).unsqueeze(1) * s.If;
-      const auto through_mix = mix_rows_backward(grad_M, s.If, s.Tf, s.weights);
-      grad_I += through_mix.first;
-      grad_T += through_mix.second;
-      grad_m2_scale = stats[0] + (g_diag * s.pair_dot).sum();
+      const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
+      grad_I += (a.m2_scale * g_diag).unsqueeze(1) * Tf;
+      grad_T += (a.m2_scale * g_diag).unsqueeze(1) * If;
+      const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
+      grad_I += through_mix.first.to(s.acc);
+      grad_T += through_mix.second.to(s.acc);
+      grad_m2_scale = tg.stats[0] + (g_diag * s.pair_dot).sum();
     }
   }
+  if (s.with_lipsum) {
+    const auto w = grads[kLipsum] / (double(s.lip.G.size(0)) * double(p.n));
+    lipsum_backward(k.gemm, s.lip, w, grad_I);
+  }
+  at::Tensor grad_fi = at::zeros({0, D}, opts), grad_ft = at::zeros({0, D}, opts);
+  if (s.with_dive) {
+    const double n_ref = double(s.dive.fi.size(0));
+    std::tie(grad_fi, grad_ft) = dive_grads(s.dive, s.acc, grads[kAvl] / n_ref, grads[kPvl] / n_ref);
+  }
   const auto in_dtype = p.n > 0 ? a.image.scalar_type() : a.ref_image_ft->scalar_type();
-  return {grad_I.to(in_dtype), grad_T.to(in_dtype), stats[1].clone(), grad_m2_scale,
+  return {grad_I.to(in_dtype), grad_T.to(in_dtype), grad_clip_scale, grad_m2_scale,
           grad_fi.to(in_dtype), grad_ft.to(in_dtype)};
 }
 

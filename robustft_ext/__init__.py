@@ -11,6 +11,9 @@ from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
 from .regularisers import DiVELoss, LipsumLoss
 from .robust_ft import RobustFTLoss
+from .workspace import set_workspace_limit, workspace_limit
+
+workspace_limit()  # hands $ROBUSTFT_WORKSPACE_MB to the compiled ops
 
 __version__ = "0.1.0"
 
@@ -31,5 +34,7 @@ __all__ = [
     "m2mix_loss",
     "sample_beta",
     "siglip_loss",
+    "set_workspace_limit",
     "slerp",
+    "workspace_limit",
 ]

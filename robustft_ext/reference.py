@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import acc_dtype
+from .slerp_maths import mix_rows, mix_rows_backward
 
 
 def _logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -36,71 +37,36 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: tor
     return -F.logsigmoid(z * logits).sum() / a.shape[0]
 
 
-# ---- m^2-mix (METHODS.md section 3) -------------------------------------------------------
-# The slerp stabilisation mirrors csrc/robustft_maths.h (slerp_weights): c clamped to
-# [-1 + SLERP_COS_EPS, 1] (no gradient through c below the clamp), Taylor series in theta
-# below slerp_small_angle(dtype) instead of dividing by a vanishing sin(theta).
-SLERP_COS_EPS = 1e-6
-
-
-def slerp_small_angle(dtype: torch.dtype) -> float:
-    """eps_mach ** (1/6): where the series' and the closed form's errors balance."""
-    return 2.4566e-3 if dtype == torch.float64 else 7.0297e-2
-
-
-def _slerp_weight(l: torch.Tensor, theta: torch.Tensor, sin_t: torch.Tensor, cos_t: torch.Tensor,
-                  small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sin(l theta) / sin(theta) and its derivative in c = cos(theta)."""
-    t2, one_m = theta * theta, 1 - l * l
-    w_series = l * (1 + one_m * t2 / 6 + one_m * (7 - 3 * l * l) * t2 * t2 / 360)
-    dw_series = -l * one_m * (1.0 / 3 + (4 - l * l) * t2 / 30)
-    safe_sin = torch.where(small, torch.ones_like(sin_t), sin_t)
-    s = torch.sin(l * theta)
-    w = s / safe_sin
-    dw = -(l * torch.cos(l * theta) * safe_sin - s * cos_t) / safe_sin ** 3
-    return torch.where(small, w_series, w), torch.where(small, dw_series, dw)
-
-
-def slerp_weights(cos: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """[4, n] = (w_a, w_b, dw_a/dc, dw_b/dc) of slerp(a, b; lam) for c = cos = <a_p, b_p>."""
-    c = cos.clamp(-1 + SLERP_COS_EPS, 1)
-    theta = torch.acos(c)
-    sin_t = torch.sqrt((1 - c) * (1 + c))
-    small = theta < slerp_small_angle(cos.dtype)
-    wa, dwa = _slerp_weight(lam, theta, sin_t, c, small)
-    wb, dwb = _slerp_weight(1 - lam, theta, sin_t, c, small)
-    passes = cos > -1 + SLERP_COS_EPS
-    return torch.stack([wa, wb, torch.where(passes, dwa, 0), torch.where(passes, dwb, 0)])
-
-
+# ---- m^2-mix (docs/maths.md, section 3) ---------------------------------------------------
 class _Slerp(torch.autograd.Function):
-    """slerp of matched rows in the accumulation dtype, with METHODS.md's explicit backward
-    (autograd through arccos would give inf * 0 at identical rows)."""
+    """slerp of matched rows, computed in float64 (slerp_maths) and returned in the dtype of
+    a, with the explicit backward (autograd through arccos would give inf * 0 at identical
+    rows)."""
 
     @staticmethod
     def forward(ctx, a, b, lam):
-        w = slerp_weights((a * b).sum(1), lam)
+        out, w = mix_rows(a, b, lam)
         ctx.save_for_backward(a, b, w)
-        return w[0, :, None] * a + w[1, :, None] * b
+        return out.to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         a, b, w = ctx.saved_tensors
-        k = ((grad * a).sum(1) * w[2] + (grad * b).sum(1) * w[3])[:, None]
-        return w[0, :, None] * grad + k * b, w[1, :, None] * grad + k * a, None
+        ga, gb = mix_rows_backward(grad, a, b, w)
+        return ga.to(a.dtype), gb.to(b.dtype), None
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Row-wise slerp(a_p, b_p; lam) (lam weights a), computed in the accumulation dtype and
-    returned in the inputs' dtype."""
+    """Row-wise slerp(a_p, b_p; lam) (lam weights a), computed in float64 and returned in the
+    inputs' dtype."""
     acc = acc_dtype(a.dtype)
-    return _Slerp.apply(a.to(acc), b.to(acc), lam.to(acc)).to(a.dtype)
+    return _Slerp.apply(a.to(acc), b.to(acc), lam).to(a.dtype)
 
 
 def _m2_logits(I: torch.Tensor, T: torch.Tensor, scale: torch.Tensor, lam: torch.Tensor):
     acc = acc_dtype(I.dtype)
     If, Tf = I.to(acc), T.to(acc)
-    M = _Slerp.apply(If, Tf, lam.to(acc))
+    M = _Slerp.apply(If, Tf, lam)
     eye = torch.eye(I.shape[0], dtype=torch.bool, device=I.device)
     diag = scale * (If * Tf).sum(1)
     A = torch.where(eye, diag[:, None], scale * (If @ M.T))

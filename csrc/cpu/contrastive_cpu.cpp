@@ -1,16 +1,21 @@
 // Fused C++ CPU kernels of the contrastive ops.
 //
-// The similarity matrix is never materialised. Rows are split into blocks that are
-// processed in parallel (at::parallel_for); each task streams the column tiles of its
-// block: the tile's dot products come from one ATen matmul (sequential inside the
-// parallel region), then the per-entry maths of robustft_maths.h, the same code the
-// CUDA kernels run, folds the tile into the block's state. One parallel region per
-// launch keeps the threads busy on whole blocks: alternating multi-threaded BLAS calls
-// with short parallel loops per tile made the threads spin-wait for each other and ran
-// slower on two threads than on one. Like the CUDA kernels, the gradient is two
-// row-streaming passes (rows of P, then rows of Q of the transposed problem), so no
-// task ever writes rows it does not own. Extra memory: one tile per thread, one
-// column state per thread and float copies of half/bfloat16 inputs.
+// The similarity matrix is never materialised.
+//  * Forward: rows are split into blocks processed in parallel (at::parallel_for); each
+//    task streams the column tiles of its block: the tile's dot products come from one
+//    ATen matmul (sequential inside the parallel region), then the per-entry maths of
+//    robustft_maths.h, the same code the CUDA kernels run, folds the tile into the
+//    block's state. One parallel region per launch keeps the threads busy on whole
+//    blocks: alternating multi-threaded BLAS calls with short parallel loops per small
+//    tile made the threads spin-wait for each other.
+//  * Backward: one chunk of rows against every column at a time (contrastive_ops.h sizes
+//    the chunk to the workspace): its dot products come from one multi-threaded BLAS
+//    call into the workspace, the per-entry maths turns them into dlogits in place
+//    (parallel over rows), and contrastive_ops.h's two GEMMs take both feature gradients
+//    from the chunk. Each logit is recomputed once, and the chunks are large enough for
+//    BLAS to run at speed.
+// Extra memory: one tile per thread, one column state per thread, the workspace chunk
+// and float copies of half/bfloat16 inputs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -83,55 +88,47 @@ void siglip_sum_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor&
 }
 
 template <typename T>
-void grad_rows_impl(const DlogitSpec& spec, const at::Tensor& grad_loss, const at::Tensor& P,
-                    const at::Tensor& Q, const at::Tensor& scale_t, const at::Tensor& bias_t,
-                    at::Tensor& grad_P, at::Tensor& stats) {
+void dlogits_impl(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor& Q,
+                  const at::Tensor& scale_t, const at::Tensor& bias_t, int64_t r0, at::Tensor& ds,
+                  at::Tensor& stats) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const at::Tensor Pf = P.to(acc).contiguous(), Qf = Q.to(acc).contiguous();
-  const T scale = value<T>(scale_t), bias = value<T>(bias_t), g = value<T>(grad_loss);
-  const T w_row = T(spec.w_row) * g, w_col = T(spec.w_col) * g, w_pos = T(spec.w_pos) * g;
+  const int64_t rows = ds.size(0), m = Q.size(0);
+  // The chunk's dot products from one multi-threaded BLAS call, straight into the workspace.
+  at::mm_out(ds, P.narrow(0, r0, rows).to(acc), Q.to(acc).t());
+  const T scale = value<T>(scale_t), bias = value<T>(bias_t);
+  const T w_row = T(spec.w_row), w_col = T(spec.w_col), w_pos = T(spec.w_pos);
   const T* row_lse = (!spec.siglip && spec.w_row != 0.0) ? spec.row_lse.data_ptr<T>() : nullptr;
   const T* col_lse = (!spec.siglip && spec.w_col != 0.0) ? spec.col_lse.data_ptr<T>() : nullptr;
-  grad_P.zero_();
-  std::vector<T> s_dot(P.size(0), T(0)), s_sum(P.size(0), T(0));
-
-  for_each_tile(Pf, Qf, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                            at::Tensor& dots) {
-    T* d = dots.data_ptr<T>();
-    // dots -> g * dS in place, keeping the two scalar-gradient sums per row.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t p = i0 + r;
+  T* d = ds.data_ptr<T>();
+  std::vector<T> s_dot(rows, T(0)), s_sum(rows, T(0));
+  at::parallel_for(0, rows, 1, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t p = r0 + r;
       const T r_lse = row_lse ? row_lse[p] : T(0);
       T acc_dot = 0, acc_sum = 0;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t q = j0 + c;
-        const T dot = d[r * cols + c];
+      T* row = d + r * m;
+      for (int64_t q = 0; q < m; ++q) {
+        const T dot = row[q];
         const T s = mx::logit(dot, scale, bias);
         const bool pos = mx::is_positive(p, q, spec.has_positives, spec.pos_offset);
-        const T ds = spec.siglip
-                         ? mx::siglip_dlogit(s, w_row, pos)
-                         : mx::clip_dlogit(s, r_lse, col_lse ? col_lse[q] : T(0), w_row,
-                                           w_col, w_pos, pos);
-        acc_dot += ds * dot;
-        acc_sum += ds;
-        d[r * cols + c] = ds;
+        const T g = spec.siglip ? mx::siglip_dlogit(s, w_row, pos)
+                                : mx::clip_dlogit(s, r_lse, col_lse ? col_lse[q] : T(0), w_row,
+                                                  w_col, w_pos, pos);
+        acc_dot += g * dot;
+        acc_sum += g;
+        row[q] = g;
       }
-      s_dot[p] += acc_dot;
-      s_sum[p] += acc_sum;
+      s_dot[r] = acc_dot;
+      s_sum[r] = acc_sum;
     }
-    // grad_P[block rows] += scale * dS Q[cols]: rows this task owns.
-    grad_P.narrow(0, i0, rows).addmm_(dots, Qf.narrow(0, j0, cols), /*beta=*/1, /*alpha=*/scale);
   });
-
-  if (stats.defined()) {
-    T sd = 0, ss = 0;
-    for (size_t i = 0; i < s_dot.size(); ++i) {
-      sd += s_dot[i];
-      ss += s_sum[i];
-    }
-    stats[0].fill_(sd);
-    stats[1].fill_(ss);
+  T sd = 0, ss = 0;
+  for (int64_t r = 0; r < rows; ++r) {  // in row order: independent of the thread split
+    sd += s_dot[r];
+    ss += s_sum[r];
   }
+  stats[0] += sd;
+  stats[1] += ss;
 }
 
 }  // namespace
@@ -147,17 +144,29 @@ void siglip_softplus_sum_cpu(const at::Tensor& P, const at::Tensor& Q,
   RFT_DISPATCH_ACC(P, [&] { siglip_sum_impl<acc_t>(P, Q, scale, bias, out); });
 }
 
-void contrastive_grad_rows_cpu(const DlogitSpec& spec, const at::Tensor& grad_loss,
-                               const at::Tensor& P, const at::Tensor& Q,
-                               const at::Tensor& scale, const at::Tensor& bias,
-                               at::Tensor& grad_P, at::Tensor& stats) {
-  RFT_DISPATCH_ACC(P, [&] {
-    grad_rows_impl<acc_t>(spec, grad_loss, P, Q, scale, bias, grad_P, stats);
-  });
+void contrastive_dlogits_cpu(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor& Q,
+                             const at::Tensor& scale, const at::Tensor& bias, int64_t r0,
+                             at::Tensor& ds, at::Tensor& stats) {
+  TORCH_CHECK(ds.is_contiguous() && ds.dim() == 2 && ds.size(1) == Q.size(0) &&
+                  r0 >= 0 && r0 + ds.size(0) <= P.size(0) &&
+                  ds.scalar_type() == workspace_dtype_cpu(P.scalar_type()),
+              "robustft_ext: the dlogit chunk must be a contiguous [rows, m] workspace slice");
+  RFT_DISPATCH_ACC(P, [&] { dlogits_impl<acc_t>(spec, P, Q, scale, bias, r0, ds, stats); });
+}
+
+// The CPU runs every product in the accumulation dtype (no 16-bit matrix units to feed).
+at::ScalarType workspace_dtype_cpu(at::ScalarType t) { return acc_dtype(t); }
+
+void gemm_acc_cpu(const at::Tensor& A, bool transpose_a, const at::Tensor& B, bool transpose_b,
+                  const at::Tensor& alpha, double beta, at::Tensor& out) {
+  const auto acc = out.scalar_type();
+  const at::Tensor a = A.to(acc), b = B.to(acc);
+  out.addmm_(transpose_a ? a.t() : a, transpose_b ? b.t() : b, beta, alpha.item());
 }
 
 static const KernelSet kCpuKernels{&clip_lse_cpu, &siglip_softplus_sum_cpu,
-                                   &contrastive_grad_rows_cpu};
+                                   &contrastive_dlogits_cpu,
+                                   GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu}};
 
 RFT_REGISTER_CONTRASTIVE_OPS(CPU, kCpuKernels)
 

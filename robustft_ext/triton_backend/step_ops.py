@@ -17,8 +17,9 @@ As in ops.py, each op body uses only torch ops with fake-able shapes plus `wrap_
 launches, so the body is also the fake (meta) implementation and torch.compile(fullgraph=True)
 traces through to the kernels. What the op bodies do with torch ops (all O(n D), as
 csrc/step_ops.h):
-  * the slerp prologue: c_p = <I_p, T_p>, the weights [4, n] from reference.slerp_weights
-    (the one Python copy of maths::slerp_weights), M = w_a I + w_b T kept as one n x D buffer
+  * the slerp prologue, in float64: c_p = <I_p, T_p>, the weights [4, n] from
+    slerp_maths.slerp_weights (the one Python copy of maths::slerp_weights), M = w_a I + w_b T
+    kept as one n x D buffer
     in the input dtype, read by the kernels like I and T;
   * the true-pair diagonal of A and B (value in the forward, gradient in the backward);
   * the backward of the slerp: dI += w_a dM + k T, dT += w_b dM + k I,
@@ -48,25 +49,25 @@ from .ops import (Config, _check_features, _dot_flags, _kernel_input, _traceable
                   interpreting)
 
 
-def _load_reference():
-    """robustft_ext.reference; when this backend was loaded on its own by path (the tests'
-    fallback when robustft_ext does not import), reference.py is loaded from the package
+def _load_slerp_maths():
+    """robustft_ext.slerp_maths; when this backend was loaded on its own by path (the tests'
+    fallback when robustft_ext does not import), slerp_maths.py is loaded from the package
     directory without running robustft_ext/__init__.py."""
     try:
-        from .. import reference
+        from .. import slerp_maths
 
-        return reference
+        return slerp_maths
     except ImportError:
         pass
-    name = "_robustft_ext_reference_standalone"
+    name = "_robustft_ext_standalone"
     if name not in sys.modules:
         pkg = types.ModuleType(name)
         pkg.__path__ = [str(pathlib.Path(__file__).resolve().parents[1])]
         sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.reference")
+    return importlib.import_module(f"{name}.slerp_maths")
 
 
-slerp_weights = _load_reference().slerp_weights
+_slerp = _load_slerp_maths()
 
 _STEP_FWD = _traceable(step_kernels.step_fwd_kernel)
 _STEP_ROWS = _traceable(step_kernels.step_grad_rows_kernel)
@@ -132,18 +133,20 @@ def _check_kernel_dtype_device(t: Tensor) -> None:
 
 # ----------------------------------------------------------------------------- slerp
 def _weights(af: Tensor, bf: Tensor, lam: Tensor) -> Tensor:
-    """[4, n] = (w_a, w_b, dw_a/dc, dw_b/dc) of the matched rows (float32)."""
-    return slerp_weights((af * bf).sum(1), lam)
+    """[4, n] float64 = (w_a, w_b, dw_a/dc, dw_b/dc) of the matched rows (slerp_maths: the
+    prologue runs in float64)."""
+    return _slerp.slerp_weights((af.double() * bf.double()).sum(1), lam)
 
 
 def _mix(af: Tensor, bf: Tensor, w: Tensor) -> Tensor:
-    return w[0].unsqueeze(1) * af + w[1].unsqueeze(1) * bf
+    """The mix in float64."""
+    return w[0].unsqueeze(1) * af.double() + w[1].unsqueeze(1) * bf.double()
 
 
 def _mix_backward(dM: Tensor, af: Tensor, bf: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    # csrc/m2mix_ops.h::mix_rows_backward.
-    k = ((dM * af).sum(1) * w[2] + (dM * bf).sum(1) * w[3]).unsqueeze(1)
-    return w[0].unsqueeze(1) * dM + k * bf, w[1].unsqueeze(1) * dM + k * af
+    """slerp_maths.mix_rows_backward, returned in float32."""
+    ga, gb = _slerp.mix_rows_backward(dM, af, bf, w)
+    return ga.float(), gb.float()
 
 
 @triton_op("robustft_triton::slerp", mutates_args=())

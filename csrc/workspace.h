@@ -1,0 +1,32 @@
+// The bounded workspace of the fused backward passes (docs/backends.md, "Workspace").
+//
+// A backward forms its dlogits one chunk of rows at a time (every column of the chunk's
+// rows) and multiplies the chunk into the feature gradients with library GEMMs. The
+// chunk holds as many rows as fit in the limit, which the Python side sets
+// (robustft_ext.set_workspace_limit, $ROBUSTFT_WORKSPACE_MB) through the op
+// robustft_ext::set_workspace_limit. So no buffer grows with n x m.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace robustft {
+
+constexpr int64_t kDefaultWorkspaceBytes = int64_t(256) << 20;  // 256 MiB
+
+inline std::atomic<int64_t>& workspace_limit_bytes() {
+  static std::atomic<int64_t> limit{kDefaultWorkspaceBytes};
+  return limit;
+}
+
+// Rows per chunk of an n-row problem whose chunk rows cost bytes_per_row each: as many as
+// fit in the limit, rounded down to a multiple of `align` (the kernels' row block), but
+// never fewer than `align` rows and never more than n.
+inline int64_t workspace_chunk_rows(int64_t n, int64_t bytes_per_row, int64_t align) {
+  const int64_t fit = workspace_limit_bytes().load() / std::max<int64_t>(1, bytes_per_row);
+  const int64_t rows = std::max(align, fit / align * align);
+  return std::min(n, rows);
+}
+
+}  // namespace robustft
