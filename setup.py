@@ -59,6 +59,11 @@ def _want_cuda() -> tuple[bool, str]:
         warnings.warn("robustft_ext: nvcc not found (set CUDA_HOME); building the CPU kernels only")
         return False, "nvcc not found"
     os.environ["CUDA_HOME"] = home
+    if _cublas_link() is None:
+        warnings.warn(f"robustft_ext: cuBLAS was found neither in the CUDA toolkit at {home} nor "
+                      "in the nvidia pip packages (pip install nvidia-cublas); building the CPU "
+                      "kernels only")
+        return False, "cuBLAS not found"
     return True, f"CUDA toolkit at {home}"
 
 
@@ -71,6 +76,30 @@ def _extra_cuda_includes() -> list[str]:
         dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
         dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
     return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _cublas_link() -> tuple[list[str], list[str]] | None:
+    """(library_dirs, link args) for cuBLAS, which the backward's GEMMs call directly.
+
+    A toolkit without cuBLAS (a minimal one) is completed by the nvidia-cublas pip package
+    that a CUDA build of torch depends on; it ships only versioned libraries (libcublas.so.N),
+    so the file is named exactly (-l:libcublas.so.N). At run time torch has already loaded
+    the same soname.
+    """
+    import site
+
+    home = os.environ["CUDA_HOME"]
+    dirs = [os.path.join(home, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "lib"))
+        dirs += glob.glob(os.path.join(base, "nvidia", "cublas", "lib"))
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "libcublas.so")):
+            return [d], ["-lcublas"]
+        versioned = sorted(glob.glob(os.path.join(d, "libcublas.so.*")), key=len)
+        if versioned:
+            return [d], [f"-l:{os.path.basename(versioned[0])}"]
+    return None
 
 
 def _write_build_info(with_cuda: bool, reason: str) -> None:
@@ -97,6 +126,7 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        cublas_dirs, cublas_args = _cublas_link()  # found: _want_cuda checked
         ext = CUDAExtension(
             "robustft_ext._C",
             sources,
@@ -107,7 +137,8 @@ def _extensions():
                 "nvcc": ["-O3", "-std=c++17", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
-            extra_link_args=["-fopenmp"],
+            library_dirs=cublas_dirs,
+            extra_link_args=["-fopenmp"] + cublas_args,
         )
     else:
         ext = CppExtension(
