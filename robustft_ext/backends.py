@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from . import _extension
+from . import _extension, native
 
 BACKENDS = ("reference", "native", "triton")
 FUSED_BACKENDS = ("native", "triton")
@@ -84,9 +84,10 @@ def select_backend(requested: str | None, device: torch.device, dtype: torch.dty
 
 
 def fused_ops(backend: str):
-    """The custom-op namespace of a fused backend (same op names and schemas in each)."""
+    """The ops of a fused backend: the native module's typed wrappers, or the Triton ops
+    (the same op names and schemas in each)."""
     if backend == "native":
-        return torch.ops.robustft_ext
+        return native
     if backend == "triton":
         _triton_module()
         return torch.ops.robustft_triton
