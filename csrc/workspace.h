@@ -21,11 +21,13 @@ inline std::atomic<int64_t>& workspace_limit_bytes() {
 }
 
 // Rows per chunk of an n-row problem whose chunk rows cost bytes_per_row each: as many as
-// fit in the limit, rounded down to a multiple of `align` (the kernels' row block), but
-// never fewer than `align` rows and never more than n.
+// fit in the limit, rounded down to a multiple of `align` (the kernels' row block), never
+// fewer than `align` rows, and never more than half the rows (rounded up to `align`), so the
+// workspace never holds the whole n x m block of a problem larger than one row block.
 inline int64_t workspace_chunk_rows(int64_t n, int64_t bytes_per_row, int64_t align) {
   const int64_t fit = workspace_limit_bytes().load() / std::max<int64_t>(1, bytes_per_row);
-  const int64_t rows = std::max(align, fit / align * align);
+  const int64_t half = ((n + 1) / 2 + align - 1) / align * align;
+  const int64_t rows = std::max(align, std::min(fit / align * align, half));
   return std::min(n, rows);
 }
 

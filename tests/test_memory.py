@@ -1,4 +1,6 @@
-"""The fused backends never allocate an N x N matrix (forward or backward).
+"""The fused backends never allocate an N x N matrix (forward or backward), and their
+backward's dlogit workspace stays within its limit (robustft_ext.set_workspace_limit,
+$ROBUSTFT_WORKSPACE_MB).
 
 CPU: peak resident-memory growth of a fresh process computing loss and gradients, at a size
 where N x N float32 (256 MiB at N = 8192) would be unmistakable; the reference backend run the
@@ -7,6 +9,7 @@ same way shows the measurement does see it. CUDA: peak allocated bytes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,20 +45,40 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _peak_growth_mb(kind: str, backend: str) -> float:
+def _peak_growth_mb(kind: str, backend: str, workspace_mb: float | None = None) -> float:
+    env = dict(os.environ)
+    env.pop("ROBUSTFT_WORKSPACE_MB", None)
+    if workspace_mb is not None:
+        env["ROBUSTFT_WORKSPACE_MB"] = str(workspace_mb)
     out = subprocess.run([sys.executable, "-c", _SCRIPT, kind, backend, str(N), str(D)],
-                         capture_output=True, text=True, timeout=600, check=True)
+                         capture_output=True, text=True, timeout=600, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["loss"] == result["loss"], "NaN loss"
     return result["growth_mb"]
 
 
+# O(N D) buffers of a fused backward (features, gradients and their float copies, the mixed
+# negatives): a few MiB at N = 8192, D = 64.
+LINEAR_MB = 24.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "siglip", "m2mix", "clip_m2mix"])
 def test_cpu_native_allocates_no_nxn(kind):
+    """With the default 256 MiB limit the workspace holds at most half the rows' dlogits."""
     require_backend("native", "cpu")
     fused = _peak_growth_mb(kind, "native")
-    assert fused < NXN_MB / 4, f"native {kind} grew {fused:.0f} MiB; N x N is {NXN_MB:.0f} MiB"
+    assert fused < NXN_MB * 0.5 * (2 if kind.endswith("m2mix") else 1) + LINEAR_MB, (
+        f"native {kind} grew {fused:.0f} MiB; N x N is {NXN_MB:.0f} MiB")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["clip", "siglip", "clip_m2mix"])
+def test_cpu_native_workspace_limit_bounds_memory(kind):
+    """ROBUSTFT_WORKSPACE_MB = 8: the backward's growth is the limit plus O(N D) buffers."""
+    require_backend("native", "cpu")
+    fused = _peak_growth_mb(kind, "native", workspace_mb=8)
+    assert fused < 8 + LINEAR_MB, f"native {kind} grew {fused:.0f} MiB with an 8 MiB workspace"
 
 
 @pytest.mark.slow
@@ -79,12 +102,19 @@ def test_cuda_peak_allocated_has_no_nxn(backend, kind):
           "clip_m2mix": lambda a, b, s, bias, backend: sum(
               rft.clip_m2mix_loss(a, b, s, 0.3, backend=backend))}[kind]
     fn(a[:8], b[:8], s, -1.0, backend=backend).backward()  # warm-up, autotuning
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    loss = fn(a, b, s, -1.0, backend=backend)
-    loss.backward()
-    torch.cuda.synchronize()
-    growth = torch.cuda.max_memory_allocated() - base
-    nxn = n * n * 4
-    assert growth < nxn / 8, f"{backend} {kind}: peak growth {growth / 2**20:.0f} MiB"
+    limit = 64 * 2**20
+    rft.set_workspace_limit(limit)
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn(a, b, s, -1.0, backend=backend)
+        loss.backward()
+        torch.cuda.synchronize()
+        growth = torch.cuda.max_memory_allocated() - base
+    finally:
+        rft.set_workspace_limit(None)
+    nxn, linear = n * n * 4, 12 * n * d * 4  # gradients, float copies, mixed negatives
+    assert growth < limit + linear, (
+        f"{backend} {kind}: peak growth {growth / 2**20:.0f} MiB with a 64 MiB workspace "
+        f"(N x N is {nxn / 2**20:.0f} MiB)")
