@@ -3,7 +3,8 @@
 Environment switches
   ROBUSTFT_FORCE_CPU=1     build the CPU kernels only, even where CUDA could be built.
   CUDA_HOME                the CUDA toolkit to build with (else inferred, see _find_cuda_home).
-  TORCH_CUDA_ARCH_LIST     architectures to build for (default "8.0;9.0": sm_80 and sm_90).
+  TORCH_CUDA_ARCH_LIST     architectures to build for (default "8.0;9.0": sm_80 and sm_90;
+                           the kernels need sm_80 or newer, older entries are dropped).
   MAX_JOBS                 parallel compile jobs for ninja.
 The CUDA kernels compile without a GPU: only nvcc and a CUDA build of torch are needed.
 """
@@ -102,6 +103,26 @@ def _cublas_link() -> tuple[list[str], list[str]] | None:
     return None
 
 
+def _arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST (default 8.0;9.0) without the architectures below 8.0: the kernels
+    use mma.sync m16n8k16 and cp.async, which sm_80 introduced."""
+    old_names = {"kepler", "kepler+tesla", "maxwell", "pascal", "volta", "turing"}
+
+    def supported(arch: str) -> bool:
+        try:
+            return float(arch.split("+")[0].rstrip("af")) >= 8.0
+        except ValueError:  # a name: Ampere, Ada, Hopper, ... (torch's own list)
+            return arch.lower().split("+")[0] not in old_names
+
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    archs = [a for a in requested.replace(",", ";").replace(" ", ";").split(";") if a]
+    kept = [a for a in archs if supported(a)]
+    if len(kept) < len(archs):
+        warnings.warn(f"robustft_ext: the CUDA kernels need sm_80 or newer; dropping "
+                      f"{sorted(set(archs) - set(kept))} from TORCH_CUDA_ARCH_LIST")
+    return ";".join(kept) if kept else DEFAULT_ARCH_LIST
+
+
 def _write_build_info(with_cuda: bool, reason: str) -> None:
     import torch
 
@@ -118,7 +139,7 @@ def _write_build_info(with_cuda: bool, reason: str) -> None:
 def _extensions():
     with_cuda, reason = _want_cuda()
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     _write_build_info(with_cuda, reason)

@@ -45,6 +45,11 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return _extension.LOAD_ERROR or "the compiled extension is not built"
         if device.type == "cuda" and not _extension.WITH_CUDA:
             return "the extension was built without CUDA kernels (CPU-only build)"
+        if device.type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                return (f"the native CUDA kernels need compute capability 8.0 or newer "
+                        f"(tensor-core mma.sync); this device has {major}.{minor}")
         if device.type not in ("cpu", "cuda"):
             return f"no native kernels for device type {device.type!r}"
         return None

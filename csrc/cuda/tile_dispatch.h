@@ -8,8 +8,8 @@
 //                              "high" or "medium", as torch's own matmuls
 //   float, "highest"           FfmaEngine<float> (exact float products)
 //   double                     FfmaEngine<double>
-// The tensor-core engine needs sm_80 or newer; on older devices 16-bit inputs run on the
-// float FFMA engine.
+// The kernels need sm_80 or newer (mma.sync m16n8k16, cp.async); setup.py builds no older
+// architecture, and the Python side reports the native CUDA backend unavailable below 8.0.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,31 +47,26 @@ struct Tag {
 // features' element type; ws_t the dlogit workspace's (workspace_dtype_cuda).
 template <class Shape, class Launch>
 void dispatch_engine(at::ScalarType t, Launch&& launch) {
-  const bool mma_ok = at::cuda::getCurrentDeviceProperties()->major >= 8;
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major >= 8, "robustft_ext: the native CUDA kernels need compute capability "
+              "8.0 or newer; this device (", props->name, ") has ", props->major, ".",
+              props->minor, ". Use backend='triton' or 'reference'.");
   switch (t) {
     case at::kDouble:
       launch(Tag<FfmaEngine<double>>{}, Tag<double>{}, Tag<double>{});
       return;
     case at::kFloat:
-      if (mma_ok && float32_matmul_allows_tf32()) {
+      if (float32_matmul_allows_tf32()) {
         launch(Tag<MmaEngine<Shape, Tf32Mma>>{}, Tag<float>{}, Tag<float>{});
       } else {
         launch(Tag<FfmaEngine<float>>{}, Tag<float>{}, Tag<float>{});
       }
       return;
     case at::kBFloat16:
-      if (mma_ok) {
-        launch(Tag<MmaEngine<Shape, Bf16Mma>>{}, Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
-      } else {
-        launch(Tag<FfmaEngine<float>>{}, Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
-      }
+      launch(Tag<MmaEngine<Shape, Bf16Mma>>{}, Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
       return;
     case at::kHalf:
-      if (mma_ok) {
-        launch(Tag<MmaEngine<Shape, F16Mma>>{}, Tag<c10::Half>{}, Tag<c10::Half>{});
-      } else {
-        launch(Tag<FfmaEngine<float>>{}, Tag<c10::Half>{}, Tag<c10::Half>{});
-      }
+      launch(Tag<MmaEngine<Shape, F16Mma>>{}, Tag<c10::Half>{}, Tag<c10::Half>{});
       return;
     default:
       TORCH_CHECK(false, "robustft_ext: unsupported dtype ", t);
