@@ -17,11 +17,27 @@
 //   * __shfl_xor_sync(): every lane of the warp publishes its value, a barrier over the 32
 //     lanes of the warp, then each lane reads its partner's value (double-buffered, so one
 //     barrier per shuffle suffices);
-//   * atomicCAS (64-bit), __float_as_uint / __uint_as_float, min / max of the device API.
+//   * atomicCAS (64-bit), __float_as_uint / __uint_as_float, min / max of the device API;
+//   * dynamic shared memory: launch(grid, threads, smem_bytes, kernel, args...) is
+//     kernel<<<grid, threads, smem_bytes>>>; kernels reach it through
+//     robustft::ptx::dynamic_smem<T>() (cuda/mma_ptx.cuh), since `extern __shared__` cannot
+//     be given a meaning here (`__shared__` is `static`). It is 128-byte aligned, allocated
+//     with exactly smem_bytes (so AddressSanitizer sees overruns), at most 227 KB (the
+//     sm_90 limit per block), and filled with 0xff bytes (NaN in float, half and bfloat16)
+//     at the start of every CTA: a read of an element no thread wrote shows up;
+//   * warp-collective instructions (ldmatrix, mma.sync, in emu_mma.h, included at the end
+//     of this header) through warp_collective(): every lane publishes its operands, and the
+//     instruction's effect is computed once, for the 32 lanes together, when the last lane
+//     of the warp arrives, before any lane goes on (so its shared-memory reads happen at one
+//     point, as one instruction's do); lanes of a warp at different collective instructions
+//     (divergent .sync.aligned code) abort;
+//   * per-thread queues of asynchronous copies (cp.async, emu_mma.h); a thread that exits
+//     with copies it never committed or never waited for aborts (the hardware would lose them).
 //
 // Limits (what this does NOT check):
 //   * no memory model: no caches, no weak ordering, no bank conflicts, no coalescing, no
-//     16-byte alignment faults; a missing __threadfence or volatile is not detected;
+//     alignment faults of ordinary loads and stores (ldmatrix and cp.async check theirs,
+//     emu_mma.h); a missing __threadfence or volatile is not detected;
 //   * warp-synchronous execution is emulated by barriers at each shuffle only: code relying
 //     on implicit lock-step execution of a warp between shuffles is not emulated (the
 //     kernels here do not rely on it), and the shuffle mask must be the full warp;
@@ -31,7 +47,10 @@
 //     their contents from one CTA / launch to the next;
 //   * device maths (std::exp, ...) is the host's libm, not CUDA's (results agree to the
 //     tolerances of the tests, not bitwise); half / bfloat16 convert in software;
-//   * no limits on registers, shared memory or threads per block are enforced.
+//   * no limits on registers, static shared memory or threads per block are enforced (only
+//     the dynamic shared memory's 227 KB); a launch with more than 48 KB of dynamic shared
+//     memory needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize) on a GPU, which the
+//     emulator cannot check.
 //
 // Schedule (default, fiber mode): warp by warp, each lane runs until it blocks at a barrier,
 // the lanes of a warp until all of them wait at __syncthreads() (or have finished), then the
@@ -63,6 +82,9 @@
 #ifndef CUDA_EMU_THREADS
 #define CUDA_EMU_THREADS 0
 #endif
+
+// Tells device headers (cuda/mma_ptx.cuh) that they are compiled against this emulation.
+#define RFT_CUDA_EMULATION 1
 
 #if CUDA_EMU_THREADS
 #include <atomic>
@@ -135,9 +157,19 @@ namespace cuda_emu {
 constexpr unsigned kWarpSize = 32;
 constexpr unsigned kMaxThreads = 1024;
 
+// One cp.async of a thread, queued until a cp.async.wait_group performs it.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  unsigned src_bytes, bytes;  // bytes of src read; bytes of dst written (the rest zeros)
+};
+
 // Per-CUDA-thread state of the running CTA.
 struct ThreadState {
-  unsigned shuffles = 0;  // parity of the shuffle buffer
+  unsigned shuffles = 0;            // parity of the shuffle buffer
+  unsigned long long collectives = 0;  // warp-collective instructions executed so far
+  std::vector<AsyncCopy> async_copies;  // issued, not yet performed, in issue order
+  std::vector<size_t> async_groups;     // committed groups: end index into async_copies
 #if !CUDA_EMU_THREADS
   ucontext_t ctx;
   const unsigned* wait_phase = nullptr;  // blocked until *wait_phase != wait_value
@@ -146,11 +178,63 @@ struct ThreadState {
 #endif
 };
 
+// The operands one lane passes to a warp-collective instruction and the results it gets.
+struct LaneIo {
+  unsigned op;               // which instruction (all lanes of a warp must agree)
+  unsigned long long seq;    // the lane's count of collective instructions before this one
+  alignas(16) unsigned char in[48];
+  alignas(16) unsigned char out[16];
+};
+// Computes one warp-collective instruction for the 32 lanes of a warp from their inputs.
+using CollectiveFn = void (*)(LaneIo* lanes);
+
+// Dynamic shared memory of the running launch (one CTA runs at a time).
+struct DynamicSmem {
+  unsigned char* data = nullptr;
+  size_t bytes = 0;
+};
+inline DynamicSmem& dynamic_smem_state() {
+  static DynamicSmem d;
+  return d;
+}
+// At the start of each CTA: the contents left by the previous CTA are not kept.
+inline void poison_dynamic_smem() {
+  DynamicSmem& d = dynamic_smem_state();
+  if (d.bytes > 0) std::memset(d.data, 0xff, d.bytes);
+}
+constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90 (sm_80: 163 KB)
+inline void set_dynamic_smem(size_t bytes) {
+  if (bytes > kMaxDynamicSmem) die("launch: more than 227 KB of dynamic shared memory per block");
+  DynamicSmem& d = dynamic_smem_state();
+  std::free(d.data);
+  d.data = nullptr;
+  d.bytes = bytes;
+  if (bytes == 0) return;
+  void* p = nullptr;
+  if (posix_memalign(&p, 128, bytes) != 0) die("cannot allocate the dynamic shared memory");
+  d.data = static_cast<unsigned char*>(p);
+}
+inline unsigned char* dynamic_smem() {
+  DynamicSmem& d = dynamic_smem_state();
+  if (d.bytes == 0) die("dynamic_smem(): the kernel was launched without dynamic shared memory");
+  return d.data;
+}
+
+// A thread leaving the kernel must have performed all its asynchronous copies.
+inline void check_thread_exit(const ThreadState& s) {
+  if (s.async_copies.empty()) return;
+  if (s.async_groups.empty() || s.async_groups.back() < s.async_copies.size())
+    die("cp.async: a thread exits with copies it never committed (cp.async.commit_group)");
+  die("cp.async: a thread exits with committed copies it never waited for (cp.async.wait_group)");
+}
+
 #if !CUDA_EMU_THREADS
 // ---- Fiber backend: every CUDA thread of the CTA is a ucontext on the caller's thread ----
 
 struct FiberBarrier {
   unsigned expected = 0, count = 0, phase = 0;
+  CollectiveFn hook = nullptr;  // warp barriers: run by the last lane to arrive
+  LaneIo* lanes = nullptr;      // warp barriers: the warp's 32 LaneIo records
 };
 
 struct Cta {
@@ -160,6 +244,7 @@ struct Cta {
   FiberBarrier block;
   std::vector<FiberBarrier> warps;
   std::vector<unsigned long long> slots[2];  // shuffle buffers, one word per thread
+  std::vector<LaneIo> lane_io;               // warp-collective operands, one per thread
   ucontext_t sched;
   ThreadState* current = nullptr;
   void (*body)(void*) = nullptr;
@@ -175,6 +260,7 @@ inline Cta& cta() {
 inline void fiber_entry() {
   Cta& c = cta();
   c.body(c.body_arg);
+  check_thread_exit(*c.current);
   c.current->done = true;
   swapcontext(&c.current->ctx, &c.sched);  // never resumed
   die("finished fiber resumed");
@@ -184,6 +270,11 @@ inline void arrive_and_wait(FiberBarrier& b) {
   Cta& c = cta();
   const unsigned phase = b.phase;
   if (++b.count == b.expected) {  // the last one releases the others and runs on
+    if (b.hook != nullptr) {      // a collective instruction: its effect, before the release
+      const CollectiveFn hook = b.hook;
+      b.hook = nullptr;
+      hook(b.lanes);
+    }
     b.count = 0;
     ++b.phase;
     return;
@@ -195,8 +286,15 @@ inline void arrive_and_wait(FiberBarrier& b) {
 
 inline void block_barrier() { arrive_and_wait(cta().block); }
 inline void warp_barrier(unsigned warp) { arrive_and_wait(cta().warps[warp]); }
+// A warp barrier whose last arrival runs fn(the warp's LaneIo records) before releasing.
+inline void warp_barrier_with(unsigned warp, CollectiveFn fn) {
+  FiberBarrier& b = cta().warps[warp];
+  b.hook = fn;
+  arrive_and_wait(b);
+}
 inline ThreadState& self() { return *cta().current; }
 inline unsigned long long* shuffle_slots(unsigned parity) { return cta().slots[parity].data(); }
+inline LaneIo* lane_io(unsigned warp) { return cta().lane_io.data() + size_t(warp) * kWarpSize; }
 
 // Runs body(arg) as every thread of every block of the grid.
 inline void run_grid(dim3 grid, unsigned threads, void (*body)(void*), void* arg,
@@ -209,13 +307,19 @@ inline void run_grid(dim3 grid, unsigned threads, void (*body)(void*), void* arg
   while (c.stacks.size() < threads) c.stacks.emplace_back(new char[Cta::kStack]);
   const unsigned nwarps = (threads + kWarpSize - 1) / kWarpSize;
   c.warps.assign(nwarps, FiberBarrier{});
-  for (unsigned w = 0; w < nwarps; ++w) c.warps[w].expected = std::min(kWarpSize, threads - w * kWarpSize);
+  c.lane_io.assign(size_t(nwarps) * kWarpSize, LaneIo{});
+  for (unsigned w = 0; w < nwarps; ++w) {
+    c.warps[w].expected = std::min(kWarpSize, threads - w * kWarpSize);
+    c.warps[w].lanes = c.lane_io.data() + size_t(w) * kWarpSize;
+  }
   c.block = FiberBarrier{};
   c.block.expected = threads;
   for (auto& s : c.slots) s.assign(size_t(nwarps) * kWarpSize, 0);
 
   for (const unsigned b : order) {
     blockIdx = uint3(b % grid.x, b / grid.x, 0);
+    poison_dynamic_smem();
+    std::fill(c.lane_io.begin(), c.lane_io.end(), LaneIo{});
     for (unsigned t = 0; t < threads; ++t) {
       ThreadState& s = c.ts[t];
       s = ThreadState{};
@@ -265,11 +369,24 @@ inline void run_grid(dim3 grid, unsigned threads, void (*body)(void*), void* arg
 #else
 // ---- OS-thread backend (ThreadSanitizer): a pool of threads, one per CUDA thread ----------
 
+// The completion step of a warp's barrier: runs the collective instruction registered for
+// this phase, if any, after every lane arrived and before any is released.
+struct WarpCompletion {
+  std::atomic<CollectiveFn>* hook;
+  LaneIo* lanes;
+  void operator()() noexcept {
+    const CollectiveFn fn = hook->exchange(nullptr, std::memory_order_relaxed);
+    if (fn != nullptr) fn(lanes);
+  }
+};
+
 struct Cta {
   unsigned threads = 0;
   std::unique_ptr<std::barrier<>> block;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<std::unique_ptr<std::barrier<WarpCompletion>>> warps;
+  std::unique_ptr<std::atomic<CollectiveFn>[]> hooks;  // one per warp
   std::vector<unsigned long long> slots[2];
+  std::vector<LaneIo> lane_io;
   std::vector<ThreadState> ts;
 };
 
@@ -281,8 +398,13 @@ inline thread_local ThreadState* t_self = nullptr;
 
 inline void block_barrier() { cta().block->arrive_and_wait(); }
 inline void warp_barrier(unsigned warp) { cta().warps[warp]->arrive_and_wait(); }
+inline void warp_barrier_with(unsigned warp, CollectiveFn fn) {
+  cta().hooks[warp].store(fn, std::memory_order_relaxed);  // ordered by the barrier
+  cta().warps[warp]->arrive_and_wait();
+}
 inline ThreadState& self() { return *t_self; }
 inline unsigned long long* shuffle_slots(unsigned parity) { return cta().slots[parity].data(); }
+inline LaneIo* lane_io(unsigned warp) { return cta().lane_io.data() + size_t(warp) * kWarpSize; }
 
 class Pool {
  public:
@@ -349,18 +471,30 @@ inline void run_grid(dim3 grid, unsigned threads, void (*body)(void*), void* arg
   c.threads = threads;
   c.block = std::make_unique<std::barrier<>>(threads);
   const unsigned nwarps = (threads + kWarpSize - 1) / kWarpSize;
+  c.lane_io.assign(size_t(nwarps) * kWarpSize, LaneIo{});
+  c.hooks = std::make_unique<std::atomic<CollectiveFn>[]>(nwarps);
   c.warps.clear();
-  for (unsigned w = 0; w < nwarps; ++w)
-    c.warps.push_back(std::make_unique<std::barrier<>>(std::min(kWarpSize, threads - w * kWarpSize)));
+  for (unsigned w = 0; w < nwarps; ++w) {
+    c.hooks[w].store(nullptr);
+    c.warps.push_back(std::make_unique<std::barrier<WarpCompletion>>(
+        std::min(kWarpSize, threads - w * kWarpSize),
+        WarpCompletion{&c.hooks[w], c.lane_io.data() + size_t(w) * kWarpSize}));
+  }
   for (auto& s : c.slots) s.assign(size_t(nwarps) * kWarpSize, 0);
   c.ts.assign(threads, ThreadState{});
+  const bool dynamic = dynamic_smem_state().bytes > 0;
   pool().run(threads, [&](unsigned t) {
     t_self = &c.ts[t];
     threadIdx = uint3(t, 0, 0);
     for (const unsigned b : order) {
       blockIdx = uint3(b % grid.x, b / grid.x, 0);
       c.ts[t] = ThreadState{};
+      if (dynamic) {
+        if (t == 0) poison_dynamic_smem();
+        c.block->arrive_and_wait();
+      }
       body(arg);
+      check_thread_exit(c.ts[t]);
       c.block->arrive_and_wait();  // the next CTA reuses the (static) shared memory
     }
     t_self = nullptr;
@@ -368,14 +502,16 @@ inline void run_grid(dim3 grid, unsigned threads, void (*body)(void*), void* arg
 }
 #endif
 
-// kernel<<<grid, threads>>>(args...): the arguments are converted to the kernel's
-// parameter types first, as a launch does. CTAs run one at a time in a shuffled order
-// (the kernels must not depend on the order of CTAs).
+// kernel<<<grid, threads, smem_bytes>>>(args...): the arguments are converted to the
+// kernel's parameter types first, as a launch does. CTAs run one at a time in a shuffled
+// order (the kernels must not depend on the order of CTAs). smem_bytes of dynamic shared
+// memory (robustft::ptx::dynamic_smem<T>()) are allocated for the launch.
 template <typename... KA, typename... A>
-void launch(dim3 grid, unsigned threads, void (*kernel)(KA...), A... args) {
+void launch(dim3 grid, unsigned threads, size_t smem_bytes, void (*kernel)(KA...), A... args) {
   static_assert(sizeof...(KA) == sizeof...(A), "wrong number of kernel arguments");
   if (threads == 0 || threads > kMaxThreads) die("bad block size");
   if (grid.x == 0 || grid.y == 0 || grid.z != 1) die("bad grid");
+  set_dynamic_smem(smem_bytes);
   gridDim = grid;
   blockDim = dim3(threads, 1, 1);
   std::tuple<KA...> targs(static_cast<KA>(args)...);
@@ -394,6 +530,44 @@ void launch(dim3 grid, unsigned threads, void (*kernel)(KA...), A... args) {
         std::apply(c->kernel, *c->args);
       },
       &call, order);
+  set_dynamic_smem(0);
+}
+
+// kernel<<<grid, threads>>>(args...).
+template <typename... KA, typename... A>
+void launch(dim3 grid, unsigned threads, void (*kernel)(KA...), A... args) {
+  launch(grid, threads, size_t(0), kernel, args...);
+}
+
+// One warp-collective instruction of the calling lane: publishes `in` (in_bytes) as the
+// lane's operands of instruction `op`, waits for the warp; `fn`, run once when the last lane
+// arrives, computes every lane's results from all the lanes' operands; then copies the
+// lane's results (out_bytes) to `out`. Aborts when the lanes are not all at the same
+// collective instruction (divergent .sync.aligned code) or the block is not whole warps.
+inline void warp_collective(unsigned op, const void* in, size_t in_bytes, void* out,
+                            size_t out_bytes, CollectiveFn fn) {
+  if (blockDim.x % kWarpSize != 0)
+    die("warp-collective instruction in a block of partial warps");
+  if (in_bytes > sizeof(LaneIo::in) || out_bytes > sizeof(LaneIo::out))
+    die("warp_collective: operands too large");
+  const unsigned warp = threadIdx.x / kWarpSize;
+  LaneIo& io = lane_io(warp)[threadIdx.x % kWarpSize];
+  io.op = op;
+  io.seq = self().collectives++;
+  std::memcpy(io.in, in, in_bytes);
+  warp_barrier_with(warp, fn);
+  std::memcpy(out, io.out, out_bytes);
+}
+
+// For the CollectiveFn of `op`: aborts unless all 32 lanes are at this same instruction.
+inline void check_converged(const LaneIo* lanes, unsigned op, const char* what) {
+  for (unsigned l = 0; l < kWarpSize; ++l) {
+    if (lanes[l].op != op || lanes[l].seq != lanes[0].seq) {
+      std::fprintf(stderr, "cuda_emu: %s: lane %u of the warp is at another warp-collective "
+                   "instruction (divergent .sync.aligned code)\n", what, l);
+      die(what);
+    }
+  }
 }
 
 }  // namespace cuda_emu
@@ -422,3 +596,6 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   std::memcpy(&r, &word, sizeof(T));
   return r;
 }
+
+// ldmatrix, mma.sync, cp.async and the rest of cuda/mma_ptx.cuh's interface.
+#include "emu_mma.h"
