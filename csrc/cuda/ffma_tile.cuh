@@ -99,7 +99,7 @@ struct FfmaEngine {
 #pragma unroll
       for (int c = 0; c < Pairs::kCols; ++c)
         load_slab<BN, LDN>(ops.y[c], ops.m, ops.D, ops.ld, col0, k0, ys + c * BK * LDN);
-      __syncthreads();
+      __syncthreads();  // the slabs are complete
 #pragma unroll
       for (int k = 0; k < BK; ++k) {
         Vec<acc_t, L::kRows> a[Pairs::kRows];

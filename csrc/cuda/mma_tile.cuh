@@ -201,7 +201,7 @@ struct MmaEngine {
       // barrier publishes it to every warp and retires the reads of stage (kb - 1) % STAGES,
       // which the next load refills.
       ptx::cp_async_wait<STAGES - 2>();
-      __syncthreads();
+      __syncthreads();  // block kb visible to every warp; stage (kb - 1) % STAGES free
       const int64_t next = kb + STAGES - 1;
       if (next < k_blocks) load_stage<Pairs>(ops, row0, col0, next, smem + (next % STAGES) * kStage);
       ptx::cp_async_commit();

@@ -25,17 +25,12 @@
 #include "cuda/ffma_tile.cuh"
 #include "cuda/mma_tile.cuh"
 #include "cuda/tile_layout.cuh"
+#include "cuda/tile_shapes.cuh"
 
 namespace robustft {
 namespace cuda_tiles {
 
 inline bool float32_matmul_allows_tf32() { return at::globalContext().allowTF32CuBLAS(); }
-
-// Tile shapes of the tensor-core engine. Contrastive ops: 128 x 128 tiles, 8 warps of 64 x 32
-// (64 float accumulators a thread), 3 stages of 32 KB. Step ops (up to three products, four
-// operand slabs): 128 x 64 tiles, 8 warps of 32 x 32 (96 accumulators), 3 stages of 48 KB.
-using ContrastiveMmaShape = MmaShape<128, 128, 2, 4, 3>;
-using StepMmaShape = MmaShape<128, 64, 4, 2, 3>;
 
 template <typename T>
 struct Tag {

@@ -61,7 +61,7 @@ struct RowLse {
 #pragma unroll
         for (int r = 0; r < L::kRows; ++r) red[L::row_warp()][L::row(r)] = st[r];
       }
-      __syncthreads();
+      __syncthreads();  // every warp's partial row states are in red
       if (L::row_warp() == 0 && L::row_leader()) {
 #pragma unroll
         for (int r = 0; r < L::kRows; ++r)
@@ -136,7 +136,7 @@ __device__ void merge_tile_cols(const float (&s)[L::kRows][L::kCols], const bool
     State st = L::col_lanes(State{mx, sum}, LseMergeOp{});
     if (L::col_leader()) red[L::col_warp()][L::col(c)] = st;
   }
-  __syncthreads();
+  __syncthreads();  // every warp's column states are in red
   for (int c = threadIdx.x; c < L::BN; c += L::kThreads) {
     State st = red[0][c];
 #pragma unroll
@@ -153,7 +153,7 @@ __device__ double block_sum(double v, double* red) {
   v = warp_sum(v);
   __syncthreads();  // red is free (an earlier block_sum's reads are done)
   if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
-  __syncthreads();
+  __syncthreads();  // every warp's sum is in red
   double total = 0.0;
   if (threadIdx.x == 0) {
 #pragma unroll
