@@ -1,4 +1,4 @@
-"""The benchmark stage of gpu_check.sh: the bf16 subset of issue 13, inside a deadline.
+"""The benchmark stage of gpu_check.sh: a bf16 subset of the loss benchmarks, inside a deadline.
 
 Cases: CLIP, SigLIP, CLIP + m^2 (one fused pass) and a whole RobustFTLoss step at
 N in {4096, 16384, 65536}, D = 768, then CLIP at N = 16384 with D = 512 and 1024; providers
@@ -49,7 +49,7 @@ SIZES = dict(gpu=dict(ns=(4096, 16384, 65536), d=768, extra_n=16384, extra_d=(51
 # per mode `warmup_next` untimed and at least `min_reps` timed calls. SLOW_TIMING is used when
 # a full call is predicted to take longer than SLOW_CALL_S.
 TIMING = dict(gpu=dict(warmup=2, warmup_next=1, min_reps=3, max_reps=20, budget_s=0.3),
-              toy=dict(warmup=1, warmup_next=0, min_reps=2, max_reps=3, budget_s=0.02))
+              toy=dict(warmup=1, warmup_next=0, min_reps=2, max_reps=2, budget_s=0.0))
 SLOW_TIMING = dict(warmup=1, warmup_next=0, min_reps=2, max_reps=2, budget_s=0.0)
 SLOW_CALL_S = 0.25
 CASE_CAP_S = dict(gpu=60.0, toy=20.0)
@@ -61,6 +61,8 @@ PEAK_MATRICES = {("clip", "reference"): 5.0, ("clip", "open_clip"): 4.3,
                  ("siglip", "reference"): 6.0, ("siglip", "open_clip"): 5.1,
                  ("clip_m2mix", "reference"): 7.4, ("robust_step", "reference"): 7.4}
 RESULT_TAG = "RFT_GPU_BENCH "
+READY_TAG = "RFT_GPU_BENCH_READY"
+WORKER_START_S = 120.0     # importing torch and the providers, creating the CUDA context
 
 
 def plan_cases(toy: bool) -> list[dict]:
@@ -130,6 +132,9 @@ def worker_main() -> None:
     import torch
 
     from _harness import measure_config
+    if torch.cuda.is_available():
+        torch.cuda.init()  # the context's creation is start-up, not the first case's time
+    print(READY_TAG, flush=True)
     for line in sys.stdin:
         spec = json.loads(line)
         if spec.get("threads"):
@@ -139,25 +144,34 @@ def worker_main() -> None:
 
 
 class Worker:
-    """A worker process with a reader thread, so that a case can be waited on with a timeout."""
+    """A worker process with a reader thread, so that a case can be waited on with a timeout.
+    The worker's start-up (imports, CUDA context) is waited for apart from any case."""
 
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      bufsize=1)
         self.lines: queue.Queue = queue.Queue()
+        self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             if line.startswith(RESULT_TAG):
                 self.lines.put(json.loads(line[len(RESULT_TAG):]))
+            elif line.strip() == READY_TAG:
+                self.ready.set()
             else:
                 sys.stdout.write(line)
+        self.ready.set()
         self.lines.put(None)  # the worker exited
 
-    def run(self, spec: dict, timeout_s: float) -> list[dict] | str:
-        """The case's rows, or why there are none ("timeout" or the worker's exit)."""
+    def run(self, spec: dict, timeout_s: float, start_s: float = WORKER_START_S
+            ) -> list[dict] | str:
+        """The case's rows, or why there are none ("timeout" or the worker's exit); a worker
+        not started within start_s seconds counts as a time-out too."""
+        if not self.ready.wait(start_s):
+            return "timeout"
         try:
             self.proc.stdin.write(json.dumps(spec) + "\n")
             self.proc.stdin.flush()
@@ -248,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
                             threads=1 if args.toy else None)
                 worker = worker or Worker()
                 t0 = time.monotonic()
-                got = worker.run(spec, min(case_cap, max(left, 5.0)))
+                got = worker.run(spec, min(case_cap, max(left, 5.0)),
+                                 start_s=min(WORKER_START_S, max(left, 5.0)))
                 wall = time.monotonic() - t0
                 if isinstance(got, str):
                     status = "timeout" if got == "timeout" else "error"

@@ -14,10 +14,17 @@ reaches are recorded through a dispatch mode; every op registered under robustft
 be reached by some case, so that a new op cannot go unchecked. Prints one line per case
 ("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
 when a case fails or an op is never reached.
+
+  python benchmarks/gpu_sanitize.py --classify OUTPUT_FILE --rc RC
+
+reads what a compute-sanitizer run printed and its exit code (--error-exitcode 66) and prints
+gpu_check.sh's verdict: "ok", "failed" or "skipped" (the tool does not work on this machine),
+a tab, and the detail.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from typing import Callable
@@ -27,9 +34,36 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import robustft_ext as rft
 
+SANITIZER_ERROR_RC = 66   # gpu_check.sh passes --error-exitcode 66
+
 SHAPES = ((64, 64), (131, 67))
 DTYPES = (torch.float32, torch.bfloat16)
 NAMESPACE = "robustft_ext"
+
+
+def classify(output: str, rc: int) -> tuple[str, str]:
+    """(verdict, detail) of a compute-sanitizer run of this program: "ok" when it found
+    nothing and every case passed; "failed" when it reported errors or a case failed;
+    "skipped" when the tool itself could not run the program (no case started: e.g. "Device
+    not supported" under some virtual machines)."""
+    summaries = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: [^\n]*", output)
+    summary = summaries[-1].strip() if summaries else ""
+    errors = sum(int(x) for x in re.findall(r"ERROR SUMMARY: (\d+) error", output))
+    errors += sum(int(x) for x in re.findall(r"RACECHECK SUMMARY: .*?\((\d+) error", output))
+    ran = len(re.findall(r"^RFT_SANITIZE (?:ok|FAIL) ", output, re.M))
+    fails = re.findall(r"^RFT_SANITIZE FAIL [^\n]*", output, re.M)
+    done = re.findall(r"^RFT_SANITIZE done: ([^\n]*)", output, re.M)
+    tail = done[-1] if done else f"{ran} cases ran"
+    if rc == SANITIZER_ERROR_RC or errors:
+        return "failed", f"{summary or 'errors reported'}; {tail}"
+    if rc == 0:
+        return "ok", f"{summary or 'no sanitizer summary line'}; {tail}"
+    if ran == 0:
+        tool = [ln.strip("= ").strip() for ln in output.splitlines()
+                if ln.startswith("=========") and re.search(r"error|not supported", ln, re.I)]
+        why = tool[0] if tool else (output.strip().splitlines() or ["no output"])[-1]
+        return "skipped", f"compute-sanitizer could not run the program here: {why[:200]}"
+    return "failed", f"exit {rc}; {fails[0][len('RFT_SANITIZE FAIL '):][:200] if fails else tail}"
 
 
 class OpRecorder(TorchDispatchMode):
@@ -151,26 +185,33 @@ def run_case(fn, device: torch.device) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (under compute-sanitizer) or cpu")
+    p.add_argument("--classify", metavar="OUTPUT_FILE", default=None,
+                   help="print the verdict on a compute-sanitizer run's output instead")
+    p.add_argument("--rc", type=int, default=0, help="that run's exit code (with --classify)")
     args = p.parse_args(argv)
+    if args.classify is not None:
+        with open(args.classify, errors="replace") as f:
+            verdict, detail = classify(f.read(), args.rc)
+        print(f"{verdict}\t{detail}")
+        return 0
     device = torch.device(args.device)
     failures, ran = 0, 0
     recorder = OpRecorder()
-    for n, d in SHAPES:
-        for dtype in DTYPES:
-            for name, fn in cases(n, d, dtype, device).items():
-                label = f"{name} {str(dtype).replace('torch.', '')} N={n} D={d}"
-                try:
-                    with recorder:
-                        why = run_case(fn, device)
-                except Exception as exc:  # noqa: BLE001 - record, go on with the next case
-                    why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-                    traceback.print_exc()
-                ran += 1
-                if why is None:
-                    print(f"RFT_SANITIZE ok {label}", flush=True)
-                else:
-                    failures += 1
-                    print(f"RFT_SANITIZE FAIL {label}: {why}", flush=True)
+    for (n, d), dtype in ((shape, dt) for shape in SHAPES for dt in DTYPES):
+        for name, fn in cases(n, d, dtype, device).items():
+            label = f"{name} {str(dtype).replace('torch.', '')} N={n} D={d}"
+            try:
+                with recorder:
+                    why = run_case(fn, device)
+            except Exception as exc:  # noqa: BLE001 - record, go on with the next case
+                why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+                traceback.print_exc()
+            ran += 1
+            if why is None:
+                print(f"RFT_SANITIZE ok {label}", flush=True)
+            else:
+                failures += 1
+                print(f"RFT_SANITIZE FAIL {label}: {why}", flush=True)
     registered = registered_ops()
     coverage = f"{len(recorder.seen)} ops reached"
     missing: set[str] = set()

@@ -8,6 +8,7 @@ size: time (median, p20-p80), peak memory, achieved TFLOP/s, percent of the ceil
 relative to CLIP alone (same provider, size and mode), the speed-ups over open_clip and Inf-CL
 (their time over this one), and the loss value against the reference's; then every row not
 measured, with why. The part above the DETAILS marker is what gpu_check.sh prints at the end.
+`--junit FILE` prints the one-line outcome of a pytest JUnit report (the tests stage's detail).
 
 Work counts (the TFLOP/s columns): the matrix products of the fused CLIP loss,
 forward 2 N^2 D (the logits), backward 6 N^2 D (the logits recomputed, then the two gradient
@@ -22,6 +23,7 @@ import csv
 import json
 import math
 import re
+import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
@@ -277,12 +279,41 @@ def plot(rows: list[dict], idx: Index, ceiling: float | None, path: Path, title:
     return True
 
 
+def junit_line(path: Path) -> str:
+    """One line of a pytest JUnit report: the counts, then the failing tests (up to 25)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        return f"no test report ({exc})"
+    tot = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
+    for suite in root.iter("testsuite"):
+        for k in tot:
+            tot[k] += int(suite.get(k, 0))
+    failed = [f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
+              for case in root.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
+    line = (f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, "
+            f"{tot['skipped']} skipped")
+    if failed:
+        line += "; failing: " + ", ".join(failed[:25]) + (" ..." if len(failed) > 25 else "")
+    return line
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dir", type=Path, required=True, help="the run's folder")
+    p.add_argument("--junit", type=Path, default=None,
+                   help="print the one-line summary of a pytest JUnit report instead")
+    p.add_argument("--dir", type=Path, help="the run's folder")
     p.add_argument("--title", default=None, help="the run's label (default: the folder's name)")
     p.add_argument("--dry-run", action="store_true", help="say that the sizes are toy sizes")
     args = p.parse_args(argv)
+    if args.junit is not None:
+        line = junit_line(args.junit)
+        print(line)
+        return line
+    if args.dir is None:
+        p.error("--dir is required (or --junit)")
     title = args.title or args.dir.name
     rows = load_rows(args.dir / "results.csv")
     status = load_status(args.dir / "status.tsv")

@@ -93,12 +93,16 @@ def test_dry_run_measures_every_loss_and_writes_the_summary(dry_run):
     out, stdout, _, _ = dry_run
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    ok = {(r["loss"], r["provider"], r["N"], r["mode"]) for r in rows if r["status"] == "ok"}
+    by_key = {(r["loss"], r["provider"], r["N"], r["D"], r["mode"]): r for r in rows}
     for loss in ("clip", "siglip", "clip_m2mix", "robust_step"):
         for provider in ("native", "reference") + (("open_clip",) if loss in ("clip", "siglip") else ()):
             for n in ("64", "128", "256"):
                 for mode in ("forward", "backward", "full"):
-                    assert (loss, provider, n, mode) in ok, (loss, provider, n, mode)
+                    r = by_key[(loss, provider, n, "32", mode)]
+                    # Measured; on a machine too busy for the stage's deadline the larger
+                    # sizes may be skipped, saying so, but the smallest always runs.
+                    assert r["status"] == "ok" or (
+                        n != "64" and r["status"] == "skipped" and "deadline" in r["note"]), r
     assert {r["D"] for r in rows if r["loss"] == "clip" and r["N"] == "128"} == {"16", "32", "64"}
     # Providers that cannot run on CPU have rows that say why.
     triton = [r for r in rows if r["provider"] == "triton"]
@@ -131,7 +135,7 @@ def test_dry_run_output_fits_the_device_tool_and_leaves_the_checkout_clean(dry_r
 
 # --------------------------------------------------------------------------- the bench plan
 
-def test_plan_is_issue_13s_subset():
+def test_plan_covers_every_loss_provider_and_size():
     b = _load("gpu_bench")
     cases = b.plan_cases(toy=False)
     keys = {(c["loss"], c["provider"], c["n"], c["d"]) for c in cases}
@@ -210,3 +214,61 @@ def test_summary_arithmetic(tmp_path):
     text = s.main(["--dir", str(tmp_path)])
     assert "| build | ok | 90 | 300 | built |" in text
     assert "open_clip / fused" in text and "| CLIP | 16384 | 768 | native | 10 |" in text
+
+
+# --------------------------------------------------------------------------- stage verdicts
+
+def test_sanitizer_verdicts():
+    c = _load("gpu_sanitize").classify
+    cases = "RFT_SANITIZE ok clip_loss float32 N=64 D=64\nRFT_SANITIZE done: 40/40 cases ok on cuda; 14/14 registered ops reached\n"
+    verdict, detail = c(cases + "========= ERROR SUMMARY: 0 errors\n", 0)
+    assert verdict == "ok" and "0 errors" in detail and "14/14" in detail
+    verdict, _ = c(cases + "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 1 warnings)\n", 0)
+    assert verdict == "ok"
+    bad = ("========= Invalid __global__ write of size 4 bytes\n" + cases
+           + "========= ERROR SUMMARY: 3 errors\n")
+    assert c(bad, 66) == ("failed", "ERROR SUMMARY: 3 errors; 40/40 cases ok on cuda; 14/14 "
+                                    "registered ops reached")
+    race = cases + "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    assert c(race, 66)[0] == "failed"
+    # The tool could not start the program (seen under gVisor): nothing ran, so a skip.
+    verdict, detail = c("========= Error: Device not supported\nRuntimeError: CUDA error 999\n", 1)
+    assert verdict == "skipped" and "Device not supported" in detail
+    # The program itself failed a case: a failure even without a sanitizer report.
+    verdict, detail = c("RFT_SANITIZE FAIL dive_loss bfloat16 N=131 D=67: loss is nan\n", 1)
+    assert verdict == "failed" and "dive_loss" in detail
+
+
+def test_junit_line(tmp_path):
+    s = _load("gpu_summary")
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4" failures="1" '
+        'errors="0" skipped="1"><testcase classname="tests.test_m2mix" name="test_a[cuda]"/>'
+        '<testcase classname="tests.test_m2mix" name="test_b[cuda]"><failure message="x"/>'
+        '</testcase><testcase classname="tests.test_m2mix" name="test_c[cuda]"><skipped/>'
+        '</testcase><testcase classname="tests.test_triton_ops" name="test_d"/></testsuite>'
+        '</testsuites>')
+    assert s.junit_line(report) == ("2 passed, 1 failed, 0 errors, 1 skipped; failing: "
+                                    "test_m2mix::test_b[cuda]")
+    assert s.junit_line(tmp_path / "missing.xml").startswith("no test report")
+
+
+def test_a_hung_case_is_killed_and_the_next_case_runs(tmp_path):
+    """The bench stage's watchdog: a case past its cap gets "timeout" rows and a fresh worker
+    serves the next case (here the first case's cap is far too short for its calls)."""
+    b = _load("gpu_bench")
+    spec = dict(loss="clip", provider="reference", n=16, d=8, dtype="fp32", device="cpu",
+                modes=["full"], timing=dict(warmup=1, warmup_next=0, min_reps=1, max_reps=1,
+                                            budget_s=0.0), seed=0, threads=1)
+    worker = b.Worker()
+    try:
+        assert worker.run(spec, timeout_s=0.01) == "timeout"
+    finally:
+        worker.stop()
+    worker = b.Worker()
+    try:
+        rows = worker.run(spec, timeout_s=300)
+    finally:
+        worker.stop()
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["mode"] == "full"
