@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     predictor = Predictor()
     oom_at: dict[tuple, int] = {}
-    worker: Worker | None = None
+    worker: Worker | None = Worker()  # starts while the first cases are planned
     counts = {"ok": 0, "skipped": 0, "oom": 0, "timeout": 0, "error": 0, "nonfinite": 0}
     try:
         for i, case in enumerate(cases, 1):

@@ -273,7 +273,7 @@ def plot(rows: list[dict], idx: Index, ceiling: float | None, path: Path, title:
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / nrows))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
