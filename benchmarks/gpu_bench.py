@@ -3,8 +3,8 @@
 Cases: CLIP, SigLIP, CLIP + m^2 (one fused pass) and a whole RobustFTLoss step at
 N in {4096, 16384, 65536}, D = 768, then CLIP at N = 16384 with D = 512 and 1024; providers
 native, triton, open_clip, reference and inf_cl (those that have the loss); modes forward,
-backward and full. --toy: the same at N in {64, 128, 256}, D = 32 (CLIP also D = 16, 64 at
-N = 128), for the CPU dry run. The order is by N, all losses at one N before the next, so
+backward and full. --toy: the same at N in {64, 128}, D = 32 (CLIP also D = 16, 64 at N = 64),
+for the CPU dry run. The order is by N, all losses at one N before the next, so
 that a deadline cuts the largest sizes first.
 
 Each case (loss, provider, N, D: its three modes) runs in a long-lived worker process that
@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
-import math
-import os
 import queue
 import subprocess
 import sys
@@ -43,13 +42,13 @@ LOSSES = ("clip", "siglip", "clip_m2mix", "robust_step")
 PROVIDERS = ("native", "triton", "open_clip", "reference", "inf_cl")
 MODES = ("forward", "backward", "full")
 SIZES = dict(gpu=dict(ns=(4096, 16384, 65536), d=768, extra_n=16384, extra_d=(512, 1024)),
-             toy=dict(ns=(64, 128, 256), d=32, extra_n=128, extra_d=(16, 64)))
+             toy=dict(ns=(64, 128), d=32, extra_n=64, extra_d=(16, 64)))
 # Toy runs use one CPU thread: the sizes are too small to share, and the dry run's machine
 # may be busy. Timed calls per case (see _harness.run_mode): the first warm-up is forward + backward, then
 # per mode `warmup_next` untimed and at least `min_reps` timed calls. SLOW_TIMING is used when
 # a full call is predicted to take longer than SLOW_CALL_S.
 TIMING = dict(gpu=dict(warmup=2, warmup_next=1, min_reps=3, max_reps=20, budget_s=0.3),
-              toy=dict(warmup=1, warmup_next=0, min_reps=2, max_reps=2, budget_s=0.0))
+              toy=dict(warmup=1, warmup_next=0, min_reps=1, max_reps=1, budget_s=0.0))
 SLOW_TIMING = dict(warmup=1, warmup_next=0, min_reps=2, max_reps=2, budget_s=0.0)
 SLOW_CALL_S = 0.25
 CASE_CAP_S = dict(gpu=60.0, toy=20.0)
@@ -114,6 +113,16 @@ class Predictor:
         return t, f"{t0 * 1e3:.3g} ms at N={n0}, D={d0}, x (N/N0)^2 x D/D0"
 
 
+def skip_reason(h, loss: str, provider: str, device, dtype, d: int) -> str | None:
+    """The harness's skip_reason, except that open_clip is only looked up here: its import
+    (seconds) happens once, in the worker, whose rows say so if it fails."""
+    if provider == "open_clip":
+        if importlib.util.find_spec("open_clip") is None:
+            return "open_clip not installed (pip install open_clip_torch)"
+        return None
+    return h.skip_reason(loss, provider, device, dtype, d)
+
+
 def memory_skip(loss: str, provider: str, n: int, total_bytes: float | None) -> str | None:
     mats = PEAK_MATRICES.get((loss, provider))
     if mats is None or total_bytes is None:
@@ -132,8 +141,13 @@ def worker_main() -> None:
     import torch
 
     from _harness import measure_config
+    # Start-up, not any case's time: the CUDA context, and open_clip's long import.
     if torch.cuda.is_available():
-        torch.cuda.init()  # the context's creation is start-up, not the first case's time
+        torch.cuda.init()
+    try:
+        import open_clip.loss  # noqa: F401
+    except Exception:  # noqa: BLE001 - its rows say why when a case needs it
+        pass
     print(READY_TAG, flush=True)
     for line in sys.stdin:
         spec = json.loads(line)
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     for m in MODES if m not in modes]
             left = args.deadline_s - (time.monotonic() - t_start)
             timing = dict(TIMING[kind])
-            reason = h.skip_reason(loss, provider, device, dtype, d)
+            reason = skip_reason(h, loss, provider, device, dtype, d)
             if reason is None and device.type == "cuda":
                 reason = memory_skip(loss, provider, n, total_mem)
             if reason is None:

@@ -10,9 +10,9 @@ siglip_loss(negative_only) (another column count), slerp, m2mix_loss, clip_m2mix
 dive_loss, lipsum_loss and a RobustFTLoss step with every term on. Shapes: N = 64, D = 64
 (tile-aligned) and N = 131, D = 67 (no dimension a multiple of a tile or of a vector width).
 Each case checks that the loss and every gradient are finite. The compiled ops each case
-reaches are recorded through a dispatch mode; every op registered under robustft_ext:: must
-be reached by some case, so that a new op cannot go unchecked. Prints one line per case
-("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
+reaches are recorded through a dispatch mode; every op registered under robustft_ext:: that
+takes a tensor must be reached by some case, so that a new op cannot go unchecked. Prints one
+line per case ("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
 when a case fails or an op is never reached.
 
   python benchmarks/gpu_sanitize.py --classify OUTPUT_FILE --rc RC
@@ -80,12 +80,22 @@ class OpRecorder(TorchDispatchMode):
 
 
 def registered_ops() -> set[str] | None:
-    """Every op registered under robustft_ext:: (None when torch cannot list them)."""
+    """Every op registered under robustft_ext:: that takes a tensor (an op without one
+    launches no kernel), or None when torch cannot list them."""
     try:
         names = torch._C._dispatch_get_all_op_names()
     except Exception:  # noqa: BLE001 - a torch without the listing: no coverage check
         return None
-    return {n.split("::", 1)[1] for n in names if n.startswith(NAMESPACE + "::")}
+    ops = set()
+    for full in names:
+        if not full.startswith(NAMESPACE + "::"):
+            continue
+        short = full.split("::", 1)[1]
+        packet = getattr(getattr(torch.ops, NAMESPACE), short, None)
+        schemas = [str(getattr(packet, o)._schema) for o in packet.overloads()] if packet else []
+        if not schemas or any("Tensor" in sch.split("->")[0] for sch in schemas):
+            ops.add(short)
+    return ops
 
 
 def unit(n: int, d: int, dtype: torch.dtype, device: torch.device, g: torch.Generator,

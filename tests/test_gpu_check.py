@@ -96,14 +96,16 @@ def test_dry_run_measures_every_loss_and_writes_the_summary(dry_run):
     by_key = {(r["loss"], r["provider"], r["N"], r["D"], r["mode"]): r for r in rows}
     for loss in ("clip", "siglip", "clip_m2mix", "robust_step"):
         for provider in ("native", "reference") + (("open_clip",) if loss in ("clip", "siglip") else ()):
-            for n in ("64", "128", "256"):
+            for n in ("64", "128"):
                 for mode in ("forward", "backward", "full"):
                     r = by_key[(loss, provider, n, "32", mode)]
-                    # Measured; on a machine too busy for the stage's deadline the larger
-                    # sizes may be skipped, saying so, but the smallest always runs.
+                    # Measured; on a machine too busy for the stage's deadline later cases
+                    # are skipped, saying so (on a quiet one every case runs).
                     assert r["status"] == "ok" or (
-                        n != "64" and r["status"] == "skipped" and "deadline" in r["note"]), r
-    assert {r["D"] for r in rows if r["loss"] == "clip" and r["N"] == "128"} == {"16", "32", "64"}
+                        r["status"] == "skipped" and "deadline" in r["note"]), r
+    for mode in ("forward", "backward", "full"):  # the first case always runs
+        assert by_key[("clip", "native", "64", "32", mode)]["status"] == "ok"
+    assert {r["D"] for r in rows if r["loss"] == "clip" and r["N"] == "64"} == {"16", "32", "64"}
     # Providers that cannot run on CPU have rows that say why.
     triton = [r for r in rows if r["provider"] == "triton"]
     assert triton and all(r["status"] == "skipped" and r["note"] for r in triton)
