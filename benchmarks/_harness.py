@@ -27,7 +27,12 @@ backward count, as they are alive during it):
         buffers go back to the OS and the next step's growth is visible again.
 The reported peak is the largest over the timed runs.
 
-Rows are appended to one CSV (header only when the file is new); see CSV_COLUMNS.
+Output (the checkout stays clean unless asked): by default each run writes a new CSV,
+benchmarks/results/<device>_<UTC time>_<loss>.csv (the folder is ignored by git), and draws its
+plots into the folder beside it, <same name>_plots/. --append adds the rows to the tracked
+benchmarks/results.csv instead (then redraw the tracked plots with `plot.py --tracked`);
+--csv PATH appends to any other file. Rows are appended (header only when the file is new);
+see CSV_COLUMNS.
 """
 from __future__ import annotations
 
@@ -48,7 +53,10 @@ from typing import Callable
 import torch
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CSV = HERE / "results.csv"
+sys.path.insert(0, str(HERE))
+# plot.py needs only the standard library at import. TRACKED_CSV: the committed results
+# (written only with --append); RESULTS_DIR: ignored by git, the default home of each run's CSV.
+from plot import RESULTS_DIR, TRACKED_CSV, slug  # noqa: E402
 
 LOSSES = ("clip", "siglip", "m2mix", "clip_m2mix", "robust_step")
 PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl",
@@ -114,6 +122,22 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_model()
+
+
+def utc_stamp() -> str:
+    """The current UTC time as 20261201T013000Z (sorts as time, safe in file names)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def default_csv(device: str, loss: str) -> Path:
+    """A new results file of this run: benchmarks/results/<device>_<UTC time>_<loss>.csv."""
+    return RESULTS_DIR / f"{slug(device)}_{utc_stamp()}_{loss}.csv"
+
+
+def plots_dir_for(csv_path: Path) -> Path:
+    """The plot folder of a results file: <its folder>/<its name without .csv>_plots."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.stem + "_plots")
 
 
 def versions() -> dict[str, str]:
@@ -665,7 +689,8 @@ def build_parser(loss: str) -> argparse.ArgumentParser:
               "Providers that cannot run here (triton and inf_cl on CPU, inf_cl when not "
               "installed or for SigLIP) get rows with status 'skipped' and the reason.")
     p = argparse.ArgumentParser(
-        description=f"Benchmark the {name} loss providers; rows are appended to a CSV.",
+        description=f"Benchmark the {name} loss providers; rows go to a new CSV under "
+                    "benchmarks/results/ (or, with --append, to the tracked results.csv).",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", help="batch sizes N")
     p.add_argument("--d", type=int, nargs="+", help="feature dims D")
@@ -673,8 +698,15 @@ def build_parser(loss: str) -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), help="providers to run")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
                    help="modes (default: all)")
-    p.add_argument("--csv", type=Path, default=DEFAULT_CSV,
-                   help="CSV to append to (default: benchmarks/results.csv)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", type=Path, default=None,
+                     help="CSV to append to (default: a new benchmarks/results/"
+                          "<device>_<UTC time>_<loss>.csv, ignored by git)")
+    out.add_argument("--append", action="store_true",
+                     help="append to the tracked benchmarks/results.csv (and draw no plots: "
+                          "redraw the tracked ones with plot.py --tracked)")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="draw no plots (default: a new CSV gets its plots in <csv>_plots/)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="two small sizes, D=512, few repeats")
     p.add_argument("--warmup", type=int, help="warm-up calls (forward+backward) per (provider, N, D)")
@@ -711,6 +743,12 @@ def main(loss: str, argv: list[str] | None = None) -> list[dict]:
               "memory the process kept from earlier configurations", file=sys.stderr)
 
     env = dict(device=device_name(device), **versions())
+    if args.append:
+        csv_path = TRACKED_CSV
+    elif args.csv is not None:
+        csv_path = args.csv
+    else:
+        csv_path = default_csv(env["device"], loss)
     print(f"{loss}: device={env['device']} torch={env['torch']} triton={env['triton']} "
           f"robustft_ext={env['robustft_ext']} dtype={dtype_name} N={ns} D={ds} "
           f"providers={providers} modes={args.modes} isolate={isolate} timing={timing}")
@@ -749,13 +787,30 @@ def main(loss: str, argv: list[str] | None = None) -> list[dict]:
                 stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 for r in rows:
                     r["timestamp"] = stamp
-                append_rows(args.csv, rows)
+                append_rows(csv_path, rows)
                 all_rows += rows
     print()
     print_table(all_rows)
     print_ratios(all_rows)
-    print(f"\nappended {len(all_rows)} rows to {args.csv}")
+    print(f"\nappended {len(all_rows)} rows to {csv_path}")
+    if args.append:
+        print("the tracked plots are redrawn by: python benchmarks/plot.py --tracked")
+    elif args.plots and all_rows:
+        draw_plots(csv_path)
     return all_rows
+
+
+def draw_plots(csv_path: Path) -> list[Path]:
+    """plot.py's plots of one results file into its <csv>_plots/ folder (none without
+    matplotlib: the CSV is the result, the plots a view of it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return []
+    import plot
+    return plot.main(["--csv", str(csv_path), "--out", str(plots_dir_for(csv_path)),
+                      "--modes", "forward", "backward", "full"])
 
 
 if __name__ == "__main__":

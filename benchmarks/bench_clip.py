@@ -1,4 +1,7 @@
-"""Benchmark the CLIP loss: providers x modes x N x D, appended to benchmarks/results.csv.
+"""Benchmark the CLIP loss: providers x modes x N x D.
+
+Rows go to a new benchmarks/results/<device>_<UTC time>_clip.csv (ignored by git) and its
+plots beside it; --append adds them to the tracked benchmarks/results.csv instead.
 
   python benchmarks/bench_clip.py                  # device defaults (GPU: bf16, N 1k..64k, D 512/768/1024;
                                                  #   CPU: fp32, N 1k..8k, D 512)

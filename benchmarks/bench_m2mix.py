@@ -9,7 +9,8 @@
   python benchmarks/bench_m2mix.py --quick
   python benchmarks/bench_m2mix.py --n 8192 --providers reference native --modes full
 
-Rows go to benchmarks/results.csv with loss "clip_m2mix" or "m2mix"; compare them with the
+Rows (loss "clip_m2mix" or "m2mix") go to a new CSV under benchmarks/results/, or with --append
+to the tracked benchmarks/results.csv (see _harness.py); compare them with the
 "clip" rows of bench_clip.py (the target: CLIP + m^2 at most 1.6x our fused CLIP alone).
 Every other flag is bench_clip.py's (see _harness.py).
 """

@@ -8,8 +8,9 @@
   python benchmarks/bench_robust_step.py --n 8192 --providers reference native --modes full
 
 Inputs: the training batch [N, D], its pre-trained image features, K = 80 random-text features,
-and a DiVE reference batch of N pairs (their gradients are part of the backward). Rows go to
-benchmarks/results.csv with loss "robust_step"; compare with the "clip" rows of bench_clip.py
+and a DiVE reference batch of N pairs (their gradients are part of the backward). Rows (loss
+"robust_step") go to a new CSV under benchmarks/results/, or with --append to the tracked
+benchmarks/results.csv (see _harness.py); compare with the "clip" rows of bench_clip.py
 (the target: the fused step at most 1.8x our fused CLIP loss alone). Every other flag is
 bench_clip.py's (see _harness.py).
 """

@@ -1,12 +1,16 @@
-"""Draw benchmarks/results.csv: time and peak memory against N (log-log), one line per provider.
+"""Draw a benchmark results CSV: time and peak memory against N (log-log), one line per provider.
 
-One PNG per (loss, device, dtype, D, mode) under benchmarks/plots/ (mode: full unless --modes).
-Where a configuration was measured more than once, the newest row wins. Rows whose status is
-not "ok" are left out; an "oom" is marked with an x at the N where the provider ran out.
+One PNG per (loss, device, dtype, D, mode) (mode: full unless --modes). Where a configuration
+was measured more than once, the newest row wins. Rows whose status is not "ok" are left out;
+an "oom" is marked with an x at the N where the provider ran out.
 
-  python benchmarks/plot.py [--csv benchmarks/results.csv] [--out benchmarks/plots] [--modes full]
+  python benchmarks/plot.py                  # the newest benchmarks/results/*.csv, into the
+                                             #   folder beside it, <name>_plots/
+  python benchmarks/plot.py --csv FILE       # FILE, into <FILE without .csv>_plots/
+  python benchmarks/plot.py --tracked        # the tracked results.csv into the tracked plots/
+  python benchmarks/plot.py --csv FILE --out DIR --modes forward backward full
 
-Needs matplotlib (pip install matplotlib).
+Without --tracked nothing tracked by git is written. Needs matplotlib (pip install matplotlib).
 """
 from __future__ import annotations
 
@@ -15,9 +19,13 @@ import csv
 import re
 import sys
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TRACKED_CSV = HERE / "results.csv"   # the committed results
+TRACKED_PLOTS = HERE / "plots"
+RESULTS_DIR = HERE / "results"   # ignored by git
 PROVIDER_ORDER = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl")
 
 
@@ -29,6 +37,7 @@ def _float(s: str) -> float | None:
 
 
 def slug(s: str) -> str:
+    """A file-name-safe form of a device name ("NVIDIA H200" -> "NVIDIA_H200")."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", s).strip("_")
 
 
@@ -100,21 +109,51 @@ def plot_group(key, providers: dict, out_dir: Path) -> Path | None:
     return path
 
 
+def newest_results() -> Path | None:
+    """The newest CSV under benchmarks/results/ (names sort by their UTC time stamp)."""
+    found = sorted(RESULTS_DIR.glob("*.csv"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_paths(csv_path: Path | None, out: Path | None, tracked: bool) -> tuple[Path, Path]:
+    """(CSV to read, folder to write). Only --tracked writes the tracked plots/ folder; the
+    tracked CSV read without it is drawn into a new folder under benchmarks/results/."""
+    if tracked:
+        return TRACKED_CSV, out or TRACKED_PLOTS
+    if csv_path is None:
+        csv_path = newest_results()
+        if csv_path is None:
+            sys.exit(f"no results under {RESULTS_DIR}; run a bench_*.py script first, or "
+                     "pass --csv FILE or --tracked")
+    if out is None:
+        if csv_path.resolve() == TRACKED_CSV:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            out = RESULTS_DIR / f"tracked_{stamp}_plots"
+        else:
+            out = csv_path.with_name(csv_path.stem + "_plots")
+    return csv_path, out
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--csv", type=Path, default=HERE / "results.csv")
-    p.add_argument("--out", type=Path, default=HERE / "plots")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="results to draw (default: the newest benchmarks/results/*.csv)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder of the PNGs (default: <csv without .csv>_plots beside it)")
+    p.add_argument("--tracked", action="store_true",
+                   help="draw the tracked benchmarks/results.csv into the tracked benchmarks/plots/")
     p.add_argument("--modes", nargs="+", default=["full"], choices=["forward", "backward", "full"])
     args = p.parse_args(argv)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit("plot.py needs matplotlib: pip install matplotlib")
-    if not args.csv.exists():
-        sys.exit(f"no results at {args.csv}; run bench_clip.py / bench_siglip.py first")
+    csv_path, out = resolve_paths(args.csv, args.out, args.tracked)
+    if not csv_path.exists():
+        sys.exit(f"no results at {csv_path}; run bench_clip.py / bench_siglip.py first")
     written = []
-    for key, providers in sorted(load(args.csv, set(args.modes)).items()):
-        path = plot_group(key, providers, args.out)
+    for key, providers in sorted(load(csv_path, set(args.modes)).items()):
+        path = plot_group(key, providers, out)
         if path is not None:
             written.append(path)
             print(path)

@@ -7,11 +7,18 @@ CLIP + m^2 (one fused pass, or two fused calls: native-separate) and a whole Rob
 and inputs are those of benchmarks/_harness.py. Each benchmark also checks that the loss it
 timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
+
+Also where the benchmark scripts write: by default a new CSV and plot folder under the ignored
+benchmarks/results/, leaving the checkout as it was; --append adds to the tracked results.csv.
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import math
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +27,8 @@ import torch
 
 from conftest import require_backend
 
-_HARNESS_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "_harness.py"
+ROOT = Path(__file__).resolve().parents[1]
+_HARNESS_PATH = ROOT / "benchmarks" / "_harness.py"
 
 
 def _harness():
@@ -76,3 +84,70 @@ def test_micro_full(benchmark, one_thread, loss, provider):
     assert value.dim() == 0
     assert math.isfinite(float(value)), f"{provider} {loss} loss is {float(value)}"
     assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in leaves)
+
+
+# --------------------------------------------------------------------------- output paths
+
+TINY = ["--device", "cpu", "--n", "16", "--d", "8", "--modes", "full", "--warmup", "1",
+        "--min-reps", "1", "--max-reps", "1", "--budget", "0", "--no-isolate", "--threads", "1"]
+
+
+def _git_status() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                              "--untracked-files=all"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def test_default_output_is_a_new_file_and_plot_folder_and_leaves_the_checkout_clean():
+    before = _git_status()
+    if before is None:
+        pytest.skip("not a git checkout: the checkout's cleanliness cannot be read")
+    results = ROOT / "benchmarks" / "results"
+    existing = set(results.iterdir()) if results.exists() else set()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_clip.py"), *TINY,
+                           "--providers", "reference", "native"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    made = (set(results.iterdir()) if results.exists() else set()) - existing
+    try:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        csvs = [p for p in made if p.suffix == ".csv"]
+        assert len(csvs) == 1, made
+        assert re.fullmatch(r".+_\d{8}T\d{6}Z_clip\.csv", csvs[0].name), csvs[0].name
+        with open(csvs[0], newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert {(r["provider"], r["status"]) for r in rows} == {("reference", "ok"), ("native", "ok")}
+        if importlib.util.find_spec("matplotlib") is not None:
+            plots = csvs[0].with_name(csvs[0].stem + "_plots")
+            assert plots in made and any(plots.glob("*.png"))
+        assert _git_status() == before
+    finally:
+        for p in made:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def test_append_adds_rows_to_the_tracked_csv(tmp_path, monkeypatch, one_thread):
+    h = _harness()
+    tracked = tmp_path / "results.csv"
+    monkeypatch.setattr(h, "TRACKED_CSV", tracked)
+    for _ in range(2):
+        h.main("clip", TINY + ["--providers", "reference", "--append"])
+    with open(tracked, newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == h.CSV_COLUMNS and len(lines) == 3  # one header, a row per run
+    assert not any(tmp_path.glob("*_plots"))  # --append draws no plots
+    with pytest.raises(SystemExit):
+        h.build_parser("clip").parse_args(["--append", "--csv", str(tmp_path / "x.csv")])
+
+
+def test_plot_paths_write_tracked_plots_only_when_asked():
+    _harness()  # puts benchmarks/ on sys.path
+    import plot
+    assert plot.resolve_paths(None, None, True) == (plot.TRACKED_CSV, plot.TRACKED_PLOTS)
+    csv_path = Path("/somewhere/NVIDIA_H200_20261201T000000Z_clip.csv")
+    assert plot.resolve_paths(csv_path, None, False) == (
+        csv_path, Path("/somewhere/NVIDIA_H200_20261201T000000Z_clip_plots"))
+    _, out = plot.resolve_paths(plot.TRACKED_CSV, None, False)
+    assert out.parent == plot.RESULTS_DIR and out.name.startswith("tracked_")

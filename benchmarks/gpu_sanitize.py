@@ -1,0 +1,238 @@
+"""Run every public loss of robustft_ext on the native backend, forward and backward, at a
+small and an odd shape, in float32 and bfloat16: the program that gpu_check.sh runs under
+compute-sanitizer (memcheck, racecheck) so that every compiled op's kernels are checked.
+
+  compute-sanitizer --tool memcheck python benchmarks/gpu_sanitize.py --device cuda
+  python benchmarks/gpu_sanitize.py --device cpu          # the dry run: the same calls on CPU
+
+Cases: clip_loss, clip_rows_loss (more columns than rows, a diagonal offset), siglip_loss,
+siglip_loss(negative_only) (another column count), slerp, m2mix_loss, clip_m2mix_loss,
+dive_loss, lipsum_loss and a RobustFTLoss step with every term on. Shapes: N = 64, D = 64
+(tile-aligned) and N = 131, D = 67 (no dimension a multiple of a tile or of a vector width).
+Each case checks that the loss and every gradient are finite. The compiled ops each case
+reaches are recorded through a dispatch mode; every op registered under robustft_ext:: that
+takes a tensor must be reached by some case, so that a new op cannot go unchecked. Prints one
+line per case ("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
+when a case fails or an op is never reached.
+
+  python benchmarks/gpu_sanitize.py --classify OUTPUT_FILE --rc RC
+
+reads what a compute-sanitizer run printed and its exit code (--error-exitcode 66) and prints
+gpu_check.sh's verdict: "ok", "failed" or "skipped" (the tool does not work on this machine),
+a tab, and the detail.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import robustft_ext as rft
+
+SANITIZER_ERROR_RC = 66   # gpu_check.sh passes --error-exitcode 66
+
+SHAPES = ((64, 64), (131, 67))
+DTYPES = (torch.float32, torch.bfloat16)
+NAMESPACE = "robustft_ext"
+
+
+def classify(output: str, rc: int) -> tuple[str, str]:
+    """(verdict, detail) of a compute-sanitizer run of this program: "ok" when it found
+    nothing and every case passed; "failed" when it reported errors or a case failed;
+    "skipped" when the tool itself could not run the program (no case started: e.g. "Device
+    not supported" under some virtual machines)."""
+    summaries = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: [^\n]*", output)
+    summary = summaries[-1].strip() if summaries else ""
+    errors = sum(int(x) for x in re.findall(r"ERROR SUMMARY: (\d+) error", output))
+    errors += sum(int(x) for x in re.findall(r"RACECHECK SUMMARY: .*?\((\d+) error", output))
+    ran = len(re.findall(r"^RFT_SANITIZE (?:ok|FAIL) ", output, re.M))
+    fails = re.findall(r"^RFT_SANITIZE FAIL [^\n]*", output, re.M)
+    done = re.findall(r"^RFT_SANITIZE done: ([^\n]*)", output, re.M)
+    tail = done[-1] if done else f"{ran} cases ran"
+    if rc == SANITIZER_ERROR_RC or errors:
+        return "failed", f"{summary or 'errors reported'}; {tail}"
+    if rc == 0:
+        return "ok", f"{summary or 'no sanitizer summary line'}; {tail}"
+    if ran == 0:
+        tool = [ln.strip("= ").strip() for ln in output.splitlines()
+                if ln.startswith("=========") and re.search(r"error|not supported", ln, re.I)]
+        why = tool[0] if tool else (output.strip().splitlines() or ["no output"])[-1]
+        return "skipped", f"compute-sanitizer could not run the program here: {why[:200]}"
+    return "failed", f"exit {rc}; {fails[0][len('RFT_SANITIZE FAIL '):][:200] if fails else tail}"
+
+
+class OpRecorder(TorchDispatchMode):
+    """Names the robustft_ext ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) == NAMESPACE:
+            self.seen.add(func._schema.name.split("::", 1)[1])
+        return func(*args, **(kwargs or {}))
+
+
+def registered_ops() -> set[str] | None:
+    """Every op registered under robustft_ext:: that takes a tensor (an op without one
+    launches no kernel), or None when torch cannot list them."""
+    try:
+        names = torch._C._dispatch_get_all_op_names()
+    except Exception:  # noqa: BLE001 - a torch without the listing: no coverage check
+        return None
+    ops = set()
+    for full in names:
+        if not full.startswith(NAMESPACE + "::"):
+            continue
+        short = full.split("::", 1)[1]
+        packet = getattr(getattr(torch.ops, NAMESPACE), short, None)
+        schemas = [str(getattr(packet, o)._schema) for o in packet.overloads()] if packet else []
+        if not schemas or any("Tensor" in sch.split("->")[0] for sch in schemas):
+            ops.add(short)
+    return ops
+
+
+def unit(n: int, d: int, dtype: torch.dtype, device: torch.device, g: torch.Generator,
+         grad: bool = True) -> torch.Tensor:
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    return x.to(device=device, dtype=dtype).requires_grad_(grad)
+
+
+def cases(n: int, d: int, dtype: torch.dtype, device: torch.device
+          ) -> dict[str, Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """name -> fn() returning (loss, leaves whose gradients must be finite)."""
+    g = torch.Generator(device="cpu").manual_seed(n * 1000 + d)
+
+    def scale(v: float) -> torch.Tensor:
+        return torch.tensor(v, device=device, requires_grad=True)
+
+    def clip():
+        a, b, s = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g), scale(14.3)
+        return rft.clip_loss(a, b, s, backend="native"), [a, b, s]
+
+    def clip_rows():
+        a, b, s = unit(n, d, dtype, device, g), unit(n + 5, d, dtype, device, g), scale(14.3)
+        return rft.clip_rows_loss(a, b, s, diag_offset=3, backend="native"), [a, b, s]
+
+    def siglip():
+        a, b = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g)
+        s, bias = scale(10.0), scale(-10.0)
+        return rft.siglip_loss(a, b, s, bias, backend="native"), [a, b, s, bias]
+
+    def siglip_negative_only():
+        a, b = unit(n, d, dtype, device, g), unit(n + 7, d, dtype, device, g)
+        s, bias = scale(10.0), scale(-10.0)
+        return (rft.siglip_loss(a, b, s, bias, negative_only=True, backend="native"),
+                [a, b, s, bias])
+
+    def slerp():
+        a, b = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g)
+        w = torch.randn(n, d, generator=g).to(device=device, dtype=torch.float32)
+        out = rft.slerp(a, b, 0.3, backend="native")
+        return (out.float() * w).sum(), [a, b]
+
+    def m2mix():
+        a, b, s = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g), scale(14.3)
+        return rft.m2mix_loss(a, b, s, 0.3, backend="native"), [a, b, s]
+
+    def clip_m2mix():
+        a, b, s = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g), scale(100.0)
+        clip_l, m2_l = rft.clip_m2mix_loss(a, b, s, 0.3, m2_logit_scale=14.3, backend="native")
+        return clip_l + 0.5 * m2_l, [a, b, s]
+
+    def dive():
+        fi, ft = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g)
+        pi, pt = unit(n, d, dtype, device, g, False), unit(n, d, dtype, device, g, False)
+        center = 0.01 * torch.randn(d, generator=g).to(device)
+        avl, pvl = rft.dive_loss(fi, ft, pi, pt, center, backend="native")
+        return avl + pvl, [fi, ft]
+
+    def lipsum():
+        f, f0 = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g, False)
+        texts = unit(7, d, dtype, device, g, False)
+        return rft.lipsum_loss(f, f0, texts, 100.0, backend="native"), [f]
+
+    def robust_step():
+        a, b, s = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g), scale(100.0)
+        rfi, rft_ = unit(n, d, dtype, device, g), unit(n, d, dtype, device, g)
+        extra = dict(image_pre=unit(n, d, dtype, device, g, False),
+                     random_text_features=unit(7, d, dtype, device, g, False),
+                     ref_image_ft=rfi, ref_text_ft=rft_,
+                     ref_image_pre=unit(n, d, dtype, device, g, False),
+                     ref_text_pre=unit(n, d, dtype, device, g, False))
+        module = rft.RobustFTLoss(m2_weight=0.01, lipsum_weight=1.0, dive_weight=1.0, m2_lam=0.3,
+                                  m2_logit_scale=14.3, backend="native")
+        return module(a, b, s, pre_logit_scale=100.0, **extra), [a, b, s, rfi, rft_]
+
+    return dict(clip_loss=clip, clip_rows_loss=clip_rows, siglip_loss=siglip,
+                siglip_negative_only=siglip_negative_only, slerp=slerp, m2mix_loss=m2mix,
+                clip_m2mix_loss=clip_m2mix, dive_loss=dive, lipsum_loss=lipsum,
+                robust_step=robust_step)
+
+
+def run_case(fn, device: torch.device) -> str | None:
+    """None when the loss and every gradient are finite, else what went wrong."""
+    loss, leaves = fn()
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if not bool(torch.isfinite(loss.detach()).all()):
+        return f"loss is {loss.item()}"
+    for i, t in enumerate(leaves):
+        if t.grad is None:
+            return f"input {i} got no gradient"
+        if not bool(torch.isfinite(t.grad).all()):
+            return f"input {i}'s gradient is not finite"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (under compute-sanitizer) or cpu")
+    p.add_argument("--classify", metavar="OUTPUT_FILE", default=None,
+                   help="print the verdict on a compute-sanitizer run's output instead")
+    p.add_argument("--rc", type=int, default=0, help="that run's exit code (with --classify)")
+    args = p.parse_args(argv)
+    if args.classify is not None:
+        with open(args.classify, errors="replace") as f:
+            verdict, detail = classify(f.read(), args.rc)
+        print(f"{verdict}\t{detail}")
+        return 0
+    device = torch.device(args.device)
+    failures, ran = 0, 0
+    recorder = OpRecorder()
+    for (n, d), dtype in ((shape, dt) for shape in SHAPES for dt in DTYPES):
+        for name, fn in cases(n, d, dtype, device).items():
+            label = f"{name} {str(dtype).replace('torch.', '')} N={n} D={d}"
+            try:
+                with recorder:
+                    why = run_case(fn, device)
+            except Exception as exc:  # noqa: BLE001 - record, go on with the next case
+                why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+                traceback.print_exc()
+            ran += 1
+            if why is None:
+                print(f"RFT_SANITIZE ok {label}", flush=True)
+            else:
+                failures += 1
+                print(f"RFT_SANITIZE FAIL {label}: {why}", flush=True)
+    registered = registered_ops()
+    coverage = f"{len(recorder.seen)} ops reached"
+    missing: set[str] = set()
+    if registered is not None:
+        missing = registered - recorder.seen
+        coverage = (f"{len(registered & recorder.seen)}/{len(registered)} registered ops reached"
+                    + (f" (never: {', '.join(sorted(missing))})" if missing else ""))
+    print(f"RFT_SANITIZE done: {ran - failures}/{ran} cases ok on {device.type}; {coverage}",
+          flush=True)
+    return 1 if failures or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
