@@ -68,9 +68,12 @@ echo "== baseline: every target unmutated must pass"
 for target in $(printf '%s\n' "${TARGETS[@]}" | sort -u); do
   t0=$SECONDS
   build "$target" || { echo "baseline build of $target failed:"; tail -30 "$TMP/build.log"; exit 2; }
-  for i in "${!NAMES[@]}"; do
-    [ "${TARGETS[$i]}" = "$target" ] || continue
-    run "$target" "${ARGSS[$i]}" || { echo "baseline $target ${ARGSS[$i]} FAILS:"; tail -30 "$TMP/run.log"; exit 2; }
+  # Each distinct argument list once ("-" stands for none).
+  for args in $(for i in "${!NAMES[@]}"; do
+                  [ "${TARGETS[$i]}" = "$target" ] && a="${ARGSS[$i]// /,}" && printf '%s\n' "${a:--}"
+                done | sort -u); do
+    [ "$args" = "-" ] && args=""
+    run "$target" "${args//,/ }" || { echo "baseline $target ${args//,/ } FAILS:"; tail -30 "$TMP/run.log"; exit 2; }
   done
   echo "   $target: ok ($((SECONDS - t0)) s)"
 done
