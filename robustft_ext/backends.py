@@ -99,6 +99,17 @@ def fused_ops(backend: str):
     raise ValueError(f"{backend!r} is not a fused backend")
 
 
+def custom_ops(backend: str):
+    """The torch.ops namespace of a fused backend's registered custom ops (their OpOverloads,
+    for torch.library.opcheck and graph inspection)."""
+    if backend == "native":
+        return torch.ops.robustft_ext
+    if backend == "triton":
+        _triton_module()
+        return torch.ops.robustft_triton
+    raise ValueError(f"{backend!r} is not a fused backend")
+
+
 def available_backends() -> dict[str, dict[str, object]]:
     """What each backend can serve on this machine, and why not where it cannot.
 
