@@ -63,7 +63,7 @@ __device__ __forceinline__ void valid_cols(bool (&ok)[L::kCols], int64_t col0, i
 // of row p over this split's columns. kColStats (float accumulation only): also merges
 // each column's state over this block's rows into col_state[q] (atomic_lse_merge).
 template <class E, typename in_t, bool kColStats>
-__global__ void __launch_bounds__(E::kThreads)
+__global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
     clip_lse_kernel(const TileOperands<in_t> ops, const typename E::acc_t* __restrict__ scale_p,
                     const typename E::acc_t* __restrict__ bias_p, int64_t tiles_per_split,
                     typename E::acc_t* __restrict__ row_part,
@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(E::kThreads)
 
 // partial[cta] = sum of softplus(S_pq) over the CTA's valid entries (in double).
 template <class E, typename in_t>
-__global__ void __launch_bounds__(E::kThreads)
+__global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
     softplus_sum_kernel(const TileOperands<in_t> ops, const typename E::acc_t* __restrict__ scale_p,
                         const typename E::acc_t* __restrict__ bias_p, int64_t tiles_per_split,
                         double* __restrict__ partial) {
@@ -148,7 +148,7 @@ struct DlogitParams {
 // rounded to ws_t), and stats_part[2 cta + {0, 1}] = the CTA's sums of dS_pq <P_p, Q_q> and
 // of dS_pq (in double). grid.x covers the chunk's rows.
 template <class E, typename in_t, typename ws_t, bool kSiglip>
-__global__ void __launch_bounds__(E::kThreads)
+__global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
     dlogits_kernel(const TileOperands<in_t> ops, const typename E::acc_t* __restrict__ scale_p,
                    const typename E::acc_t* __restrict__ bias_p,
                    const DlogitParams<typename E::acc_t> prm, int64_t r0, int64_t rows,

@@ -65,10 +65,10 @@ struct Tf32Mma {
   }
 };
 
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_>
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_ = 1>
 struct MmaShape {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
-  static constexpr int STAGES = STAGES_;
+  static constexpr int STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
 };
 
 template <class Shape, class Elt>
@@ -77,6 +77,7 @@ struct MmaEngine {
   using L = MmaLayout<Shape::BM, Shape::BN, Shape::WARPS_M, Shape::WARPS_N>;
   static constexpr int BM = Shape::BM, BN = Shape::BN, STAGES = Shape::STAGES;
   static constexpr int kThreads = L::kThreads;
+  static constexpr int kMinBlocks = Shape::MIN_BLOCKS;  // CTAs per SM (launch bounds)
   static constexpr int kRowBytes = 128, kChunks = kRowBytes / 16;  // one K block of a row
   static_assert(STAGES >= 2, "the pipeline needs two stages at least");
 

@@ -56,7 +56,7 @@ struct StepScalars {
 // diagonal of A and B holds the true pair's logit diag[p]. kColStats (float accumulation
 // only): also the column states of C, merged into col_state (atomic_lse_merge).
 template <class E, typename in_t, bool kM2, bool kClip, bool kColStats>
-__global__ void __launch_bounds__(E::kThreads)
+__global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
     step_lse_kernel(const TileOperands<in_t> ops, const StepScalars<typename E::acc_t> sc,
                     int64_t tiles_per_split, typename E::acc_t* __restrict__ row_part,
                     unsigned long long* __restrict__ col_state) {
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(E::kThreads)
 // stats_part[2 cta + {0, 1}] = the CTA's sums of dA <I_p, M_q> + dB <T_p, M_q> and of
 // dC <I_p, T_q> (in double).
 template <class E, typename in_t, typename ws_t, bool kM2, bool kClip>
-__global__ void __launch_bounds__(E::kThreads)
+__global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
     step_dlogits_kernel(const TileOperands<in_t> ops, const StepScalars<typename E::acc_t> sc,
                         const typename E::acc_t* __restrict__ lse, int64_t r0, int64_t rows,
                         int64_t tiles_per_split, ws_t* __restrict__ dA, ws_t* __restrict__ dB,

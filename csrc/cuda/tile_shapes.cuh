@@ -4,6 +4,8 @@
 //   3 cp.async stages of 32 KB.
 //   Step ops (up to three products from four operand slabs): 128 x 64 tiles, 8 warps of
 //   32 x 32 (96 accumulators), 3 stages of 48 KB.
+// One CTA per SM by the registers (about 200 a thread): capping them at 128 for two CTAs made
+// ptxas spill 12 to 180 bytes in the contrastive kernels (sm_90, checked with -Xptxas -v).
 #pragma once
 
 #include "cuda/mma_tile.cuh"
