@@ -164,18 +164,33 @@ __device__ double block_sum(double v, double* red) {
 
 // ---- Dlogit stores ---------------------------------------------------------------------
 // ds[(row_base + L::row(r)) * ld + col0 + L::col(c)] = d[r][c] rounded to ws_t, for the
-// valid entries.
+// valid entries. In both layouts a thread's columns 2j and 2j + 1 are adjacent, so a 16-bit
+// workspace with an even row length takes them as one 32-bit store (half the store
+// instructions); odd row lengths and edge columns store single values.
 template <class L, typename ws_t, typename acc_t>
 __device__ void store_tile(ws_t* ds, int64_t ld, int64_t row_base, int64_t col0,
                            const acc_t (&d)[L::kRows][L::kCols], const bool (&row_ok)[L::kRows],
                            const bool (&col_ok)[L::kCols]) {
+  static_assert(L::kCols % 2 == 0, "columns come in adjacent pairs");
+  constexpr bool kPairs = sizeof(ws_t) == 2;
+  const bool paired = kPairs && ld % 2 == 0 && col0 % 2 == 0;
 #pragma unroll
   for (int r = 0; r < L::kRows; ++r) {
     if (!row_ok[r]) continue;
     ws_t* row = ds + (row_base + L::row(r)) * ld + col0;
 #pragma unroll
-    for (int c = 0; c < L::kCols; ++c)
-      if (col_ok[c]) row[L::col(c)] = static_cast<ws_t>(d[r][c]);
+    for (int c = 0; c < L::kCols; c += 2) {
+      if (paired && col_ok[c + 1]) {
+        struct alignas(4) Pair {
+          ws_t v[2];
+        };
+        *reinterpret_cast<Pair*>(row + L::col(c)) =
+            Pair{{static_cast<ws_t>(d[r][c]), static_cast<ws_t>(d[r][c + 1])}};
+      } else {
+        if (col_ok[c]) row[L::col(c)] = static_cast<ws_t>(d[r][c]);
+        if (col_ok[c + 1]) row[L::col(c + 1)] = static_cast<ws_t>(d[r][c + 1]);
+      }
+    }
   }
 }
 
