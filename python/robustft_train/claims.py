@@ -128,7 +128,7 @@ def _stragglers(t: SeedTables, measure: str) -> list[dict]:
                  for c in per_seed]
         overall = [abs(c[f"overall_{measure}"]) if c.get(f"overall_{measure}") is not None else None
                    for c in per_seed]
-        rows.append(_row(claim, f"{method}: |rho straggler| vs |rho overall|", f"{method} straggler",
+        rows.append(_row(claim, f"{method}: abs(rho) of straggler vs overall sharpness", f"{method} straggler",
                          f"{method} overall", f"|Spearman rho| across alpha with mean OOD top-1, {measure} "
                          "sharpness: straggler layers minus overall", "", strag, overall, "higher"))
     return rows

@@ -31,7 +31,7 @@ REAL_DATA_DEFAULTS: dict[str, Any] = {
 # regulariser weights sized for it (docs/driver_study.md, "the embedded default's weights").
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "batch_size": 32, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
-    "methods": "zeroshot,ft,flyp,m2mix,dive,lipsum", "pretrain_epochs": 10,
+    "methods": "zeroshot,ft,flyp,m2mix,dive,lipsum", "pretrain_epochs": 20,
     "m2mix_weight": 0.1, "dive_lambda": 1.0, "lipsum_lambda": 1.0,
 }
 SHARPNESS_MEASURES = ("random", "worst")

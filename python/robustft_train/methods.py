@@ -12,10 +12,6 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-METHOD_HELP = ("comma-separated methods; each is one method or a '+' combination: zeroshot, ft, flyp, "
-               "m2mix, dive, lipsum, e.g. 'zeroshot,ft,flyp,flyp+m2mix+dive'")
-
-
 @dataclass(frozen=True)
 class Component:
     name: str
@@ -24,7 +20,7 @@ class Component:
     default_base: str | None = None
     needs_reference: bool = False   # reference image-caption pairs each step (DiVE)
     needs_frozen: bool = False      # the frozen pre-trained encoders during training
-    summary: str = ""
+    summary: str = ""               # what it does, for --help
 
 
 COMPONENTS: dict[str, Component] = {c.name: c for c in [
@@ -38,6 +34,9 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in [
     Component("lipsum", "regulariser", ("ft", "flyp"), "ft", needs_frozen=True,
               summary="+ lambda * random-text logit regulariser (Lipsum-FT)"),
 ]}
+METHOD_HELP = ("comma-separated methods, each one component or a '+' combination (e.g. "
+               "'zeroshot,ft,flyp,flyp+m2mix+dive'); components: "
+               + "; ".join(f"{c.name}: {c.summary}" for c in COMPONENTS.values()))
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,12 @@ method's base.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import cm, colors  # noqa: E402
 
-ROLE_NAMES = {"id": "ID", "ood": "OOD", "ood_mean": "OOD", "zeroshot": "zero-shot"}
 ROLE_SHADES = {"ID": "#e8f0fb", "OOD": "#fbeee6", "zero-shot": "#eaf6ea"}
 ALPHA_CMAP = cm.viridis
 
@@ -33,30 +30,39 @@ def _curve(rows: list[dict], method: str, id_set: str, sets: list[str]) -> list[
     return pts
 
 
-def _merged(pts: list[tuple]) -> list[tuple]:
-    """Points at the same place merged into one, labelled with all their alphas (no marker hides
-    another): (first alpha, x, y, label, any best)."""
-    groups: dict[tuple, list] = defaultdict(list)
+def _merged(pts: list[tuple], tol: tuple[float, float]) -> list[tuple]:
+    """Points closer than `tol` (x, y) to a group's first point join that group, so that no marker
+    hides another: one marker per group at its first point, labelled with all its alphas;
+    (first alpha, x, y, label, any best)."""
+    groups: list[list[tuple]] = []
     for p in pts:
-        groups[(round(p[1], 6), round(p[2], 6))].append(p)
-    return [(g[0][0], g[0][1], g[0][2], ", ".join(f"{p[0]:g}" for p in g), any(p[3] for p in g))
-            for g in groups.values()]
+        home = next((g for g in groups if abs(g[0][1] - p[1]) <= tol[0] and abs(g[0][2] - p[2]) <= tol[1]), None)
+        if home is None:
+            groups.append([p])
+        else:
+            home.append(p)
+    return [(g[0][0], g[0][1], g[0][2], ", ".join(f"{p[0]:g}" for p in g), any(p[3] for p in g)) for g in groups]
 
 
-def _sweep_panel(ax, rows, method: str, others: list[str], id_set: str, sets: list[str], ylabel: str) -> None:
+def _sweep_panel(ax, rows, method: str, others: list[str], id_set: str, sets: list[str], ylabel: str,
+                 tol: tuple[float, float]) -> None:
     for other in others:  # the other methods in the background, for comparison
         pts = _curve(rows, other, id_set, sets)
         ax.plot([p[1] for p in pts], [p[2] for p in pts], color="0.85", lw=1, zorder=1)
     pts = _curve(rows, method, id_set, sets)
     ax.plot([p[1] for p in pts], [p[2] for p in pts], color="0.4", lw=1, zorder=2)
     norm = colors.Normalize(0, 1)
-    for alpha, x, y, label, best in _merged(pts):
+    for i, (alpha, x, y, label, best) in enumerate(_merged(pts, tol)):
         ax.scatter([x], [y], s=46, c=[ALPHA_CMAP(norm(alpha))], edgecolors="red" if best else "k",
                    linewidths=2.2 if best else 0.6, zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, zorder=4)
+        # labels alternate sides along the curve, so that neighbouring alphas' labels do not collide
+        right = i % 2 == 0
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6 if right else -6, 3), fontsize=7,
+                    ha="left" if right else "right", zorder=4)
     ax.set_title(method, fontsize=10)
-    ax.set_xlabel(f"ID top-1 (%) on {id_set}")
+    ax.set_xlabel(f"ID top-1 (%) on {id_set}", fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelbottom=True)
     ax.grid(alpha=0.3)
 
 
@@ -71,15 +77,21 @@ def wise_ft_plot(rows: list[dict], id_set: str, ood_sets: list[str], path: str,
     if zeroshot_sets:
         cols.append((zeroshot_sets, f"zero-shot task top-1 (%)\n{', '.join(zeroshot_sets)}"))
     cols = cols or [([id_set], "ID top-1 (%)")]
-    fig, axes = plt.subplots(max(1, len(methods)), len(cols), figsize=(5.4 * len(cols), 3.5 * max(1, len(methods))),
-                             dpi=110, squeeze=False)
-    for i, method in enumerate(methods):
-        for j, (sets, label) in enumerate(cols):
-            _sweep_panel(axes[i][j], rows, method, [m for m in methods if m != method], id_set, sets, label)
+    fig, axes = plt.subplots(max(1, len(methods)), len(cols), figsize=(5.4 * len(cols), 3.4 * max(1, len(methods))),
+                             dpi=110, squeeze=False, sharex=True, sharey="col", layout="constrained")
+    for j, (sets, label) in enumerate(cols):
+        pts = [p for m in methods for p in _curve(rows, m, id_set, sets)]
+        # markers closer than 2% of the column's range share one (a marker is about that wide)
+        tol = (0.02 * (max((p[1] for p in pts), default=1) - min((p[1] for p in pts), default=0)),
+               0.02 * (max((p[2] for p in pts), default=1) - min((p[2] for p in pts), default=0)))
+        for i, method in enumerate(methods):
+            _sweep_panel(axes[i][j], rows, method, [m for m in methods if m != method], id_set, sets, label, tol)
     fig.colorbar(cm.ScalarMappable(colors.Normalize(0, 1), ALPHA_CMAP), ax=axes, shrink=0.6,
                  label="WiSE-FT alpha (0 = zero-shot, 1 = fine-tuned)")
-    fig.suptitle(f"WiSE-FT sweep: every alpha labelled; red ring = best alpha on {id_set}", fontsize=11)
-    fig.savefig(path, bbox_inches="tight")
+    fig.suptitle(f"WiSE-FT sweep, one row per method: every alpha labelled (alphas within 2% of the axis range "
+                 f"share a marker)\nred ring = the best alpha on {id_set}; grey = the other methods' curves",
+                 fontsize=10)
+    fig.savefig(path)
     plt.close(fig)
 
 
@@ -92,7 +104,8 @@ def _ordered_sets(set_roles: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def _role_bars(ax, labels: list[str], sets: list[tuple[str, str]], value, error=None) -> None:
-    """Grouped bars (one colour per label) over the sets, with role bands and role names."""
+    """Grouped bars (one colour per label) over the sets, with role bands and role names; the
+    y axis spans 0-100 % (an interval reaching past either end is cut there)."""
     width = 0.8 / max(1, len(labels))
     for j, (_, role) in enumerate(sets):
         ax.axvspan(j - 0.5, j + 0.5, color=ROLE_SHADES[role], zorder=0)
@@ -107,13 +120,14 @@ def _role_bars(ax, labels: list[str], sets: list[tuple[str, str]], value, error=
     ax.set_xticks(range(len(sets)))
     ax.set_xticklabels([s for s, _ in sets], rotation=20, fontsize=8)
     ax.set_xlim(-0.5, len(sets) - 0.5)
-    top = ax.get_ylim()[1]
+    ax.set_ylim(0, 100)
+    top = 100
     for role in dict.fromkeys(r for _, r in sets):
         idx = [j for j, (_, r) in enumerate(sets) if r == role]
         ax.text((idx[0] + idx[-1]) / 2, top * 1.01, role, ha="center", va="bottom", fontsize=9, weight="bold")
     ax.set_xlabel("evaluation set (shaded by role: ID, OOD, zero-shot task)")
     ax.grid(axis="y", alpha=0.3, zorder=1)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="method", title_fontsize=7)
 
 
 def method_bars(summary: list[dict], set_roles: list[tuple[str, str]], path: str) -> None:
@@ -166,9 +180,11 @@ def study_bars(stats: dict[tuple[str, str], dict], methods: list[str], set_roles
 
 def study_wise_ft(curves: dict[tuple[str, str, float], dict], methods: list[str], targets: list[tuple[str, str]],
                   n_seeds: int, path: str) -> None:
-    """Mean accuracy (%) against alpha per method with 95% t-intervals, one panel per target
-    (`curves[(method, target, alpha)]` holds mean, ci_low, ci_high)."""
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.6 * len(targets), 4.4), dpi=110, squeeze=False)
+    """The gain in accuracy (% points) over each seed's zero-shot model against alpha, per method,
+    mean and 95% t-interval over the seeds; one panel per target (`curves[(method, target,
+    alpha)]` holds mean, ci_low, ci_high)."""
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.8 * len(targets), 4.4), dpi=110, squeeze=False,
+                             layout="constrained")
     for ax, (target, label) in zip(axes[0], targets):
         for i, m in enumerate(methods):
             pts = sorted((a, st) for (mm, t, a), st in curves.items() if mm == m and t == target)
@@ -179,12 +195,13 @@ def study_wise_ft(curves: dict[tuple[str, str, float], dict], methods: list[str]
             lo = [st["mean"] - st["ci_low"] if st.get("ci_low") is not None else 0 for _, st in pts]
             hi = [st["ci_high"] - st["mean"] if st.get("ci_high") is not None else 0 for _, st in pts]
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, label=m)
+        ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("WiSE-FT alpha (0 = zero-shot, 1 = fine-tuned)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(f"{label}: gain over alpha 0 (% points)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"accuracy along WiSE-FT over {n_seeds} seeds: mean and 95% t-interval", fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"accuracy along WiSE-FT minus the same seed's zero-shot model, over {n_seeds} seeds: mean and "
+                 "95% t-interval", fontsize=10)
     fig.savefig(path)
     plt.close(fig)
 
@@ -212,7 +229,8 @@ def study_differences(rows: list[dict], path: str) -> None:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(range(len(group)))
         ax.set_yticklabels([r["label"] for r in reversed(group)], fontsize=7)
-        ax.set_xlabel(f"method - base ({unit or 'no unit'}): mean over seeds and 95% t-interval", fontsize=8)
+        shown = "% points" if unit == "%" else (unit or "no unit")
+        ax.set_xlabel(f"method - base ({shown}): mean over seeds and 95% t-interval", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLOURS.items()]
     axes[0, 0].legend(handles=handles, fontsize=7, loc="best")
