@@ -91,7 +91,7 @@ def test_claims_table_has_a_verdict_per_part(study, capsys):
         assert r["claim_verdict"] in ("holds", "does not hold", "inconclusive")
         assert int(r["n_seeds"]) <= 2
     markdown = open(os.path.join(study, "claims.md")).read()
-    assert markdown.count("\n| ") == len(claims) + 1  # header + one line per part
+    assert markdown.count("\n| ") == len(claims) + 2  # header, rule, one line per part
     for png in ("study_bars.png", "study_wise_ft.png", "study_differences.png"):
         with open(os.path.join(study, png), "rb") as f:
             assert f.read(8) == PNG_MAGIC

@@ -259,11 +259,12 @@ def _fmt(v, unit: str) -> str:
 
 def claims_markdown(rows: list[dict], n_seeds: int) -> str:
     """The claims table in Markdown (the same numbers as claims.csv)."""
-    lines = [f"Paired over {n_seeds} seeds; difference = method - base, mean and 95% t-interval.", "",
+    lines = [f"Paired over {n_seeds} seeds; difference = method - base, mean and 95% t-interval; accuracies and "
+             "recall in %, their differences in % points; alignment, uniformity, RSA and |rho| without unit.", "",
              "| claim | part | method vs base | method | base | difference [95% CI] | verdict | claim verdict |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        unit = f" {r['unit']}" if r["unit"] else ""
+        unit = " % points" if r["unit"] == "%" else (f" {r['unit']}" if r["unit"] else "")
         mean = lambda v: "-" if v is None else (f"{v:.2f}" if r["unit"] else f"{v:.4f}")  # noqa: E731
         ci = "" if r["ci_low"] is None else f" [{_fmt(r['ci_low'], r['unit'])}, {_fmt(r['ci_high'], r['unit'])}]"
         lines.append(f"| {r['claim'].split('.')[0]} | {r['part']} | {r['method']} vs {r['base']} | "
