@@ -13,7 +13,7 @@ from ._validation import (PairInputs, check_dive_inputs, check_lam, check_lipsum
                           check_positive_float, check_scalar, check_weight, pair_inputs)
 from .autograd import RobustStepFunction, untied
 from .backends import select_backend
-from .distributed import broadcast_from_rank0, gather_rows
+from .distributed import _require_distributed, broadcast_from_rank0, gather_rows
 from .functional import Scalar, clip_rows_loss, dive_terms
 from .m2mix import LamSampler
 from .modules import _check_rank
@@ -108,6 +108,8 @@ class RobustFTLoss(nn.Module):
                 ref_text_pre: torch.Tensor | None = None, output_dict: bool = False
                 ) -> torch.Tensor | dict[str, torch.Tensor]:
         x = pair_inputs(image_features, text_features, logit_scale)
+        if self.world_size > 1:
+            _require_distributed(self.world_size)
         m2 = self._m2_inputs(x) if self.m2_weight > 0 else None
         lipsum = (self._lipsum_inputs(x, image_pre, random_text_features, pre_logit_scale)
                   if self.lipsum_weight > 0 else None)
