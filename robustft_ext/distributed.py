@@ -1,8 +1,18 @@
-"""Gathering features across torch.distributed ranks with open_clip's semantics."""
+"""Gathering features across torch.distributed ranks with open_clip's semantics.
+
+The differentiable gather is torch's functional autograd all-gather
+(`torch.distributed._functional_collectives.all_gather_tensor_autograd`), which open_clip uses
+too: `torch.distributed.nn.all_gather` is deprecated, and `torch.distributed.nn` is a submodule
+that `import torch` does not load, so code relying on the attribute works only where something
+else (open_clip, for one) happened to import it.
+"""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+if dist.is_available():  # builds without distributed support have no collectives at all
+    from torch.distributed import _functional_collectives as funcol
 
 
 def _require_distributed(world_size: int) -> None:
@@ -15,8 +25,31 @@ def _require_distributed(world_size: int) -> None:
 
 
 def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's tensor, differentiable: gradients flow back to the rank that owns each shard."""
-    return list(torch.distributed.nn.all_gather(x))
+    """Every rank's tensor, differentiable: the backward sums each shard's gradient over the
+    ranks and hands it to the rank that owns the shard (a reduce-scatter)."""
+    world = dist.get_world_size()
+    gathered = funcol.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
+    if isinstance(gathered, funcol.AsyncCollectiveTensor):
+        gathered = gathered.wait()
+    return list(gathered.chunk(world))
+
+
+def gather_rows(x: torch.Tensor, *, gather_with_grad: bool, put_back: bool, rank: int,
+                world_size: int) -> torch.Tensor:
+    """The rows of every rank's `x`, concatenated by rank: [world_size * n, ...].
+
+    gather_with_grad=True: a differentiable all-gather. Otherwise a plain all-gather that carries
+    no gradient, except through this rank's own shard when `put_back` (the local tensor itself
+    takes its place, as open_clip does for local_loss=False).
+    """
+    _require_distributed(world_size)
+    if gather_with_grad:
+        return torch.cat(all_gather_with_grad(x))
+    shards = [torch.zeros_like(x) for _ in range(world_size)]
+    dist.all_gather(shards, x.contiguous())
+    if put_back:
+        shards[rank] = x
+    return torch.cat(shards)
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *,
@@ -27,15 +60,13 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *
     gather_with_grad=True: a differentiable all-gather. Otherwise the gather carries no gradient
     and, unless local_loss, the local shard is put back so that it does.
     """
-    _require_distributed(world_size)
-    if gather_with_grad:
-        return (torch.cat(all_gather_with_grad(image_features)),
-                torch.cat(all_gather_with_grad(text_features)))
-    images = [torch.zeros_like(image_features) for _ in range(world_size)]
-    texts = [torch.zeros_like(text_features) for _ in range(world_size)]
-    dist.all_gather(images, image_features.contiguous())
-    dist.all_gather(texts, text_features.contiguous())
-    if not local_loss:
-        images[rank] = image_features
-        texts[rank] = text_features
-    return torch.cat(images), torch.cat(texts)
+    kw = dict(gather_with_grad=gather_with_grad, put_back=not local_loss, rank=rank,
+              world_size=world_size)
+    return gather_rows(image_features, **kw), gather_rows(text_features, **kw)
+
+
+def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of `x` on every rank (a copy; `x` itself is left alone)."""
+    out = x.detach().clone().contiguous()
+    dist.broadcast(out, src=0)
+    return out

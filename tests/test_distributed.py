@@ -1,8 +1,12 @@
 """ClipLoss / SigLipLoss under torch.distributed: 2 CPU processes (gloo), every combination of
 local_loss and gather_with_grad, against open_clip's classes in the same processes and against
-the single-process loss on the whole batch."""
+the single-process loss on the whole batch; and ClipLoss and RobustFTLoss in processes that
+import nothing beyond torch and robustft_ext (tests/distributed_clean_worker.py)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +118,19 @@ def test_two_process_gloo_matches_open_clip_and_single_process():
 
     require_backend("native", "cpu", torch.float64)
     run_gloo(_worker, WORLD, ("reference", "native"))
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_without_open_clip_matches_single_process():
+    """ClipLoss (every local_loss / gather_with_grad) and RobustFTLoss (every combination of
+    terms in every mode) on 2 gloo ranks against one process on the whole batch, in worker
+    processes that never import open_clip, so nothing loads torch.distributed.nn behind the
+    library's back (each rank asserts it is not loaded before the first gather)."""
+    from conftest import require_backend
+
+    require_backend("native", "cpu", torch.float64)
+    script = os.path.join(os.path.dirname(__file__), "distributed_clean_worker.py")
+    done = subprocess.run([sys.executable, script, "reference,native"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
+        done.stdout[-4000:] + done.stderr[-4000:])

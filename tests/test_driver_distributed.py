@@ -1,6 +1,7 @@
-"""robustft-train under torchrun: 2 gloo processes on CPU with DistributedDataParallel and
-robustft_ext.ClipLoss(local_loss=True, gather_with_grad=True) train what one process does on the
-whole batch (same losses step by step, same weights)."""
+"""robustft-train under torchrun: 2 gloo processes on CPU with DistributedDataParallel and one
+robustft_ext.RobustFTLoss(local_loss=False, gather_with_grad=True) call per step (the CLIP, m^2-mix
+and Lipsum-FT terms of the gathered batch) train what one process does on the whole batch (same
+loss terms step by step, same weights)."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,17 @@ import sys
 import pytest
 import torch
 
+from robustft_train import checkpoint
+
 pytestmark = pytest.mark.distributed
 
-ARGS = ["--embedded-fraction", "0.3", "--pretrain-epochs", "0", "--methods", "flyp", "--epochs", "1",
-        "--wise-ft-alphas", "0,1", "--no-plots"]
+METHOD = "flyp+m2mix+lipsum"
+ARGS = ["--embedded-fraction", "0.3", "--pretrain-epochs", "0", "--methods", METHOD, "--epochs", "1",
+        "--wise-ft-alphas", "0,1", "--no-plots", "--lipsum-num-texts", "16"]
 
 
 def _log(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "logs", "flyp.jsonl")) as f:
+    with open(os.path.join(run_dir, "logs", f"{METHOD}.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
@@ -35,12 +39,14 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _log(ddp), _log(single)
     assert len(a) == len(b) >= 3
-    # step 0: the mean of the two local losses is the loss of the whole batch of 16
-    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5)
+    # step 0: every term of the gathered batch of 16 is the single process's
+    for key in ("loss", "loss_clip", "loss_m2mix", "loss_lipsum"):
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-7), key
     for ra, rb in zip(a, b):  # averaged DDP gradients = the whole batch's gradient: same steps
-        assert math.isfinite(ra["loss"]) and ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
-    wa = torch.load(os.path.join(ddp, "checkpoints", "flyp", "final.pt"), weights_only=False)["model"]
-    wb = torch.load(os.path.join(single, "checkpoints", "flyp", "final.pt"), weights_only=False)["model"]
+        for key in ("loss", "loss_clip", "loss_m2mix", "loss_lipsum"):
+            assert math.isfinite(ra[key]) and ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-7), key
+    wa = checkpoint.load(os.path.join(ddp, "checkpoints", METHOD, "final.pt"), advice="")["model"]
+    wb = checkpoint.load(os.path.join(single, "checkpoints", METHOD, "final.pt"), advice="")["model"]
     lr_sum = sum(r["lr"] for r in b)
     for k in wa:
         if k.endswith("attn.in_proj_bias"):

@@ -151,3 +151,15 @@ def test_bad_inputs():
         rft.RobustFTLoss(dive_weight=1.0)(x["I"], x["T"], 10.0, ref_image_ft=x["rfi"],
                                           ref_text_ft=x["rft"][:2], ref_image_pre=x["rpi"],
                                           ref_text_pre=x["rpt"])
+
+
+def test_bad_distributed_arguments():
+    """rank / world_size as ClipLoss checks them; world_size > 1 without a process group is a
+    clear error before any kernel runs."""
+    x = _batch(4, 3, 2, 6)
+    for kw in (dict(rank=2, world_size=2), dict(rank=-1, world_size=2), dict(rank=0, world_size=0),
+               dict(rank=0.5, world_size=2)):
+        with pytest.raises(ValueError, match="rank|world_size"):
+            rft.RobustFTLoss(**kw)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        rft.RobustFTLoss(m2_weight=0.1, rank=0, world_size=2)(x["I"], x["T"], 10.0)

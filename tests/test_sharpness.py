@@ -1,4 +1,4 @@
-"""robustft-train analyze-sharpness (README_SHARPNESS.md): the estimators against closed forms on a
+"""robustft-train analyze-sharpness (docs/sharpness.md): the estimators against closed forms on a
 quadratic, the adaptive perturbation's scaling and seeding, the sparsity intervention's exact
 fraction, the CLIP classification problem's gradients and caching, and the analysis end to end on
 the tiny embedded model, through the subcommand, a reused run, explicit checkpoints and bad input."""
@@ -13,8 +13,10 @@ import os
 import pytest
 import torch
 
-from robustft_train import sharpness as sh
+from robustft_train import checkpoint
 from robustft_train.cli import main
+from robustft_train.config import parse_straggler_rule
+from robustft_train.sharpness import estimators as sh
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -189,13 +191,13 @@ def test_straggler_selection():
     assert len(chosen) == 1 and "top group" in note
     for bad in ("std", "std:-1", "topk:0", "topk:1.5", "max:2"):
         with pytest.raises(ValueError):
-            sh.parse_straggler_rule(bad)
+            parse_straggler_rule(bad)
 
 
 def test_rank_correlations():
     from scipy.stats import kendalltau, spearmanr
 
-    from robustft_train.sharpness_analysis import rank_correlations
+    from robustft_train.sharpness.analysis import rank_correlations
 
     x, y = [0.1, 0.5, 0.2, 0.9, 0.7], [3.0, 1.0, 2.5, 0.5, 0.7]
     r = rank_correlations(x, y)
@@ -245,7 +247,7 @@ def _tiny_problem(head: bool, chunk: int):
 
     from robustft_train.models import (EMBEDDED_MODEL_CONFIG, EMBEDDED_MODEL_NAME, TrainModule, make_head,
                                        register_config)
-    from robustft_train.sharpness_analysis import ClassificationProblem
+    from robustft_train.sharpness.analysis import ClassificationProblem
 
     torch.manual_seed(0)
     name = register_config(EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_CONFIG)
@@ -372,7 +374,7 @@ def test_analysis_of_a_finished_run_and_of_explicit_checkpoints(sharp_run, tmp_p
     dict) give the same sharpness as the analysis inside the training run (same seed and batch)."""
     ck = os.path.join(sharp_run, "checkpoints")
     plain = str(tmp_path / "zeroshot_state_dict.pt")
-    state = torch.load(os.path.join(ck, "pretrain", "final.pt"), weights_only=False)["model"]
+    state = checkpoint.load(os.path.join(ck, "pretrain", "final.pt"), advice="")["model"]
     torch.save({k[len("clip."):]: v for k, v in state.items()}, plain)
     out = str(tmp_path / "explicit")
     code = main(["analyze-sharpness", "--zeroshot", plain, "--finetuned", os.path.join(ck, "ft", "final.pt"),
@@ -473,8 +475,8 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, sharp_run)
     text = tmp_path / "text.pt"
     text.write_text("not a checkpoint")
     _bad(sub + ["--zeroshot", str(text), "--finetuned", ft, "--embedded-fraction", "0.3"], capsys,
-         "--zeroshot", "cannot read")
-    state = torch.load(ft, weights_only=False)["model"]
+         "--zeroshot", "text.pt", "not a readable torch checkpoint")
+    state = checkpoint.load(ft, advice="")["model"]
     state["clip.visual.proj"] = state["clip.visual.proj"][:, :32].clone()
     misfit = str(tmp_path / "misfit.pt")
     torch.save(state, misfit)

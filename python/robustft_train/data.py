@@ -1,6 +1,13 @@
 """Data: image folders and CSVs of (image, caption[, label]) as open_clip reads them, in-memory tensor
 sets (the embedded default), class names and prompt templates, the training view that pairs each
-image with its caption or a prompt, and the evaluation sets."""
+image with its caption or a prompt, and the evaluation sets.
+
+Unreadable images are skipped and counted, never fatal while one readable image is left. The
+scan when a set is loaded opens every file: evaluation sets are decoded in full there, training
+sets only verified (PIL's verify(), which reads no pixels: decoding a large training set up front
+would cost a pass over it). A training image that passes verify() and still fails to decode (a
+truncated JPEG) is skipped when it is drawn: the training view takes the next index instead, and
+the training loop counts the skipped files."""
 from __future__ import annotations
 
 import csv
@@ -79,6 +86,14 @@ class TensorImageSet(ImageSet):
         return img
 
 
+class UnreadableImageError(OSError):
+    """An image file that cannot be decoded (its path is `path`)."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(f"cannot decode image {path}: {cause}")
+        self.path = path
+
+
 class FileImageSet(ImageSet):
     """Image files read with PIL and transformed with the model's open_clip preprocessing."""
 
@@ -93,26 +108,35 @@ class FileImageSet(ImageSet):
         try:
             with Image.open(self.paths[i]) as img:
                 img = img.convert("RGB")
-        except Exception as e:  # passed PIL's verify() when scanned, but cannot be decoded
-            raise OSError(f"cannot decode image {self.paths[i]}: {e}") from e
+        except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError...
+            raise UnreadableImageError(self.paths[i], e) from e
         return self.transform(img)
 
 
-def _readable(path: str) -> bool:
+def _verifies(path: str) -> bool:
     try:
         with Image.open(path) as img:
             img.verify()
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure makes the file unreadable
         return False
 
 
-def _drop_unreadable(flag: str, paths: list[str], *columns: list) -> tuple:
-    """Keep the readable images (PIL can open and verify them, checked in a thread pool); warn with
-    the count of the others. (verify() does not decode the pixels: a file that passes it and still
-    cannot be decoded stops the run later with its path named.)"""
+def _decodes(path: str) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return True
+    except Exception:  # noqa: BLE001 - any failure makes the file unreadable
+        return False
+
+
+def _drop_unreadable(flag: str, paths: list[str], *columns: list, decode: bool = True) -> tuple:
+    """Keep the readable images (decoded in full, or with decode=False only verified; checked in a
+    thread pool); warn with the count of the others."""
+    check = _decodes if decode else _verifies
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 2)) as pool:
-        ok = list(pool.map(_readable, paths, chunksize=64))
+        ok = list(pool.map(check, paths, chunksize=64))
     keep = [i for i, good in enumerate(ok) if good]
     bad = len(paths) - len(keep)
     if bad:
@@ -246,12 +270,12 @@ def load_train_source(path: str, cols: CsvColumns, classnames_file: str | None,
                 raise DriverError(f"--classnames {classnames_file}: {len(names)} names for {len(folders)} "
                                   f"class sub-folders of {path}; give one name per sub-folder, in sorted order")
         paths, labels = scan_folder(path, flag, {f: i for i, f in enumerate(folders)})
-        paths, labels, skipped = _drop_unreadable(flag, paths, labels)
+        paths, labels, skipped = _drop_unreadable(flag, paths, labels, decode=False)
         if not paths:
             raise DriverError(f"{flag} {path}: none of the images is readable")
         return TrainSource(FileImageSet(paths, labels, None, transform), names, folders, skipped)
     paths, captions, raw = read_csv(path, flag, cols)
-    paths, captions, raw, skipped = _drop_unreadable(flag, paths, captions, raw)
+    paths, captions, raw, skipped = _drop_unreadable(flag, paths, captions, raw, decode=False)
     if not paths:
         raise DriverError(f"{flag} {path}: none of the images is readable")
     if raw is None:
@@ -318,7 +342,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 class TrainView(Dataset):
     """Training samples keyed by (epoch, index): the image (augmented under a per-sample seed), its
-    label, and its caption: the data's own, or a prompt from a random template and its class name."""
+    label, its caption (the data's own, or a prompt from a random template and its class name),
+    and the paths of the images skipped for it. An image that fails to decode is replaced by the
+    next index that decodes (deterministic, so a resumed or distributed run draws the same)."""
 
     def __init__(self, dataset: ImageSet, classnames: list[str], templates: list[str], seed: int):
         self.dataset, self.classnames, self.templates, self.seed = dataset, classnames, templates, seed
@@ -326,19 +352,31 @@ class TrainView(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _image(self, epoch: int, i: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            return self.dataset.image(i)
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        s = sample_seed(self.seed, epoch, i)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            img = self.dataset.image(i)
-        label = self.dataset.labels[i]
-        if self.dataset.captions is not None:
-            caption = self.dataset.captions[i]
+        n, skipped = len(self.dataset), []
+        for k in range(n):
+            j = (i + k) % n
+            try:
+                img = self._image(epoch, j)
+                break
+            except UnreadableImageError as e:
+                skipped.append(e.path)
         else:
+            raise DriverError(f"none of the {n} training images can be decoded (e.g. {skipped[:3]})")
+        label = self.dataset.labels[j]
+        if self.dataset.captions is not None:
+            caption = self.dataset.captions[j]
+        else:
+            s = sample_seed(self.seed, epoch, j)
             template = self.templates[random.Random(s).randrange(len(self.templates))]
             caption = fill_template(template, self.classnames[label])
-        return img, label, caption
+        return img, label, caption, tuple(skipped)
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int) -> list[list]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -31,7 +33,7 @@ def init(device_flag: str | None) -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = device_flag.startswith("cuda") if device_flag else torch.cuda.is_available()
     if want_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible")
+        raise ConfigError("--device cuda: no CUDA device is visible")
     if want_cuda:
         device = torch.device(f"cuda:{local_rank}" if world > 1 or device_flag in (None, "cuda")
                               else device_flag)

@@ -2,12 +2,20 @@
 the scikit-learn package, so offline), upsampled to 32x32 RGB.
 
 Splits (fixed by DATA_SEED, independent of --seed):
-- pretrain: PRETRAIN_FRACTION of all images, all ten classes, captioned from the templates; a short
-  contrastive pre-training on it makes the "zero-shot" model;
-- the rest of digits 0-4: fine-tuning train / val (ID validation, selects the WiSE-FT alpha) /
-  test (ID test); test images under four deterministic shifts: rotate, invert, noise, blur;
+- pretrain: PRETRAIN_FRACTION of all images, all ten classes, captioned; a short contrastive
+  pre-training on it makes the "zero-shot" model;
+- the rest of digits 0-4: fine-tuning train (captioned) / val (ID validation, selects the WiSE-FT
+  alpha) / test (ID test, captioned: image-text retrieval); test images under four
+  deterministic shifts: rotate, invert, noise, blur;
 - the rest of digits 5-9: a zero-shot task the fine-tuning never sees (its classes never appear in
   fine-tuning), classified from prompts only: it shows what fine-tuning forgets.
+
+Captions (fine-tuning train and test) name the digit through one of the templates and describe
+the image itself: its stroke width and its slant, each in three levels (the terciles over all
+digits), e.g. "a handwritten four, thick strokes, leaning right." So a caption fits a few images
+rather than a whole class, and retrieval on the captioned test set asks for more than the class;
+flyp and its regularisers fine-tune on these captions (FLYP: the pre-training objective on the
+data's own captions), ft on the labels.
 """
 from __future__ import annotations
 
@@ -15,15 +23,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from sklearn.datasets import load_digits
 
-from .data import EvalSet, TensorImageSet, TrainSource
+from .data import EvalSet, TensorImageSet, TrainSource, fill_template
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FINETUNE_CLASSES = [0, 1, 2, 3, 4]
 ZEROSHOT_CLASSES = [5, 6, 7, 8, 9]
 TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}.", "a drawing of a {}.",
              "a scan of the digit {}.", "{} written by hand."]
+STROKES = ("thin", "medium", "thick")
+SLANTS = ("leaning left", "upright", "leaning right")
 IMAGE_SIZE = 32
+ID_SET = "val"  # the ID validation set (it picks the WiSE-FT alpha)
 DATA_SEED = 1234
 PRETRAIN_FRACTION = 0.45
 PRETRAIN_LR = 2e-3
@@ -32,8 +44,6 @@ SHIFTS = ("rotate", "invert", "noise", "blur")
 
 
 def _load_digits() -> tuple[torch.Tensor, np.ndarray]:
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
     x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
@@ -43,6 +53,33 @@ def _load_digits() -> tuple[torch.Tensor, np.ndarray]:
 def _to_model_input(x: torch.Tensor) -> torch.Tensor:
     """[N, 1, H, W] in [0, 1] -> [N, 3, H, W] normalised to mean 0.5, std 0.5."""
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+
+
+def _tercile(values: torch.Tensor) -> torch.Tensor:
+    """0, 1 or 2: which third of the values each one falls in."""
+    lo, hi = torch.quantile(values, torch.tensor([1 / 3, 2 / 3]))
+    return (values > lo).long() + (values > hi).long()
+
+
+def captions(x: torch.Tensor, labels: np.ndarray) -> list[str]:
+    """One caption per [N, 1, H, W] image: a template (by index) with the digit's name, its stroke
+    width (ink mass) and its slant (the shear of the ink's second moments), each by tercile."""
+    n, _, h, w = x.shape
+    ink = x[:, 0]
+    mass = ink.sum((1, 2))
+    ys = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+    y0 = (ink * ys).sum((1, 2)) / mass
+    x0 = (ink * xs).sum((1, 2)) / mass
+    dy, dx = ys - y0.view(n, 1, 1), xs - x0.view(n, 1, 1)
+    # x grows to the right, y downwards: the top of a right-leaning stroke is further right
+    shear = -(ink * dx * dy).sum((1, 2)) / (ink * dy * dy).sum((1, 2))
+    stroke, slant = _tercile(mass), _tercile(shear)
+    out = []
+    for i in range(n):
+        head = fill_template(TEMPLATES[i % len(TEMPLATES)], DIGIT_NAMES[int(labels[i])]).rstrip(".")
+        out.append(f"{head}, {STROKES[stroke[i]]} strokes, {SLANTS[slant[i]]}.")
+    return out
 
 
 def shift(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
@@ -67,6 +104,7 @@ def build(fraction: float = 1.0, model_size: int | tuple[int, int] = IMAGE_SIZE
     to `model_size` when a --model with another input size is used."""
     size = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
     x, y = _load_digits()
+    all_captions = captions(x, y)
     rng = np.random.default_rng(DATA_SEED)
     order = rng.permutation(len(y))
     order = order[: max(40, int(round(fraction * len(order))))]
@@ -78,18 +116,19 @@ def build(fraction: float = 1.0, model_size: int | tuple[int, int] = IMAGE_SIZE
     train, val, test = ft_idx[:n_train], ft_idx[n_train:n_train + n_val], ft_idx[n_train + n_val:]
 
     def tensor_set(idx: np.ndarray, images: torch.Tensor | None = None,
-                   label_map: list[int] | None = None) -> TensorImageSet:
+                   label_map: list[int] | None = None, captioned: bool = False) -> TensorImageSet:
         imgs = x[idx] if images is None else images
         labels = [int(v) for v in y[idx]]
         if label_map is not None:
             labels = [label_map.index(v) for v in labels]
-        return TensorImageSet(_to_model_input(imgs), labels, size=size)
+        texts = [all_captions[i] for i in idx] if captioned else None
+        return TensorImageSet(_to_model_input(imgs), labels, texts, size=size)
 
     pretrain = TrainSource(tensor_set(pre), list(DIGIT_NAMES))
     ft_names = [DIGIT_NAMES[c] for c in FINETUNE_CLASSES]
-    finetune = TrainSource(tensor_set(train, label_map=FINETUNE_CLASSES), ft_names)
-    evals = [EvalSet("val", "id", tensor_set(val, label_map=FINETUNE_CLASSES), ft_names),
-             EvalSet("test", "id", tensor_set(test, label_map=FINETUNE_CLASSES), ft_names)]
+    finetune = TrainSource(tensor_set(train, label_map=FINETUNE_CLASSES, captioned=True), ft_names)
+    evals = [EvalSet(ID_SET, "id", tensor_set(val, label_map=FINETUNE_CLASSES), ft_names),
+             EvalSet("test", "id", tensor_set(test, label_map=FINETUNE_CLASSES, captioned=True), ft_names)]
     for k, kind in enumerate(SHIFTS):
         shifted = shift(x[test], kind, DATA_SEED + k)
         evals.append(EvalSet(kind, "ood", tensor_set(test, shifted, FINETUNE_CLASSES), ft_names))

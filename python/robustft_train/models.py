@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DriverError
+from .files import atomic_write_text
 
 # The embedded default's model: a tiny ViT (32x32 images, 16 patches) with a 2-layer text tower.
 # Kept as a Python dict (not a JSON data file) so that it ships with the package's code.
@@ -30,12 +31,9 @@ EMBEDDED_MODEL_CONFIG: dict = {
 def register_config(name: str, config: dict, folder: str | None = None) -> str:
     """Register a model config with open_clip under `name` (writes <folder>/<name>.json)."""
     folder = folder or tempfile.mkdtemp(prefix="robustft_model_cfg_")
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name}.json")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".part", dir=folder)
-    with os.fdopen(fd, "w") as f:  # atomic: other processes of a distributed run may read it now
-        json.dump(config, f, indent=2)
-    os.replace(tmp, path)
+    # atomic: the other processes of a distributed run may read it at the same time
+    atomic_write_text(path, json.dumps(config, indent=2))
     open_clip.add_model_config(path)
     return name
 
@@ -95,11 +93,6 @@ def get_tokenizer(name: str):
 
 def preprocess_cfg(model: nn.Module) -> dict:
     return open_clip.get_model_preprocess_cfg(model)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") and isinstance(
-        module, nn.parallel.DistributedDataParallel) else module
 
 
 class TrainModule(nn.Module):

@@ -1,7 +1,7 @@
 """The training loop of one phase (the embedded pre-training, or fine-tuning with one method):
 AdamW with linear warm-up and cosine decay, autocast, gradient accumulation, DDP, a progress bar
-with loss and throughput, atomic checkpoints, and resume that reaches the same weights as an
-uninterrupted run."""
+with loss and throughput, atomic checkpoints with checksums, and resume that reaches the same
+weights as an uninterrupted run."""
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +21,15 @@ from . import checkpoint
 from . import distributed as dist_utils
 from .data import TrainView, epoch_batches
 from .errors import DriverError
-from .methods import MethodLoss
+from .files import atomic_write_text
+from .losses import MethodLoss
 from .models import TrainModule
-
 
 # Epoch-end checkpoints are skipped while the last one is younger than this (short epochs would
 # otherwise spend their time writing); --save-every-steps checkpoints are never skipped.
 EPOCH_CHECKPOINT_MIN_S = 60.0
+LAST_ADVICE = ("delete it to restart this phase from its first step (the phases before it are kept), "
+               "then run again with --resume")
 
 
 @dataclass
@@ -44,12 +46,26 @@ class Phase:
 
 
 @dataclass
+class LoopOptions:
+    """How a phase runs (from the run's Config)."""
+
+    precision: str = "fp32"
+    grad_clip: float = 0.0
+    seed: int = 0
+    workers: int = 0
+    save_every_steps: int = 0
+    stop_after_steps: int = 0
+    needs_texts: bool = True
+
+
+@dataclass
 class PhaseResult:
     status: str                      # "done" or "stopped"
     steps: int
     total_steps: int
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_images: list[str] = field(default_factory=list)   # training images that did not decode
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -78,132 +94,171 @@ def steps_per_epoch(n: int, phase: Phase, world_size: int) -> int:
 def _collate(items):
     images = torch.stack([it[0] for it in items])
     labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-    return images, labels, [it[2] for it in items]
+    skipped = [p for it in items for p in it[3]]
+    return images, labels, [it[2] for it in items], skipped
 
 
-def _write_log(history: list[dict], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+def write_log(history: list[dict], path: str) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in history))
+
+
+class PhaseRun:
+    """The state of one phase's loop: model, optimiser, scaler, step, history."""
+
+    def __init__(self, module: TrainModule, phase: Phase, view: TrainView, loss_fn: MethodLoss, tokenizer,
+                 info: dist_utils.DistInfo, ckpt_dir: str, log_path: str, opts: LoopOptions):
+        self.module, self.phase, self.view, self.loss_fn = module, phase, view, loss_fn
+        self.tokenizer, self.info, self.opts, self.log_path = tokenizer, info, opts, log_path
+        self.per_epoch = steps_per_epoch(len(view), phase, info.world_size)
+        if self.per_epoch == 0:
+            raise DriverError(f"{phase.name}: the training set has {len(view)} images, fewer than one "
+                              f"optimiser step (--batch-size {phase.batch_size} x {info.world_size} processes "
+                              f"x --accum-steps {phase.accum_steps})")
+        self.total = self.per_epoch * phase.epochs
+        self.model = DistributedDataParallel(module) if info.distributed else module
+        self.optimizer = torch.optim.AdamW(_param_groups(module, phase.weight_decay), lr=phase.lr)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=opts.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision)
+        self.step, self.history, self.skipped = 0, [], set()
+        self.last_path, self.final_path = os.path.join(ckpt_dir, "last.pt"), os.path.join(ckpt_dir, "final.pt")
+        self.interactive = sys.stderr.isatty()
+        self.last_save = time.perf_counter()
+
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            print(msg, flush=True)
+
+    def resume(self) -> None:
+        """Continue from <ckpt_dir>/last.pt when it exists."""
+        if not os.path.exists(self.last_path):
+            return
+        state = checkpoint.load(self.last_path, self.info.device, advice=LAST_ADVICE)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["method_state"])
+        checkpoint.set_rng_states(state["rng"])
+        self.step, self.history = state["scheduler"]["step"], state["history"]
+        self.skipped = set(state.get("skipped_images", []))
+        self.log(f"[{self.phase.name}] resumed from {self.last_path} at step {self.step}/{self.total}")
+
+    def save(self) -> None:
+        if self.info.is_main:
+            checkpoint.atomic_save({
+                "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"step": self.step, "total": self.total, "warmup": self.phase.warmup_steps,
+                              "lr": self.phase.lr},
+                "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_states(),
+                "method_state": self.loss_fn.state_dict(), "history": self.history, "phase": self.phase.name,
+                "skipped_images": sorted(self.skipped)}, self.last_path)
+            write_log(self.history, self.log_path)
+        dist_utils.barrier(self.info)
+
+    def finish(self) -> None:
+        if self.info.is_main:
+            checkpoint.atomic_save({"model": self.module.state_dict(), "method_state": self.loss_fn.state_dict(),
+                                    "history": self.history, "phase": self.phase.name, "steps": self.step,
+                                    "skipped_images": sorted(self.skipped)}, self.final_path)
+            write_log(self.history, self.log_path)
+            if os.path.exists(self.last_path):
+                os.unlink(self.last_path)  # the final weights supersede the training state
+        dist_utils.barrier(self.info)
+
+    def micro_step(self, images, labels, captions, micro: int, sync: bool) -> dict[str, float]:
+        """Forward and backward of one micro-batch; its loss terms (averaged over processes)."""
+        device = self.info.device
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        texts = self.tokenizer(captions).to(device) if self.opts.needs_texts else None
+        inputs = self.loss_fn.step_inputs(self.step, device)
+        no_sync = contextlib.nullcontext() if (sync or not self.info.distributed) else self.model.no_sync()
+        with no_sync:
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = self.model(images, texts, inputs.extra_images, inputs.extra_texts)
+            terms = self.loss_fn(out, labels, images, inputs, self.step)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.phase.name}: non-finite loss at step {self.step}: "
+                                         f"{ {k: float(v) for k, v in terms.items()} }")
+            self.scaler.scale(loss / micro).backward()
+        return {name: float(dist_utils.mean(v, self.info)) / micro for name, v in terms.items()}
+
+    def optimizer_step(self) -> float:
+        lr = lr_at(self.step, self.total, self.phase.warmup_steps, self.phase.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.opts.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.opts.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # as open_clip's training loop: the logit scale stays <= 100
+            self.module.clip.logit_scale.clamp_(0, math.log(100))
+        self.step += 1
+        return lr
+
+    def loader(self, epoch: int) -> DataLoader:
+        micro = self.phase.accum_steps
+        batches = epoch_batches(len(self.view), self.phase.batch_size, epoch, self.opts.seed, self.info.rank,
+                                self.info.world_size)
+        batches = batches[: self.per_epoch * micro][(self.step - epoch * self.per_epoch) * micro:]
+        return DataLoader(self.view, batch_sampler=batches, num_workers=self.opts.workers, collate_fn=_collate,
+                          generator=torch.Generator())  # leaves the global RNG alone
+
+    def epoch(self, epoch: int) -> bool:
+        """Train the rest of `epoch`; False when --stop-after-steps stopped the phase."""
+        micro, opts = self.phase.accum_steps, self.opts
+        bar = tqdm(total=self.per_epoch, initial=self.step - epoch * self.per_epoch,
+                   disable=not (self.info.is_main and self.interactive), leave=False, dynamic_ncols=True,
+                   desc=f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}")
+        seen, t0, acc = 0, time.perf_counter(), {}
+        for k, (images, labels, captions, skipped) in enumerate(self.loader(epoch)):
+            self.skipped.update(skipped)
+            last_micro = (k + 1) % micro == 0
+            for name, v in self.micro_step(images, labels, captions, micro, last_micro).items():
+                acc[name] = acc.get(name, 0.0) + v
+            seen += images.shape[0] * self.info.world_size
+            if not last_micro:
+                continue
+            lr = self.optimizer_step()
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            self.history.append({"step": self.step, "epoch": epoch, "lr": lr, "loss": sum(acc.values()),
+                                 **{f"loss_{n}": v for n, v in acc.items()}, "images_per_s": rate})
+            acc = {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", img_s=f"{rate:.3g}")
+            due = time.perf_counter() - self.last_save >= EPOCH_CHECKPOINT_MIN_S and self.step % self.per_epoch == 0
+            if self.step < self.total and (due or (opts.save_every_steps and self.step % opts.save_every_steps == 0)):
+                self.save()
+                self.last_save = time.perf_counter()
+            if opts.stop_after_steps and self.step == opts.stop_after_steps and self.step < self.total:
+                bar.close()
+                self.save()
+                return False
+        bar.close()
+        if not self.interactive and self.history:  # logs: one line per epoch instead of a bar
+            self.log(f"[{self.phase.name}] epoch {epoch + 1}/{self.phase.epochs} step {self.step}/{self.total} "
+                     f"loss {self.history[-1]['loss']:.4f} {self.history[-1]['images_per_s']:.3g} img/s")
+        return True
 
 
 def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: MethodLoss, tokenizer,
-              info: dist_utils.DistInfo, ckpt_dir: str, log_path: str, *, precision: str = "fp32",
-              grad_clip: float = 0.0, seed: int = 0, workers: int = 0, save_every_steps: int = 0,
-              stop_after_steps: int = 0, needs_texts: bool = True) -> PhaseResult:
+              info: dist_utils.DistInfo, ckpt_dir: str, log_path: str, opts: LoopOptions) -> PhaseResult:
     """Train `module` in place. Resumes from <ckpt_dir>/last.pt when it exists; returns 'stopped'
-    after `stop_after_steps` optimiser steps (checkpointed), else 'done' with <ckpt_dir>/final.pt."""
-    device = info.device
-    per_epoch = steps_per_epoch(len(view), phase, info.world_size)
-    if per_epoch == 0:
-        raise DriverError(f"{phase.name}: the training set has {len(view)} images, fewer than one "
-                          f"optimiser step (--batch-size {phase.batch_size} x {info.world_size} processes "
-                          f"x --accum-steps {phase.accum_steps})")
-    total = per_epoch * phase.epochs
-    model = DistributedDataParallel(module) if info.distributed else module
-    optimizer = torch.optim.AdamW(_param_groups(module, phase.weight_decay), lr=phase.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    step, history = 0, []
-    last_path, final_path = os.path.join(ckpt_dir, "last.pt"), os.path.join(ckpt_dir, "final.pt")
-
-    if os.path.exists(last_path):
-        state = checkpoint.load(last_path, device)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        loss_fn.load_state_dict(state["method_state"], device)
-        checkpoint.set_rng_states(state["rng"])
-        step, history = state["scheduler"]["step"], state["history"]
-        if info.is_main:
-            print(f"[{phase.name}] resumed from {last_path} at step {step}/{total}", flush=True)
-
-    def save_state() -> None:
-        if info.is_main:
-            checkpoint.atomic_save({
-                "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step, "total": total, "warmup": phase.warmup_steps, "lr": phase.lr},
-                "scaler": scaler.state_dict(), "rng": checkpoint.rng_states(),
-                "method_state": loss_fn.state_dict(), "history": history, "phase": phase.name,
-            }, last_path)
-            _write_log(history, log_path)
-        dist_utils.barrier(info)
-
-    start = last_save = time.perf_counter()
+    after `opts.stop_after_steps` optimiser steps (checkpointed), else 'done' with <ckpt_dir>/final.pt."""
+    run = PhaseRun(module, phase, view, loss_fn, tokenizer, info, ckpt_dir, log_path, opts)
+    run.resume()
+    start = time.perf_counter()
     module.train()
-    micro = phase.accum_steps
-    while step < total:
-        epoch = step // per_epoch
-        batches = epoch_batches(len(view), phase.batch_size, epoch, seed, info.rank, info.world_size)
-        batches = batches[: per_epoch * micro][(step - epoch * per_epoch) * micro:]
-        loader = DataLoader(view, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                            generator=torch.Generator())  # leaves the global RNG alone
-        interactive = sys.stderr.isatty()
-        bar = tqdm(total=per_epoch, initial=step - epoch * per_epoch, disable=not (info.is_main and interactive),
-                   desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}", leave=False, dynamic_ncols=True)
-        seen, t0 = 0, time.perf_counter()
-        terms_acc: dict[str, float] = {}
-        for k, (images, labels, captions) in enumerate(loader):
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            texts = tokenizer(captions).to(device) if needs_texts else None
-            inputs = loss_fn.step_inputs(step, device)
-            last_micro = (k + 1) % micro == 0
-            sync = contextlib.nullcontext() if (last_micro or not info.distributed) else model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = model(images, texts, inputs.extra_images, inputs.extra_texts)
-                terms = loss_fn(out, labels, images, inputs, step)
-                loss = sum(terms.values())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{phase.name}: non-finite loss at step {step}: "
-                                             f"{ {k: float(v) for k, v in terms.items()} }")
-                scaler.scale(loss / micro).backward()
-            for name, v in terms.items():
-                terms_acc[name] = terms_acc.get(name, 0.0) + float(dist_utils.mean(v, info)) / micro
-            seen += images.shape[0] * info.world_size
-            if not last_micro:
-                continue
-            lr = lr_at(step, total, phase.warmup_steps, phase.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # as open_clip's training loop: the logit scale stays <= 100
-                module.clip.logit_scale.clamp_(0, math.log(100))
-            loss_fn.after_step()
-            step += 1
-            rate = seen / max(time.perf_counter() - t0, 1e-9)
-            row = {"step": step, "epoch": epoch, "lr": lr, "loss": sum(terms_acc.values()),
-                   **{f"loss_{n}": v for n, v in terms_acc.items()}, "images_per_s": rate}
-            history.append(row)
-            terms_acc = {}
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{rate:.3g}")
-            at_epoch_end = step % per_epoch == 0
-            due = time.perf_counter() - last_save >= EPOCH_CHECKPOINT_MIN_S
-            if step < total and ((at_epoch_end and due) or (save_every_steps and step % save_every_steps == 0)):
-                save_state()
-                last_save = time.perf_counter()
-            if stop_after_steps and step == stop_after_steps and step < total:
-                bar.close()
-                save_state()
-                return PhaseResult("stopped", step, total, history, time.perf_counter() - start)
-        bar.close()
-        if info.is_main and not interactive and history:  # logs: one line per epoch instead of a bar
-            print(f"[{phase.name}] epoch {epoch + 1}/{phase.epochs} step {step}/{total} "
-                  f"loss {history[-1]['loss']:.4f} {history[-1]['images_per_s']:.3g} img/s", flush=True)
-    if info.is_main:
-        checkpoint.atomic_save({"model": module.state_dict(), "method_state": loss_fn.state_dict(),
-                                "history": history, "phase": phase.name, "steps": step}, final_path)
-        _write_log(history, log_path)
-        if os.path.exists(last_path):
-            os.unlink(last_path)  # the final weights supersede the training state
-    dist_utils.barrier(info)
-    module.eval()
-    return PhaseResult("done", step, total, history, time.perf_counter() - start)
+    status = "done"
+    while run.step < run.total and status == "done":
+        if not run.epoch(run.step // run.per_epoch):
+            status = "stopped"
+    if status == "done":
+        run.finish()
+        module.eval()
+    skipped = sorted(run.skipped)
+    if skipped:
+        run.log(f"warning: [{phase.name}] skipped {len(skipped)} training image(s) that failed to decode "
+                f"(e.g. {skipped[:3]})")
+    return PhaseResult(status, run.step, run.total, run.history, time.perf_counter() - start, skipped)

@@ -1,4 +1,4 @@
-"""WiSE-FT (METHODS.md section 7): theta(alpha) = (1 - alpha) theta_zeroshot + alpha theta_finetuned
+"""WiSE-FT (docs/maths.md, section 7): theta(alpha) = (1 - alpha) theta_zeroshot + alpha theta_finetuned
 for every floating-point state-dict entry; evaluate every alpha; pick the best by ID validation."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The sharpness analysis along the WiSE-FT path (METHODS.md section 7, our reading of 2410.16476):
+"""The sharpness analysis along the WiSE-FT path (docs/sharpness.md; docs/maths.md, section 7: our
+reading of 2410.16476):
 for every alpha, the overall and layer-wise sharpness (random and worst-case) of the interpolated
 model on a fixed ID batch, its ID and OOD accuracy; the straggler layers; the rank correlations
 (Spearman, Kendall) across alpha between accuracy and each sharpness measure; the sparsity
@@ -14,7 +15,6 @@ and is the same for every method, unlike each method's training loss. It runs in
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
@@ -25,15 +25,22 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from scipy.stats import kendalltau, spearmanr
 
-from . import sharpness as sh
-from .data import EvalSet, fill_template
-from .models import TrainModule
-from .wise_ft import interpolate
+from ..config import Config, parse_sparsity
+from ..data import EvalSet, fill_template
+from ..files import atomic_write_text
+from ..models import TrainModule
+from ..report import clean, write_csv, write_jsonl
+from ..wise_ft import interpolate
+from . import estimators as sh
+from . import plots
 
 
 @dataclass
 class SharpnessOptions:
+    """The analysis's settings (the --sharpness-* flags)."""
+
     rho: float = 0.05
     samples: int = 16
     batch_size: int = 256
@@ -44,6 +51,13 @@ class SharpnessOptions:
     alphas: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])
     plots: bool = True
     text_batch_size: int = 256
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "SharpnessOptions":
+        return cls(rho=float(cfg.sharpness_rho), samples=int(cfg.sharpness_samples),
+                   batch_size=int(cfg.sharpness_batch_size), stragglers=cfg.sharpness_stragglers,
+                   measure=cfg.sharpness_measure, sparsity=parse_sparsity(cfg.sharpness_sparsity),
+                   seed=cfg.seed, alphas=list(cfg.alphas), plots=not cfg.no_plots)
 
 
 @dataclass
@@ -200,8 +214,6 @@ def accuracy_summary(rows: list[dict], id_set: str) -> dict[str, float | None]:
 def rank_correlations(x: list[float], y: list[float]) -> dict[str, float]:
     """Spearman and Kendall (tau-b) with their p-values; NaN when either side is constant or
     fewer than 3 points."""
-    from scipy.stats import kendalltau, spearmanr
-
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None
              and math.isfinite(a) and math.isfinite(b)]
     nan = {"n": len(pairs), "spearman": math.nan, "spearman_p": math.nan, "kendall": math.nan, "kendall_p": math.nan}
@@ -238,9 +250,112 @@ class MethodAnalysis:
     seconds: float
 
 
-def _params_of(state: dict[str, torch.Tensor], module: TrainModule) -> list[str]:
-    names = dict(module.named_parameters())
-    return [n for n in state if n in names]
+@dataclass
+class _Sweep:
+    """The sharpness at every alpha: per-group rows, per-alpha rows, and the {group: S} table of
+    each measure (one dict per alpha)."""
+
+    layer_rows: list[dict]
+    alpha_rows: list[dict]
+    tables: dict[str, list[dict[str, float]]]
+
+
+def _float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def _sweep(env: Environment, method: str, work: TrainModule, problem: ClassificationProblem,
+           groups: dict[str, list[str]], states: tuple[dict, dict], opts: SharpnessOptions,
+           sweep_rows: dict[float, list[dict]] | None, log) -> _Sweep:
+    zs_state, ft_state = states
+    out = _Sweep([], [], {"random": [], "worst": []})
+    for alpha in opts.alphas:
+        work.load_state_dict(interpolate(zs_state, ft_state, alpha))
+        problem.refresh()
+        res = sh.estimate(problem, groups, opts.rho, opts.samples, opts.seed)
+        rows = sweep_rows.get(alpha) if sweep_rows else None
+        acc = accuracy_summary(rows if rows is not None else env.eval_fn(work), env.id_set)
+        out.tables["random"].append({g: res.random[g] for g in groups})
+        out.tables["worst"].append({g: res.worst[g] for g in groups})
+        for g, names in groups.items():
+            out.layer_rows.append({"method": method, "alpha": alpha, "group": g, "tower": sh.tower_of(names[0]),
+                                   "n_params": sum(problem.params[n].numel() for n in names),
+                                   "sharpness_random": res.random[g], "sharpness_random_se": res.random_se[g],
+                                   "sharpness_worst": res.worst[g]})
+        out.alpha_rows.append({"method": method, "alpha": alpha, "loss": res.base_loss,
+                               "overall_random": res.random[sh.OVERALL],
+                               "overall_random_se": res.random_se[sh.OVERALL],
+                               "overall_worst": res.worst[sh.OVERALL], **acc})
+        log(f"[sharpness {method}] alpha {alpha:g}: loss {res.base_loss:.4f} overall random "
+            f"{res.random[sh.OVERALL]:.4g} worst {res.worst[sh.OVERALL]:.4g}  ID {_pct(acc['id_top1'])} "
+            f"OOD {_pct(acc['ood_mean'])}")
+    return out
+
+
+def _mark_stragglers(sweep: _Sweep, groups: list[str], opts: SharpnessOptions) -> tuple[list[str], str, dict]:
+    """The straggler groups (from the chosen measure), marked in the rows with their scores."""
+    scores = sh.straggler_scores(sweep.tables[opts.measure], groups)
+    stragglers, note = sh.select_stragglers(scores, opts.stragglers)
+    for r in sweep.layer_rows:
+        r["straggler"] = r["group"] in stragglers
+        r["straggler_score"] = scores[r["group"]]
+    for i, r in enumerate(sweep.alpha_rows):
+        for m in ("random", "worst"):
+            r[f"straggler_{m}"] = sum(sweep.tables[m][i][g] for g in stragglers) / len(stragglers)
+        r["stragglers"] = "|".join(stragglers)
+    return stragglers, note, scores
+
+
+def _correlations(method: str, sweep: _Sweep, groups: list[str]) -> list[dict]:
+    """Rank correlations across alpha of every accuracy target with every sharpness measure."""
+    rows = sweep.alpha_rows
+    targets = [t for t in ("ood_mean", "id_top1", "zeroshot_mean") if any(r.get(t) is not None for r in rows)]
+    targets += sorted({k for r in rows for k in r if k.startswith("top1_")})
+    measures = list(HEADLINE_MEASURES) + [f"layer:{g}:{m}" for g in groups for m in ("random", "worst")]
+    out = []
+    for target in targets:
+        y = [r.get(target) for r in rows]
+        for measure in measures:
+            if measure.startswith("layer:"):
+                _, g, m = measure.split(":")
+                x = [sweep.tables[m][i][g] for i in range(len(rows))]
+            else:
+                x = [r[measure] for r in rows]
+            out.append({"method": method, "target": target, "measure": measure, **rank_correlations(x, y)})
+    return out
+
+
+def _intervention(env: Environment, method: str, work: TrainModule, states: tuple[dict, dict],
+                  names: list[str], stragglers: list[str], alpha_rows: list[dict], opts: SharpnessOptions,
+                  log) -> tuple[list[dict], list[dict]]:
+    """The sparsity intervention at every p: per-alpha rows and one summary per p."""
+    zs_state, ft_state = states
+    rows, summaries = [], []
+    for p in opts.sparsity:
+        sparse_ft, counts = sh.sparsify_task_vector(zs_state, ft_state, names, p)
+        per_alpha = []
+        for base in alpha_rows:
+            work.load_state_dict(interpolate(zs_state, sparse_ft, base["alpha"]))
+            acc = accuracy_summary(env.eval_fn(work), env.id_set)
+            per_alpha.append({"method": method, "p": p, "alpha": base["alpha"], **acc,
+                              "ood_mean_without": base["ood_mean"], "id_top1_without": base["id_top1"],
+                              "ood_mean_change": _diff(acc["ood_mean"], base["ood_mean"]),
+                              "id_top1_change": _diff(acc["id_top1"], base["id_top1"])})
+        rows += per_alpha
+        changes = [r["ood_mean_change"] for r in per_alpha if r["ood_mean_change"] is not None]
+        (a_without, ood_without), (a_with, ood_with) = _best(alpha_rows), _best(per_alpha)
+        summary = {"method": method, "p": p, "stragglers": "|".join(stragglers), **counts,
+                   "mean_ood_change": sum(changes) / len(changes) if changes else None,
+                   "alphas_improved": sum(c > 0 for c in changes), "alphas_worse": sum(c < 0 for c in changes),
+                   "alphas": len(changes), "best_alpha_without": a_without, "ood_at_best_alpha_without": ood_without,
+                   "best_alpha_with": a_with, "ood_at_best_alpha_with": ood_with}
+        summary["improved"] = bool(summary["mean_ood_change"] is not None and summary["mean_ood_change"] > 0)
+        summaries.append(summary)
+        log(f"[sharpness {method}] sparsity p={p:g} in the straggler layers ({counts['zeroed']} of "
+            f"{counts['entries']} task-vector entries zeroed): OOD mean change along alpha "
+            f"{_pp(summary['mean_ood_change'])} (better at {summary['alphas_improved']}, worse at "
+            f"{summary['alphas_worse']} of {len(changes)} alphas)")
+    return rows, summaries
 
 
 def analyze_method(env: Environment, method: str, zs_state: dict[str, torch.Tensor],
@@ -250,100 +365,22 @@ def analyze_method(env: Environment, method: str, zs_state: dict[str, torch.Tens
     TrainModule of the right architecture (its weights are replaced); `sweep_rows` are evaluation
     rows the driver's WiSE-FT sweep already computed, per alpha (re-evaluated when missing)."""
     t0 = time.perf_counter()
-    zs_state = {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in zs_state.items()}
-    ft_state = {k: v.detach().float().clone() if v.is_floating_point() else v.clone() for k, v in ft_state.items()}
+    states = (_float_state(zs_state), _float_state(ft_state))
     work = copy.deepcopy(template).float().to(env.device)
-    work.load_state_dict(ft_state)
+    work.load_state_dict(states[1])
     problem = build_problem(work, env, opts)
     groups = {g: [n for n in names if n in problem.used]
               for g, names in sh.layer_groups(n for n, _ in work.named_parameters()).items()}
     groups = {g: names for g, names in groups.items() if names}
-
-    layer_rows, alpha_rows, tables = [], [], {"random": [], "worst": []}
-    for alpha in opts.alphas:
-        work.load_state_dict(interpolate(zs_state, ft_state, alpha))
-        problem.refresh()
-        res = sh.estimate(problem, groups, opts.rho, opts.samples, opts.seed)
-        rows = sweep_rows.get(alpha) if sweep_rows else None
-        if rows is None:
-            rows = env.eval_fn(work)
-        acc = accuracy_summary(rows, env.id_set)
-        tables["random"].append({g: res.random[g] for g in groups})
-        tables["worst"].append({g: res.worst[g] for g in groups})
-        for g, names in groups.items():
-            layer_rows.append({"method": method, "alpha": alpha, "group": g, "tower": sh.tower_of(names[0]),
-                               "n_params": sum(problem.params[n].numel() for n in names),
-                               "sharpness_random": res.random[g], "sharpness_random_se": res.random_se[g],
-                               "sharpness_worst": res.worst[g]})
-        alpha_rows.append({"method": method, "alpha": alpha, "loss": res.base_loss,
-                           "overall_random": res.random[sh.OVERALL],
-                           "overall_random_se": res.random_se[sh.OVERALL],
-                           "overall_worst": res.worst[sh.OVERALL], **acc})
-        log(f"[sharpness {method}] alpha {alpha:g}: loss {res.base_loss:.4f} overall random "
-            f"{res.random[sh.OVERALL]:.4g} worst {res.worst[sh.OVERALL]:.4g}  ID {_pct(acc['id_top1'])} "
-            f"OOD {_pct(acc['ood_mean'])}")
-
-    # stragglers (from the chosen measure), per-alpha z-scores, straggler sharpness
-    scores = sh.straggler_scores(tables[opts.measure], list(groups))
-    stragglers, note = sh.select_stragglers(scores, opts.stragglers)
-    for r in layer_rows:
-        r["straggler"] = r["group"] in stragglers
-        r["straggler_score"] = scores[r["group"]]
-    for i, r in enumerate(alpha_rows):
-        for m in ("random", "worst"):
-            r[f"straggler_{m}"] = sum(tables[m][i][g] for g in stragglers) / len(stragglers)
-        r["stragglers"] = "|".join(stragglers)
+    sweep = _sweep(env, method, work, problem, groups, states, opts, sweep_rows, log)
+    stragglers, note, scores = _mark_stragglers(sweep, list(groups), opts)
     log(f"[sharpness {method}] straggler layers ({opts.measure}; {note}): {', '.join(stragglers)}")
-
-    # rank correlations across alpha
-    targets = [t for t in ("ood_mean", "id_top1", "zeroshot_mean") if any(r.get(t) is not None for r in alpha_rows)]
-    targets += sorted({k for r in alpha_rows for k in r if k.startswith("top1_")})
-    measures = list(HEADLINE_MEASURES) + [f"layer:{g}:{m}" for g in groups for m in ("random", "worst")]
-    corr_rows = []
-    for target in targets:
-        y = [r.get(target) for r in alpha_rows]
-        for measure in measures:
-            if measure.startswith("layer:"):
-                _, g, m = measure.split(":")
-                x = [tables[m][i][g] for i in range(len(alpha_rows))]
-            else:
-                x = [r[measure] for r in alpha_rows]
-            corr_rows.append({"method": method, "target": target, "measure": measure, **rank_correlations(x, y)})
-
-    # the sparsity intervention
-    names = [n for g in stragglers for n in groups[g] if n in ft_state]
-    inter_rows, inter_summary = [], []
-    for p in opts.sparsity:
-        sparse_ft, counts = sh.sparsify_task_vector(zs_state, ft_state, names, p)
-        per_alpha = []
-        for base in alpha_rows:
-            alpha = base["alpha"]
-            work.load_state_dict(interpolate(zs_state, sparse_ft, alpha))
-            acc = accuracy_summary(env.eval_fn(work), env.id_set)
-            row = {"method": method, "p": p, "alpha": alpha, **acc,
-                   "ood_mean_without": base["ood_mean"], "id_top1_without": base["id_top1"],
-                   "ood_mean_change": _diff(acc["ood_mean"], base["ood_mean"]),
-                   "id_top1_change": _diff(acc["id_top1"], base["id_top1"])}
-            per_alpha.append(row)
-        inter_rows += per_alpha
-        changes = [r["ood_mean_change"] for r in per_alpha if r["ood_mean_change"] is not None]
-        best_without = _best(alpha_rows)
-        best_with = _best(per_alpha)
-        summary = {"method": method, "p": p, "stragglers": "|".join(stragglers), **counts,
-                   "mean_ood_change": sum(changes) / len(changes) if changes else None,
-                   "alphas_improved": sum(c > 0 for c in changes), "alphas_worse": sum(c < 0 for c in changes),
-                   "alphas": len(changes),
-                   "best_alpha_without": best_without[0], "ood_at_best_alpha_without": best_without[1],
-                   "best_alpha_with": best_with[0], "ood_at_best_alpha_with": best_with[1]}
-        summary["improved"] = bool(summary["mean_ood_change"] is not None and summary["mean_ood_change"] > 0)
-        inter_summary.append(summary)
-        log(f"[sharpness {method}] sparsity p={p:g} in the straggler layers ({counts['zeroed']} of "
-            f"{counts['entries']} task-vector entries zeroed): OOD mean change along alpha "
-            f"{_pp(summary['mean_ood_change'])} (better at {summary['alphas_improved']}, worse at "
-            f"{summary['alphas_worse']} of {len(changes)} alphas)")
-    seconds = time.perf_counter() - t0
-    return MethodAnalysis(method, groups, stragglers, note, scores, layer_rows, alpha_rows, corr_rows,
-                          inter_rows, inter_summary, seconds)
+    corr_rows = _correlations(method, sweep, list(groups))
+    names = [n for g in stragglers for n in groups[g] if n in states[1]]
+    inter_rows, inter_summary = _intervention(env, method, work, states, names, stragglers, sweep.alpha_rows,
+                                              opts, log)
+    return MethodAnalysis(method, groups, stragglers, note, scores, sweep.layer_rows, sweep.alpha_rows,
+                          corr_rows, inter_rows, inter_summary, time.perf_counter() - t0)
 
 
 def _diff(a, b):
@@ -370,24 +407,22 @@ def _pp(v) -> str:
 # ---------------------------------------------------------------------------------------------
 # outputs
 
-
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+# Accuracies (fractions in the rows and the JSONL) and their differences: % (or % points) in the
+# CSVs, as the console prints them, with a _pct suffix.
+ACCURACY_KEYS = {"id_top1", "ood_mean", "zeroshot_mean", "ood_mean_without", "id_top1_without",
+                 "ood_mean_change", "id_top1_change", "mean_ood_change", "ood_at_best_alpha_without",
+                 "ood_at_best_alpha_with"}
 
 
 def write_table(rows: list[dict], path_stem: str) -> None:
-    """<stem>.csv and <stem>.jsonl (NaN written as empty / null)."""
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path_stem + ".jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({k: _clean(v) for k, v in r.items()}) + "\n")
-    with open(path_stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if _clean(r.get(k)) is None else r.get(k)) for k in cols})
+    """<stem>.csv (accuracies in %, columns *_pct) and <stem>.jsonl (fractions); NaN written as
+    empty / null."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    write_jsonl(rows, path_stem + ".jsonl")
+    pct = {k for k in keys if k in ACCURACY_KEYS or k.startswith("top1_")}
+    scaled = [{(f"{k}_pct" if k in pct else k): (100 * v if k in pct and clean(v) is not None else v)
+               for k, v in r.items()} for r in rows]
+    write_csv(scaled, [f"{k}_pct" if k in pct else k for k in keys], path_stem + ".csv")
 
 
 def headline(a: MethodAnalysis, target: str = "ood_mean") -> list[dict]:
@@ -395,13 +430,17 @@ def headline(a: MethodAnalysis, target: str = "ood_mean") -> list[dict]:
 
 
 def write_outputs(analyses: list[MethodAnalysis], out_dir: str, opts: SharpnessOptions,
-                  extra: dict | None = None) -> None:
+                  extra: dict | None = None) -> list[str]:
+    """Every table, summary.json and (opts.plots) the two plots per method; the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    write_table([r for a in analyses for r in a.layer_rows], os.path.join(out_dir, "layers"))
-    write_table([r for a in analyses for r in a.alpha_rows], os.path.join(out_dir, "alphas"))
-    write_table([r for a in analyses for r in a.correlation_rows], os.path.join(out_dir, "correlations"))
-    write_table([r for a in analyses for r in a.intervention_rows], os.path.join(out_dir, "intervention"))
-    write_table([r for a in analyses for r in a.intervention_summary], os.path.join(out_dir, "intervention_summary"))
+    written = []
+    for stem, rows in (("layers", [r for a in analyses for r in a.layer_rows]),
+                       ("alphas", [r for a in analyses for r in a.alpha_rows]),
+                       ("correlations", [r for a in analyses for r in a.correlation_rows]),
+                       ("intervention", [r for a in analyses for r in a.intervention_rows]),
+                       ("intervention_summary", [r for a in analyses for r in a.intervention_summary])):
+        write_table(rows, os.path.join(out_dir, stem))
+        written += [os.path.join(out_dir, stem + ext) for ext in (".csv", ".jsonl")]
     summary = {"options": {k: getattr(opts, k) for k in ("rho", "samples", "batch_size", "stragglers", "measure",
                                                          "sparsity", "seed", "alphas")},
                **(extra or {}), "methods": {}}
@@ -409,19 +448,19 @@ def write_outputs(analyses: list[MethodAnalysis], out_dir: str, opts: SharpnessO
         summary["methods"][a.method] = {
             "groups": {g: len(n) for g, n in a.groups.items()}, "stragglers": a.stragglers,
             "straggler_rule": a.straggler_note, "straggler_scores": a.scores,
-            "correlations_with_ood_mean": {r["measure"]: {k: _clean(r[k]) for k in
+            "correlations_with_ood_mean": {r["measure"]: {k: clean(r[k]) for k in
                                                           ("spearman", "spearman_p", "kendall", "kendall_p")}
                                            for r in headline(a)},
             "intervention": a.intervention_summary, "seconds": round(a.seconds, 2)}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=_clean)
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=clean))
+    written.append(os.path.join(out_dir, "summary.json"))
     if opts.plots:
-        from . import sharpness_plots
-
         for a in analyses:
             stem = os.path.join(out_dir, a.method)
-            sharpness_plots.heatmap(a, stem + "_layer_sharpness.png")
-            sharpness_plots.ood_vs_alpha(a, stem + "_ood_vs_alpha.png")
+            plots.heatmap(a, stem + "_layer_sharpness.png")
+            plots.ood_vs_alpha(a, stem + "_ood_vs_alpha.png")
+            written += [stem + "_layer_sharpness.png", stem + "_ood_vs_alpha.png"]
+    return written
 
 
 def format_report(analyses: list[MethodAnalysis]) -> str:
@@ -450,23 +489,24 @@ class TrainingHook:
     """--analyze-sharpness on a training run: after each method's WiSE-FT sweep, analyse it (reusing
     the sweep's evaluation rows) and rewrite <run-dir>/sharpness/."""
 
-    def __init__(self, prepared, eval_fn):
-        from .sharpness_cli import options
-
-        cfg = prepared.cfg
-        self.opts = options(cfg, cfg.alphas, not cfg.no_plots, cfg.seed)
-        self.env = Environment(prepared.evals, prepared.id_set, prepared.tokenizer, prepared.templates,
-                               prepared.info.device, eval_fn)
-        self.out_dir = os.path.join(prepared.run_dir, "sharpness")
+    def __init__(self, cfg: Config, env: Environment, run_dir: str):
+        self.opts = SharpnessOptions.from_config(cfg)
+        self.env = env
+        self.methods = None if cfg.sharpness_methods is None else {
+            m.strip() for m in cfg.sharpness_methods.split(",")}
+        self.out_dir = os.path.join(run_dir, "sharpness")
         self.done: list[MethodAnalysis] = []
+        self.written: list[str] = []
+
+    def wants(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
 
     def add(self, method: str, zs_module: TrainModule, ft_module: TrainModule, sweep) -> None:
         rows = {alpha: rs for alpha, rs in sweep}
         self.done.append(analyze_method(self.env, method, zs_module.state_dict(), ft_module.state_dict(),
                                         ft_module, self.opts, rows))
-        write_outputs(self.done, self.out_dir, self.opts,
-                      {"seconds_total": round(sum(a.seconds for a in self.done), 2)})
+        self.written = write_outputs(self.done, self.out_dir, self.opts,
+                                     {"seconds_total": round(sum(a.seconds for a in self.done), 2)})
 
-    def report(self) -> None:
-        if self.done:
-            print("\nsharpness along WiSE-FT (" + self.out_dir + "):\n" + format_report(self.done), flush=True)
+    def report(self) -> str:
+        return ("sharpness along WiSE-FT (" + self.out_dir + "):\n" + format_report(self.done)) if self.done else ""

@@ -1,11 +1,11 @@
-"""Layer-wise sharpness (METHODS.md section 7, our operational reading of arXiv 2410.16476, whose
-code is not public): layer groups from parameter names, the random adaptive perturbation and the
+"""Layer-wise sharpness (docs/sharpness.md; docs/maths.md, section 7: our operational reading of
+arXiv 2410.16476, whose code is not public): layer groups from parameter names, the random adaptive perturbation and the
 one-step worst-case (ASAM-style) variant, overall sharpness, straggler detection and the sparsity
 intervention on the task vector.
 
 The estimators work on any `Problem`: a set of named parameter tensors (changed in place while a
 perturbation is applied, restored afterwards) and a loss of them. `ClassificationProblem` (in
-sharpness_analysis) is the CLIP one; the tests use a quadratic.
+sharpness.analysis) is the CLIP one; the tests use a quadratic.
 
 Definitions (theta_l: the parameters of group l, flattened; N_l their count; L: the loss on a fixed
 evaluation batch):
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
+
+from ..config import parse_straggler_rule
 
 # ---------------------------------------------------------------------------------------------
 # layer groups
@@ -228,20 +230,6 @@ def estimate(problem: Problem, groups: dict[str, list[str]], rho: float, samples
 
 # ---------------------------------------------------------------------------------------------
 # stragglers
-
-
-def parse_straggler_rule(text: str) -> tuple[str, float]:
-    """'std:T' (z-score above mean + T std) or 'topk:K'."""
-    kind, _, value = text.partition(":")
-    try:
-        v = float(value)
-    except ValueError:
-        v = float("nan")
-    if kind == "std" and math.isfinite(v) and v >= 0:
-        return kind, v
-    if kind == "topk" and math.isfinite(v) and v >= 1 and v == int(v):
-        return kind, v
-    raise ValueError(f"expected 'std:T' (T >= 0) or 'topk:K' (integer K >= 1), got {text!r}")
 
 
 def straggler_scores(table: list[dict[str, float]], groups: list[str]) -> dict[str, float]:
