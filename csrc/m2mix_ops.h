@@ -1,4 +1,4 @@
-// The slerp helpers of the m^2-mix terms (METHODS.md section 3), written once with ATen on
+// The slerp helpers of the m^2-mix terms (docs/maths.md, section 3), written once with ATen on
 // the device (all O(n D)) and shared by every device's step ops (step_ops.h):
 //  * check_m2_pair / check_m2_scalar: the input checks of the mixed pair and its scalars;
 //  * mix_rows: the slerp prologue: c_p = <I_p, T_p>, the weights from the device's

@@ -3,7 +3,7 @@
 // Every formula that both the C++ CPU kernels and the CUDA kernels evaluate per
 // similarity entry lives here, once, as an inline function callable from host and
 // device code. The CPU build (and the C++ unit tests) therefore exercise exactly
-// the expressions the GPU runs. Notation follows shared/METHODS.md sections 1-2:
+// the expressions the GPU runs. Notation follows docs/maths.md, sections 1-2:
 // S = scale * <p, q> + bias is one logit, r / c the row / column log-sum-exp.
 #pragma once
 
@@ -88,7 +88,7 @@ RFT_HD T siglip_term(T s, bool positive) {
   return positive ? softplus(-s) : softplus(s);
 }
 
-// Derivative of the CLIP loss with respect to one logit (METHODS.md section 1):
+// Derivative of the CLIP loss with respect to one logit (docs/maths.md, section 1):
 //   dS = w_row * exp(s - r) + w_col * exp(s - c) - (positive ? w_pos : 0).
 // A zero weight switches its term off (so an unused c may hold anything).
 template <typename T>
@@ -101,7 +101,7 @@ RFT_HD T clip_dlogit(T s, T row_lse, T col_lse, T w_row, T w_col, T w_pos,
   return d;
 }
 
-// Derivative of the SigLIP loss with respect to one logit (METHODS.md section 2):
+// Derivative of the SigLIP loss with respect to one logit (docs/maths.md, section 2):
 //   dS = w * (sigmoid(s) - [positive]).
 template <typename T>
 RFT_HD T siglip_dlogit(T s, T w, bool positive) {
@@ -115,7 +115,7 @@ RFT_HD bool is_positive(long long p, long long q, bool has_positives,
 }
 
 // ---------------------------------------------------------------------------------
-// Geodesic mixing (slerp) of two unit vectors a, b (METHODS.md section 3):
+// Geodesic mixing (slerp) of two unit vectors a, b (docs/maths.md, section 3):
 //   slerp(a, b; lam) = w_a a + w_b b,  w_a = sin(lam theta) / sin theta,
 //   w_b = sin((1 - lam) theta) / sin theta,  theta = arccos <a, b>.
 // slerp_weights gives both weights and their derivatives with respect to c = <a, b>,
@@ -190,7 +190,7 @@ RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
 }
 
 // ---------------------------------------------------------------------------------
-// DiVE, difference-vector equalisation (METHODS.md section 4), per coordinate of one
+// DiVE, difference-vector equalisation (docs/maths.md, section 4), per coordinate of one
 // reference pair: u = f_ft - f_pre (image), v = g_ft - g_pre (text), m the centre.
 //   AVL term (u - m)^2 + (v - m)^2,  PVL term (u - v)^2.
 // Gradients of w_a * AVL + w_p * PVL (weights already include 1/B'; m is a constant):
@@ -211,7 +211,7 @@ RFT_HD void dive_grads(T u, T v, T m, T w_a, T w_p, T* du, T* dv) {
   *dv = T(2) * (w_a * (v - m) - w_p * (u - v));
 }
 
-// Lipsum-FT (METHODS.md section 5), one entry V_bk = s0 <F_b - F0_b, G_k>:
+// Lipsum-FT (docs/maths.md, section 5), one entry V_bk = s0 <F_b - F0_b, G_k>:
 // R = sum V^2 / (2 K B); dR/d<F_b - F0_b, G_k> = w s0 V_bk with w = g / (K B).
 template <typename T>
 RFT_HD T lipsum_term(T diff_dot, T s0) {

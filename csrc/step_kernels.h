@@ -1,5 +1,5 @@
 // The per-device kernel launchers of a robust fine-tuning step: CLIP, m^2-mix, Lipsum-FT
-// and DiVE (METHODS.md sections 1, 3, 4, 5) from one pass over the data.
+// and DiVE (docs/maths.md, sections 1, 3, 4, 5) from one pass over the data.
 //
 // Each device (cpu/, cuda/) implements these four launchers; step_ops.h builds every op of
 // these losses on top of them once (m2mix_*, lipsum_*, dive_*, robust_step_*), each op

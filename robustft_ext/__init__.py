@@ -1,6 +1,6 @@
 """robustft_ext: fused losses for robust fine-tuning of CLIP-style models.
 
-Public API (see README): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
+Public API (docs/api.md): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
 slerp, sample_beta, ClipLoss, SigLipLoss, M2MixLoss, available_backends.
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)

@@ -3,7 +3,7 @@
 Order of choice: the `backend=` argument, else $ROBUSTFT_BACKEND, else automatic:
 CUDA tensors -> native, triton, reference; CPU tensors -> native, reference.
 (The CUDA order is provisional until the GPU benchmarks in benchmarks/ have been run on a GPU;
-see README "Backends".) A requested backend that cannot serve raises BackendUnavailableError
+see docs/backends.md.) A requested backend that cannot serve raises BackendUnavailableError
 with every backend's reason; automatic selection falls through to the next one.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference backend: eager PyTorch written straight from METHODS.md (sections 1-5).
+"""The reference backend: eager PyTorch written straight from docs/maths.md (sections 1-5).
 
 It materialises the full logit matrix and is the oracle of the tests and the fallback for any
 device. Logits are computed in the accumulation dtype (float32, float64 for float64 inputs).
@@ -36,7 +36,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: tor
     return -F.logsigmoid(z * logits).sum() / a.shape[0]
 
 
-# ---- m^2-mix (METHODS.md section 3) -------------------------------------------------------
+# ---- m^2-mix (docs/maths.md, section 3) -------------------------------------------------------
 # The slerp stabilisation mirrors csrc/robustft_maths.h (slerp_weights): c clamped to
 # [-1 + SLERP_COS_EPS, 1] (no gradient through c below the clamp), Taylor series in theta
 # below slerp_small_angle(dtype) instead of dividing by a vanishing sin(theta).
@@ -74,8 +74,8 @@ def slerp_weights(cos: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 
 class _Slerp(torch.autograd.Function):
-    """slerp of matched rows in the accumulation dtype, with METHODS.md's explicit backward
-    (autograd through arccos would give inf * 0 at identical rows)."""
+    """slerp of matched rows in the accumulation dtype, with the explicit backward of
+    docs/maths.md, section 3.1 (autograd through arccos would give inf * 0 at identical rows)."""
 
     @staticmethod
     def forward(ctx, a, b, lam):
@@ -122,7 +122,7 @@ def clip_m2mix_loss(I: torch.Tensor, T: torch.Tensor, clip_scale: torch.Tensor, 
     return clip_loss(I, T, clip_scale, zero), m2mix_loss(I, T, m2_scale, lam)
 
 
-# ---- DiVE and Lipsum-FT (METHODS.md sections 4-5) -----------------------------------------
+# ---- DiVE and Lipsum-FT (docs/maths.md, sections 4-5) -----------------------------------------
 def dive_terms(fi: torch.Tensor, ft: torch.Tensor, pi: torch.Tensor, pt: torch.Tensor,
                center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(AVL, PVL, diff_mean): u = fi - pi, v = ft - pt, AVL = mean_j |u_j - m|^2 + |v_j - m|^2,

@@ -18,7 +18,7 @@ TERMS = ("contrastive_loss", "m2mix_loss", "lipsum_loss", "dive_avl_loss", "dive
 
 
 class RobustFTLoss(nn.Module):
-    """One module for a robust fine-tuning step (METHODS.md sections 1, 3, 4, 5, 6):
+    """One module for a robust fine-tuning step (docs/maths.md, sections 1, 3, 4, 5, 6):
 
         total = clip_weight * CLIP(I, T; logit_scale)                    (FLYP's contrastive loss)
               + m2_weight * m^2(I, T; m2_logit_scale or logit_scale, lam)

@@ -1,5 +1,6 @@
-"""robustft-train's pieces against direct formulas: metrics (METHODS.md section 8, RSA of section 4),
-WiSE-FT interpolation, method parsing, the schedule, batches across processes, atomic checkpoints."""
+"""robustft-train's pieces against direct formulas: metrics (docs/maths.md, section 8, RSA of
+section 4), WiSE-FT interpolation, method parsing, the schedule, batches across processes, atomic
+checkpoints."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""robustft-train analyze-sharpness (README_SHARPNESS.md): the estimators against closed forms on a
+"""robustft-train analyze-sharpness (docs/sharpness.md): the estimators against closed forms on a
 quadratic, the adaptive perturbation's scaling and seeding, the sparsity intervention's exact
 fraction, the CLIP classification problem's gradients and caching, and the analysis end to end on
 the tiny embedded model, through the subcommand, a reused run, explicit checkpoints and bad input."""

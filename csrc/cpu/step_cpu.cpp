@@ -14,7 +14,7 @@
 // The mixed negatives are read from the n x D buffer M that the op body computed: the
 // prologue costs O(n D), and mixing GEMM tiles instead (s <I_p, M_q> = w_a[q] <I_p, I_q> +
 // w_b[q] <I_p, T_q>) needs four tile products per step where the prologue needs three
-// (measured: README, m^2-mix).
+// (measured: docs/backends.md, m^2-mix in the fused kernels).
 //
 // The backward is two passes with no shared writes: rows (owner p: grad_I, grad_T, the
 // Lipsum gradient; DiVE rows) and columns (owner q: grad_M, grad_Tc), each recomputing its

@@ -1,4 +1,4 @@
-// Fused CUDA kernels of the contrastive losses (METHODS.md sections 1-2): the CUDA
+// Fused CUDA kernels of the contrastive losses (docs/maths.md, sections 1-2): the CUDA
 // launchers declared in contrastive_kernels.h (clip_lse_cuda, siglip_softplus_sum_cuda,
 // contrastive_grad_rows_cuda, which contrastive_ops.h runs for the spec and for
 // spec.transposed()), registered for the CUDA dispatch key.

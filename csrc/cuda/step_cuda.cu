@@ -1,4 +1,4 @@
-// Fused CUDA kernels of a robust fine-tuning step (METHODS.md sections 1, 3, 4, 5): the
+// Fused CUDA kernels of a robust fine-tuning step (docs/maths.md, sections 1, 3, 4, 5): the
 // CUDA launchers of step_kernels.h (slerp_weights_cuda, step_fwd_cuda,
 // step_grad_rows_cuda, step_grad_cols_cuda), on which step_ops.h builds the ops slerp*,
 // m2mix_*, lipsum_*, dive_* and robust_step_*, registered here for the CUDA dispatch key

@@ -1,5 +1,5 @@
 // The __global__ kernels of a robust fine-tuning step (CLIP, m^2-mix, Lipsum-FT, DiVE;
-// METHODS.md sections 1, 3, 4, 5): the launchers that size and start them are in
+// docs/maths.md, sections 1, 3, 4, 5): the launchers that size and start them are in
 // step_cuda.cu (see the design notes there). Like contrastive_device.cuh this header holds
 // no host (ATen) code, so the kernels also compile for the CPU emulation in tests.
 //

@@ -35,7 +35,7 @@ def _resumed_config(args, parser) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "analyze-sharpness":  # the subcommand (README_SHARPNESS.md)
+    if argv and argv[0] == "analyze-sharpness":  # the subcommand (docs/sharpness.md)
         from .sharpness_cli import main as sharpness_main
 
         return sharpness_main(argv[1:])

@@ -85,7 +85,7 @@ class Config:
     save_every_steps: int = 0
     stop_after_steps: int = 0
     no_plots: bool = False
-    # sharpness along WiSE-FT (sharpness_cli, README_SHARPNESS.md)
+    # sharpness along WiSE-FT (sharpness_cli, docs/sharpness.md)
     analyze_sharpness: bool = False
     sharpness_rho: float = 0.05
     sharpness_samples: int = 16
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "needed for classification (ft, lipsum, accuracy) on CSV data")
     g.add_argument("--csv-separator", default=d.csv_separator, help="CSV field separator")
 
-    g = p.add_argument_group("methods (hyper-parameter defaults from the papers, see METHODS.md)")
+    g = p.add_argument_group("methods (hyper-parameter defaults from the papers: docs/maths.md)")
     g.add_argument("--methods", help=METHOD_HELP + f"; default: {REAL_DATA_DEFAULTS['methods']!r} on "
                    f"real data, {EMBEDDED_DEFAULTS['methods']!r} embedded")
     g.add_argument("--m2mix-alpha", type=float, default=d.m2mix_alpha,

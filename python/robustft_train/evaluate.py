@@ -1,6 +1,6 @@
-"""Evaluation: top-1 accuracy, ECE (15 bins), alignment / uniformity of the embeddings (METHODS.md
-section 8), RSA between pre-trained and fine-tuned image embeddings (section 4), and image-text
-retrieval R@1/5/10 when a set has captions."""
+"""Evaluation: top-1 accuracy, ECE (15 bins), alignment / uniformity of the embeddings
+(docs/maths.md, section 8), RSA between pre-trained and fine-tuned image embeddings (section 4),
+and image-text retrieval R@1/5/10 when a set has captions."""
 from __future__ import annotations
 
 import math

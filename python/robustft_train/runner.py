@@ -227,7 +227,7 @@ def execute(p: Prepared) -> int:
                                               cfg.precision) for e in p.evals}
     rows: list[dict] = []
     sharp = None
-    if cfg.analyze_sharpness and info.is_main:  # README_SHARPNESS.md
+    if cfg.analyze_sharpness and info.is_main:  # docs/sharpness.md
         from .sharpness_analysis import TrainingHook
 
         sharp = TrainingHook(p, eval_fn)

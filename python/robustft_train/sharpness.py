@@ -1,7 +1,7 @@
-"""Layer-wise sharpness (METHODS.md section 7, our operational reading of arXiv 2410.16476, whose
-code is not public): layer groups from parameter names, the random adaptive perturbation and the
-one-step worst-case (ASAM-style) variant, overall sharpness, straggler detection and the sparsity
-intervention on the task vector.
+"""Layer-wise sharpness (docs/maths.md, section 7, our operational reading of arXiv 2410.16476,
+whose code is not public): layer groups from parameter names, the random adaptive perturbation and
+the one-step worst-case (ASAM-style) variant, overall sharpness, straggler detection and the
+sparsity intervention on the task vector.
 
 The estimators work on any `Problem`: a set of named parameter tensors (changed in place while a
 perturbation is applied, restored afterwards) and a loss of them. `ClassificationProblem` (in

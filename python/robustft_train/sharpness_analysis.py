@@ -1,8 +1,8 @@
-"""The sharpness analysis along the WiSE-FT path (METHODS.md section 7, our reading of 2410.16476):
-for every alpha, the overall and layer-wise sharpness (random and worst-case) of the interpolated
-model on a fixed ID batch, its ID and OOD accuracy; the straggler layers; the rank correlations
-(Spearman, Kendall) across alpha between accuracy and each sharpness measure; the sparsity
-intervention in the straggler layers; CSV/JSONL outputs and two plots.
+"""The sharpness analysis along the WiSE-FT path (docs/maths.md, section 7, our reading of
+2410.16476): for every alpha, the overall and layer-wise sharpness (random and worst-case) of the
+interpolated model on a fixed ID batch, its ID and OOD accuracy; the straggler layers; the rank
+correlations (Spearman, Kendall) across alpha between accuracy and each sharpness measure; the
+sparsity intervention in the straggler layers; CSV/JSONL outputs and two plots.
 
 The loss whose sharpness is measured is the classification cross-entropy of the model as it is
 evaluated, on a fixed batch of the ID validation set: ft's head on the normalised image features,

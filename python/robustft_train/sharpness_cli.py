@@ -1,5 +1,5 @@
 """robustft-train analyze-sharpness: the sharpness analysis along the WiSE-FT path as a subcommand
-(README_SHARPNESS.md), and the sharpness flags that training runs share (--analyze-sharpness).
+(docs/sharpness.md), and the sharpness flags that training runs share (--analyze-sharpness).
 
 Three ways to run it:
 - --zeroshot CKPT --finetuned [NAME=]CKPT ... : analyse these checkpoints, on --eval-data (real data,
@@ -101,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(
         prog=f"robustft-train {SUBCOMMAND}",
-        description="Layer-wise sharpness along the WiSE-FT path (METHODS.md section 7, our reading of "
-                    "arXiv 2410.16476): for every alpha the overall and layer-wise sharpness (random and "
-                    "worst-case adaptive perturbations), ID and OOD accuracy, the straggler layers, rank "
-                    "correlations with OOD accuracy, and the sparsity intervention. Without --zeroshot/"
-                    "--finetuned it analyses the run in --run-dir, or trains the embedded default.",
+        description="Layer-wise sharpness along the WiSE-FT path (docs/maths.md, section 7, our "
+                    "reading of arXiv 2410.16476): for every alpha the overall and layer-wise "
+                    "sharpness (random and worst-case adaptive perturbations), ID and OOD accuracy, "
+                    "the straggler layers, rank correlations with OOD accuracy, and the sparsity "
+                    "intervention. Without --zeroshot/--finetuned it analyses the run in --run-dir, "
+                    "or trains the embedded default.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--zeroshot", metavar="CKPT", help="the zero-shot model: a robustft-train checkpoint "

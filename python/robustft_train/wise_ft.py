@@ -1,5 +1,6 @@
-"""WiSE-FT (METHODS.md section 7): theta(alpha) = (1 - alpha) theta_zeroshot + alpha theta_finetuned
-for every floating-point state-dict entry; evaluate every alpha; pick the best by ID validation."""
+"""WiSE-FT (docs/maths.md, section 7): theta(alpha) = (1 - alpha) theta_zeroshot + alpha
+theta_finetuned for every floating-point state-dict entry; evaluate every alpha; pick the best by
+ID validation."""
 from __future__ import annotations
 
 import copy
