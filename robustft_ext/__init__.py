@@ -1,7 +1,8 @@
 """robustft_ext: fused losses for robust fine-tuning of CLIP-style models.
 
 Public API (docs/api.md): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
-slerp, sample_beta, ClipLoss, SigLipLoss, M2MixLoss, available_backends.
+slerp, sample_beta, dive_loss, lipsum_loss, ClipLoss, SigLipLoss, M2MixLoss, DiVELoss, LipsumLoss,
+RobustFTLoss, available_backends, patch_open_clip (open_clip's trainer on these losses).
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
 from .backends import BackendUnavailableError, available_backends
@@ -9,6 +10,7 @@ from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, 
                          m2mix_loss, siglip_loss, slerp)
 from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
+from .open_clip_patch import OpenClipPatch, patch_open_clip
 from .regularisers import DiVELoss, LipsumLoss
 from .robust_ft import RobustFTLoss
 
@@ -21,6 +23,7 @@ __all__ = [
     "LipsumLoss",
     "RobustFTLoss",
     "M2MixLoss",
+    "OpenClipPatch",
     "SigLipLoss",
     "available_backends",
     "clip_loss",
@@ -29,6 +32,7 @@ __all__ = [
     "dive_loss",
     "lipsum_loss",
     "m2mix_loss",
+    "patch_open_clip",
     "sample_beta",
     "siglip_loss",
     "slerp",

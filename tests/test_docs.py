@@ -52,7 +52,7 @@ def _links(path: Path) -> list[str]:
 def test_pages_exist():
     names = {p.name for p in PAGES}
     for page in ("maths.md", "api.md", "backends.md", "driver.md", "sharpness.md",
-                 "benchmarks.md", "tests.md"):
+                 "benchmarks.md", "tests.md", "open_clip.md"):
         assert page in names, f"docs/{page} is missing"
 
 
