@@ -44,7 +44,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if _extension._C is None:
             return _extension.LOAD_ERROR or "the compiled extension is not built"
         if device.type == "cuda" and not _extension.WITH_CUDA:
-            return "the extension was built without CUDA kernels (CPU-only build)"
+            return _extension.NO_CUDA_REASON or "the extension was built without CUDA kernels"
         if device.type not in ("cpu", "cuda"):
             return f"no native kernels for device type {device.type!r}"
         return None
