@@ -5,7 +5,7 @@ slerp, sample_beta, dive_loss, lipsum_loss, ClipLoss, SigLipLoss, M2MixLoss, DiV
 RobustFTLoss, available_backends, patch_open_clip (open_clip's trainer on these losses).
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
-from .backends import BackendUnavailableError, available_backends
+from .backends import BackendReport, BackendUnavailableError, available_backends
 from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, lipsum_loss,
                          m2mix_loss, siglip_loss, slerp)
 from .m2mix import M2MixLoss, sample_beta
@@ -17,6 +17,7 @@ from .robust_ft import RobustFTLoss
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendReport",
     "BackendUnavailableError",
     "ClipLoss",
     "DiVELoss",

@@ -93,13 +93,31 @@ def fused_ops(backend: str):
     raise ValueError(f"{backend!r} is not a fused backend")
 
 
-def available_backends() -> dict[str, dict[str, object]]:
+class BackendReport(dict):
+    """What each backend can serve on this machine: {backend: {"cpu": reason or None,
+    "cuda": reason or None, "available": bool}} (a None reason means it serves that device).
+
+    A dict for code; str() reads plainly, one line per backend, e.g.
+    "native: cpu ok; cuda: no CUDA device visible".
+    """
+
+    def __str__(self) -> str:
+        lines = []
+        for name, entry in self.items():
+            parts = [f"{device} ok" if entry[device] is None else f"{device}: {entry[device]}"
+                     for device in ("cpu", "cuda")]
+            lines.append(f"{name}: {'; '.join(parts)}")
+        return "\n".join(lines)
+
+
+def available_backends() -> BackendReport:
     """What each backend can serve on this machine, and why not where it cannot.
 
-    Returns {backend: {"cpu": reason-or-None, "cuda": reason-or-None, "available": bool}}
-    for float32 inputs; a None reason means the backend serves that device.
+    Returns a BackendReport, a dict {backend: {"cpu": reason-or-None, "cuda": reason-or-None,
+    "available": bool}} for float32 inputs (a None reason means the backend serves that
+    device) whose str() is one plain line per backend: print(available_backends()).
     """
-    report: dict[str, dict[str, object]] = {}
+    report = BackendReport()
     for name in BACKENDS:
         entry: dict[str, object] = {}
         for key, dev in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda"))):

@@ -100,3 +100,20 @@ def test_cuda_kernels_were_built_when_they_could_be():
                     "CPU kernels only, as the build said")
     assert info.get("WITH_CUDA") is True, info
     assert _extension.WITH_CUDA
+
+
+def test_available_backends_reads_plainly():
+    report = rft.available_backends()
+    assert isinstance(report, dict) and isinstance(report, rft.BackendReport)
+    lines = str(report).splitlines()
+    assert [line.split(":")[0] for line in lines] == list(report)
+    for line, (name, entry) in zip(lines, report.items()):
+        for device in ("cpu", "cuda"):
+            expected = f"{device} ok" if entry[device] is None else f"{device}: {entry[device]}"
+            assert expected in line
+    assert lines[0] == "reference: cpu ok; cuda: no CUDA device visible" or \
+        torch.cuda.is_available()
+    assert lines[1].startswith("native: cpu ok; cuda: ")
+    fake = rft.BackendReport(native={"cpu": None, "cuda": "no CUDA device visible",
+                                     "available": True})
+    assert str(fake) == "native: cpu ok; cuda: no CUDA device visible"
