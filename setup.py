@@ -149,8 +149,8 @@ def _write_build_info(with_cuda: bool, reason: str, warn: bool, cxx_standard: in
         f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_REASON = {reason!r}\n")
-        # the reason again when CUDA was wanted but could not be built (import warns on a GPU)
-        f.write(f"CUDA_SKIPPED = {reason if warn else None!r}\n")
+        # CUDA was wanted but could not be built (import repeats CUDA_REASON on a GPU)
+        f.write(f"CUDA_SKIPPED = {warn!r}\n")
         f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '')!r}\n")
         f.write(f"CXX_STANDARD = {cxx_standard!r}\n")
 

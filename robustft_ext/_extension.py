@@ -28,18 +28,18 @@ def _mismatch(info: dict) -> str | None:
     built, running = info["TORCH_VERSION"], torch.__version__
     if built.split("+")[0] != running.split("+")[0]:
         return (f"robustft_ext was built against torch {built} but torch {running} is installed; "
-                "rebuild it: pip install --no-build-isolation --force-reinstall --no-deps .")
+                "rebuild it: pip install -v --no-build-isolation --force-reinstall --no-deps .")
     if info.get("WITH_CUDA") and info["TORCH_CUDA_VERSION"] != torch.version.cuda:
         return (f"robustft_ext's CUDA kernels were built for CUDA {info['TORCH_CUDA_VERSION']} "
                 f"but the installed torch uses CUDA {torch.version.cuda}; rebuild it: "
-                "pip install --no-build-isolation --force-reinstall --no-deps .")
+                "pip install -v --no-build-isolation --force-reinstall --no-deps .")
     return None
 
 
 def _no_cuda_reason(info: dict) -> str:
     """Why a loaded extension has no CUDA kernels, as the build said it (with how to get them
     when the build wanted them but the CUDA toolkit could not build against this torch)."""
-    reason = info.get("CUDA_SKIPPED") or info.get("CUDA_REASON")
+    reason = info.get("CUDA_REASON")
     if not reason:
         return "the extension was built without CUDA kernels (CPU-only build)"
     return f"the extension was built without CUDA kernels: {reason}"

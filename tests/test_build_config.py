@@ -62,10 +62,10 @@ def test_build_info_records_the_standard_and_the_cuda_decision():
 
 def test_no_cuda_reason_reaches_backend_selection():
     skipped = "nvcc 13.0 (at /cuda) is older than CUDA 13.2, which torch 2.15.0 was built with"
-    reason = _extension._no_cuda_reason({"CUDA_REASON": skipped, "CUDA_SKIPPED": skipped})
+    reason = _extension._no_cuda_reason({"CUDA_REASON": skipped, "CUDA_SKIPPED": True})
     assert reason == f"the extension was built without CUDA kernels: {skipped}"
     forced = _extension._no_cuda_reason({"CUDA_REASON": "ROBUSTFT_FORCE_CPU is set",
-                                         "CUDA_SKIPPED": None})
+                                         "CUDA_SKIPPED": False})
     assert forced.endswith("ROBUSTFT_FORCE_CPU is set")
     if _extension._C is not None and not _extension.WITH_CUDA:
         assert backends.unavailable_reason("native", torch.device("cuda"), torch.float32) == \
@@ -81,7 +81,7 @@ def test_import_warns_on_a_gpu_when_cuda_was_skipped(tmp_path: Path):
         from robustft_ext import _extension
         info = {"TORCH_VERSION": torch.__version__, "TORCH_CUDA_VERSION": torch.version.cuda,
                 "WITH_CUDA": False, "CUDA_REASON": sys.argv[1],
-                "CUDA_SKIPPED": sys.argv[1] if sys.argv[2] == "1" else None}
+                "CUDA_SKIPPED": sys.argv[2] == "1"}
         _extension._build_info = lambda: info
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
