@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-import robustft_ext
 from robustft_ext import _extension, backends
 
 ROOT = Path(__file__).resolve().parents[1]
