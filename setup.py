@@ -6,21 +6,45 @@ Environment switches
   TORCH_CUDA_ARCH_LIST     architectures to build for (default "8.0;9.0": sm_80 and sm_90;
                            the kernels need sm_80 or newer, older entries are dropped).
   MAX_JOBS                 parallel compile jobs for ninja.
-The CUDA kernels compile without a GPU: only nvcc and a CUDA build of torch are needed.
+The CUDA kernels compile without a GPU: only nvcc and a CUDA build of torch are needed. An nvcc
+older than the CUDA that torch was built with cannot compile against torch's CUDA headers: then
+the CPU kernels are built and the build says why and how to get the CUDA kernels.
+The C++ standard is the one the installed torch's headers require (C++17 up to torch 2.14,
+C++20 from torch 2.15).
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
-import warnings
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_CXX_STANDARD = 17
+REBUILD = "pip install -v --no-build-isolation --force-reinstall --no-deps ."
+
+
+def cxx_standard_required(aten_header: str) -> int:
+    """The C++ standard (17, 20, ...) that ATen.h's `__cplusplus < NNNNNNL` guard demands, or
+    DEFAULT_CXX_STANDARD when the header states none."""
+    years = [int(y) for y in re.findall(r"__cplusplus\s*<\s*(\d{4})\d{2}L", aten_header)]
+    return max((y - 2000 for y in years), default=DEFAULT_CXX_STANDARD)
+
+
+def _torch_cxx_standard() -> int:
+    import torch
+
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(header) as f:
+            return cxx_standard_required(f.read())
+    except OSError:
+        return DEFAULT_CXX_STANDARD
 
 
 def _find_cuda_home() -> str | None:
@@ -48,24 +72,66 @@ def _find_cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
-def _want_cuda() -> tuple[bool, str]:
+def parse_nvcc_version(text: str) -> tuple[int, int] | None:
+    """(major, minor) from `nvcc --version` output ("... release 13.0, V13.0.88")."""
+    match = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _nvcc_version(home: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvcc_version(out.stdout + out.stderr)
+
+
+def toolkit_mismatch(nvcc: tuple[int, int], torch_cuda: str, torch_version: str,
+                     home: str) -> str | None:
+    """Why this nvcc cannot build against this torch, with how to get the CUDA kernels; None
+    when it can. torch's CUDA headers need an nvcc at least as new as the CUDA torch was built
+    with, and torch refuses a toolkit of another major version."""
+    built = tuple(int(x) for x in torch_cuda.split(".")[:2])
+    have = f"{nvcc[0]}.{nvcc[1]}"
+    if nvcc[0] == built[0] and nvcc >= built:
+        return None
+    relation = "older than" if nvcc < built else "of another major version than"
+    return (f"nvcc {have} (at {home}) is {relation} CUDA {torch_cuda}, which torch "
+            f"{torch_version} was built with, so only the CPU kernels are built. To get the CUDA "
+            f"kernels, install CUDA toolkit {torch_cuda} or a newer {built[0]}.x and set "
+            f"CUDA_HOME to it, or install a torch built for CUDA {have}; then rebuild: {REBUILD}")
+
+
+def _cuda_decision() -> tuple[bool, str, bool]:
+    """(build the CUDA kernels?, why, is the reason worth a warning?)."""
     import torch
 
     if os.environ.get("ROBUSTFT_FORCE_CPU", "0") not in ("", "0"):
-        return False, "ROBUSTFT_FORCE_CPU is set"
+        return False, "ROBUSTFT_FORCE_CPU is set", False
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is not a CUDA build"
+        return False, f"torch {torch.__version__} is not a CUDA build", False
     home = _find_cuda_home()
     if home is None:
-        warnings.warn("robustft_ext: nvcc not found (set CUDA_HOME); building the CPU kernels only")
-        return False, "nvcc not found"
+        return False, ("nvcc not found, so only the CPU kernels are built. To get the CUDA "
+                       f"kernels, install a CUDA toolkit {torch.version.cuda} (or newer "
+                       f"{torch.version.cuda.split('.')[0]}.x), set CUDA_HOME to it and "
+                       f"rebuild: {REBUILD}"), True
+    nvcc = _nvcc_version(home)
+    if nvcc is None:
+        return False, (f"{home}/bin/nvcc --version did not report a version, so only the CPU "
+                       "kernels are built; set CUDA_HOME to a working CUDA toolkit "
+                       f"{torch.version.cuda} or newer and rebuild: {REBUILD}"), True
+    mismatch = toolkit_mismatch(nvcc, torch.version.cuda, torch.__version__, home)
+    if mismatch is not None:
+        return False, mismatch, True
     os.environ["CUDA_HOME"] = home
     if _cublas_link() is None:
-        warnings.warn(f"robustft_ext: cuBLAS was found neither in the CUDA toolkit at {home} nor "
-                      "in the nvidia pip packages (pip install nvidia-cublas); building the CPU "
-                      "kernels only")
-        return False, "cuBLAS not found"
-    return True, f"CUDA toolkit at {home}"
+        return False, (f"cuBLAS was found neither in the CUDA toolkit at {home} nor in the nvidia "
+                       "pip packages, so only the CPU kernels are built. To get the CUDA kernels, "
+                       f"pip install nvidia-cublas (a CUDA build of torch brings it) and rebuild: "
+                       f"{REBUILD}"), True
+    return True, f"nvcc {nvcc[0]}.{nvcc[1]} at {home}", False
 
 
 def _extra_cuda_includes() -> list[str]:
@@ -118,12 +184,12 @@ def _arch_list() -> str:
     archs = [a for a in requested.replace(",", ";").replace(" ", ";").split(";") if a]
     kept = [a for a in archs if supported(a)]
     if len(kept) < len(archs):
-        warnings.warn(f"robustft_ext: the CUDA kernels need sm_80 or newer; dropping "
-                      f"{sorted(set(archs) - set(kept))} from TORCH_CUDA_ARCH_LIST")
+        print(f"robustft_ext: WARNING: the CUDA kernels need sm_80 or newer; dropping "
+              f"{sorted(set(archs) - set(kept))} from TORCH_CUDA_ARCH_LIST", file=sys.stderr)
     return ";".join(kept) if kept else DEFAULT_ARCH_LIST
 
 
-def _write_build_info(with_cuda: bool, reason: str) -> None:
+def _write_build_info(with_cuda: bool, reason: str, warn: bool, cxx_standard: int) -> None:
     import torch
 
     path = os.path.join(ROOT, "robustft_ext", "_build_info.py")
@@ -133,29 +199,33 @@ def _write_build_info(with_cuda: bool, reason: str) -> None:
         f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
         f.write(f"WITH_CUDA = {with_cuda!r}\n")
         f.write(f"CUDA_REASON = {reason!r}\n")
+        # CUDA was wanted but could not be built (import repeats CUDA_REASON on a GPU)
+        f.write(f"CUDA_SKIPPED = {warn!r}\n")
         f.write(f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '')!r}\n")
+        f.write(f"CXX_STANDARD = {cxx_standard!r}\n")
 
 
 def _extensions():
-    with_cuda, reason = _want_cuda()
+    with_cuda, reason, warn = _cuda_decision()
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    _write_build_info(with_cuda, reason)
+    std = _torch_cxx_standard()
+    _write_build_info(with_cuda, reason, warn, std)
     sources = ["csrc/schemas.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", f"-std=c++{std}", "-fopenmp"]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        cublas_dirs, cublas_args = _cublas_link()  # found: _want_cuda checked
+        cublas_dirs, cublas_args = _cublas_link()  # found: _cuda_decision checked
         ext = CUDAExtension(
             "robustft_ext._C",
-            sources,
+            sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _extra_cuda_includes(),
             define_macros=[("RFT_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++17", "-lineinfo",
+                "nvcc": ["-O3", f"-std=c++{std}", "-lineinfo",
                          "--expt-relaxed-constexpr"],
             },
             library_dirs=cublas_dirs,
@@ -169,17 +239,30 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    print(f"robustft_ext: building {'CPU+CUDA' if with_cuda else 'CPU-only'} kernels ({reason})",
-          file=sys.stderr)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class Build(BuildExtension.with_options(use_ninja=True)):
+        """torch's BuildExtension, saying first what it builds and why (the compile lines that
+        follow are ninja's; pip shows them with -v)."""
+
+        def run(self):
+            kind = "CPU+CUDA" if with_cuda else "CPU-only"
+            arch = f", archs {os.environ['TORCH_CUDA_ARCH_LIST']}" if with_cuda else ""
+            print(f"robustft_ext: building {kind} kernels, C++{std}{arch}: {len(sources)} C++ "
+                  f"and {len(cuda_sources)} CUDA sources ({reason if not warn else 'see below'})",
+                  file=sys.stderr, flush=True)
+            if warn:
+                print(f"\nWARNING: robustft_ext: {reason}\n", file=sys.stderr, flush=True)
+            super().run()
+
+    return [ext], {"build_ext": Build}
 
 
-ext_modules, cmdclass = _extensions()
-
-setup(
-    packages=find_packages(include=["robustft_ext", "robustft_ext.*"])
-    + find_packages("python", include=["robustft_train", "robustft_train.*"]),
-    package_dir={"robustft_train": "python/robustft_train"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # also how setuptools' build backend runs this file
+    ext_modules, cmdclass = _extensions()
+    setup(
+        packages=find_packages(include=["robustft_ext", "robustft_ext.*"])
+        + find_packages("python", include=["robustft_train", "robustft_train.*"]),
+        package_dir={"robustft_train": "python/robustft_train"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

@@ -34,12 +34,12 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def(
       "siglip_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
       "bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Geodesic mixing of matched rows: out_p = slerp(a_p, b_p; lam) (METHODS.md section 3,
+  // Geodesic mixing of matched rows: out_p = slerp(a_p, b_p; lam) (docs/maths.md, section 3,
   // stabilised as robustft_maths.h slerp_weights says); lam is a 0-d tensor of the
   // accumulation dtype. slerp_bwd returns the gradients of a and b.
   m.def("slerp(Tensor a, Tensor b, Tensor lam) -> Tensor");
   m.def("slerp_bwd(Tensor grad_out, Tensor a, Tensor b, Tensor lam) -> (Tensor, Tensor)");
-  // m^2-mix loss (METHODS.md section 3) with scale m2_scale, and, when with_clip, the
+  // m^2-mix loss (docs/maths.md, section 3) with scale m2_scale, and, when with_clip, the
   // CLIP loss of the same batch with scale clip_scale from the same pass over the tiles.
   // Returns (m2_loss, clip_loss (0 without clip), lse [4 or 2, n]: see step_kernels.h).
   m.def(
@@ -51,7 +51,7 @@ TORCH_LIBRARY(robustft_ext, m) {
       "m2mix_bwd(Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, Tensor m2_scale, "
       "Tensor lam, Tensor clip_scale, Tensor lse, bool with_clip) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // DiVE (METHODS.md section 4) on B' reference pairs: (AVL, PVL, diff_mean [D] =
+  // DiVE (docs/maths.md, section 4) on B' reference pairs: (AVL, PVL, diff_mean [D] =
   // mean_j (u_j + v_j) / 2, the batch mean of the centre update); gradients to the
   // fine-tuned features only.
   m.def(
@@ -60,7 +60,7 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def(
       "dive_bwd(Tensor grad_avl, Tensor grad_pvl, Tensor image_ft, Tensor text_ft, "
       "Tensor image_pre, Tensor text_pre, Tensor center) -> (Tensor, Tensor)");
-  // Lipsum-FT regulariser (METHODS.md section 5): |s0 (F - F0) G^T|_F^2 / (2 K B), with
+  // Lipsum-FT regulariser (docs/maths.md, section 5): |s0 (F - F0) G^T|_F^2 / (2 K B), with
   // scale = s0; gradient to image_ft only.
   m.def("lipsum_fwd(Tensor image_ft, Tensor image_pre, Tensor texts, Tensor scale) -> Tensor");
   m.def(

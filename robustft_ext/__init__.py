@@ -1,14 +1,16 @@
 """robustft_ext: fused losses for robust fine-tuning of CLIP-style models.
 
-Public API (see README): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
-slerp, sample_beta, ClipLoss, SigLipLoss, M2MixLoss, available_backends.
+Public API (docs/api.md): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
+slerp, sample_beta, dive_loss, lipsum_loss, ClipLoss, SigLipLoss, M2MixLoss, DiVELoss, LipsumLoss,
+RobustFTLoss, available_backends, patch_open_clip (open_clip's trainer on these losses).
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
-from .backends import BackendUnavailableError, available_backends
+from .backends import BackendReport, BackendUnavailableError, available_backends
 from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, lipsum_loss,
                          m2mix_loss, siglip_loss, slerp)
 from .m2mix import M2MixLoss, sample_beta
 from .modules import ClipLoss, SigLipLoss
+from .open_clip_patch import OpenClipPatch, patch_open_clip
 from .regularisers import DiVELoss, LipsumLoss
 from .robust_ft import RobustFTLoss
 from .workspace import set_workspace_limit, workspace_limit
@@ -18,12 +20,14 @@ workspace_limit()  # hands $ROBUSTFT_WORKSPACE_MB to the compiled ops
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendReport",
     "BackendUnavailableError",
     "ClipLoss",
     "DiVELoss",
     "LipsumLoss",
     "RobustFTLoss",
     "M2MixLoss",
+    "OpenClipPatch",
     "SigLipLoss",
     "available_backends",
     "clip_loss",
@@ -32,6 +36,7 @@ __all__ = [
     "dive_loss",
     "lipsum_loss",
     "m2mix_loss",
+    "patch_open_clip",
     "sample_beta",
     "siglip_loss",
     "set_workspace_limit",

@@ -9,6 +9,8 @@ import torch
 _C: ModuleType | None = None
 LOAD_ERROR: str | None = None
 WITH_CUDA = False
+# Why the loaded extension has no CUDA kernels (None when it has them or was not loaded).
+NO_CUDA_REASON: str | None = None
 
 
 def _build_info() -> dict:
@@ -26,16 +28,25 @@ def _mismatch(info: dict) -> str | None:
     built, running = info["TORCH_VERSION"], torch.__version__
     if built.split("+")[0] != running.split("+")[0]:
         return (f"robustft_ext was built against torch {built} but torch {running} is installed; "
-                "rebuild it: pip install --no-build-isolation --force-reinstall --no-deps .")
+                "rebuild it: pip install -v --no-build-isolation --force-reinstall --no-deps .")
     if info.get("WITH_CUDA") and info["TORCH_CUDA_VERSION"] != torch.version.cuda:
         return (f"robustft_ext's CUDA kernels were built for CUDA {info['TORCH_CUDA_VERSION']} "
                 f"but the installed torch uses CUDA {torch.version.cuda}; rebuild it: "
-                "pip install --no-build-isolation --force-reinstall --no-deps .")
+                "pip install -v --no-build-isolation --force-reinstall --no-deps .")
     return None
 
 
+def _no_cuda_reason(info: dict) -> str:
+    """Why a loaded extension has no CUDA kernels, as the build said it (with how to get them
+    when the build wanted them but the CUDA toolkit could not build against this torch)."""
+    reason = info.get("CUDA_REASON")
+    if not reason:
+        return "the extension was built without CUDA kernels (CPU-only build)"
+    return f"the extension was built without CUDA kernels: {reason}"
+
+
 def _load() -> None:
-    global _C, LOAD_ERROR, WITH_CUDA
+    global _C, LOAD_ERROR, WITH_CUDA, NO_CUDA_REASON
     info = _build_info()
     mismatch = _mismatch(info)
     if mismatch is not None:
@@ -51,6 +62,12 @@ def _load() -> None:
         return
     _C = compiled
     WITH_CUDA = bool(info.get("WITH_CUDA", False))
+    if not WITH_CUDA:
+        NO_CUDA_REASON = _no_cuda_reason(info)
+        # The build's own warning is easy to miss (pip hides build output without -v): say it
+        # again where it matters, on a machine with a GPU.
+        if info.get("CUDA_SKIPPED") and torch.cuda.is_available():
+            warnings.warn(f"robustft_ext: {NO_CUDA_REASON}", RuntimeWarning, stacklevel=3)
 
 
 _load()

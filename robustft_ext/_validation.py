@@ -140,7 +140,8 @@ def check_dive_inputs(image_ft: object, text_ft: object, image_pre: object, text
                          f"{tuple(center.shape)}")
     if not center.is_floating_point():
         raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
-    device = check_same_device(dict(zip(names, feats)) | {"center": center})
+    # {**a, ...} rather than a | b: torch.compile of torch 2.6 cannot trace dict union
+    device = check_same_device({**dict(zip(names, feats)), "center": center})
     dtype = feats[0].dtype
     for x in feats[1:]:
         dtype = torch.promote_types(dtype, x.dtype)

@@ -3,7 +3,7 @@
 Order of choice: the `backend=` argument, else $ROBUSTFT_BACKEND, else automatic:
 CUDA tensors -> native, triton, reference; CPU tensors -> native, reference.
 (The CUDA order is provisional until the GPU benchmarks in benchmarks/ have been run on a GPU;
-see README "Backends".) A requested backend that cannot serve raises BackendUnavailableError
+see docs/backends.md.) A requested backend that cannot serve raises BackendUnavailableError
 with every backend's reason; automatic selection falls through to the next one.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if _extension._C is None:
             return _extension.LOAD_ERROR or "the compiled extension is not built"
         if device.type == "cuda" and not _extension.WITH_CUDA:
-            return "the extension was built without CUDA kernels (CPU-only build)"
+            return _extension.NO_CUDA_REASON or "the extension was built without CUDA kernels"
         if device.type == "cuda" and torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(device)
             if major < 8:
@@ -110,13 +110,31 @@ def custom_ops(backend: str):
     raise ValueError(f"{backend!r} is not a fused backend")
 
 
-def available_backends() -> dict[str, dict[str, object]]:
+class BackendReport(dict):
+    """What each backend can serve on this machine: {backend: {"cpu": reason or None,
+    "cuda": reason or None, "available": bool}} (a None reason means it serves that device).
+
+    A dict for code; str() reads plainly, one line per backend, e.g.
+    "native: cpu ok; cuda: no CUDA device visible".
+    """
+
+    def __str__(self) -> str:
+        lines = []
+        for name, entry in self.items():
+            parts = [f"{device} ok" if entry[device] is None else f"{device}: {entry[device]}"
+                     for device in ("cpu", "cuda")]
+            lines.append(f"{name}: {'; '.join(parts)}")
+        return "\n".join(lines)
+
+
+def available_backends() -> BackendReport:
     """What each backend can serve on this machine, and why not where it cannot.
 
-    Returns {backend: {"cpu": reason-or-None, "cuda": reason-or-None, "available": bool}}
-    for float32 inputs; a None reason means the backend serves that device.
+    Returns a BackendReport, a dict {backend: {"cpu": reason-or-None, "cuda": reason-or-None,
+    "available": bool}} for float32 inputs (a None reason means the backend serves that
+    device) whose str() is one plain line per backend: print(available_backends()).
     """
-    report: dict[str, dict[str, object]] = {}
+    report = BackendReport()
     for name in BACKENDS:
         entry: dict[str, object] = {}
         for key, dev in (("cpu", torch.device("cpu")), ("cuda", torch.device("cuda"))):

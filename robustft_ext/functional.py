@@ -84,7 +84,7 @@ def _m2(x: PairInputs, lam: Scalar, m2_scale: torch.Tensor, clip_scale: torch.Te
 
 def m2mix_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,
                lam: Scalar, *, backend: str | None = None) -> torch.Tensor:
-    """Geodesic multi-modal mixup (m^2-mix) loss of matched [N, D] unit rows (METHODS.md 3).
+    """Geodesic multi-modal mixup (m^2-mix) loss of matched [N, D] unit rows (docs/maths.md, 3).
 
     The negatives off the diagonal are M_j = slerp(image_j, text_j; lam) (lam = 1 gives the
     image, 0 the text), the true pair stays on the diagonal; returns
@@ -117,7 +117,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: Scalar, *, backend: str | None 
 
     lam weights a (lam = 1 gives a, 0 gives b); computed in float32 (float64) and returned in
     the inputs' dtype, with gradients to a and b. Stable where the paper's formula divides by
-    zero: identical rows use the small-angle limit, opposite rows are clamped (see README).
+    zero: identical rows use the small-angle limit, opposite rows are clamped
+    (docs/maths.md, section 3.2).
     """
     x = pair_inputs(a, b, 1.0, names=("a", "b"))
     lam_t = check_lam(lam, x.a.device, acc_dtype(x.a.dtype))
@@ -130,7 +131,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: Scalar, *, backend: str | None 
 def dive_terms(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
                text_pre: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(AVL, PVL, diff_mean) of DiVE (METHODS.md section 4) from one pass; diff_mean [D] =
+    """(AVL, PVL, diff_mean) of DiVE (docs/maths.md, section 4) from one pass; diff_mean [D] =
     mean_j (u_j + v_j) / 2 is detached (the batch mean of the centre update)."""
     fi, ft, pi, pt, c = check_dive_inputs(image_ft, text_ft, image_pre, text_pre, center)
     name = select_backend(backend, fi.device, fi.dtype)
@@ -142,7 +143,7 @@ def dive_terms(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.T
 def dive_loss(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Tensor,
               text_pre: torch.Tensor, center: torch.Tensor, *, backend: str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DiVE's (AVL, PVL) (METHODS.md section 4) on B' reference pairs.
+    """DiVE's (AVL, PVL) (docs/maths.md, section 4) on B' reference pairs.
 
     u = image_ft - image_pre, v = text_ft - text_pre; AVL = mean_j |u_j - m|^2 + |v_j - m|^2,
     PVL = mean_j |u_j - v_j|^2, m = center [D]. Gradients reach image_ft and text_ft only
@@ -155,7 +156,7 @@ def dive_loss(image_ft: torch.Tensor, text_ft: torch.Tensor, image_pre: torch.Te
 def lipsum_loss(image_ft: torch.Tensor, image_pre: torch.Tensor,
                 random_text_features: torch.Tensor, logit_scale: Scalar, *,
                 backend: str | None = None) -> torch.Tensor:
-    """The Lipsum-FT regulariser (METHODS.md section 5): R = |V|_F^2 / (2 K B) with
+    """The Lipsum-FT regulariser (docs/maths.md, section 5): R = |V|_F^2 / (2 K B) with
     V = s0 (F - F0) G^T, F = image_ft, F0 = image_pre [B, D], G = random_text_features [K, D],
     s0 = logit_scale (the pre-trained model's multiplier). Gradient to image_ft only."""
     f, f0, g = check_lipsum_inputs(image_ft, image_pre, random_text_features)

@@ -72,7 +72,7 @@ class LamSampler:
 
 
 class M2MixLoss(nn.Module):
-    """Geodesic multi-modal mixup (m^2-mix, METHODS.md section 3) as a training objective.
+    """Geodesic multi-modal mixup (m^2-mix, docs/maths.md, section 3) as a training objective.
 
     total = clip_weight * CLIP + m2_weight * m^2 + image_mix_weight * image-image mix
             + text_mix_weight * text-text mix

@@ -1,4 +1,4 @@
-"""The reference backend: eager PyTorch written straight from METHODS.md (sections 1-5).
+"""The reference backend: eager PyTorch written straight from docs/maths.md (sections 1-5).
 
 It materialises the full logit matrix and is the oracle of the tests and the fallback for any
 device. Logits are computed in the accumulation dtype (float32, float64 for float64 inputs).
@@ -88,7 +88,7 @@ def clip_m2mix_loss(I: torch.Tensor, T: torch.Tensor, clip_scale: torch.Tensor, 
     return clip_loss(I, T, clip_scale, zero), m2mix_loss(I, T, m2_scale, lam)
 
 
-# ---- DiVE and Lipsum-FT (METHODS.md sections 4-5) -----------------------------------------
+# ---- DiVE and Lipsum-FT (docs/maths.md, sections 4-5) -------------------------------------
 def dive_terms(fi: torch.Tensor, ft: torch.Tensor, pi: torch.Tensor, pt: torch.Tensor,
                center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(AVL, PVL, diff_mean): u = fi - pi, v = ft - pt, AVL = mean_j |u_j - m|^2 + |v_j - m|^2,

@@ -1,4 +1,4 @@
-"""DiVELoss and LipsumLoss: the DiVE and Lipsum-FT regularisers (METHODS.md sections 4-5) as
+"""DiVELoss and LipsumLoss: the DiVE and Lipsum-FT regularisers (docs/maths.md, sections 4-5) as
 modules over robustft_ext.dive_loss / dive_terms / lipsum_loss, with the state and the random
 texts the functions leave to the caller (DiVE's centre, Lipsum-FT's random token sequences)."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 class DiVELoss(nn.Module):
-    """DiVE, difference vector equalisation (METHODS.md section 4), as a training objective.
+    """DiVE, difference vector equalisation (docs/maths.md, section 4), as a training objective.
 
     forward(image_ft, text_ft, image_pre, text_pre, output_dict=False) takes [B', D] features of
     the reference pairs from the encoders being fine-tuned and from the frozen pre-trained ones
@@ -214,7 +214,7 @@ def _tokenizer_spec(tokenizer: object) -> tuple[int, int | None, int, int, list[
 
 
 class LipsumLoss(nn.Module):
-    """Lipsum-FT's regulariser (METHODS.md section 5) as a module.
+    """Lipsum-FT's regulariser (docs/maths.md, section 5) as a module.
 
     forward(image_ft, image_pre, random_text_features, logit_scale) returns weight * R,
     R = |s0 (F - F0) G^T|_F^2 / (2 K B), with F = image_ft, F0 = image_pre [B, D], G =

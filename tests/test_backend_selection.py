@@ -77,7 +77,9 @@ def test_cuda_kernels_were_built_when_they_could_be():
     """With nvcc and a CUDA build of torch present, the install must have compiled the CUDA
     kernels (a silent CPU-only fallback would hide a compile error)."""
     import os
+    import re
     import shutil
+    import subprocess
 
     from robustft_ext import _extension
 
@@ -87,5 +89,31 @@ def test_cuda_kernels_were_built_when_they_could_be():
     if torch.version.cuda is None or not nvcc or forced_cpu:
         pytest.skip(f"CUDA kernels not expected here (torch CUDA {torch.version.cuda}, "
                     f"nvcc {'found' if nvcc else 'missing'}, forced CPU: {forced_cpu})")
+    if info.get("CUDA_SKIPPED"):  # only for a toolkit that cannot build against this torch
+        nvcc_path = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        release = subprocess.run([nvcc_path, "--version"], capture_output=True, text=True).stdout
+        found = re.search(r"release (\d+)\.(\d+)", release)
+        have = (int(found.group(1)), int(found.group(2)))
+        built = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
+        assert have < built or have[0] != built[0], info
+        pytest.skip(f"nvcc {have} cannot build against torch's CUDA {torch.version.cuda}: "
+                    "CPU kernels only, as the build said")
     assert info.get("WITH_CUDA") is True, info
     assert _extension.WITH_CUDA
+
+
+def test_available_backends_reads_plainly():
+    report = rft.available_backends()
+    assert isinstance(report, dict) and isinstance(report, rft.BackendReport)
+    lines = str(report).splitlines()
+    assert [line.split(":")[0] for line in lines] == list(report)
+    for line, (name, entry) in zip(lines, report.items()):
+        for device in ("cpu", "cuda"):
+            expected = f"{device} ok" if entry[device] is None else f"{device}: {entry[device]}"
+            assert expected in line
+    assert lines[0] == "reference: cpu ok; cuda: no CUDA device visible" or \
+        torch.cuda.is_available()
+    assert lines[1].startswith("native: cpu ok; cuda: ")
+    fake = rft.BackendReport(native={"cpu": None, "cuda": "no CUDA device visible",
+                                     "available": True})
+    assert str(fake) == "native: cpu ok; cuda: no CUDA device visible"

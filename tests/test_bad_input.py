@@ -1,4 +1,4 @@
-"""Every bad input in DESIGN.md gets a ValueError/TypeError naming the argument, before any
+"""Every bad input of docs/api.md gets a ValueError/TypeError naming the argument, before any
 kernel runs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DiVE and Lipsum-FT (METHODS.md sections 4-5): the reference against independent formulas,
+"""DiVE and Lipsum-FT (docs/maths.md, sections 4-5): the reference against independent formulas,
 every fused backend against the reference, gradcheck, opcheck, torch.compile, bad input."""
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _dive_inputs(b, d, dtype=torch.float32, device="cpu", noncontiguous=False):
 
 
 def plain_dive(fi, ft, pi, pt, m):
-    """METHODS.md section 4, term by term."""
+    """docs/maths.md, section 4, term by term."""
     B = fi.shape[0]
     u, v = fi - pi.detach(), ft - pt.detach()
     avl = sum(((u[j] - m) ** 2).sum() + ((v[j] - m) ** 2).sum() for j in range(B)) / B

@@ -1,4 +1,4 @@
-"""DiVELoss and LipsumLoss (METHODS.md sections 4-5): values and gradients against independent
+"""DiVELoss and LipsumLoss (docs/maths.md, sections 4-5): values and gradients against independent
 float64 formulas written here, the centre's EMA against its closed form, center_mode="batch",
 eval mode, state_dict resume, 2-process gloo, and Lipsum-FT's random texts for open_clip's
 tokenizers on a tiny open_clip model."""

@@ -1,4 +1,4 @@
-"""m^2-mix (METHODS.md section 3): the reference against an independent straightforward
+"""m^2-mix (docs/maths.md, section 3): the reference against an independent straightforward
 implementation, every fused backend against the reference, the edges where the paper's code
 fails, and M2MixLoss (terms, Beta sampling)."""
 from __future__ import annotations

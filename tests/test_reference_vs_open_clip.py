@@ -64,7 +64,7 @@ def test_reference_against_straightforward_formulas():
     z = 2 * torch.eye(9, dtype=torch.float64) - 1
     sig = torch.log1p(torch.exp(-z * S)).sum() / 9
     assert torch.allclose(rft.siglip_loss(a, b, s, bias, backend="reference"), sig)
-    # METHODS.md's closed-form gradient of the CLIP loss.
+    # The closed-form gradient of the CLIP loss (docs/maths.md, section 1.1).
     P_r, P_c = torch.softmax(S, 1), torch.softmax(S, 0)
     E = torch.eye(9, dtype=torch.float64)
     dS = (P_r - E) / 18 + (P_c - E) / 18

@@ -9,7 +9,7 @@ masking (n = 1, 3, 17; B' = 1, 5; K = 1, 7, 80; D = 5, 33 are not multiples of 1
 register-resident backward (D = 5) and the chunked large-D backward (D = 33: three chunks),
 several Lipsum column blocks (K = 80: five) and DiVE programs next to the row programs.
 
-Every output is compared with float64 eager formulas written here from shared/METHODS.md
+Every output is compared with float64 eager formulas written here from docs/maths.md
 (sections 4, 5; CLIP and m^2-mix from robustft_ext.reference, the oracle of sections 1, 3) on
 the same (rounded) inputs: the terms, the lse statistics, diff_mean and every gradient
 (autograd through the formulas), with the relative tolerances of tests/helpers.py.
@@ -69,7 +69,7 @@ def _ref_batch(B, D, dtype, seed=1):
 
 # ----------------------------------------------------------------------------- formulas
 def _dive_formula(fi, ft, pi, pt, center):
-    """METHODS.md section 4, float64: (AVL, PVL, diff_mean)."""
+    """docs/maths.md, section 4, float64: (AVL, PVL, diff_mean)."""
     u, v, m = fi - pi, ft - pt, center
     avl = ((u - m).pow(2).sum(1) + (v - m).pow(2).sum(1)).mean()
     pvl = (u - v).pow(2).sum(1).mean()
@@ -77,7 +77,7 @@ def _dive_formula(fi, ft, pi, pt, center):
 
 
 def _lipsum_formula(F_, F0, G, s0):
-    """METHODS.md section 5, float64: R = |s0 (F - F0) G^T|_F^2 / (2 K B)."""
+    """docs/maths.md, section 5, float64: R = |s0 (F - F0) G^T|_F^2 / (2 K B)."""
     V = s0 * (F_ - F0) @ G.T
     return V.pow(2).sum() / (2 * G.shape[0] * F_.shape[0])
 
@@ -222,7 +222,7 @@ def test_dive_matches_formula(B, D, dtype):
     assert_close_rel(dm, r_dm.detach(), tol, f"{tag} diff_mean")
     assert_close_rel(gfi, r_gfi, tol, f"{tag} grad_image_ft")
     assert_close_rel(gft, r_gft, tol, f"{tag} grad_text_ft")
-    # METHODS.md's closed form of the gradients (m constant).
+    # The closed form of the gradients, m constant (docs/maths.md, section 4).
     u, v = (fi - pi).double().cpu(), (ft - pt).double().cpu()
     m = c.double().cpu()
     assert_close_rel(gfi, 2 / B * (0.4 * (u - m) + 1.1 * (u - v)), tol, f"{tag} du")
@@ -255,7 +255,7 @@ def test_lipsum_matches_formula(shape, dtype):
     tag = f"n={n} K={K} D={D} {dtype}"
     assert_close_rel(r, ref, tol, f"{tag} lipsum")
     assert_close_rel(gI, r_g, tol, f"{tag} grad_image_ft")
-    # METHODS.md's closed form: dF = g s0 V G / (K B).
+    # The closed form of docs/maths.md, section 5: dF = g s0 V G / (K B).
     V = LIP_SCALE * (I.double() - P.double()).cpu() @ G.double().cpu().T
     assert_close_rel(gI, 0.9 * LIP_SCALE * V @ G.double().cpu() / (K * n), tol, f"{tag} dF")
 

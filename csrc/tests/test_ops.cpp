@@ -278,8 +278,8 @@ struct Shape {
 const Shape kShapes[] = {{1, 5}, {3, 33}, {129, 64}, {600, 17}, {1100, 8}};
 double mode_bias(Mode m) { return is_clip(m) ? 3.7 : -10.0; }
 
-// (scale, with bias): every scale of METHODS.md's range (1, 14.3 at init, 100 at most),
-// with and without the mode's bias. Cases with a bias also use g = 0.37 for the
+// (scale, with bias): every scale of the range in docs/maths.md, notation (1, 14.3 at
+// init, 100 at most), with and without the mode's bias. Cases with a bias also use g = 0.37 for the
 // upstream gradient.
 struct ScaleBias {
   double scale;

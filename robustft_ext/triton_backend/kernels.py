@@ -1,4 +1,4 @@
-"""Triton kernels of the fused contrastive losses (shared/METHODS.md sections 1-2).
+"""Triton kernels of the fused contrastive losses (docs/maths.md, sections 1-2).
 
 Only @triton.jit code lives here; the launch code and the op registrations are in ops.py.
 Conventions (the Triton counterpart of csrc/contrastive_kernels.h):

@@ -1,5 +1,5 @@
 """Triton kernels of a robust fine-tuning step: CLIP, m^2-mix, Lipsum-FT and DiVE
-(shared/METHODS.md sections 1, 3, 4, 5) from one pass over the data.
+(docs/maths.md, sections 1, 3, 4, 5) from one pass over the data.
 
 Only @triton.jit code lives here; the op bodies (slerp prologue, O(n D) diagonal and slerp
 backward terms, assembling the losses) are in step_ops.py. The Triton counterpart of
