@@ -63,7 +63,7 @@ def test_triton_grad_rows_sm80_uses_mma_sync(tmp_path):
         assert r["spill_stores"] == 0, r
 
 
-def test_strict_fails_on_fp32_ieee_without_tensor_cores_only_when_16bit(tmp_path):
+def test_fp32_ieee_kernels_pass_strict_without_tensor_cores(tmp_path):
     # float32 "ieee" kernels run on the FMA units by design: reported, not flagged.
     proc, rows = _triton_rows(tmp_path, "--arch", "90", "--dtype", "fp32", "--kernel",
                               "dlogit", "--strict")
@@ -100,7 +100,9 @@ def test_cuda_side_needs_device_code():
     assert "CPU-only build" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cuda_side_reads_kernels(tmp_path):
+    # (cuobjdump --dump-sass of the whole extension: about a minute.)
     report = _cuda_report(tmp_path)
     if report is None:
         pytest.skip("no CUDA build of the extension (set ROBUSTFT_CUDA_SO or build with "

@@ -24,14 +24,16 @@ How the sizes were chosen (the numbers behind them: docs/backends_triton.md):
     wgmma m64 slice), BLOCK_K = 64 (one 128-byte swizzled row of bfloat16) and 3 stages of
     (BLOCK_M + BLOCK_N) x 64 x 2 bytes in shared memory. The GEMM-like passes (the forward
     statistics and the dS pass at large D) use 128 x 128 tiles with 8 warps, the step kernels
-    (three logit tiles at once) 128 x 64. The register-resident backward keeps
+    (three logit tiles at once) 128 x 64 or 64-row tiles. The register-resident backward keeps
     [BLOCK_M, D] accumulators, so its tiles shrink with D.
-  * 16-bit on sm_80: the same tiles with BLOCK_K = 32 and 4 stages (mma.sync m16n8k16;
-    A100's 164 KiB of shared memory).
-  * fp32 ("ieee"): FMA-unit dots need the operands in registers, so 32 x 32 tiles.
-    tf32: the 16-bit tiles with half the BLOCK_K (4-byte elements).
-  Each entry compiles for its arch without register spills (benchmarks/kernel_report.py
-  --strict checks it).
+  * 16-bit on sm_80 (mma.sync m16n8k16, fragments in registers): BLOCK_K = 32, at most
+    97 KiB of shared memory (within the 99 KiB per block of sm_86 / sm_89), and smaller
+    tiles for the register-bound kernels.
+  * tf32: fp32 operands take twice the shared memory and registers: smaller tiles and chunks.
+  * fp32 ("ieee"): FMA-unit dots with their operands in registers: 8 warps, 16-wide chunks.
+  Each entry is the largest candidate that compiles for its arch without register spills and
+  within the shared memory (benchmarks/kernel_report.py --strict checks the whole table); none
+  is timed yet (no GPU was available).
 
 Under TRITON_INTERPRET=1 (CPU) every kernel uses 16 x 16 x 16 tiles, so that the small test
 problems still cover masking, several feature chunks and several programs; setting
@@ -94,7 +96,7 @@ _SM90_16BIT = {
 }
 
 # 16-bit inputs on sm_80 - sm_89 (mma.sync m16n8k16): 32-wide feature chunks and at most
-# ~96 KiB of shared memory, so that the same entries fit Ada's and GA10x's 100 KiB. The
+# 97 KiB of shared memory, so that the same entries fit sm_86 / sm_89 (99 KiB per block). The
 # mma.sync fragments live in registers, so the register-bound kernels take smaller tiles
 # than on sm_90.
 _SM80_16BIT = {

@@ -660,7 +660,8 @@ def step_dlogit_kernel(
                                        rows[:, None] == cols[None, :], WITH_M2, WITH_CLIP)
             off = local.to(tl.int64)[:, None] * stride_ds + cols[None, :]
             if WITH_M2:
-                tl.store(stats_ptr + 2 * pid, tl.sum(tl.sum(ua * x_im + ub * x_tm, axis=1), axis=0))
+                st_m = tl.sum(tl.sum(ua * x_im + ub * x_tm, axis=1), axis=0)
+                tl.store(stats_ptr + 2 * pid, st_m)
                 tl.store(DSA + off, maths.ds_operand(ua, DSA.dtype.element_ty), mask=valid)
                 tl.store(DSB + off, maths.ds_operand(ub, DSB.dtype.element_ty), mask=valid)
             else:
