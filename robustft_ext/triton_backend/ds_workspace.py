@@ -46,3 +46,11 @@ def mm_f32(x: Tensor, y: Tensor) -> Tensor:
             and _has_mm_out_dtype():
         return torch.mm(x, y, out_dtype=torch.float32)
     return torch.mm(x.to(torch.float32), y.to(torch.float32))
+
+
+def add_mm_f32_(acc: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """acc += x @ y in place (acc float32), with float32 accumulation: mm_f32's product, added
+    without an [m, D] temporary where the operands are float32 (addmm_ with beta = 1)."""
+    if x.dtype == torch.float32 and y.dtype == torch.float32:
+        return acc.addmm_(x, y)
+    return acc.add_(mm_f32(x, y))

@@ -294,7 +294,7 @@ def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tenso
             POS_COEF=pos_coef, GROUP_M=8, **_launch_opts(cfg, a.dtype))
         u = ds[:chunk]
         grad_a[row0:row0 + chunk] = ds_workspace.mm_f32(u, b)
-        grad_b += ds_workspace.mm_f32(u.T, a[row0:row0 + chunk])
+        ds_workspace.add_mm_f32_(grad_b, u.T, a[row0:row0 + chunk])
         stats += partials.sum(0)
     gw = g / norm
     factor = gw * scale

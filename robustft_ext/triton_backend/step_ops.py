@@ -394,12 +394,12 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
             mixed = ds_workspace.mm_f32(ab, s.M) * (g_m * s.m2_scale)
             gi = mixed[:chunk]
             out.grad_T[sl] = mixed[chunk:]
-            out.grad_M += ds_workspace.mm_f32(ab.T, torch.cat([s.I[sl], s.T[sl]]))
+            ds_workspace.add_mm_f32_(out.grad_M, ab.T, torch.cat([s.I[sl], s.T[sl]]))
         if s.with_clip:
             uc = ds_c[:chunk]
             part = ds_workspace.mm_f32(uc, s.T) * (g_c * s.clip_scale)
             gi = part if gi is None else gi + part
-            out.grad_Tc += ds_workspace.mm_f32(uc.T, s.I[sl])
+            ds_workspace.add_mm_f32_(out.grad_Tc, uc.T, s.I[sl])
         if s.with_lipsum:
             part = torch.mm(x[:chunk], G32) * f_l
             gi = part if gi is None else gi + part
