@@ -4,7 +4,9 @@ $ROBUSTFT_WORKSPACE_MB).
 
 CPU: peak resident-memory growth of a fresh process computing loss and gradients, at a size
 where N x N float32 (256 MiB at N = 8192) would be unmistakable; the reference backend run the
-same way shows the measurement does see it. CUDA: peak allocated bytes.
+same way shows the measurement does see it. CUDA: peak allocated bytes. Triton on CPU (its
+interpreter): the tensors its op bodies allocate, with the dS workspace of the large-D
+backward bounded by robustft_ext.workspace's limit.
 """
 from __future__ import annotations
 
@@ -118,3 +120,82 @@ def test_cuda_peak_allocated_has_no_nxn(backend, kind):
     assert growth < limit + linear, (
         f"{backend} {kind}: peak growth {growth / 2**20:.0f} MiB with a 64 MiB workspace "
         f"(N x N is {nxn / 2**20:.0f} MiB)")
+
+
+# ----------------------------------------------------------------------------- Triton
+# The large-D backward of the Triton backend writes its dlogits into a workspace of row
+# chunks bounded by robustft_ext.workspace's limit. On CPU (Triton's interpreter) the
+# allocations of the op bodies are recorded: with the limit set to two row blocks (32 rows;
+# one, 16 rows, for the step, whose rows are three times as wide) the backward works in
+# several chunks, no tensor it allocates exceeds the limit, and the gradients equal the
+# one-chunk ones.
+TRITON_N, TRITON_D, TRITON_K = 96, 24, 8  # D > 16: the dS design under the interpreter
+
+
+def _triton_backward(kind, tb, lam):
+    """(backward op body, its arguments, bytes per workspace row) of a forward run."""
+    import torch.nn.functional as F
+
+    n, D, K = TRITON_N, TRITON_D, TRITON_K
+    g = torch.Generator().manual_seed(0)
+    a, b, p, G = (F.normalize(torch.randn(r, D, generator=g), dim=1) for r in (n, n, n, K))
+    s, t, one = torch.tensor(14.3), torch.tensor(-1.0), torch.tensor(1.0)
+    if kind == "clip":
+        _, r, c = tb.ops.clip_fwd._init_fn(a, b, s, t, 0, True)
+        return tb.ops.clip_bwd._init_fn, (one, a, b, s, t, r, c, 0, True), 4 * n
+    if kind == "siglip":
+        return tb.ops.siglip_bwd._init_fn, (one, a, b, s, t, False), 4 * n
+    args = (a, b, s, s, lam, True, True, p, G, s, None, None, None, None, None)
+    _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
+    return (tb.step_ops.robust_step_bwd._init_fn, (torch.ones(5), *args, lse),
+            4 * (3 * n + K))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["clip", "siglip", "robust_step"])
+def test_triton_workspace_bounded(kind):
+    from torch._library.triton import set_wrap_triton_enabled
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from helpers import import_triton_backend
+    from robustft_ext import workspace
+
+    tb = import_triton_backend()
+    if not tb.interpreting():
+        pytest.skip("records the op bodies' CPU allocations under the interpreter")
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes, self.largest = set(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out):
+                # (Float tensors only: the interpreter's host copies of the kernel arguments
+                # are byte tensors of the arguments' size.)
+                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+                    self.shapes.add(tuple(x.shape))
+                    self.largest = max(self.largest, x.numel() * x.element_size())
+            return out
+
+    n = TRITON_N
+    with set_wrap_triton_enabled(False):
+        bwd, args, row_bytes = _triton_backward(kind, tb, torch.tensor(0.3))
+        whole = bwd(*args)
+        rows = 16 if kind == "robust_step" else 32
+        limit = rows * row_bytes
+        workspace.set_workspace_limit(limit)
+        try:
+            rec = Record()
+            with rec:
+                chunked = bwd(*args)
+        finally:
+            workspace.set_workspace_limit(None)
+    for x, y in zip(chunked, whole):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    # Chunks of `rows` rows (m^2: the [UA; UB] block of 2 x 16 rows), nothing above the
+    # limit, nothing near n x n.
+    assert ((2 * rows if kind == "robust_step" else rows), n) in rec.shapes, sorted(rec.shapes)
+    assert 0 < rec.largest <= limit < n * n * 4

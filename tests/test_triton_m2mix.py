@@ -5,7 +5,8 @@ Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftes
 TRITON_INTERPRET=1 before anything imports triton). The interpreter is
 slow, so shapes stay small; with its 16-wide tiles and 2 persistent programs they still cover
 masking (n = 1, 3, 17, 70 are not multiples of 16), the register-resident backward (D = 5) and
-the chunked large-D backward (D = 33: three feature chunks), several row blocks per persistent
+the large-D backward (D = 33: the dS workspace, its tiles looping over three feature chunks),
+several row blocks per persistent
 program and the merge of the column partials (n = 70: 5 row blocks over 2 programs).
 
 Every output is compared with robustft_ext.reference (m2mix_loss, clip_m2mix_loss, slerp) in
@@ -260,13 +261,17 @@ def test_inputs_not_written():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("n,D", [(48, 5), (80, 17)])  # one-chunk and chunked backward
+@pytest.mark.parametrize("n,D", [(48, 5), (80, 17)])  # fused and dS-workspace backward
 def test_no_n_by_n_buffers(n, D):
     # Record every float tensor the op bodies create (kernels launched directly, as in eager
     # mode): nothing may approach n x n. (n > 4 D, so that the O(n D) buffers stay below.)
+    # The dS workspace of the large-D backward is bounded by the workspace limit, here 16
+    # rows (one BLOCK_M): [2 * 16, n] for the m^2 dlogits.
     from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
+    from robustft_ext import workspace
 
     class Record(TorchDispatchMode):
         largest = 0
@@ -282,11 +287,16 @@ def test_no_n_by_n_buffers(n, D):
 
     I, T, s_m, lam, s_c = _inputs(n, D, torch.float32)
     g = torch.tensor(1.0, device=DEVICE)
-    with Record(), set_wrap_triton_enabled(False):
-        for with_clip in (False, True):
-            _, _, lse = tb.m2mix_ops.m2mix_fwd._init_fn(I, T, s_m, lam, s_c, with_clip)
-            tb.m2mix_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
-    assert 0 < Record.largest <= max(4 * n, n * D) < n * n // 4
+    workspace.set_workspace_limit(16 * 3 * n * 4)
+    try:
+        with Record(), set_wrap_triton_enabled(False):
+            for with_clip in (False, True):
+                _, _, lse = tb.m2mix_ops.m2mix_fwd._init_fn(I, T, s_m, lam, s_c, with_clip)
+                tb.m2mix_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
+    finally:
+        workspace.set_workspace_limit(None)
+    ws = 2 * 16 * n if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D else 0
+    assert 0 < Record.largest <= max(4 * n, n * D, ws) < n * n // 2
 
 
 def test_argument_checks():

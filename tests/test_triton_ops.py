@@ -1,61 +1,27 @@
 """Tests of the Triton backend (robustft_ext/triton_backend): torch.ops.robustft_triton.*.
 
-Without a CUDA device the kernels run in Triton's CPU interpreter; TRITON_INTERPRET=1 must be
-set before triton is first imported, which this module does at its top (tests/conftest.py
-should do the same, since another test module may import triton first). The interpreter is
-slow, so shapes stay small (n, m <= 40, D <= 33); they still cover masking (sizes that are not
-multiples of the 16-wide interpreter tiles), several feature chunks (D = 33) and the one-chunk
-path (D = 5), several persistent programs (n = 40: 3 row blocks over 2 programs) and diagonal
-offsets that cross tile boundaries.
+Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton). The interpreter is slow, so most shapes
+stay small (n, m <= 40, D <= 33) with the interpreter's 16-wide tiles; they still cover
+masking (sizes that are not multiples of 16), both backward designs (D = 5: the
+register-resident kernel; D = 33: the dS workspace with library GEMMs, its dlogit tiles
+looping over three feature chunks), several persistent programs (n = 40: 3 row blocks over 2
+programs) and diagonal offsets that cross tile boundaries. test_gpu_tile_configs runs the
+sm_90 / sm_80 configurations of configs.TABLE (128-row tiles) on a problem with one full tile
+and a ragged edge; test_workspace_chunks splits the dS workspace into several row chunks.
 
 Every op is compared with an eager float64 formula on the same (rounded) inputs: full logits,
 torch.logsumexp, F.cross_entropy / F.logsigmoid, autograd for the four gradients.
 """
-import os
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from helpers import check_triton_backend  # noqa: E402
+from helpers import import_triton_backend
+from robustft_ext import workspace
 
 pytestmark = pytest.mark.triton
-
-_BACKEND_DIR = pathlib.Path(__file__).resolve().parents[1] / "robustft_ext" / "triton_backend"
-
-
-def _load_backend():
-    """robustft_ext.triton_backend; loaded on its own by path if robustft_ext won't import."""
-    if "robustft_ext.triton_backend" in sys.modules:
-        return sys.modules["robustft_ext.triton_backend"]
-    try:
-        from robustft_ext import triton_backend
-
-        return triton_backend
-    except Exception:
-        if "robustft_ext.triton_backend" in sys.modules:  # registered before the failure
-            return sys.modules["robustft_ext.triton_backend"]
-    name = "_robustft_triton_backend_standalone"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, _BACKEND_DIR / "__init__.py", submodule_search_locations=[str(_BACKEND_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tb = _load_backend()
-check_triton_backend(tb)
+tb = import_triton_backend()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ops = torch.ops.robustft_triton
@@ -211,6 +177,78 @@ def test_siglip_matches_reference(n, m, D, neg, scale, bias, dtype):
     _check_grads(out, ref_grads, a, b, dtype, scale)
 
 
+# ----------------------------------------------------------------------------- GPU tiles
+def _check_clip_and_siglip(n, D, dtype, scale=14.3):
+    a, b, s, t = _inputs(n, n, D, dtype, scale, 0.0)
+    g = 0.7
+    loss, row_lse, col_lse = ops.clip_fwd(a, b, s, t, 0, True)
+    (ref_loss, ref_r, ref_c), ref_grads = _ref_clip(a, b, s, t, 0, True, g)
+    _close("clip loss", loss, ref_loss, dtype)
+    _close("row_lse", row_lse, ref_r, dtype)
+    _close("col_lse", col_lse, ref_c, dtype)
+    out = ops.clip_bwd(torch.tensor(g, device=DEVICE), a, b, s, t, row_lse, col_lse, 0, True)
+    _check_grads(out, ref_grads, a, b, dtype, scale)
+    # One-sided, positives off the diagonal (offset 3 within the first tile).
+    a1 = a[: n - 3].contiguous()
+    loss, row_lse, col_lse = ops.clip_fwd(a1, b, s, t, 3, False)
+    (ref_loss, ref_r, _), ref_grads = _ref_clip(a1, b, s, t, 3, False, g)
+    _close("one-sided clip loss", loss, ref_loss, dtype)
+    out = ops.clip_bwd(torch.tensor(g, device=DEVICE), a1, b, s, t, row_lse, col_lse, 3,
+                       False)
+    _check_grads(out, ref_grads, a1, b, dtype, scale)
+    t = torch.tensor(-10.0, device=DEVICE)
+    loss = ops.siglip_fwd(a, b, s, t, False)
+    ref_loss, ref_grads = _ref_siglip(a, b, s, t, False, g)
+    _close("siglip loss", loss, ref_loss, dtype)
+    out = ops.siglip_bwd(torch.tensor(g, device=DEVICE), a, b, s, t, False)
+    _check_grads(out, ref_grads, a, b, dtype, scale)
+
+
+# n = 145: one full 128-row tile and a ragged one. D = 136: the large-D design (dS workspace,
+# tiles looping over two full 64-wide feature chunks and a ragged one); D = 72: the
+# register-resident backward of the d128 class (64-row tiles, one 128-wide feature block).
+@pytest.mark.skipif(not tb.interpreting(), reason="forces a table architecture on the "
+                    "interpreter; on a GPU every test runs its own architecture's table")
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("D,dtype", [(136, torch.bfloat16), (72, torch.float16),
+                                     (136, torch.float32)], ids=["136-bf16", "72-f16", "136-f32"])
+def test_gpu_tile_configs(monkeypatch, arch, D, dtype):
+    monkeypatch.setattr(tb.configs, "interpreter_arch", arch)
+    cfg = tb.configs.select("dlogit" if D > 128 else "grad_rows", torch.device(DEVICE), dtype, D)
+    if dtype != torch.float32:
+        assert cfg.block_m >= 64 and cfg.block_m % 64 == 0, cfg
+    _check_clip_and_siglip(145, D, dtype)
+
+
+# ----------------------------------------------------------------------------- workspace
+@pytest.fixture
+def small_workspace():
+    """Sets the workspace limit (bytes) for one test and restores the default after it."""
+    yield workspace.set_workspace_limit
+    workspace.set_workspace_limit(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_workspace_chunks(small_workspace, dtype):
+    # n = 40 rows, D = 33 (the dS design under the interpreter): a workspace of 16 rows
+    # (one BLOCK_M) makes three chunks (16, 16, 8). The chunked gradients equal the one-chunk
+    # ones up to the GEMMs' float32 summation order, and match the reference.
+    n, D = 40, 33
+    a, b, s, t = _inputs(n, n, D, dtype, 14.3, 0.0)
+    g = torch.tensor(0.7, device=DEVICE)
+    _, r, c = ops.clip_fwd(a, b, s, t, 0, True)
+    whole = ops.clip_bwd(g, a, b, s, t, r, c, 0, True) + ops.siglip_bwd(g, a, b, s, t, True)
+    row_bytes = n * (2 if dtype == torch.bfloat16 else 4)
+    for limit in (16 * row_bytes, 1):  # 16 rows; and below one row block: still 16 rows
+        small_workspace(limit)
+        chunked = (ops.clip_bwd(g, a, b, s, t, r, c, 0, True)
+                   + ops.siglip_bwd(g, a, b, s, t, True))
+        for x, y in zip(chunked, whole):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    (_, _, _), ref_grads = _ref_clip(a, b, s, t, 0, True, 0.7)
+    _check_grads(chunked[:4], ref_grads, a, b, dtype, 14.3)
+
+
 # ----------------------------------------------------------------------------- contract
 def test_deterministic():
     a, b, s, t = _inputs(17, 17, 33, torch.float32, 14.3, 0.0)
@@ -303,7 +341,7 @@ def test_opcheck(name):
         torch.library.opcheck(getattr(ops, name).default, args)
 
 
-def _compile_smoke(backend):
+def _compile_smoke(backend, D=7):
     def f(a, b, s, t):
         loss, r, c = ops.clip_fwd(a, b, s, t, 0, True)
         ga, gb, gs, gt = ops.clip_bwd(loss.detach() * 0 + 1, a, b, s, t, r, c, 0, True)
@@ -314,16 +352,18 @@ def _compile_smoke(backend):
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend=backend, dynamic=True)
     for n in (5, 9):  # the second size reuses the dynamic-shape graph
-        a, b, s, t = _inputs(n, n, 7, torch.float32, 14.3, -1.0)
+        a, b, s, t = _inputs(n, n, D, torch.float32, 14.3, -1.0)
         versions = [x._version for x in (a, b, s, t)]
         for x, y in zip(compiled(a, b, s, t), f(a, b, s, t)):
             torch.testing.assert_close(x, y)
         # The ops must not write their inputs (in traced graphs too).
         assert [x._version for x in (a, b, s, t)] == versions
-def test_compile_fullgraph_aot_eager():
+@pytest.mark.parametrize("D", [7, 33], ids=["fused", "workspace"])
+def test_compile_fullgraph_aot_eager(D):
     # Dynamo + AOTAutograd functionalisation of the triton_op (the kernel becomes a
-    # triton_kernel_wrapper_functional node), executed eagerly: works under the interpreter.
-    _compile_smoke("aot_eager")
+    # triton_kernel_wrapper_functional node), executed eagerly: works under the interpreter,
+    # for both backward designs (the workspace's chunk loop over symbolic sizes included).
+    _compile_smoke("aot_eager", D)
 
 
 @pytest.mark.skipif(

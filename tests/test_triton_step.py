@@ -6,8 +6,11 @@ Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftes
 TRITON_INTERPRET=1 before anything imports triton). The interpreter is
 slow, so shapes stay small; with its 16-wide tiles and 2 persistent programs they still cover
 masking (n = 1, 3, 17; B' = 1, 5; K = 1, 7, 80; D = 5, 33 are not multiples of 16), the
-register-resident backward (D = 5) and the chunked large-D backward (D = 33: three chunks),
-several Lipsum column blocks (K = 80: five) and DiVE programs next to the row programs.
+register-resident backward (D = 5) and the large-D backward (D = 33: the dS workspace and
+library GEMMs, the dlogit tiles looping over three feature chunks), several Lipsum column
+blocks (K = 80: five) and DiVE programs next to the row programs. test_robust_step_gpu_tiles
+runs the sm_90 / sm_80 configurations of configs.TABLE (64- and 128-row tiles) with full
+tiles and ragged edges; test_workspace_chunks splits the dS workspace into row chunks.
 
 Every output is compared with float64 eager formulas written here from docs/maths.md
 (sections 4, 5; CLIP and m^2-mix from robustft_ext.reference, the oracle of sections 1, 3) on
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
-from robustft_ext import reference
+from robustft_ext import reference, workspace
 
 pytestmark = pytest.mark.triton
 tb = import_triton_backend()
@@ -290,6 +293,49 @@ def test_robust_step_low_precision(flags, n, D, K, B, dtype):
     _check_step(flags, n, D, K, B, dtype)
 
 
+# The GPU tile configurations on the interpreter. (n, D, K, B'): n = 145 and D = 136 take the
+# large-D design (128 x 64 dlogit tiles: one full row tile and a ragged one, two full 64-wide
+# column / feature chunks and a ragged one), K = 70 and B' = 70 a full and a ragged block of
+# Lipsum texts and DiVE rows; n = 80, D = 40 the register-resident backward (64-row tiles,
+# one feature block); n = 80, D = 72 the d128 class (one-chunk forward, dS backward).
+@pytest.mark.skipif(not tb.interpreting(), reason="forces a table architecture on the "
+                    "interpreter; on a GPU every test runs its own architecture's table")
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("n,D,K,B,dtype", [(145, 136, 70, 70, torch.bfloat16),
+                                           (80, 40, 70, 5, torch.float16),
+                                           (80, 72, 7, 5, torch.bfloat16)],
+                         ids=["145-136-bf16", "80-40-f16", "80-72-bf16"])
+def test_robust_step_gpu_tiles(monkeypatch, arch, n, D, K, B, dtype):
+    monkeypatch.setattr(tb.configs, "interpreter_arch", arch)
+    _check_step((True, True, True, True), n, D, K, B, dtype)
+
+
+@pytest.fixture
+def small_workspace():
+    """Sets the workspace limit (bytes) for one test and restores the default after it."""
+    yield workspace.set_workspace_limit
+    workspace.set_workspace_limit(None)
+
+
+@pytest.mark.parametrize("flags", [(True, True, True, True), (True, False, False, True),
+                                   (False, True, True, False)], ids=lambda f: _flag_id(f))
+def test_workspace_chunks(small_workspace, flags):
+    # n = 40, D = 33 (the dS design under the interpreter) with a workspace of 16 rows: three
+    # chunks (16, 16, 8), the DiVE rows riding on the first. Equal to the one-chunk result up
+    # to the GEMMs' float32 summation order, and to the formulas.
+    batch = _batch(40, 33, 20, torch.float32)
+    refs = _ref_batch(9, 33, torch.float32)
+    args = _step_args(*flags, batch, refs)
+    _, _, lse = ops.robust_step_fwd(*args)
+    g = torch.tensor(GRADS, device=DEVICE)
+    whole = ops.robust_step_bwd(g, *args, lse)
+    small_workspace(16 * (3 * 40 * 4 + 20 * 4))
+    chunked = ops.robust_step_bwd(g, *args, lse)
+    for x, y in zip(chunked, whole):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    _check_step(flags, 40, 33, 20, 9, torch.float32)
+
+
 def test_robust_step_equals_separate_ops():
     # fused step == the separate ops of each term (which are the same kernels with the other
     # terms switched off): terms and gradients agree to float32 rounding.
@@ -343,8 +389,9 @@ def test_robust_step_dive_only_ignores_batch():
 @pytest.mark.skipif(not tb.interpreting(), reason="counts the interpreter's kernel launches")
 def test_one_launch_per_pass(monkeypatch):
     # The fusion contract: the terms that share inputs share one pass. A step's forward is
-    # one launch whatever its terms; its backward one row launch (plus the column launch
-    # with m^2 or CLIP). No other kernel of the backend runs.
+    # one launch whatever its terms; its register-resident backward one row launch (plus the
+    # column launch with m^2 or CLIP), its large-D backward one dS launch per workspace chunk
+    # (the DiVE rows riding on the first). No other kernel of the backend runs.
     from robustft_ext.triton_backend import ops as contrastive_ops
 
     counts = {}
@@ -358,21 +405,28 @@ def test_one_launch_per_pass(monkeypatch):
             return self.inner.run(*args, **kwargs)
 
     for mod, name in [(tb.step_ops, "_STEP_FWD"), (tb.step_ops, "_STEP_ROWS"),
-                      (tb.step_ops, "_STEP_COLS"), (contrastive_ops, "_CLIP_LSE"),
-                      (contrastive_ops, "_SIGLIP_SUM"), (contrastive_ops, "_GRAD_ROWS")]:
+                      (tb.step_ops, "_STEP_COLS"), (tb.step_ops, "_STEP_DLOGIT"),
+                      (contrastive_ops, "_CLIP_LSE"), (contrastive_ops, "_SIGLIP_SUM"),
+                      (contrastive_ops, "_GRAD_ROWS"), (contrastive_ops, "_DLOGIT")]:
         kernel = getattr(mod, name)
         monkeypatch.setattr(kernel, "_interpreted", Counting(kernel._interpreted, name))
-    batch = _batch(17, 5, 7, torch.float32)
-    refs = _ref_batch(5, 5, torch.float32)
     g = torch.tensor(GRADS, device=DEVICE)
-    for flags, cols in [((True, True, True, True), 1), ((False, False, True, True), 0)]:
-        counts.clear()
-        args = _step_args(*flags, batch, refs)
-        _, _, lse = ops.robust_step_fwd(*args)
-        assert counts == {"_STEP_FWD": 1}, flags
-        counts.clear()
-        ops.robust_step_bwd(g, *args, lse)
-        assert counts == {"_STEP_ROWS": 1, **({"_STEP_COLS": 1} if cols else {})}, flags
+    for D in (5, 33):  # register-resident backward; dS workspace (one chunk)
+        batch = _batch(17, D, 7, torch.float32)
+        refs = _ref_batch(5, D, torch.float32)
+        for flags, cols in [((True, True, True, True), 1), ((False, False, True, True), 0),
+                            ((False, False, False, True), 0)]:
+            counts.clear()
+            args = _step_args(*flags, batch, refs)
+            _, _, lse = ops.robust_step_fwd(*args)
+            assert counts == {"_STEP_FWD": 1}, flags
+            counts.clear()
+            ops.robust_step_bwd(g, *args, lse)
+            if D == 5:
+                want = {"_STEP_ROWS": 1, **({"_STEP_COLS": 1} if cols else {})}
+            else:
+                want = {"_STEP_DLOGIT": 1}
+            assert counts == want, (D, flags)
 
 
 @pytest.mark.parametrize("flags", [(False, False, True, True), (True, False, False, False),
@@ -439,10 +493,11 @@ def test_noncontiguous_inputs():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("n,D,K", [(48, 5, 64), (96, 17, 100)])  # one-chunk and chunked
-def test_no_n_by_n_or_n_by_k_buffers(n, D, K):
+@pytest.mark.parametrize("n,D,K", [(48, 5, 64), (96, 17, 100)])  # fused and dS workspace
+def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K):
     # Record every float tensor the op bodies create (kernels launched directly, as in eager
-    # mode): nothing may approach n x n or n x K.
+    # mode): nothing may approach n x n or n x K. The dS workspace of the large-D backward is
+    # bounded by the workspace limit, here 16 rows (one BLOCK_M): [2 * 16, n] for UA and UB.
     from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -459,6 +514,7 @@ def test_no_n_by_n_or_n_by_k_buffers(n, D, K):
                     Record.largest = max(Record.largest, x.numel())
             return out
 
+    small_workspace(16 * (3 * n * 4 + 4 * K))
     batch = _batch(n, D, K, torch.float32)
     refs = _ref_batch(5, D, torch.float32)
     args = _step_args(True, True, True, True, batch, refs)
@@ -466,8 +522,10 @@ def test_no_n_by_n_or_n_by_k_buffers(n, D, K):
     with Record(), set_wrap_triton_enabled(False):
         _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
         tb.step_ops.robust_step_bwd._init_fn(g, *args, lse)
-    # Inputs themselves are K x D (G); the largest buffer may be that or n x D.
-    assert 0 < Record.largest <= max(4 * n, n * D, K * D) < min(n * n, n * K) // 4
+    # Inputs themselves are K x D (G); the largest buffer may be that, n x D, or (large D)
+    # the workspace.
+    ws = 2 * 16 * n if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D else 0
+    assert 0 < Record.largest <= max(4 * n, n * D, K * D, ws) < min(n * n, n * K) // 2
 
 
 def test_argument_checks():

@@ -16,13 +16,19 @@ _fix_interpreter_index.
 
 Memory: besides the outputs, O(P * m) for the column partials of the symmetric CLIP forward
 (P = number of persistent programs, the SM count on GPU), O(n * D) float32 gradient buffers
-in the backward (as the C++ backends), and O(n / BLOCK_M) partial sums. Nothing is n x m.
+in the backward (as the C++ backends), O(n / BLOCK_M) partial sums and, for large D, the dS
+workspace of ds_workspace.py (bounded by robustft_ext.workspace's limit). Nothing else is
+n x m.
+
+Backward designs (configs.fused_backward decides): small D keeps each gradient row block in
+registers (kernels.contrastive_grad_rows_kernel, once per view); large D writes the unit
+dlogits of one row chunk at a time into the workspace (kernels.contrastive_dlogit_kernel) and
+forms both gradients with library GEMMs (_grads_workspace).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,17 +38,8 @@ from torch.library import triton_op, wrap_triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from . import SUPPORTED_DTYPES, kernels
-
-
-# @triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 was set before triton
-# was imported; that, not the current environment, decides how the kernels run.
-_INTERPRETER = not isinstance(kernels.clip_lse_kernel, (JITFunction, Autotuner))
-
-
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return _INTERPRETER
+from . import SUPPORTED_DTYPES, configs, ds_workspace, kernels, maths
+from .configs import interpreting
 
 
 def _fix_interpreter_index() -> None:
@@ -113,16 +110,7 @@ if interpreting():
 _CLIP_LSE = _traceable(kernels.clip_lse_kernel)
 _SIGLIP_SUM = _traceable(kernels.siglip_softplus_sum_kernel)
 _GRAD_ROWS = _traceable(kernels.contrastive_grad_rows_kernel)
-
-
-class Config(NamedTuple):
-    block_m: int
-    block_n: int
-    block_d: int      # feature chunk of the logit tiles (and of the gradient, unless one chunk)
-    one_chunk: bool   # backward: D <= block_d, keep the P tile and gradient rows in registers
-    nprog: int        # persistent programs (forward column partials, SigLIP sum)
-    num_warps: int
-    num_stages: int
+_DLOGIT = _traceable(kernels.contrastive_dlogit_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,8 +118,10 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _device_sms(device: torch.device) -> int:
-    if device.type == "cuda":
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent forward kernels: one per SM (2 under the interpreter, so
+    that small tests cover the merge of several programs' partials)."""
+    if device.type == "cuda" and not interpreting():
         try:
             return _sm_count(device.index if device.index is not None
                              else torch.cuda.current_device())
@@ -140,35 +130,17 @@ def _device_sms(device: torch.device) -> int:
     return 2
 
 
-def choose_config(device: torch.device, dtype: torch.dtype, D: int) -> Config:
-    """Tile sizes for a problem with feature dimension D on `device`.
-
-    Interpreter (CPU): 16-wide tiles (the minimum tl.dot size) and 2 persistent programs, so
-    that small tests exercise masking, several D chunks and the cross-program merge quickly.
-
-    GPU (sm_90 targets; untuned for speed): 16-bit inputs use 64 x 64 logit tiles on tensor
-    cores (wgmma) with 64-wide feature chunks; float32 uses true fp32 "ieee" dots, which run
-    on FMA units and need far more registers, so 32 x 32 tiles and 32-wide chunks. When
-    D <= 128 the backward keeps the whole feature dimension in registers (one_chunk, 8 warps
-    above 64 features). Each of these configurations was compiled offline for sm_90 with the
-    16-byte divisibility a real launch gets (batch and D multiples of 16): no register spills.
-    """
-    if interpreting() or device.type != "cuda":
-        return Config(16, 16, 16, D <= 16, 2, 1, 1)
-    sms = _device_sms(device)
-    fp32 = dtype == torch.float32
-    tile = 32 if fp32 else 64
-    stages = 2 if fp32 else 3
-    if D <= 128:
-        bd = max(16, triton.next_power_of_2(int(D)))
-        return Config(tile, tile, bd, True, sms, 8 if bd > 64 else 4, stages)
-    return Config(tile, tile, tile, False, sms, 4, stages)
-
-
 def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast) for tl.dot, see kernels.py."""
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    return prec, interpreting() and dtype == torch.bfloat16
+    """(input_precision, upcast) for tl.dot, see maths.mma."""
+    return configs.dot_precision(dtype), interpreting() and dtype == torch.bfloat16
+
+
+def _launch_opts(cfg: configs.Config, dtype: torch.dtype) -> dict:
+    """The launch arguments every kernel takes: tiles, dot flags, warps and stages."""
+    prec, upcast = _dot_flags(dtype)
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
 
 
 def _check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
@@ -210,7 +182,7 @@ def _kernel_input(t: Tensor) -> Tensor:
     kernels' argument lists. On a GPU the analysis works and inputs are passed as they are.
     """
     t = t.contiguous()
-    return t.clone() if _INTERPRETER else t
+    return t.clone() if interpreting() else t
 
 
 def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
@@ -218,45 +190,37 @@ def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: 
     """row_lse [n], col_lse [m] (with_col) and the sum of the positive logits (0-d)."""
     n, D = a.shape
     m = b.shape[0]
-    cfg = choose_config(a.device, a.dtype, D)
-    prec, upcast = _dot_flags(a.dtype)
+    cfg = configs.select("clip_lse", a.device, a.dtype, D)
     f32 = dict(device=a.device, dtype=torch.float32)
     row_lse = torch.empty(n, **f32)
     if with_col:
-        nprog = cfg.nprog
+        nprog = _persistent_programs(a.device)
         col_max = torch.full((nprog, m), float("-inf"), **f32)
         col_sum = torch.zeros((nprog, m), **f32)
     else:  # no column partials: one program per row block
         nprog = triton.cdiv(n, cfg.block_m)
         col_max = col_sum = torch.empty(0, **f32)
-    pos = torch.empty(nprog, **f32)
+    pos = torch.empty(triton.cdiv(n, cfg.block_m), **f32)
     wrap_triton(_CLIP_LSE)[(nprog,)](
         a, b, scale, bias, row_lse, col_max, col_sum, pos,
         n, m, D, a.stride(0), b.stride(0), diag_offset, nprog,
-        WITH_COL=with_col, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    col_lse = None
-    if with_col:
-        # Merge the per-program column partials in a fixed order: O(nprog * m).
-        cmax = col_max.amax(0)
-        cmax = torch.where(torch.isinf(cmax), torch.zeros_like(cmax), cmax)
-        col_lse = cmax + torch.log((col_sum * torch.exp(col_max - cmax)).sum(0))
+        WITH_COL=with_col, ONE_CHUNK=D <= cfg.block_d, **_launch_opts(cfg, a.dtype))
+    col_lse = maths.merge_col_partials(col_max, col_sum) if with_col else None
     return row_lse, col_lse, pos.sum()
 
 
-def _launch_grad_rows(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *,
-                      siglip: bool, row_lse: Tensor | None, col_lse: Tensor | None,
-                      pos_coef: int, pos_offset: int, norm: int,
-                      want_stats: bool) -> tuple[Tensor, Tensor | None]:
-    """grad_p [n, D] float32 = scale * dS @ q; with want_stats also the per-program partials
-    [programs, 2] of (sum dS <p,q>, sum dS), summed by the caller."""
+def _grad_rows_fused(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *,
+                     siglip: bool, row_lse: Tensor | None, col_lse: Tensor | None,
+                     pos_coef: int, pos_offset: int, norm: int,
+                     want_stats: bool) -> tuple[Tensor, Tensor | None]:
+    """The register-resident backward of one view (small D): grad_p [n, D] float32 =
+    scale * dS @ q; with want_stats also (sum dS <p,q>, sum dS) as a [2] tensor."""
     n, D = p.shape
     m = q.shape[0]
-    cfg = choose_config(p.device, p.dtype, D)
-    prec, upcast = _dot_flags(p.dtype)
+    cfg = configs.select("grad_rows", p.device, p.dtype, D)
     f32 = dict(device=p.device, dtype=torch.float32)
     grid = triton.cdiv(n, cfg.block_m)
-    grad = (torch.empty if cfg.one_chunk else torch.zeros)((n, D), **f32)
+    grad = torch.empty((n, D), **f32)
     stats = torch.empty((grid, 2) if want_stats else (1, 2), **f32)
     dummy = torch.empty(0, **f32)
     wrap_triton(_GRAD_ROWS)[(grid,)](
@@ -266,11 +230,77 @@ def _launch_grad_rows(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tens
         grad, stats,
         n, m, D, p.stride(0), q.stride(0), grad.stride(0), pos_offset, norm,
         SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
-        POS_COEF=pos_coef, WANT_STATS=want_stats, ONE_CHUNK=cfg.one_chunk,
-        LOWP_DS=p.dtype != torch.float32,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return grad, (stats if want_stats else None)
+        POS_COEF=pos_coef, WANT_STATS=want_stats, **_launch_opts(cfg, p.dtype))
+    return grad, (stats.sum(0) if want_stats else None)
+
+
+def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, siglip: bool,
+           row_lse: Tensor | None, col_lse: Tensor | None, pos_coef: int, diag_offset: int,
+           norm: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_a, grad_b) in the inputs' dtype and (grad_scale, grad_bias) 0-d float32 of a
+    contrastive loss with dS = (g / norm) U (kernels._unit_dlogits): the row LSE of S (CLIP),
+    its column LSE (symmetric CLIP), positives at q - p == diag_offset weighted pos_coef.
+
+    Small D: the register-resident kernel, once per view (rows of a against b; rows of b
+    against a with the LSEs swapped and the offset negated). Large D: the dS workspace
+    (_grads_workspace)."""
+    if not configs.fused_backward("contrastive", a.device, a.shape[1]):
+        return _grads_workspace(a, b, scale, bias, g, siglip=siglip, row_lse=row_lse,
+                                col_lse=col_lse, pos_coef=pos_coef, diag_offset=diag_offset,
+                                norm=norm)
+    grad_a, stats = _grad_rows_fused(
+        a, b, scale, bias, g, siglip=siglip, row_lse=row_lse, col_lse=col_lse,
+        pos_coef=pos_coef, pos_offset=diag_offset, norm=norm, want_stats=True)
+    grad_b, _ = _grad_rows_fused(
+        b, a, scale, bias, g, siglip=siglip, row_lse=col_lse, col_lse=row_lse,
+        pos_coef=pos_coef, pos_offset=-diag_offset, norm=norm, want_stats=False)
+    # Separate reductions: the returned tensors must not alias one another.
+    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[0].clone(), stats[1].clone()
+
+
+def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *,
+                     siglip: bool, row_lse: Tensor | None, col_lse: Tensor | None,
+                     pos_coef: int, diag_offset: int,
+                     norm: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """_grads for large D: for each row chunk of a, the dlogit kernel writes U [chunk, m]
+    (ds_workspace.ds_dtype) into the workspace, then
+        grad_a[chunk] = U @ b,   grad_b += U^T @ a[chunk]
+    as float32-output GEMMs (ds_workspace.mm_f32); both are scaled by s g / norm once at the
+    end, so no 16-bit operand carries the loss weight (which would underflow in fp16 at large
+    n). The scalar gradients come from the same pass (the kernel's per-tile partials of
+    sum U <a, b> and sum U, from the float32 U)."""
+    n, D = a.shape
+    m = b.shape[0]
+    cfg = configs.select("dlogit", a.device, a.dtype, D)
+    f32 = dict(device=a.device, dtype=torch.float32)
+    ws_dtype = ds_workspace.ds_dtype(a.dtype)
+    rows = ds_workspace.chunk_rows(n, m * ws_dtype.itemsize, cfg.block_m)
+    ds = torch.empty((rows, m), device=a.device, dtype=ws_dtype)
+    dummy = torch.empty(0, **f32)
+    grad_a = torch.empty((n, D), **f32)
+    grad_b = torch.zeros((m, D), **f32)
+    stats = torch.zeros(2, **f32)
+    for row0 in range(0, n, rows):
+        chunk = min(rows, n - row0)
+        grid = triton.cdiv(chunk, cfg.block_m) * triton.cdiv(m, cfg.block_n)
+        partials = torch.empty((grid, 2), **f32)
+        wrap_triton(_DLOGIT)[(grid,)](
+            a, b, scale, bias,
+            row_lse if row_lse is not None else dummy,
+            col_lse if col_lse is not None else dummy,
+            ds, partials,
+            row0, chunk, n, m, D, a.stride(0), b.stride(0), ds.stride(0), diag_offset,
+            SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
+            POS_COEF=pos_coef, GROUP_M=8, **_launch_opts(cfg, a.dtype))
+        u = ds[:chunk]
+        grad_a[row0:row0 + chunk] = ds_workspace.mm_f32(u, b)
+        ds_workspace.add_mm_f32_(grad_b, u.T, a[row0:row0 + chunk])
+        stats += partials.sum(0)
+    gw = g / norm
+    factor = gw * scale
+    stats = stats * gw
+    return ((grad_a * factor).to(a.dtype), (grad_b * factor).to(b.dtype), stats[0].clone(),
+            stats[1].clone())
 
 
 @triton_op("robustft_triton::clip_fwd", mutates_args=())
@@ -311,9 +341,10 @@ def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tenso
              symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of clip_fwd's loss: (grad_a, grad_b, grad_scale, grad_bias).
 
-    Two views, as csrc/contrastive_ops.h::clip_bwd_impl: rows of a against b gives grad_a and
-    the scalar gradients; rows of b against a (row / column LSE swapped, positives at
-    q - p == -diag_offset) gives grad_b.
+    dS = (g / norm) U with U = exp(S - r) [+ exp(S - c)] - pos_coef E (maths.clip_dlogit):
+    symmetric, norm = 2n, both LSE terms, pos_coef 2; one-sided, norm = n, the row term,
+    pos_coef 1. grad_a = s dS b, grad_b = s dS^T a (as csrc/contrastive_ops.h::clip_bwd_impl),
+    through the register-resident kernel or the dS workspace (_grads).
     """
     _check_features(a, b, scale, bias)
     n, m = a.shape[0], b.shape[0]
@@ -325,20 +356,9 @@ def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tenso
     g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
     row_lse = _kernel_input(row_lse.to(torch.float32))
     col_lse = _kernel_input(col_lse.to(torch.float32))
-    # dS = g * [w_r exp(S - r) + w_c exp(S - c) - w_p E]; symmetric: w_r = w_c = 1/(2n),
-    # w_p = 1/n = 2 / (2n); one-sided: w_r = w_p = 1/n, w_c = 0.
-    norm = 2 * n if symmetric else n
-    pos_coef = 2 if symmetric else 1
-    grad_a, stats = _launch_grad_rows(
-        a, b, scale, bias, g, siglip=False, row_lse=row_lse,
-        col_lse=col_lse if symmetric else None, pos_coef=pos_coef, pos_offset=diag_offset,
-        norm=norm, want_stats=True)
-    grad_b, _ = _launch_grad_rows(
-        b, a, scale, bias, g, siglip=False, row_lse=col_lse if symmetric else None,
-        col_lse=row_lse, pos_coef=pos_coef, pos_offset=-diag_offset, norm=norm,
-        want_stats=False)
-    # Separate reductions: the returned tensors must not alias one another.
-    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[:, 0].sum(), stats[:, 1].sum()
+    return _grads(a, b, scale, bias, g, siglip=False, row_lse=row_lse,
+                  col_lse=col_lse if symmetric else None, pos_coef=2 if symmetric else 1,
+                  diag_offset=diag_offset, norm=2 * n if symmetric else n)
 
 
 @triton_op("robustft_triton::siglip_fwd", mutates_args=())
@@ -353,14 +373,13 @@ def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
                  "needs as many rows in b as in a")
     a, b = _kernel_input(a), _kernel_input(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
-    cfg = choose_config(a.device, a.dtype, D)
-    prec, upcast = _dot_flags(a.dtype)
-    partial = torch.empty(cfg.nprog, device=a.device, dtype=torch.float32)
-    wrap_triton(_SIGLIP_SUM)[(cfg.nprog,)](
-        a, b, scale, bias, partial, n, m, D, a.stride(0), b.stride(0), cfg.nprog,
-        HAS_POS=not negative_only,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = configs.select("siglip_sum", a.device, a.dtype, D)
+    nprog = _persistent_programs(a.device)
+    partial = torch.empty(nprog, device=a.device, dtype=torch.float32)
+    wrap_triton(_SIGLIP_SUM)[(nprog,)](
+        a, b, scale, bias, partial, n, m, D, a.stride(0), b.stride(0), nprog,
+        HAS_POS=not negative_only, ONE_CHUNK=D <= cfg.block_d,
+        **_launch_opts(cfg, a.dtype))
     return partial.sum() / n
 
 
@@ -375,12 +394,5 @@ def siglip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Ten
     a, b = _kernel_input(a), _kernel_input(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
     g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
-    pos_coef = 0 if negative_only else 1
-    grad_a, stats = _launch_grad_rows(
-        a, b, scale, bias, g, siglip=True, row_lse=None, col_lse=None, pos_coef=pos_coef,
-        pos_offset=0, norm=n, want_stats=True)
-    grad_b, _ = _launch_grad_rows(
-        b, a, scale, bias, g, siglip=True, row_lse=None, col_lse=None, pos_coef=pos_coef,
-        pos_offset=0, norm=n, want_stats=False)
-    # Separate reductions: the returned tensors must not alias one another.
-    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[:, 0].sum(), stats[:, 1].sum()
+    return _grads(a, b, scale, bias, g, siglip=True, row_lse=None, col_lse=None,
+                  pos_coef=0 if negative_only else 1, diag_offset=0, norm=n)

@@ -21,22 +21,21 @@ csrc/step_ops.h):
     slerp_maths.slerp_weights (the one Python copy of maths::slerp_weights), M = w_a I + w_b T
     kept as one n x D buffer
     in the input dtype, read by the kernels like I and T;
+  * for large D (configs.fused_backward), the backward's library GEMMs over the workspace
+    row chunks of dlogits that step_dlogit_kernel writes (_step_grads_workspace);
   * the true-pair diagonal of A and B (value in the forward, gradient in the backward);
   * the backward of the slerp: dI += w_a dM + k T, dT += w_b dM + k I,
     k = <dM, I> dw_a/dc + <dM, T> dw_b/dc;
   * assembling the losses from the kernels' statistics, and merging the per-program partials
     (column LSE of CLIP, the three sums, the DiVE column sums, the scale-gradient sums) with
     fixed-order torch reductions: results are bitwise deterministic.
-Everything of size n x n or n x K stays inside the kernels. Besides the outputs, the memory is
-O(n D) (M and the float32 gradient buffers), O(B' D) for DiVE, O(P n) column partials of the
-CLIP forward (P persistent programs) and O(n / BLOCK) partial sums.
+Nothing of size n x n or n x K exists outside the kernels, except the large-D backward's
+workspace chunks, bounded by robustft_ext.workspace's limit (ds_workspace.py). Besides the
+outputs, the memory is O(n D) (M and the float32 gradient buffers), O(B' D) for DiVE, O(P n)
+column partials of the CLIP forward (P persistent programs) and O(n / BLOCK) partial sums.
 """
 from __future__ import annotations
 
-import importlib
-import pathlib
-import sys
-import types
 from typing import Optional
 
 import torch
@@ -44,52 +43,20 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import SUPPORTED_DTYPES, step_kernels
-from .ops import (Config, _check_features, _dot_flags, _kernel_input, _traceable, choose_config,
-                  interpreting)
-
-
-def _load_slerp_maths():
-    """robustft_ext.slerp_maths; when this backend was loaded on its own by path (the tests'
-    fallback when robustft_ext does not import), slerp_maths.py is loaded from the package
-    directory without running robustft_ext/__init__.py."""
-    try:
-        from .. import slerp_maths
-
-        return slerp_maths
-    except ImportError:
-        pass
-    name = "_robustft_ext_standalone"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [str(pathlib.Path(__file__).resolve().parents[1])]
-        sys.modules[name] = pkg
-    return importlib.import_module(f"{name}.slerp_maths")
-
-
-_slerp = _load_slerp_maths()
+from .. import slerp_maths as _slerp
+from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, step_kernels
+from .configs import interpreting
+from .ops import (_check_features, _kernel_input, _launch_opts, _persistent_programs,
+                  _traceable)
 
 _STEP_FWD = _traceable(step_kernels.step_fwd_kernel)
 _STEP_ROWS = _traceable(step_kernels.step_grad_rows_kernel)
 _STEP_COLS = _traceable(step_kernels.step_grad_cols_kernel)
+_STEP_DLOGIT = _traceable(step_kernels.step_dlogit_kernel)
 
 # The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`
 # (csrc/step_kernels.h StepTerm).
 K_CLIP, K_M2, K_LIPSUM, K_AVL, K_PVL = range(5)
-
-
-def _m2_config(device: torch.device, dtype: torch.dtype, D: int) -> Config:
-    """choose_config, adapted to the heavier step tiles on GPU: they carry three logit
-    tiles and (register-resident backward) up to three [BLOCK_M, BLOCK_D] accumulators,
-    against one of each in the contrastive kernels. So one_chunk only for D <= 64, and 8 warps
-    for the 64 x 64 (16-bit) tiles. A guess, neither tuned nor checked for register spills:
-    no GPU was available when this was written. The interpreter configuration is unchanged."""
-    cfg = choose_config(device, dtype, D)
-    if device.type != "cuda" or interpreting():
-        return cfg
-    if cfg.one_chunk and D > 64:
-        cfg = cfg._replace(block_d=cfg.block_m, one_chunk=False)
-    return cfg._replace(num_warps=8 if cfg.block_m >= 64 else 4)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -274,50 +241,47 @@ class _Step:
         for name in ("diag", "m2_scale", "clip_scale", "lip_scale", "center"):
             if not hasattr(self, name):
                 setattr(self, name, none)
-        self.cfg = _m2_config(self.device, self.dtype, self.D)
-        self.prec, self.upcast = _dot_flags(self.dtype)
-        self.n_dive_prog = triton.cdiv(self.n_ref, self.cfg.block_m) if self.with_dive else 0
+        self.fused_bwd = configs.fused_backward("step", self.device, self.D)
 
     def flags(self) -> dict:
         return dict(WITH_M2=self.with_m2, WITH_CLIP=self.with_clip, WITH_TILES=self.with_tiles,
                     WITH_LIPSUM=self.with_lipsum, WITH_DIVE=self.with_dive)
 
-    def launch_opts(self) -> dict:
-        cfg = self.cfg
-        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                    DOT_PREC=self.prec, UPCAST=self.upcast, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)
+    def config(self, kernel: str) -> configs.Config:
+        return configs.select(kernel, self.device, self.dtype, self.D)
+
+    def dive_programs(self, cfg: configs.Config) -> int:
+        """DiVE programs of a launch with this configuration (one per BLOCK_M reference rows)."""
+        return triton.cdiv(self.n_ref, cfg.block_m) if self.with_dive else 0
 
 
 def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     """csrc/step_ops.h step_fwd_impl: ([clip, m2, lipsum, avl, pvl] as five separate 0-d
     float32 tensors (0 when absent), diff_mean [D] (DiVE; [0] without), lse [4, n])."""
-    n, D, cfg, f32 = s.n, s.D, s.cfg, s.f32
+    n, D, f32 = s.n, s.D, s.f32
+    cfg = s.config("step_fwd")
     num_rb = triton.cdiv(n, cfg.block_m) if s.batch else 0
     # Training-row programs: persistent with CLIP (column partials per program), else one
     # per row block.
-    nrow = min(cfg.nprog, num_rb) if s.with_clip else num_rb
-    ndive = s.n_dive_prog
+    nrow = min(_persistent_programs(s.device), num_rb) if s.with_clip else num_rb
+    ndive = s.dive_programs(cfg)
     lse_rows = torch.zeros((3, n), **f32)
     if s.with_clip:
         col_max = torch.full((nrow, n), float("-inf"), **f32)
         col_sum = torch.zeros((nrow, n), **f32)
     else:
         col_max = col_sum = torch.empty(0, **f32)
-    sums = torch.empty((nrow + ndive, 3), **f32)
+    sums = torch.empty((num_rb + ndive, 3), **f32)
     diff = torch.empty((ndive, D), **f32)
     wrap_triton(_STEP_FWD)[(nrow + ndive,)](
         s.I, s.T, s.M, s.diag, s.m2_scale, s.clip_scale, s.P, s.G, s.lip_scale,
         s.FI, s.FT, s.PI, s.PT, s.center,
         lse_rows, col_max, col_sum, sums, diff,
         n, max(s.K, 1), s.n_ref, D, D, D, D, nrow,
-        **s.flags(), **s.launch_opts())
+        **s.flags(), ONE_CHUNK=D <= cfg.block_d, **_launch_opts(cfg, s.dtype))
     terms = [torch.zeros((), **f32) for _ in range(5)]
     if s.with_clip:
-        # Merge the per-program column partials in a fixed order: O(nrow * n).
-        cmax = col_max.amax(0)
-        cmax = torch.where(torch.isinf(cmax), torch.zeros_like(cmax), cmax)
-        col_lse = (cmax + torch.log((col_sum * torch.exp(col_max - cmax)).sum(0))).unsqueeze(0)
+        col_lse = maths.merge_col_partials(col_max, col_sum).unsqueeze(0)
     else:
         col_lse = torch.zeros((1, n), **f32)
     lse = torch.cat([lse_rows, col_lse])
@@ -327,7 +291,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     if s.with_clip:
         terms[K_CLIP] = (lse[2].sum() + lse[3].sum()
                          - 2 * s.clip_scale * s.pair_dot.sum()) / (2 * n)
-    totals = sums.sum(0)  # fixed-order reduction of the per-program partials
+    totals = sums.sum(0)  # fixed-order reduction of the per-row-block / DiVE partials
     if s.with_lipsum:
         terms[K_LIPSUM] = totals[0] / (2 * s.K * n)
     if s.with_dive:
@@ -339,53 +303,153 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     return terms, diff_mean, lse
 
 
+class _StepGrads:
+    """The kernels' part of a step's gradients, float32: grad_I, grad_T (rows: m^2's dB M),
+    grad_M (m^2), grad_Tc (CLIP's gradient of T), stats [2] = (the m^2 and CLIP scale
+    gradients without the true-pair diagonal, each already times its upstream gradient),
+    grad_fi, grad_ft (DiVE)."""
+
+    def __init__(self, s: _Step) -> None:
+        n, D, f32 = s.n, s.D, s.f32
+        self.grad_I = torch.zeros((n, D), **f32)
+        self.grad_T = torch.zeros((n, D), **f32)
+        self.grad_M = torch.zeros((n, D), **f32) if s.with_m2 else torch.empty(0, **f32)
+        self.grad_Tc = torch.zeros((n, D), **f32) if s.with_clip else torch.empty(0, **f32)
+        self.stats = torch.zeros(2, **f32)
+        self.grad_fi = torch.empty((s.n_ref, D), **f32)
+        self.grad_ft = torch.empty((s.n_ref, D), **f32)
+
+
+def _step_grads_fused(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
+    """The register-resident step backward (small D): one launch of step_grad_rows_kernel
+    (training rows and DiVE rows), plus one of step_grad_cols_kernel with m^2 or CLIP."""
+    n, D, f32 = s.n, s.D, s.f32
+    out = _StepGrads(s)
+    cfg = s.config("step_grad_rows")
+    nrow = triton.cdiv(n, cfg.block_m) if s.batch else 0
+    stats = torch.empty((nrow, 2), **f32)
+    wrap_triton(_STEP_ROWS)[(nrow + s.dive_programs(cfg),)](
+        s.I, s.T, s.M, s.P, s.G, s.FI, s.FT, s.PI, s.PT, s.center,
+        grads, s.m2_scale, s.clip_scale, s.lip_scale, lse,
+        out.grad_I, out.grad_T, stats, out.grad_fi, out.grad_ft,
+        n, max(s.K, 1), s.n_ref, D, D, D, D, D, D, nrow,
+        **s.flags(), **_launch_opts(cfg, s.dtype))
+    out.stats = stats.sum(0)
+    if s.with_tiles:
+        cfg = s.config("step_grad_cols")
+        wrap_triton(_STEP_COLS)[(triton.cdiv(n, cfg.block_m),)](
+            s.I, s.T, s.M, grads, s.m2_scale, s.clip_scale, lse, out.grad_M, out.grad_Tc,
+            n, D, D, D, WITH_M2=s.with_m2, WITH_CLIP=s.with_clip,
+            **_launch_opts(cfg, s.dtype))
+    return out
+
+
+def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
+    """The large-D step backward: for each row chunk (rows p of the training batch), one
+    launch of step_dlogit_kernel writes the unit dlogits UA, UB (m^2: one [2 chunk, n]
+    block, UA above UB), UC (CLIP) and the Lipsum dots X [chunk, K] into the workspace, and
+    float32-output library GEMMs (ds_workspace.mm_f32) form
+        [grad_I; grad_T][chunk] (m^2) = f_m [UA; UB] M      grad_M  += [UA; UB]^T [I; T][chunk]
+        grad_I[chunk] += f_c UC T + f_l X G                 grad_Tc += UC^T I[chunk]
+    with f_m = s_m g_m / 2n, f_c = s_c g_c / 2n, f_l = s_l^2 g_lipsum / (K n); grad_M and
+    grad_Tc are scaled once at the end. The first launch also carries the DiVE programs (a
+    DiVE-only step: one launch with only those)."""
+    n, D, K, f32 = s.n, s.D, s.K, s.f32
+    out = _StepGrads(s)
+    cfg = s.config("step_dlogit")
+    ws_dtype = ds_workspace.ds_dtype(s.dtype)
+    per_row = ((2 * n if s.with_m2 else 0) + (n if s.with_clip else 0)) * ws_dtype.itemsize \
+        + (4 * K if s.with_lipsum else 0)
+    rows = ds_workspace.chunk_rows(n, per_row, cfg.block_m) if s.batch else 0
+    none = torch.empty(0, device=s.device, dtype=ws_dtype)
+    ds_ab = torch.empty((2 * rows, n), device=s.device, dtype=ws_dtype) if s.with_m2 else none
+    ds_c = torch.empty((rows, n), device=s.device, dtype=ws_dtype) if s.with_clip else none
+    x = torch.empty((rows, K), **f32) if s.with_lipsum else torch.empty(0, **f32)
+    g_m = grads[K_M2] / (2 * n) if s.with_m2 else None
+    g_c = grads[K_CLIP] / (2 * n) if s.with_clip else None
+    if s.with_lipsum:
+        f_l = grads[K_LIPSUM] / (K * n) * s.lip_scale * s.lip_scale
+        G32 = s.G.to(torch.float32)
+    stats = torch.zeros(2, **f32)
+    starts = list(range(0, n, rows)) if s.batch else [0]
+    for row0 in starts:
+        chunk = min(rows, n - row0)
+        row_blocks = triton.cdiv(chunk, cfg.block_m)
+        ntile = row_blocks * triton.cdiv(n, cfg.block_n) if s.with_tiles else 0
+        nlip = row_blocks * triton.cdiv(K, cfg.block_n) if s.with_lipsum else 0
+        ndive = s.dive_programs(cfg) if row0 == 0 else 0
+        partials = torch.zeros((max(ntile, 1), 2), **f32)
+        dsa = ds_ab[:chunk] if s.with_m2 else none
+        dsb = ds_ab[chunk:2 * chunk] if s.with_m2 else none
+        wrap_triton(_STEP_DLOGIT)[(ntile + nlip + ndive,)](
+            s.I, s.T, s.M, s.P, s.G, s.FI, s.FT, s.PI, s.PT, s.center,
+            grads, s.m2_scale, s.clip_scale, lse, dsa, dsb, ds_c, x, partials,
+            out.grad_fi, out.grad_ft,
+            row0, chunk, n, max(K, 1), s.n_ref, D, D, D, D, n, max(K, 1), D, ntile, nlip,
+            **s.flags(), GROUP_M=8, **_launch_opts(cfg, s.dtype))
+        if not s.batch:
+            break
+        sl = slice(row0, row0 + chunk)
+        stats = stats + partials.sum(0)
+        gi = None
+        if s.with_m2:
+            ab = ds_ab[:2 * chunk]
+            mixed = ds_workspace.mm_f32(ab, s.M) * (g_m * s.m2_scale)
+            gi = mixed[:chunk]
+            out.grad_T[sl] = mixed[chunk:]
+            ds_workspace.add_mm_f32_(out.grad_M, ab.T, torch.cat([s.I[sl], s.T[sl]]))
+        if s.with_clip:
+            uc = ds_c[:chunk]
+            part = ds_workspace.mm_f32(uc, s.T) * (g_c * s.clip_scale)
+            gi = part if gi is None else gi + part
+            ds_workspace.add_mm_f32_(out.grad_Tc, uc.T, s.I[sl])
+        if s.with_lipsum:
+            part = torch.mm(x[:chunk], G32) * f_l
+            gi = part if gi is None else gi + part
+        out.grad_I[sl] = gi
+    # Scale and upstream gradient of each present term, applied once (absent terms' values
+    # are never multiplied in, even by 0: they may be anything).
+    zero = torch.zeros((), **f32)
+    if s.with_m2:
+        out.grad_M = out.grad_M * (g_m * s.m2_scale)
+    if s.with_clip:
+        out.grad_Tc = out.grad_Tc * (g_c * s.clip_scale)
+    out.stats = torch.stack([stats[0] * g_m if s.with_m2 else zero,
+                             stats[1] * g_c if s.with_clip else zero])
+    return out
+
+
 def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
     """csrc/step_ops.h step_bwd_impl, with grads [5] float32 and lse [4, n]: (grad_image,
     grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)."""
-    n, D, cfg, f32 = s.n, s.D, s.cfg, s.f32
+    n = s.n
     torch._check(lse.dim() == 2 and lse.size(0) == 4 and lse.size(1) == n,
                  lambda: "robustft_triton: saved log-sum-exp statistics do not match the "
                  "inputs")
     grads = _kernel_input(grads)
     lse = _kernel_input(lse.to(torch.float32))
-    alloc = torch.empty if cfg.one_chunk else torch.zeros
-    grad_I = alloc((n, D), **f32)
-    grad_T = alloc((n, D), **f32) if s.with_m2 else torch.zeros((n, D), **f32)
-    nrow = triton.cdiv(n, cfg.block_m) if s.batch else 0
-    stats = torch.empty((nrow, 2), **f32)
-    grad_fi = torch.empty((s.n_ref, D), **f32)
-    grad_ft = torch.empty((s.n_ref, D), **f32)
-    common = dict(ONE_CHUNK=cfg.one_chunk, LOWP_DS=s.dtype != torch.float32,
-                  **s.launch_opts())
-    wrap_triton(_STEP_ROWS)[(nrow + s.n_dive_prog,)](
-        s.I, s.T, s.M, s.P, s.G, s.FI, s.FT, s.PI, s.PT, s.center,
-        grads, s.m2_scale, s.clip_scale, s.lip_scale, lse,
-        grad_I, grad_T, stats, grad_fi, grad_ft,
-        n, max(s.K, 1), s.n_ref, D, D, D, D, D, D, nrow,
-        **s.flags(), **common)
-    grad_m2_scale = torch.zeros((), **f32)
-    if s.with_tiles:
-        grad_M = alloc((n, D), **f32) if s.with_m2 else torch.empty(0, **f32)
-        grad_Tc = alloc((n, D), **f32) if s.with_clip else torch.empty(0, **f32)
-        wrap_triton(_STEP_COLS)[(nrow,)](
-            s.I, s.T, s.M, grads, s.m2_scale, s.clip_scale, lse, grad_M, grad_Tc,
-            n, D, D, D, WITH_M2=s.with_m2, WITH_CLIP=s.with_clip, **common)
-        if s.with_clip:
-            grad_T = grad_T + grad_Tc
-        if s.with_m2:
-            # The true pair on the diagonals of A and B: d(loss)/d(diag_p) summed over both.
-            g_diag = grads[K_M2] / (2 * n) * ((s.diag - lse[0]).exp()
-                                              + (s.diag - lse[1]).exp() - 2)
-            grad_I = grad_I + (s.m2_scale * g_diag).unsqueeze(1) * s.Tf
-            grad_T = grad_T + (s.m2_scale * g_diag).unsqueeze(1) * s.If
-            # Through the mix M = slerp(I, T; lam).
-            mix_I, mix_T = _mix_backward(grad_M, s.If, s.Tf, s.weights)
-            grad_I = grad_I + mix_I
-            grad_T = grad_T + mix_T
-            grad_m2_scale = stats[:, 0].sum() + (g_diag * s.pair_dot).sum()
-    grad_clip_scale = stats[:, 1].sum()  # 0 without CLIP (the kernel writes 0 partials)
+    if s.fused_bwd:
+        k = _step_grads_fused(s, grads, lse)
+    else:
+        k = _step_grads_workspace(s, grads, lse)
+    grad_I, grad_T = k.grad_I, k.grad_T
+    grad_m2_scale = torch.zeros((), **s.f32)
+    if s.with_clip:
+        grad_T = grad_T + k.grad_Tc
+    if s.with_m2:
+        # The true pair on the diagonals of A and B: d(loss)/d(diag_p) summed over both.
+        g_diag = grads[K_M2] / (2 * n) * ((s.diag - lse[0]).exp()
+                                          + (s.diag - lse[1]).exp() - 2)
+        grad_I = grad_I + (s.m2_scale * g_diag).unsqueeze(1) * s.Tf
+        grad_T = grad_T + (s.m2_scale * g_diag).unsqueeze(1) * s.If
+        # Through the mix M = slerp(I, T; lam).
+        mix_I, mix_T = _mix_backward(k.grad_M, s.If, s.Tf, s.weights)
+        grad_I = grad_I + mix_I
+        grad_T = grad_T + mix_T
+        grad_m2_scale = k.stats[0] + (g_diag * s.pair_dot).sum()
+    grad_clip_scale = k.stats[1].clone()  # 0 without CLIP
     return (grad_I.to(s.dtype), grad_T.to(s.dtype), grad_clip_scale, grad_m2_scale,
-            grad_fi.to(s.dtype), grad_ft.to(s.dtype))
+            k.grad_fi.to(s.dtype), k.grad_ft.to(s.dtype))
 
 
 def _grads5(device: torch.device, values: dict[int, Tensor]) -> Tensor:

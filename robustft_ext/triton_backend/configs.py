@@ -1,0 +1,251 @@
+"""Tile configurations of the Triton kernels, per GPU architecture, dtype and feature dimension.
+
+One table, TABLE[arch][dtype class][kernel][D class], holds every configuration a launch can
+get; `select` picks from it and `fused_backward` says which backward design a problem gets.
+benchmarks/kernel_report.py compiles every entry offline (no GPU needed) and prints its
+registers, spills, shared memory and tensor-core instruction counts; docs/backends_triton.md
+tabulates them.
+
+Keys:
+  arch          90 (Hopper: sm_90 and newer) or 80 (Ampere and Ada: sm_80 - sm_89).
+  dtype class   "16bit" (bfloat16 / float16: tensor cores, wgmma on sm_90, mma.sync on sm_80),
+                "fp32" (float32 with torch.get_float32_matmul_precision() == "highest": true
+                fp32 "ieee" products on the FMA units) or "tf32" (float32 otherwise: TF32
+                tensor cores, as torch's own matmuls then do).
+  D class       "d64" (D <= 64), "d128" (64 < D <= 128), "large" (D > 128).
+  kernel        clip_lse, siglip_sum (forward statistics), grad_rows (the register-resident
+                contrastive backward, small D), dlogit (the dS pass of the large-D contrastive
+                backward), step_fwd, step_grad_rows, step_grad_cols (the register-resident
+                step backward, D <= 64), step_dlogit (the dS pass of the large-D step
+                backward).
+
+How the sizes were chosen (the numbers behind them: docs/backends_triton.md):
+  * 16-bit on sm_90: BLOCK_M a multiple of 64 with 4 warps per 64 rows (one warpgroup per
+    wgmma m64 slice), BLOCK_K = 64 (one 128-byte swizzled row of bfloat16) and 3 stages of
+    (BLOCK_M + BLOCK_N) x 64 x 2 bytes in shared memory. The GEMM-like passes (the forward
+    statistics and the dS pass at large D) use 128 x 128 tiles with 8 warps, the step kernels
+    (three logit tiles at once) 128 x 64 or 64-row tiles. The register-resident backward keeps
+    [BLOCK_M, D] accumulators, so its tiles shrink with D.
+  * 16-bit on sm_80 (mma.sync m16n8k16, fragments in registers): BLOCK_K = 32, at most
+    97 KiB of shared memory (within the 99 KiB per block of sm_86 / sm_89), and smaller
+    tiles for the register-bound kernels.
+  * tf32: fp32 operands take twice the shared memory and registers: smaller tiles and chunks.
+  * fp32 ("ieee"): FMA-unit dots with their operands in registers: 8 warps, 16-wide chunks.
+  Each entry is the largest candidate that compiles for its arch without register spills and
+  within the shared memory (benchmarks/kernel_report.py --strict checks the whole table); none
+  is timed yet (no GPU was available).
+
+Under TRITON_INTERPRET=1 (CPU) every kernel uses 16 x 16 x 16 tiles, so that the small test
+problems still cover masking, several feature chunks and several programs; setting
+`interpreter_arch` to 80 or 90 makes the interpreter use that architecture's table instead
+(the tests do, to run the GPU tile shapes).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+
+class Config(NamedTuple):
+    """Launch parameters of one kernel."""
+
+    block_m: int      # rows per tile (programs own BLOCK_M rows)
+    block_n: int      # columns per tile
+    block_d: int      # feature chunk of the tile products (>= D: one chunk, kept in registers)
+    num_warps: int
+    num_stages: int   # software-pipelining depth of the feature / column loops
+
+
+KERNELS = ("clip_lse", "siglip_sum", "grad_rows", "dlogit",
+           "step_fwd", "step_grad_rows", "step_grad_cols", "step_dlogit")
+ARCHS = (90, 80)
+DTYPE_CLASSES = ("16bit", "tf32", "fp32")
+D_CLASSES = ("d64", "d128", "large")
+
+# The register-resident (fused) backward serves D up to these; above, the dS workspace
+# pass and library GEMMs do (see fused_backward).
+FUSED_BWD_MAX_D = {"contrastive": 128, "step": 64}
+INTERPRETER_FUSED_BWD_MAX_D = 16
+
+# Which D classes each kernel serves (the others never launch it).
+KERNEL_D_CLASSES = {
+    "clip_lse": D_CLASSES, "siglip_sum": D_CLASSES, "step_fwd": D_CLASSES,
+    "grad_rows": ("d64", "d128"), "dlogit": ("large",),
+    "step_grad_rows": ("d64",), "step_grad_cols": ("d64",), "step_dlogit": ("d128", "large"),
+}
+
+
+C = Config
+
+# 16-bit inputs on sm_90 (wgmma). Register-bound kernels (the step's three logit tiles and
+# accumulators) take 64-row tiles.
+_SM90_16BIT = {
+    "clip_lse": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
+                 "large": C(128, 128, 64, 8, 3)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
+                   "large": C(128, 128, 64, 8, 3)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 4, 3)},
+    "dlogit": {"large": C(128, 128, 64, 8, 3)},
+    "step_fwd": {"d64": C(64, 64, 64, 4, 3), "d128": C(64, 64, 128, 8, 3),
+                 "large": C(128, 64, 64, 8, 3)},
+    "step_grad_rows": {"d64": C(64, 32, 64, 4, 3)},
+    "step_grad_cols": {"d64": C(64, 64, 64, 4, 3)},
+    "step_dlogit": {"d128": C(128, 64, 64, 8, 3), "large": C(128, 64, 64, 8, 3)},
+}
+
+# 16-bit inputs on sm_80 - sm_89 (mma.sync m16n8k16): 32-wide feature chunks and at most
+# 97 KiB of shared memory, so that the same entries fit sm_86 / sm_89 (99 KiB per block). The
+# mma.sync fragments live in registers, so the register-bound kernels take smaller tiles
+# than on sm_90.
+_SM80_16BIT = {
+    "clip_lse": {"d64": C(128, 128, 64, 8, 2), "d128": C(64, 64, 128, 4, 3),
+                 "large": C(128, 128, 32, 8, 2)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 2),
+                   "large": C(128, 128, 32, 8, 4)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 8, 2)},
+    "dlogit": {"large": C(128, 128, 32, 8, 4)},
+    "step_fwd": {"d64": C(64, 64, 64, 4, 2), "d128": C(32, 64, 128, 4, 2),
+                 "large": C(128, 64, 32, 8, 3)},
+    "step_grad_rows": {"d64": C(32, 64, 64, 4, 2)},
+    "step_grad_cols": {"d64": C(32, 64, 64, 4, 2)},
+    "step_dlogit": {"d128": C(128, 64, 32, 8, 3), "large": C(128, 64, 32, 8, 3)},
+}
+
+# float32 on TF32 tensor cores: fp32 operands take twice the shared memory and (sm_80)
+# twice the fragment registers of 16-bit ones, so smaller tiles and feature chunks.
+_SM90_TF32 = {
+    "clip_lse": {"d64": C(128, 128, 64, 8, 2), "d128": C(128, 64, 128, 8, 3),
+                 "large": C(128, 128, 32, 8, 3)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
+                   "large": C(128, 128, 32, 8, 3)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 4, 2)},
+    "dlogit": {"large": C(128, 128, 32, 8, 3)},
+    "step_fwd": {"d64": C(64, 64, 64, 8, 3), "d128": C(16, 32, 128, 4, 3),
+                 "large": C(128, 64, 32, 8, 3)},
+    "step_grad_rows": {"d64": C(32, 32, 64, 4, 3)},
+    "step_grad_cols": {"d64": C(64, 32, 64, 4, 3)},
+    "step_dlogit": {"d128": C(128, 64, 32, 8, 3), "large": C(128, 64, 32, 8, 3)},
+}
+
+_SM80_TF32 = {
+    "clip_lse": {"d64": C(64, 32, 64, 4, 3), "d128": C(64, 64, 128, 4, 2),
+                 "large": C(128, 64, 16, 8, 4)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 2), "d128": C(128, 64, 128, 8, 2),
+                   "large": C(128, 128, 16, 8, 4)},
+    "grad_rows": {"d64": C(64, 32, 64, 4, 3), "d128": C(64, 64, 128, 8, 2)},
+    "dlogit": {"large": C(128, 128, 16, 8, 4)},
+    "step_fwd": {"d64": C(64, 32, 64, 4, 2), "d128": C(16, 32, 128, 4, 2),
+                 "large": C(64, 32, 16, 4, 3)},
+    "step_grad_rows": {"d64": C(16, 32, 64, 4, 2)},
+    "step_grad_cols": {"d64": C(16, 32, 64, 4, 2)},
+    "step_dlogit": {"d128": C(64, 32, 16, 4, 3), "large": C(64, 32, 16, 4, 3)},
+}
+
+# float32 "ieee" dots run on the FMA units with their operands in registers: 8 warps, and the
+# forward / dS passes loop over D in 16-wide chunks (no resident row tile); the step kernels
+# (three tiles) take 32 x 32 tiles.
+_FP32_IEEE = {
+    "clip_lse": {d: C(128, 64, 16, 8, 3) for d in D_CLASSES},
+    "siglip_sum": {d: C(32, 32, 16, 8, 2) for d in D_CLASSES},
+    "grad_rows": {"d64": C(32, 32, 64, 4, 2), "d128": C(32, 32, 128, 4, 2)},
+    "dlogit": {"large": C(32, 32, 16, 8, 2)},
+    "step_fwd": {d: C(32, 32, 16, 8, 2) for d in D_CLASSES},
+    "step_grad_rows": {"d64": C(16, 32, 64, 8, 2)},
+    "step_grad_cols": {"d64": C(16, 32, 64, 8, 2)},
+    "step_dlogit": {"d128": C(32, 32, 16, 8, 2), "large": C(32, 32, 16, 8, 2)},
+}
+
+TABLE: dict[int, dict[str, dict[str, dict[str, Config]]]] = {
+    90: {"16bit": _SM90_16BIT, "tf32": _SM90_TF32, "fp32": _FP32_IEEE},
+    80: {"16bit": _SM80_16BIT, "tf32": _SM80_TF32, "fp32": _FP32_IEEE},
+}
+
+INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
+
+# Under the interpreter: None (16-wide tiles) or 80 / 90 (that architecture's table).
+interpreter_arch: int | None = None
+
+
+# ----------------------------------------------------------------------------- selection
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 was set
+    before triton was imported)."""
+    from . import kernels  # (the kernels module decides; imported late: no import cycle)
+
+    return not isinstance(kernels.clip_lse_kernel, triton.runtime.jit.JITFunction)
+
+
+def d_class(D: int) -> str:
+    """The feature-dimension class of D: "d64", "d128" or "large"."""
+    return "d64" if D <= 64 else ("d128" if D <= 128 else "large")
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """The dtype class of the inputs: "16bit", "tf32" or "fp32" (float32 follows
+    torch.get_float32_matmul_precision(), as torch's matmuls do)."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return "16bit"
+    return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of this dtype ("ieee" or "tf32"; 16-bit dots
+    ignore it)."""
+    return "ieee" if dtype_class(dtype) == "fp32" else "tf32"
+
+
+def arch_of(device: torch.device) -> int | None:
+    """The table architecture for a device (None: the interpreter's 16-wide tiles)."""
+    if device.type != "cuda" or interpreting():
+        return interpreter_arch
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major * 10 + minor >= 90 else 80
+
+
+def _arch_or_none(device: torch.device) -> int | None:
+    try:
+        return arch_of(device)
+    except Exception:  # tracing with fake CUDA tensors and no device
+        return 90
+
+
+def lookup(kernel: str, arch: int, dclass: str, cls: str, D: int) -> Config:
+    """TABLE's entry, with the one-chunk feature block narrowed to D (a power of 2 >= 16)."""
+    cfg = TABLE[arch][cls][kernel][dclass]
+    if dclass != "large" and cfg.block_d >= D:
+        cfg = cfg._replace(block_d=min(cfg.block_d, max(16, triton.next_power_of_2(int(D)))))
+    return cfg
+
+
+def select(kernel: str, device: torch.device, dtype: torch.dtype, D: int) -> Config:
+    """The configuration of `kernel` for inputs of this device, dtype and feature dimension."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    arch = _arch_or_none(device)
+    if arch is None:
+        return INTERPRETER_CONFIG
+    return lookup(kernel, arch, d_class(D), dtype_class(dtype), D)
+
+
+def fused_backward(group: str, device: torch.device, D: int) -> bool:
+    """Does a backward of this group ("contrastive" or "step") keep its gradient rows in
+    registers (small D), rather than writing dS into the workspace for library GEMMs?
+
+    Why (docs/backends_triton.md has the numbers): for CLIP the register-resident backward
+    recomputes the logit tiles once per gradient it forms, 8 N^2 D FLOP, and moves nothing of
+    size N^2 through HBM. The dS design makes three GEMM-shaped passes (dS, then dI = dS T and
+    dT = dS^T I), 6 N^2 D FLOP, each moving 2 N^2 bytes of 16-bit dS: a pass costs
+    max(2 N^2 D / F, 2 N^2 / B) at F FLOP/s and B bytes/s. Above the ridge point D = F / B
+    (295 on an H100, 206 on an H200) the passes are compute-bound and the dS design does 25%
+    less work; below it they are memory-bound, and the fused kernel wins for
+    D < 0.75 F / B (about 220 / 155). The fused kernel also needs register room for its
+    [BLOCK_M, D] accumulators: D <= 128 for the contrastive kernels, D <= 64 for the step
+    kernels (three accumulators). So the fused kernel serves those D, the dS workspace design
+    every larger one.
+    """
+    arch = _arch_or_none(device)
+    if arch is None:
+        return D <= INTERPRETER_FUSED_BWD_MAX_D
+    return D <= FUSED_BWD_MAX_D[group]

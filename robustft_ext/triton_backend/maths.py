@@ -1,0 +1,183 @@
+"""Per-entry maths of the Triton kernels: the twin of csrc/robustft_maths.h.
+
+Every formula that the Triton kernels evaluate per logit (or per row / column of a logit
+tile) lives here once, and every kernel of kernels.py and step_kernels.py calls it from here:
+
+  online log-sum-exp   lse_update (one tile into a row state), lse_final (the value);
+  column partials      col_partials_update (one tile into a program's partial row of
+                       column statistics) and, on the host, merge_col_partials (the
+                       fixed-order merge of the per-program partials);
+  dlogits (dS)         clip_dlogit, siglip_dlogit: per unit of the loss weight, so that they
+                       lie in [-2, 2] and survive a cast to 16 bits (ds_operand);
+  SigLIP loss          siglip_term (softplus without cancellation);
+  tile products        mma (tl.dot with float32 accumulation, and the interpreter's bfloat16
+                       workaround).
+
+Notation (docs/maths.md, sections 1-2): S = scale <p, q> + bias is one logit, r / c the row /
+column log-sum-exp, E the positive pairs (q - p == offset). Masked (invalid) entries of a
+logit tile are -inf in the statistics and 0 in the dlogits.
+
+The functions follow csrc/robustft_maths.h except where Triton needs a different form:
+log1p (no portable tl.log1p) and the "safe" maximum of the online log-sum-exp (0 where the
+maximum is -inf, so that exp() of a fully masked row or column stays NaN-free, where the C++
+state tests l == 0 instead).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- elementary
+@triton.jit
+def log1p(x):
+    """log(1 + x) accurate for small x >= 0 (Goldberg's trick): Triton has no portable log1p
+    (libdevice's is CUDA-only). Where 1 + x rounds to 1, log1p(x) = x to fp32 precision."""
+    u = 1.0 + x
+    den = tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, x, tl.log(u) * (x / den))
+
+
+@triton.jit
+def softplus(x):
+    """softplus(x) = max(x, 0) + log1p(exp(-|x|)), as maths::softplus."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow, as maths::sigmoid."""
+    z = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+@triton.jit
+def siglip_term(s, positive):
+    """-log sigmoid(z s), z = +1 on positives and -1 elsewhere: softplus(-s) on positives,
+    softplus(s) on negatives (maths::siglip_term), without the cancellation of
+    softplus(s) - s."""
+    return softplus(tl.where(positive, -s, s))
+
+
+# ----------------------------------------------------------------------------- tile products
+@triton.jit
+def mma(x, y, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x @ y with float32 accumulation (tensor cores for 16-bit x, y).
+
+    DOT_PREC: "ieee" (true fp32 products, FMA units) or "tf32" for float32 operands; 16-bit
+    operands ignore it (their products are exact in fp32). UPCAST converts 16-bit operands to
+    float32 first: set only under TRITON_INTERPRET=1 for bfloat16, whose tl.dot the interpreter
+    does not support (it multiplies the raw uint16 bit patterns, triton-lang/triton#11584);
+    the result equals the tensor-core dot, bf16 x bf16 products being exact in fp32.
+    """
+    if UPCAST:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y, acc, input_precision=DOT_PREC)
+
+
+# ----------------------------------------------------------------------------- log-sum-exp
+@triton.jit
+def lse_update(m_i, l_i, s):
+    """One tile s [rows, cols] merged into the online row log-sum-exp state (m_i, l_i)
+    [rows]: the running maximum and the sum of exp(s - maximum) (maths::lse_push_block)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_new = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+    return m_new, l_new
+
+
+@triton.jit
+def lse_final(m_i, l_i, row_ok):
+    """The log-sum-exp of a state (maths::lse_value); rows past the end (row_ok false,
+    l = 0) give log(1) instead of -inf and must not be stored."""
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    return m_safe + tl.log(tl.where(row_ok, l_i, 1.0))
+
+
+@triton.jit
+def col_partials_update(col_max_ptr, col_sum_ptr, offs, col_ok, s):
+    """Merge the columns of tile s [rows, cols] into this program's partial column statistics
+    (max and sum of exp(s - max)) at col_max_ptr / col_sum_ptr + offs: load, merge, store.
+
+    Only the calling program touches those entries (so no atomics); the barrier orders the
+    stores before the next tile's loads, which other threads of the program may issue (the
+    load and store layouts may differ). The host merges the programs' partials with
+    merge_col_partials."""
+    pm = tl.load(col_max_ptr + offs, mask=col_ok, other=float("-inf"))
+    ps = tl.load(col_sum_ptr + offs, mask=col_ok, other=0.0)
+    cm = tl.maximum(pm, tl.max(s, axis=0))
+    cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
+    ps = ps * tl.exp(pm - cm_safe) + tl.sum(tl.exp(s - cm_safe[None, :]), axis=0)
+    tl.store(col_max_ptr + offs, cm, mask=col_ok)
+    tl.store(col_sum_ptr + offs, ps, mask=col_ok)
+    tl.debug_barrier()
+
+
+def merge_col_partials(col_max: Tensor, col_sum: Tensor) -> Tensor:
+    """Host side: the column log-sum-exp [m] from P programs' partials [P, m] (max, sum of
+    exp(x - max)), merged in a fixed order (bitwise deterministic). O(P m) torch ops."""
+    cmax = col_max.amax(0)
+    cmax = torch.where(torch.isinf(cmax), torch.zeros_like(cmax), cmax)
+    return cmax + torch.log((col_sum * torch.exp(col_max - cmax)).sum(0))
+
+
+# ----------------------------------------------------------------------------- dlogits
+@triton.jit
+def clip_dlogit(s, row_lse, col_lse, positive, valid,
+                HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, POS_COEF: tl.constexpr):
+    """The CLIP dlogit of a tile per unit of the loss weight (maths::clip_dlogit with the
+    weights folded out):
+        U = [HAS_ROW] exp(s - r) + [HAS_COL] exp(s - c) - POS_COEF [positive],
+    0 outside `valid`. row_lse / col_lse broadcast against s (an absent one is not read).
+    Symmetric CLIP: both terms and POS_COEF = 2 (dS = U / 2n); one-sided CLIP: the row term
+    and POS_COEF = 1 (dS = U / n); m^2-mix: the row term of A or B, POS_COEF = 0 (the true
+    pair's diagonal is handled apart)."""
+    u = tl.zeros_like(s)
+    if HAS_ROW:
+        u += tl.exp(s - row_lse)
+    if HAS_COL:
+        u += tl.exp(s - col_lse)
+    if POS_COEF != 0:
+        u = tl.where(positive, u - POS_COEF, u)
+    return tl.where(valid, u, 0.0)
+
+
+@triton.jit
+def siglip_dlogit(s, positive, valid, POS_COEF: tl.constexpr):
+    """The SigLIP dlogit per unit of the loss weight (maths::siglip_dlogit, w folded out):
+    U = sigmoid(s) - POS_COEF [positive], 0 outside `valid` (POS_COEF = 0: negatives only)."""
+    u = sigmoid(s)
+    if POS_COEF != 0:
+        u = tl.where(positive, u - POS_COEF, u)
+    return tl.where(valid, u, 0.0)
+
+
+@triton.jit
+def ds_operand(u, dtype):
+    """A dlogit tile as the operand of the gradient product: rounded to the 16-bit input
+    dtype for the tensor cores (as flash-attention does; U is O(1), so nothing underflows),
+    kept in float32 for float32 inputs."""
+    return u.to(dtype)
+
+
+# ----------------------------------------------------------------------------- DiVE
+@triton.jit
+def dive_avl_term(u, v, m):
+    """AVL term of one coordinate: (u - m)^2 + (v - m)^2 (maths::dive_avl_term)."""
+    return (u - m) * (u - m) + (v - m) * (v - m)
+
+
+@triton.jit
+def dive_pvl_term(u, v):
+    """PVL term of one coordinate: (u - v)^2 (maths::dive_pvl_term)."""
+    return (u - v) * (u - v)
+
+
+@triton.jit
+def dive_grads(u, v, m, w_a, w_p):
+    """(du, dv) of w_a AVL + w_p PVL for one coordinate (maths::dive_grads; m constant)."""
+    w = u - v
+    return 2.0 * (w_a * (u - m) + w_p * w), 2.0 * (w_a * (v - m) - w_p * w)
