@@ -46,7 +46,9 @@ struct FfmaEngine {
   using Cfg = FfmaCfg<acc_t>;
   using L = GridLayout<Cfg::BM, Cfg::BN, acc_t>;
   static constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, kThreads = L::kThreads;
-  static constexpr int kMinBlocks = 2;  // CTAs per SM the registers must allow (launch bounds)
+  // CTAs per SM the registers must allow (launch bounds): one, so the three-product step
+  // kernels keep their accumulators in registers (two CTAs capped them at 128 and spilled).
+  static constexpr int kMinBlocks = 1;
   static constexpr int LDM = BM + Cfg::PAD, LDN = BN + Cfg::PAD;  // 16-byte aligned rows
   static_assert(L::kRows * sizeof(acc_t) == 16 && L::kCols * sizeof(acc_t) == 16,
                 "micro-tile rows are read with one 16-byte load");
