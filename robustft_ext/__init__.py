@@ -2,7 +2,9 @@
 
 Public API (docs/api.md): clip_loss, clip_rows_loss, siglip_loss, m2mix_loss, clip_m2mix_loss,
 slerp, sample_beta, dive_loss, lipsum_loss, ClipLoss, SigLipLoss, M2MixLoss, DiVELoss, LipsumLoss,
-RobustFTLoss, available_backends, patch_open_clip (open_clip's trainer on these losses).
+RobustFTLoss, available_backends (a BackendReport), BackendUnavailableError, workspace_limit and
+set_workspace_limit (the backward's dlogit workspace), patch_open_clip and OpenClipPatch
+(open_clip's trainer on these losses).
 """
 from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
 from .backends import BackendReport, BackendUnavailableError, available_backends

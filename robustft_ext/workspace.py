@@ -47,7 +47,8 @@ def set_workspace_limit(nbytes: int | None) -> None:
     """Set the workspace limit in bytes for both fused backends; None restores the default
     (or $ROBUSTFT_WORKSPACE_MB when set).
 
-    Raises ValueError for a limit that is not a positive integer.
+    Raises TypeError for a limit that is not an int (bool included) and ValueError for one
+    that is not positive.
     """
     global _limit_bytes
     if nbytes is None:

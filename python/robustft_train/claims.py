@@ -9,7 +9,7 @@ difference is paired) and says:
 within +-ID_MARGIN points, does not hold when it lies entirely outside, else inconclusive.
 A claim with several parts holds when every part holds, does not hold when one part does not,
 and is inconclusive otherwise (`claim_verdict`). Our operational readings are in
-docs/driver_study.md ("The claims").
+docs/driver.md ("The claims").
 """
 from __future__ import annotations
 

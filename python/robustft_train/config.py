@@ -28,7 +28,7 @@ REAL_DATA_DEFAULTS: dict[str, Any] = {
     "m2mix_weight": 0.01, "dive_lambda": 1000.0, "lipsum_lambda": 1.0,
 }
 # The embedded default: a tiny model pre-trained here for a few seconds, so larger steps, and
-# regulariser weights sized for it (docs/driver_study.md, "the embedded default's weights").
+# regulariser weights sized for it (docs/driver.md, "The embedded default's regulariser weights").
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "batch_size": 32, "lr": 3e-4, "weight_decay": 0.1, "warmup_steps": 10,
     "methods": "zeroshot,ft,flyp,m2mix,dive,lipsum", "pretrain_epochs": 20,

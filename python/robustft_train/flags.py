@@ -225,8 +225,10 @@ def sharpness_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-dir", help="output folder (results under <run-dir>/sharpness/); a finished "
                    "robustft-train run there is analysed (default: runs/sharpness-<timestamp>)")
     add_running_flags(g, training=False)
-    g.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size)
-    g.add_argument("--metric-max-images", type=int, default=_D.metric_max_images)
+    g.add_argument("--eval-batch-size", type=int, default=_D.eval_batch_size,
+                   help="batch size of the accuracy evaluation along the path")
+    g.add_argument("--metric-max-images", type=int, default=_D.metric_max_images,
+                   help="images per set used for uniformity and RSA (pairwise, quadratic cost)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast of the accuracy evaluation (the sharpness loss always runs in fp32)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise draws (and of training)")

@@ -3,7 +3,7 @@
 One table, TABLE[arch][dtype class][kernel][D class], holds every configuration a launch can
 get; `select` picks from it and `fused_backward` says which backward design a problem gets.
 benchmarks/kernel_report.py compiles every entry offline (no GPU needed) and prints its
-registers, spills, shared memory and tensor-core instruction counts; docs/backends_triton.md
+registers, spills, shared memory and tensor-core instruction counts; docs/backends.md
 tabulates them.
 
 Keys:
@@ -19,7 +19,7 @@ Keys:
                 step backward, D <= 64), step_dlogit (the dS pass of the large-D step
                 backward).
 
-How the sizes were chosen (the numbers behind them: docs/backends_triton.md):
+How the sizes were chosen (the numbers behind them: docs/backends.md, "Tile configurations"):
   * 16-bit on sm_90: BLOCK_M a multiple of 64 with 4 warps per 64 rows (one warpgroup per
     wgmma m64 slice), BLOCK_K = 64 (one 128-byte swizzled row of bfloat16) and 3 stages of
     (BLOCK_M + BLOCK_N) x 64 x 2 bytes in shared memory. The GEMM-like passes (the forward
@@ -233,9 +233,9 @@ def fused_backward(group: str, device: torch.device, D: int) -> bool:
     """Does a backward of this group ("contrastive" or "step") keep its gradient rows in
     registers (small D), rather than writing dS into the workspace for library GEMMs?
 
-    Why (docs/backends_triton.md has the numbers): for CLIP the register-resident backward
-    recomputes the logit tiles once per gradient it forms, 8 N^2 D FLOP, and moves nothing of
-    size N^2 through HBM. The dS design makes three GEMM-shaped passes (dS, then dI = dS T and
+    Why (the numbers: docs/backends.md, "The Triton backward: two designs"): for CLIP the
+    register-resident backward recomputes the logit tiles once per gradient it forms, 8 N^2 D
+    FLOP, and moves nothing of size N^2 through HBM. The dS design makes three GEMM-shaped passes (dS, then dI = dS T and
     dT = dS^T I), 6 N^2 D FLOP, each moving 2 N^2 bytes of 16-bit dS: a pass costs
     max(2 N^2 D / F, 2 N^2 / B) at F FLOP/s and B bytes/s. Above the ridge point D = F / B
     (295 on an H100, 206 on an H200) the passes are compute-bound and the dS design does 25%

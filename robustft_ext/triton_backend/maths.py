@@ -166,18 +166,18 @@ def ds_operand(u, dtype):
 # ----------------------------------------------------------------------------- DiVE
 @triton.jit
 def dive_avl_term(u, v, m):
-    """AVL term of one coordinate: (u - m)^2 + (v - m)^2 (maths::dive_avl_term)."""
+    """AVL term of one coordinate: (u - m)^2 + (v - m)^2 (docs/maths.md, section 4)."""
     return (u - m) * (u - m) + (v - m) * (v - m)
 
 
 @triton.jit
 def dive_pvl_term(u, v):
-    """PVL term of one coordinate: (u - v)^2 (maths::dive_pvl_term)."""
+    """PVL term of one coordinate: (u - v)^2 (docs/maths.md, section 4)."""
     return (u - v) * (u - v)
 
 
 @triton.jit
 def dive_grads(u, v, m, w_a, w_p):
-    """(du, dv) of w_a AVL + w_p PVL for one coordinate (maths::dive_grads; m constant)."""
+    """(du, dv) of w_a AVL + w_p PVL for one coordinate (docs/maths.md, section 4; m constant)."""
     w = u - v
     return 2.0 * (w_a * (u - m) + w_p * w), 2.0 * (w_a * (v - m) - w_p * w)
