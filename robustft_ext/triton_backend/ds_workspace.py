@@ -16,9 +16,12 @@ from .. import workspace
 
 def chunk_rows(n: int, bytes_per_row: int, block_m: int) -> int:
     """Rows per workspace chunk: as many multiples of block_m as fit in the workspace limit
-    at bytes_per_row bytes per row, at least block_m, at most n."""
+    at bytes_per_row bytes per row, at least block_m, at most half the rows (rounded up to
+    block_m, as csrc/workspace.h: the workspace never holds a whole n x m block of a problem
+    larger than one row block), at most n."""
     fit = workspace.workspace_limit() // max(int(bytes_per_row), 1)
-    return min(n, max(block_m, fit // block_m * block_m))
+    half = -(-(-(-n // 2)) // block_m) * block_m
+    return min(n, max(block_m, min(fit // block_m * block_m, half)))
 
 
 def ds_dtype(dtype: torch.dtype) -> torch.dtype:
