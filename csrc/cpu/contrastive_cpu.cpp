@@ -46,12 +46,13 @@ void clip_lse_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& s
   // One column state per thread, merged at the end (no thread shares a row block).
   ColumnStates<T> cols_state(with_cols ? m : 0, with_cols ? at::get_num_threads() : 0);
 
+  const DotProducts<T> dots(Pf, Qf);
   for_each_row_block(n, [&](int64_t i0, int64_t rows) {
-    TileScratch<T> s(Pf, rows, Qf.size(0));
+    TileScratch<T> s = dots.scratch(rows);
     for_each_col_tile(m, [&](int64_t j0, int64_t cols) {
-      T* d = s.dots(Pf, Qf, i0, rows, j0, cols);
-      tile_logits(d, rows, cols, scale, bias, s, with_cols);
-      tile_fold(d, rows, cols, i0, j0, s, rows_state, with_cols ? &cols_state.mine() : nullptr);
+      const Tile<T> t = dots.tile(s, i0, rows, j0, cols);
+      tile_logits(t, scale, bias, s, with_cols);
+      tile_fold(t, i0, j0, s, rows_state, with_cols ? &cols_state.mine() : nullptr);
     });
   });
 
@@ -60,16 +61,14 @@ void clip_lse_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& s
 }
 
 // out[r] = the sum of softplus(scale d + bias) over row r of a tile of dot products d.
-inline void softplus_row_sums(const float* d, int64_t rows, int64_t cols, float scale,
-                              float bias, float* out) {
-  vec::kernels().softplus_sums(d, rows, cols, scale, bias, out);
+inline void softplus_row_sums(const Tile<float>& t, float scale, float bias, float* out) {
+  vec::kernels().softplus_sums(t.d, t.rows, t.cols, t.ld, scale, bias, out);
 }
 
-inline void softplus_row_sums(const double* d, int64_t rows, int64_t cols, double scale,
-                              double bias, double* out) {
-  for (int64_t r = 0; r < rows; ++r) {
+inline void softplus_row_sums(const Tile<double>& t, double scale, double bias, double* out) {
+  for (int64_t r = 0; r < t.rows; ++r) {
     double sum = 0;
-    for (int64_t c = 0; c < cols; ++c) sum += mx::softplus(mx::logit(d[r * cols + c], scale, bias));
+    for (int64_t c = 0; c < t.cols; ++c) sum += mx::softplus(mx::logit(t.row(r)[c], scale, bias));
     out[r] = sum;
   }
 }
@@ -81,11 +80,11 @@ void siglip_sum_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor&
   const at::Tensor Pf = P.to(acc).contiguous(), Qf = Q.to(acc).contiguous();
   const T scale = value<T>(scale_t), bias = value<T>(bias_t);
   std::vector<T> row_sums(P.size(0), T(0));
+  const DotProducts<T> dots(Pf, Qf);
   for_each_row_block(P.size(0), [&](int64_t i0, int64_t rows) {
-    TileScratch<T> s(Pf, rows, Qf.size(0));
+    TileScratch<T> s = dots.scratch(rows);
     for_each_col_tile(Qf.size(0), [&](int64_t j0, int64_t cols) {
-      softplus_row_sums(s.dots(Pf, Qf, i0, rows, j0, cols), rows, cols, scale, bias,
-                        s.row_sum.data());
+      softplus_row_sums(dots.tile(s, i0, rows, j0, cols), scale, bias, s.row_sum.data());
       for (int64_t r = 0; r < rows; ++r) row_sums[i0 + r] += s.row_sum[r];
     });
   });

@@ -41,10 +41,10 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, float scale, float bias,
-                                  float* row_max, float* col_max) {
+RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                  float bias, float* row_max, float* col_max) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = t + r * cols;
+    float* row = t + r * ld;
     float m = kNegInf;
     if (col_max != nullptr) {
 #pragma omp simd reduction(max : m)
@@ -66,11 +66,11 @@ RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, float sc
   }
 }
 
-RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols,
+RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
                                 const float* row_max, float* row_sum, const float* col_max,
                                 float* col_sum) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = t + r * cols;
+    const float* row = t + r * ld;
     const float mr = row_max[r];
     float sum = 0.0f;
     if (col_sum != nullptr) {
@@ -88,10 +88,10 @@ RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols,
   }
 }
 
-RFT_VEC_BODY void softplus_sums_body(const float* t, int64_t rows, int64_t cols, float scale,
-                                     float bias, float* row_sum) {
+RFT_VEC_BODY void softplus_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                                     float scale, float bias, float* row_sum) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = t + r * cols;
+    const float* row = t + r * ld;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < cols; ++c) sum += softplus_f(scale * row[c] + bias);
@@ -230,17 +230,18 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
 // One kernel set: the bodies above compiled with the function attribute ATTR.
 #define RFT_DEFINE_VEC_KERNELS(NS, ATTR, NAME)                                              \
   namespace NS {                                                                            \
-  ATTR void logits_max(float* t, int64_t rows, int64_t cols, float scale, float bias,       \
-                       float* row_max, float* col_max) {                                    \
-    logits_max_body(t, rows, cols, scale, bias, row_max, col_max);                          \
+  ATTR void logits_max(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,       \
+                       float bias, float* row_max, float* col_max) {                        \
+    logits_max_body(t, rows, cols, ld, scale, bias, row_max, col_max);                      \
   }                                                                                         \
-  ATTR void exp_sums(const float* t, int64_t rows, int64_t cols, const float* row_max,      \
-                     float* row_sum, const float* col_max, float* col_sum) {                \
-    exp_sums_body(t, rows, cols, row_max, row_sum, col_max, col_sum);                       \
+  ATTR void exp_sums(const float* t, int64_t rows, int64_t cols, int64_t ld,                \
+                     const float* row_max, float* row_sum, const float* col_max,            \
+                     float* col_sum) {                                                      \
+    exp_sums_body(t, rows, cols, ld, row_max, row_sum, col_max, col_sum);                   \
   }                                                                                         \
-  ATTR void softplus_sums(const float* t, int64_t rows, int64_t cols, float scale,          \
-                          float bias, float* row_sum) {                                     \
-    softplus_sums_body(t, rows, cols, scale, bias, row_sum);                                \
+  ATTR void softplus_sums(const float* t, int64_t rows, int64_t cols, int64_t ld,           \
+                          float scale, float bias, float* row_sum) {                        \
+    softplus_sums_body(t, rows, cols, ld, scale, bias, row_sum);                            \
   }                                                                                         \
   ATTR void clip_dlogits(float* d, int64_t rows, int64_t m, int64_t p0,                     \
                          const ClipDlogitArgs& a, float* stat_dot, float* stat_sum) {       \

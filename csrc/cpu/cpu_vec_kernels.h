@@ -44,18 +44,19 @@ struct ClipDlogitArgs {
 struct Kernels {
   const char* isa;  // "avx512", "avx2" or "baseline"
 
-  // t [rows, cols] holds dot products on entry, logits scale t + bias on exit;
+  // The tile loops take a rows x cols tile t whose row r starts at t + r * ld.
+  // logits_max: t holds dot products on entry, logits scale t + bias on exit;
   // row_max[r] = max of row r's logits; col_max[c] (when non-null) = max(col_max[c],
   // max of column c's logits).
-  void (*logits_max)(float* t, int64_t rows, int64_t cols, float scale, float bias,
-                     float* row_max, float* col_max);
+  void (*logits_max)(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                     float bias, float* row_max, float* col_max);
   // row_sum[r] = sum_c exp(t[r, c] - row_max[r]); col_sum[c] += sum_r exp(t[r, c] -
   // col_max[c]) when col_max and col_sum are non-null.
-  void (*exp_sums)(const float* t, int64_t rows, int64_t cols, const float* row_max,
-                   float* row_sum, const float* col_max, float* col_sum);
+  void (*exp_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                   const float* row_max, float* row_sum, const float* col_max, float* col_sum);
   // row_sum[r] = sum_c softplus(scale t[r, c] + bias).
-  void (*softplus_sums)(const float* t, int64_t rows, int64_t cols, float scale, float bias,
-                        float* row_sum);
+  void (*softplus_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                        float bias, float* row_sum);
   // The CLIP dlogits of rows [p0, p0 + rows), in place (ClipDlogitArgs).
   void (*clip_dlogits)(float* d, int64_t rows, int64_t m, int64_t p0, const ClipDlogitArgs& a,
                        float* stat_dot, float* stat_sum);

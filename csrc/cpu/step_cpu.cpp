@@ -66,25 +66,34 @@ void step_lse_impl(const StepProblem& p, at::Tensor& lse) {
       r_state(p.with_clip ? n : 0, mx::lse_empty<T>());
   ColumnStates<T> c_state(p.with_clip ? n : 0, p.with_clip ? at::get_num_threads() : 0);
 
+  // A = I M^T and B = T M^T (m^2), C = I T^T (CLIP); one task's tiles of them share its
+  // scratch, each tile folded before the next is formed.
+  std::vector<DotProducts<T>> views;
+  if (p.with_m2) {
+    views.emplace_back(x.I, x.M);
+    views.emplace_back(x.Tt, x.M);
+  }
+  if (p.with_clip) views.emplace_back(x.I, x.Tt);
   for_each_row_block(n, [&](int64_t i0, int64_t rows) {
-    TileScratch<T> s(x.I, rows, n);
+    TileScratch<T> s = views.front().scratch(rows);
     for_each_col_tile(n, [&](int64_t j0, int64_t cols) {
+      size_t v = 0;
       if (p.with_m2) {
         // A and B: mixed negatives off the diagonal, the true pair on it.
         for (int k = 0; k < 2; ++k) {
-          T* d = s.dots(k == 0 ? x.I : x.Tt, x.M, i0, rows, j0, cols);
-          tile_logits(d, rows, cols, x.s_m, T(0), s, false);
+          const Tile<T> t = views[v++].tile(s, i0, rows, j0, cols);
+          tile_logits(t, x.s_m, T(0), s, false);
           const int64_t lo = std::max(i0, j0), hi = std::min(i0 + rows, j0 + cols);
           for (int64_t row = lo; row < hi; ++row) {
-            tile_set_logit(d, row - i0, row - j0, cols, diag[row], s);
+            tile_set_logit(t, row - i0, row - j0, diag[row], s);
           }
-          tile_fold<T>(d, rows, cols, i0, j0, s, k == 0 ? a_state : b_state, nullptr);
+          tile_fold<T>(t, i0, j0, s, k == 0 ? a_state : b_state, nullptr);
         }
       }
       if (p.with_clip) {
-        T* d = s.dots(x.I, x.Tt, i0, rows, j0, cols);
-        tile_logits(d, rows, cols, x.s_c, T(0), s, true);
-        tile_fold(d, rows, cols, i0, j0, s, r_state, &c_state.mine());
+        const Tile<T> t = views[v].tile(s, i0, rows, j0, cols);
+        tile_logits(t, x.s_c, T(0), s, true);
+        tile_fold(t, i0, j0, s, r_state, &c_state.mine());
       }
     });
   });

@@ -142,7 +142,8 @@ bool near(double got, double want, double rtol, double atol) {
   return std::fabs(got - want) <= rtol * std::fabs(want) + atol;
 }
 
-// logits_max + exp_sums and softplus_sums on a tile against robustft_maths.h in double.
+// logits_max + exp_sums and softplus_sums on a tile against robustft_maths.h in double,
+// compact (ld = cols) and as a slice of wider rows.
 void check_tile_loops(const vec::Kernels& k) {
   for (const int64_t cols : {1, 7, 16, 33, 130}) {
     const int64_t rows = 5;
@@ -150,11 +151,11 @@ void check_tile_loops(const vec::Kernels& k) {
     const auto dots = random_floats(size_t(rows * cols), -1.0f, 1.0f, uint32_t(cols));
     std::vector<float> t = dots, row_max(rows), row_sum(rows);
     std::vector<float> col_max(cols, -kInf), col_sum(cols, 0.0f);
-    k.logits_max(t.data(), rows, cols, scale, bias, row_max.data(), col_max.data());
-    k.exp_sums(t.data(), rows, cols, row_max.data(), row_sum.data(), col_max.data(),
+    k.logits_max(t.data(), rows, cols, cols, scale, bias, row_max.data(), col_max.data());
+    k.exp_sums(t.data(), rows, cols, cols, row_max.data(), row_sum.data(), col_max.data(),
                col_sum.data());
     std::vector<float> sp_sum(rows);
-    k.softplus_sums(dots.data(), rows, cols, scale, bias, sp_sum.data());
+    k.softplus_sums(dots.data(), rows, cols, cols, scale, bias, sp_sum.data());
     for (int64_t r = 0; r < rows; ++r) {
       double want_max = -INFINITY;
       double want_sp = 0;
@@ -174,6 +175,23 @@ void check_tile_loops(const vec::Kernels& k) {
       RFT_CHECK_MSG(near(sp_sum[r], want_sp, 1e-5, 0), "softplus sum ", sp_sum[r], " vs ",
                     want_sp);
     }
+    // The same tile as a slice of wider rows (ld > cols): same results, padding untouched.
+    const int64_t ld = cols + 5;
+    std::vector<float> wide(size_t(rows * ld), kNaN), w_max(rows), w_sum(rows), w_sp(rows);
+    std::vector<float> w_cmax(cols, -kInf), w_csum(cols, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(dots.begin() + r * cols, dots.begin() + (r + 1) * cols, wide.begin() + r * ld);
+    }
+    k.softplus_sums(wide.data(), rows, cols, ld, scale, bias, w_sp.data());
+    k.logits_max(wide.data(), rows, cols, ld, scale, bias, w_max.data(), w_cmax.data());
+    k.exp_sums(wide.data(), rows, cols, ld, w_max.data(), w_sum.data(), w_cmax.data(),
+               w_csum.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      RFT_CHECK(w_max[r] == row_max[r] && w_sum[r] == row_sum[r] && w_sp[r] == sp_sum[r]);
+      for (int64_t c = 0; c < cols; ++c) RFT_CHECK(wide[r * ld + c] == t[r * cols + c]);
+      for (int64_t c = cols; c < ld; ++c) RFT_CHECK(std::isnan(wide[r * ld + c]));
+    }
+    for (int64_t c = 0; c < cols; ++c) RFT_CHECK(w_cmax[c] == col_max[c] && w_csum[c] == col_sum[c]);
     for (int64_t c = 0; c < cols; ++c) {
       double want_max = -INFINITY, want_sum = 0;
       for (int64_t r = 0; r < rows; ++r) want_max = std::max(want_max, double(t[r * cols + c]));
