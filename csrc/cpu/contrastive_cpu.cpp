@@ -1,19 +1,21 @@
 // Fused C++ CPU kernels of the contrastive ops.
 //
 // The similarity matrix is never materialised.
-//  * Forward: rows are split into blocks processed in parallel (at::parallel_for); each
-//    task streams the column tiles of its block: the tile's dot products come from one
-//    ATen matmul (sequential inside the parallel region), then the per-entry maths of
-//    robustft_maths.h, the same code the CUDA kernels run, folds the tile into the
-//    block's state. One parallel region per launch keeps the threads busy on whole
-//    blocks: alternating multi-threaded BLAS calls with short parallel loops per small
-//    tile made the threads spin-wait for each other.
+//  * Forward: rows are split into blocks processed in parallel (cpu_tiles.h); each task
+//    streams the column tiles of its block: the tile's dot products come from one ATen
+//    matmul (sequential inside the parallel region) into the task's tile buffer, then
+//    the per-entry maths folds the tile into the block's state. One parallel region per
+//    launch keeps the threads busy on whole blocks: alternating multi-threaded BLAS calls
+//    with short parallel loops per small tile made the threads spin-wait for each other.
 //  * Backward: one chunk of rows against every column at a time (contrastive_ops.h sizes
 //    the chunk to the workspace): its dot products come from one multi-threaded BLAS
 //    call into the workspace, the per-entry maths turns them into dlogits in place
 //    (parallel over rows), and contrastive_ops.h's two GEMMs take both feature gradients
 //    from the chunk. Each logit is recomputed once, and the chunks are large enough for
 //    BLAS to run at speed.
+// The per-entry maths is robustft_maths.h's: in double through its functions (the code
+// the CUDA kernels run), in float through the vectorised loops of cpu_vec_kernels.h,
+// which evaluate the same formulas with a SIMD exp / log1p (cpu_vec_math.h).
 // Extra memory: one tile per thread, one column state per thread, the workspace chunk
 // and float copies of half/bfloat16 inputs.
 #include <ATen/ATen.h>
@@ -32,17 +34,6 @@ namespace {
 
 using namespace ::robustft::cpu;
 
-// Calls fn(i0, rows, j0, cols, dots) for every tile of P Q^T (see for_each_block); dots
-// is the rows x cols tile of dot products (contiguous, accumulation dtype), which fn may
-// overwrite.
-template <typename Fn>
-void for_each_tile(const at::Tensor& Pf, const at::Tensor& Qf, Fn&& fn) {
-  for_each_block(Pf.size(0), Qf.size(0), [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    at::Tensor dots = dot_tile(Pf, Qf, i0, rows, j0, cols);
-    fn(i0, rows, j0, cols, dots);
-  });
-}
-
 template <typename T>
 void clip_lse_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale_t,
                    const at::Tensor& bias_t, at::Tensor& row_lse, at::Tensor& col_lse) {
@@ -55,16 +46,31 @@ void clip_lse_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& s
   // One column state per thread, merged at the end (no thread shares a row block).
   ColumnStates<T> cols_state(with_cols ? m : 0, with_cols ? at::get_num_threads() : 0);
 
-  for_each_tile(Pf, Qf, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                            at::Tensor& dots) {
-    T* d = dots.data_ptr<T>();
-    for (int64_t e = 0; e < rows * cols; ++e) d[e] = mx::logit(d[e], scale, bias);
-    push_row_lse(d, rows, cols, i0, rows_state);
-    if (with_cols) push_col_lse(d, rows, cols, j0, cols_state.mine());
+  const DotProducts<T> dots(Pf, Qf);
+  for_each_row_block(n, [&](int64_t i0, int64_t rows) {
+    TileScratch<T> s = dots.scratch(rows);
+    for_each_col_tile(m, [&](int64_t j0, int64_t cols) {
+      const Tile<T> t = dots.tile(s, i0, rows, j0, cols);
+      tile_logits(t, scale, bias, s, with_cols);
+      tile_fold(t, i0, j0, s, rows_state, with_cols ? &cols_state.mine() : nullptr);
+    });
   });
 
   write_lse(rows_state, row_lse.data_ptr<T>());
   if (with_cols) cols_state.write(col_lse.data_ptr<T>(), m);
+}
+
+// out[r] = the sum of softplus(scale d + bias) over row r of a tile of dot products d.
+inline void softplus_row_sums(const Tile<float>& t, float scale, float bias, float* out) {
+  vec::kernels().softplus_sums(t.d, t.rows, t.cols, t.ld, scale, bias, out);
+}
+
+inline void softplus_row_sums(const Tile<double>& t, double scale, double bias, double* out) {
+  for (int64_t r = 0; r < t.rows; ++r) {
+    double sum = 0;
+    for (int64_t c = 0; c < t.cols; ++c) sum += mx::softplus(mx::logit(t.row(r)[c], scale, bias));
+    out[r] = sum;
+  }
 }
 
 template <typename T>
@@ -74,17 +80,71 @@ void siglip_sum_impl(const at::Tensor& P, const at::Tensor& Q, const at::Tensor&
   const at::Tensor Pf = P.to(acc).contiguous(), Qf = Q.to(acc).contiguous();
   const T scale = value<T>(scale_t), bias = value<T>(bias_t);
   std::vector<T> row_sums(P.size(0), T(0));
-  for_each_tile(Pf, Qf, [&](int64_t i0, int64_t rows, int64_t, int64_t cols, at::Tensor& dots) {
-    const T* d = dots.data_ptr<T>();
-    for (int64_t r = 0; r < rows; ++r) {
-      T sum = 0;
-      for (int64_t c = 0; c < cols; ++c) sum += mx::softplus(mx::logit(d[r * cols + c], scale, bias));
-      row_sums[i0 + r] += sum;
-    }
+  const DotProducts<T> dots(Pf, Qf);
+  for_each_row_block(P.size(0), [&](int64_t i0, int64_t rows) {
+    TileScratch<T> s = dots.scratch(rows);
+    for_each_col_tile(Qf.size(0), [&](int64_t j0, int64_t cols) {
+      softplus_row_sums(dots.tile(s, i0, rows, j0, cols), scale, bias, s.row_sum.data());
+      for (int64_t r = 0; r < rows; ++r) row_sums[i0 + r] += s.row_sum[r];
+    });
   });
   T total = 0;
   for (T v : row_sums) total += v;
   out.fill_(total);
+}
+
+// Rows [r_begin, r_end) of a dlogit chunk whose row 0 is problem row r0: dot products on
+// entry, the dlogits `spec` describes on exit; each row's sum of dS <P_p, Q_q> into
+// s_dot[r] and of dS into s_sum[r]. row_lse is indexed by problem row.
+inline void dlogit_rows(const DlogitSpec& spec, float* d, int64_t m, int64_t r0,
+                        int64_t r_begin, int64_t r_end, float scale, float bias,
+                        const float* row_lse, const float* col_lse, float* s_dot,
+                        float* s_sum) {
+  const auto& k = vec::kernels();
+  const int64_t p0 = r0 + r_begin;
+  float* rows_d = d + r_begin * m;
+  if (spec.siglip) {
+    k.siglip_dlogits(rows_d, r_end - r_begin, m, p0, scale, bias, float(spec.w_row),
+                     spec.has_positives, spec.pos_offset, s_dot + r_begin, s_sum + r_begin);
+    return;
+  }
+  vec::ClipDlogitArgs a;
+  a.scale = scale;
+  a.bias = bias;
+  a.w_row = float(spec.w_row);
+  a.w_col = float(spec.w_col);
+  a.w_pos = float(spec.w_pos);
+  a.row_lse = row_lse ? row_lse + p0 : nullptr;
+  a.col_lse = col_lse;
+  a.special = spec.has_positives ? vec::Special::kSubtract : vec::Special::kNone;
+  a.offset = spec.pos_offset;
+  k.clip_dlogits(rows_d, r_end - r_begin, m, p0, a, s_dot + r_begin, s_sum + r_begin);
+}
+
+inline void dlogit_rows(const DlogitSpec& spec, double* d, int64_t m, int64_t r0,
+                        int64_t r_begin, int64_t r_end, double scale, double bias,
+                        const double* row_lse, const double* col_lse, double* s_dot,
+                        double* s_sum) {
+  const double w_row = spec.w_row, w_col = spec.w_col, w_pos = spec.w_pos;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t p = r0 + r;
+    const double r_lse = row_lse ? row_lse[p] : 0.0;
+    double acc_dot = 0, acc_sum = 0;
+    double* row = d + r * m;
+    for (int64_t q = 0; q < m; ++q) {
+      const double dot = row[q];
+      const double s = mx::logit(dot, scale, bias);
+      const bool pos = mx::is_positive(p, q, spec.has_positives, spec.pos_offset);
+      const double g = spec.siglip ? mx::siglip_dlogit(s, w_row, pos)
+                                   : mx::clip_dlogit(s, r_lse, col_lse ? col_lse[q] : 0.0,
+                                                     w_row, w_col, w_pos, pos);
+      acc_dot += g * dot;
+      acc_sum += g;
+      row[q] = g;
+    }
+    s_dot[r] = acc_dot;
+    s_sum[r] = acc_sum;
+  }
 }
 
 template <typename T>
@@ -96,31 +156,13 @@ void dlogits_impl(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor&
   // The chunk's dot products from one multi-threaded BLAS call, straight into the workspace.
   at::mm_out(ds, P.narrow(0, r0, rows).to(acc), Q.to(acc).t());
   const T scale = value<T>(scale_t), bias = value<T>(bias_t);
-  const T w_row = T(spec.w_row), w_col = T(spec.w_col), w_pos = T(spec.w_pos);
   const T* row_lse = (!spec.siglip && spec.w_row != 0.0) ? spec.row_lse.data_ptr<T>() : nullptr;
   const T* col_lse = (!spec.siglip && spec.w_col != 0.0) ? spec.col_lse.data_ptr<T>() : nullptr;
   T* d = ds.data_ptr<T>();
   std::vector<T> s_dot(rows, T(0)), s_sum(rows, T(0));
-  at::parallel_for(0, rows, 1, [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const int64_t p = r0 + r;
-      const T r_lse = row_lse ? row_lse[p] : T(0);
-      T acc_dot = 0, acc_sum = 0;
-      T* row = d + r * m;
-      for (int64_t q = 0; q < m; ++q) {
-        const T dot = row[q];
-        const T s = mx::logit(dot, scale, bias);
-        const bool pos = mx::is_positive(p, q, spec.has_positives, spec.pos_offset);
-        const T g = spec.siglip ? mx::siglip_dlogit(s, w_row, pos)
-                                : mx::clip_dlogit(s, r_lse, col_lse ? col_lse[q] : T(0), w_row,
-                                                  w_col, w_pos, pos);
-        acc_dot += g * dot;
-        acc_sum += g;
-        row[q] = g;
-      }
-      s_dot[r] = acc_dot;
-      s_sum[r] = acc_sum;
-    }
+  at::parallel_for(0, rows, rows_per_task(m), [&](int64_t r_begin, int64_t r_end) {
+    dlogit_rows(spec, d, m, r0, r_begin, r_end, scale, bias, row_lse, col_lse, s_dot.data(),
+                s_sum.data());
   });
   T sd = 0, ss = 0;
   for (int64_t r = 0; r < rows; ++r) {  // in row order: independent of the thread split

@@ -4,7 +4,10 @@
 // the column tiles of its block in order. One parallel region per launch keeps the threads
 // busy on whole blocks: alternating multi-threaded BLAS calls with short parallel loops per
 // tile made the threads spin-wait for each other and ran slower on two threads than on
-// one. Tile matmuls run sequentially inside a task.
+// one. Tile matmuls run sequentially inside a task, into a buffer the task reuses for
+// all its tiles. tile_logits / tile_fold form a tile's logits and fold them into
+// log-sum-exp states: float through the vectorised loops of cpu_vec_kernels.h, double
+// through the scalar maths of robustft_maths.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/cpu_vec_kernels.h"
 #include "robustft_maths.h"
 
 namespace robustft {
@@ -65,25 +69,6 @@ void for_each_col_tile(int64_t m, Fn&& fn) {
   for (int64_t j0 = 0; j0 < m; j0 += kColBlock) fn(j0, std::min(kColBlock, m - j0));
 }
 
-// Calls fn(i0, rows, j0, cols) for every (row block, column tile) of an n x m problem,
-// row blocks in parallel and column tiles in order within a block. fn must only write
-// state of rows [i0, i0 + rows) or state private to the calling thread.
-template <typename Fn>
-void for_each_block(int64_t n, int64_t m, Fn&& fn) {
-  const RowBlocks blocks(n);
-  parallel_tasks(blocks.count, [&](int64_t b) {
-    for_each_col_tile(m, [&](int64_t j0, int64_t cols) {
-      fn(blocks.start(b), blocks.rows(b), j0, cols);
-    });
-  });
-}
-
-// The rows x cols tile of dot products <P_i, Q_j> (contiguous, P's dtype).
-inline at::Tensor dot_tile(const at::Tensor& P, const at::Tensor& Q, int64_t i0, int64_t rows,
-                           int64_t j0, int64_t cols) {
-  return at::mm(P.narrow(0, i0, rows), Q.narrow(0, j0, cols).t()).contiguous();
-}
-
 // The calling thread's slot in per-thread state.
 inline int64_t thread_slot(int64_t slots) {
   const int64_t t = at::get_thread_num();
@@ -91,36 +76,165 @@ inline int64_t thread_slot(int64_t slots) {
   return t;
 }
 
-// Each row's (max, sum exp) of a rows x cols tile of logits joins states[i0 + r].
+// Rows per task of a parallel loop over rows of m entries each: tiny problems run on the
+// calling thread, where waking the pool costs more than the work.
+inline int64_t rows_per_task(int64_t m) {
+  constexpr int64_t kMinEntriesPerTask = 32768;
+  return std::max<int64_t>(1, kMinEntriesPerTask / std::max<int64_t>(1, m));
+}
+
+// Calls task(i0, rows) for every row block of an n-row problem, in one parallel region.
+template <typename Fn>
+void for_each_row_block(int64_t n, Fn&& task) {
+  const RowBlocks blocks(n);
+  parallel_tasks(blocks.count, [&](int64_t b) { task(blocks.start(b), blocks.rows(b)); });
+}
+
+// A rows x cols tile whose row r starts at d + r * ld.
 template <typename T>
-void push_row_lse(const T* logits, int64_t rows, int64_t cols, int64_t i0,
-                  std::vector<mx::LseState<T>>& states) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = logits + r * cols;
-    T row_max = -std::numeric_limits<T>::infinity();
-    for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, row[c]);
-    T sum = 0;
-    for (int64_t c = 0; c < cols; ++c) sum += std::exp(row[c] - row_max);
-    states[i0 + r] = mx::lse_push_block(states[i0 + r], row_max, sum);
+struct Tile {
+  T* d;
+  int64_t rows, cols, ld;
+  T* row(int64_t r) const { return d + r * ld; }
+};
+
+// Problems of at most this many entries (n <= 512 for square ones) take their dot products
+// from one multi-threaded GEMM into a buffer of that size (1 MiB in float, half of one
+// task's tile buffer in a larger problem), the tiles being slices of it: the tasks of a
+// small problem have small tiles, whose sequential matmuls ran slower on two threads than
+// one threaded GEMM (n = 512: 2.0 against 2.35 ms per forward). Larger problems take each
+// tile from its task's own sequential matmul.
+constexpr int64_t kWholeProductEntries = int64_t(1) << 18;
+
+// A task's working memory: its tile buffer (tiled problems) and its tile's row and column
+// statistics.
+template <typename T>
+struct TileScratch {
+  at::Tensor buffer;  // [rows * min(m, kColBlock)]; undefined for whole products
+  std::vector<T> row_max, row_sum, col_max, col_sum;
+
+  TileScratch(int64_t rows, int64_t m, const at::Tensor& buffer_)
+      : buffer(buffer_), row_max(rows), row_sum(rows), col_max(std::min(m, kColBlock)),
+        col_sum(std::min(m, kColBlock)) {}
+};
+
+// The dot products <P_i, Q_j> of an n x m problem, tile by tile (P and Q contiguous, of
+// the accumulation dtype): a slice of the whole product when it holds at most
+// kWholeProductEntries entries (one GEMM, run by the constructor outside any parallel
+// region), else the tile's own matmul into the calling task's buffer. Tiles may be
+// overwritten (each tile of a whole product belongs to one task).
+template <typename T>
+class DotProducts {
+ public:
+  DotProducts(const at::Tensor& P, const at::Tensor& Q) : P_(P), Q_(Q) {
+    if (P.size(0) * Q.size(0) <= kWholeProductEntries) whole_ = at::mm(P, Q.t());
+  }
+
+  // Scratch for a task of up to `rows` rows.
+  TileScratch<T> scratch(int64_t rows) const {
+    const int64_t m = Q_.size(0);
+    return TileScratch<T>(rows, m,
+                          whole_.defined() ? at::Tensor()
+                                           : at::empty({rows * std::min(m, kColBlock)},
+                                                       P_.options()));
+  }
+
+  Tile<T> tile(TileScratch<T>& s, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    if (whole_.defined()) {
+      const int64_t m = Q_.size(0);
+      return Tile<T>{whole_.data_ptr<T>() + i0 * m + j0, rows, cols, m};
+    }
+    at::Tensor t = s.buffer.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(t, P_.narrow(0, i0, rows), Q_.narrow(0, j0, cols).t());
+    return Tile<T>{t.data_ptr<T>(), rows, cols, cols};
+  }
+
+ private:
+  at::Tensor P_, Q_, whole_;
+};
+
+// Dot products to logits scale * d + bias in place, and the tile's row maxima into
+// s.row_max and, with_cols, its column maxima into s.col_max. Float runs the vectorised
+// loops of cpu_vec_kernels.h, double the scalar maths of robustft_maths.h.
+inline void tile_logits(const Tile<float>& t, float scale, float bias, TileScratch<float>& s,
+                        bool with_cols) {
+  float* col_max = nullptr;
+  if (with_cols) {
+    std::fill(s.col_max.begin(), s.col_max.begin() + t.cols,
+              -std::numeric_limits<float>::infinity());
+    col_max = s.col_max.data();
+  }
+  vec::kernels().logits_max(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), col_max);
+}
+
+inline void tile_logits(const Tile<double>& t, double scale, double bias,
+                        TileScratch<double>& s, bool with_cols) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  if (with_cols) std::fill(s.col_max.begin(), s.col_max.begin() + t.cols, kNegInf);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    double* row = t.row(r);
+    double m = kNegInf;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      row[c] = mx::logit(row[c], scale, bias);
+      m = std::max(m, row[c]);
+      if (with_cols) s.col_max[c] = std::max(s.col_max[c], row[c]);
+    }
+    s.row_max[r] = m;
   }
 }
 
-// Each column's (max, sum exp) over the tile's rows joins states[j0 + c], rows streamed
-// so the inner loop stays contiguous.
+// Overwrites entry (r, c) of a logit tile that tile_logits formed (row maxima only) and
+// recomputes that row's maximum.
 template <typename T>
-void push_col_lse(const T* logits, int64_t rows, int64_t cols, int64_t j0,
-                  std::vector<mx::LseState<T>>& states) {
-  std::vector<T> cmax(cols, -std::numeric_limits<T>::infinity()), csum(cols, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = logits + r * cols;
-    for (int64_t c = 0; c < cols; ++c) cmax[c] = std::max(cmax[c], row[c]);
+void tile_set_logit(const Tile<T>& t, int64_t r, int64_t c, T value, TileScratch<T>& s) {
+  T* row = t.row(r);
+  row[c] = value;
+  T m = -std::numeric_limits<T>::infinity();
+  for (int64_t q = 0; q < t.cols; ++q) m = std::max(m, row[q]);
+  s.row_max[r] = m;
+}
+
+// The tile's row sums of exp(S - row max) into s.row_sum and, with_cols, its column sums
+// of exp(S - column max) into s.col_sum.
+inline void tile_exp_sums(const Tile<float>& t, TileScratch<float>& s, bool with_cols) {
+  float* col_sum = nullptr;
+  if (with_cols) {
+    std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0f);
+    col_sum = s.col_sum.data();
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = logits + r * cols;
-    for (int64_t c = 0; c < cols; ++c) csum[c] += std::exp(row[c] - cmax[c]);
+  vec::kernels().exp_sums(t.d, t.rows, t.cols, t.ld, s.row_max.data(), s.row_sum.data(),
+                          with_cols ? s.col_max.data() : nullptr, col_sum);
+}
+
+inline void tile_exp_sums(const Tile<double>& t, TileScratch<double>& s, bool with_cols) {
+  if (with_cols) std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const double* row = t.row(r);
+    double sum = 0;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      sum += std::exp(row[c] - s.row_max[r]);
+      if (with_cols) s.col_sum[c] += std::exp(row[c] - s.col_max[c]);
+    }
+    s.row_sum[r] = sum;
   }
-  for (int64_t c = 0; c < cols; ++c) {
-    states[j0 + c] = mx::lse_push_block(states[j0 + c], cmax[c], csum[c]);
+}
+
+// Each row's (max, sum exp) of a logit tile formed by tile_logits joins
+// row_states[i0 + r]; with col_states, each column's (over the tile's rows) joins
+// (*col_states)[j0 + c].
+template <typename T>
+void tile_fold(const Tile<T>& t, int64_t i0, int64_t j0, TileScratch<T>& s,
+               std::vector<mx::LseState<T>>& row_states,
+               std::vector<mx::LseState<T>>* col_states) {
+  tile_exp_sums(t, s, col_states != nullptr);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    row_states[i0 + r] = mx::lse_push_block(row_states[i0 + r], s.row_max[r], s.row_sum[r]);
+  }
+  if (col_states != nullptr) {
+    auto& cs = *col_states;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      cs[j0 + c] = mx::lse_push_block(cs[j0 + c], s.col_max[c], s.col_sum[c]);
+    }
   }
 }
 

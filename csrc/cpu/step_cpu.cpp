@@ -6,7 +6,8 @@
 // training batch; each streams the column tiles of its rows: up to three dot-product tiles
 // per step from sequential ATen matmuls (I_p M_q^T and T_p M_q^T for m^2, I_p T_q^T for
 // CLIP), folded with robustft_maths.h's per-entry maths into the row (and CLIP column)
-// log-sum-exp states.
+// log-sum-exp states. Float tiles run the vectorised loops of cpu_vec_kernels.h, double
+// tiles robustft_maths.h's functions (contrastive_cpu.cpp says more).
 //
 // The mixed negatives are read from the n x D buffer M that the op body computed: the
 // prologue costs O(n D), and mixing GEMM tiles instead (s <I_p, M_q> = w_a[q] <I_p, I_q> +
@@ -65,28 +66,36 @@ void step_lse_impl(const StepProblem& p, at::Tensor& lse) {
       r_state(p.with_clip ? n : 0, mx::lse_empty<T>());
   ColumnStates<T> c_state(p.with_clip ? n : 0, p.with_clip ? at::get_num_threads() : 0);
 
-  for_each_block(n, n, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    if (p.with_m2) {
-      // A and B: mixed negatives off the diagonal, the true pair on it.
-      for (int k = 0; k < 2; ++k) {
-        at::Tensor tile = dot_tile(k == 0 ? x.I : x.Tt, x.M, i0, rows, j0, cols);
-        T* d = tile.data_ptr<T>();
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t row = i0 + r, col = j0 + c;
-            d[r * cols + c] = row == col ? diag[row] : mx::logit(d[r * cols + c], x.s_m, T(0));
+  // A = I M^T and B = T M^T (m^2), C = I T^T (CLIP); one task's tiles of them share its
+  // scratch, each tile folded before the next is formed.
+  std::vector<DotProducts<T>> views;
+  if (p.with_m2) {
+    views.emplace_back(x.I, x.M);
+    views.emplace_back(x.Tt, x.M);
+  }
+  if (p.with_clip) views.emplace_back(x.I, x.Tt);
+  for_each_row_block(n, [&](int64_t i0, int64_t rows) {
+    TileScratch<T> s = views.front().scratch(rows);
+    for_each_col_tile(n, [&](int64_t j0, int64_t cols) {
+      size_t v = 0;
+      if (p.with_m2) {
+        // A and B: mixed negatives off the diagonal, the true pair on it.
+        for (int k = 0; k < 2; ++k) {
+          const Tile<T> t = views[v++].tile(s, i0, rows, j0, cols);
+          tile_logits(t, x.s_m, T(0), s, false);
+          const int64_t lo = std::max(i0, j0), hi = std::min(i0 + rows, j0 + cols);
+          for (int64_t row = lo; row < hi; ++row) {
+            tile_set_logit(t, row - i0, row - j0, diag[row], s);
           }
+          tile_fold<T>(t, i0, j0, s, k == 0 ? a_state : b_state, nullptr);
         }
-        push_row_lse(d, rows, cols, i0, k == 0 ? a_state : b_state);
       }
-    }
-    if (p.with_clip) {
-      at::Tensor tile = dot_tile(x.I, x.Tt, i0, rows, j0, cols);
-      T* d = tile.data_ptr<T>();
-      for (int64_t e = 0; e < rows * cols; ++e) d[e] = mx::logit(d[e], x.s_c, T(0));
-      push_row_lse(d, rows, cols, i0, r_state);
-      push_col_lse(d, rows, cols, j0, c_state.mine());
-    }
+      if (p.with_clip) {
+        const Tile<T> t = views[v].tile(s, i0, rows, j0, cols);
+        tile_logits(t, x.s_c, T(0), s, true);
+        tile_fold(t, i0, j0, s, r_state, &c_state.mine());
+      }
+    });
   });
 
   T* l = lse.data_ptr<T>();
@@ -101,29 +110,71 @@ void step_lse_impl(const StepProblem& p, at::Tensor& lse) {
 }
 
 // ---- Backward --------------------------------------------------------------------------
+// The dlogits of one view: CLIP's (maths::clip_dlogit) with weights w_row, w_col, w_pos
+// over row log-sum-exps row_lse and column log-sum-exps col_lse (null: that term off), the
+// special entry (p, p) either a positive pair (w_pos subtracted) or an m^2 true pair
+// (zero_diag: 0, its gradient is the op body's).
+template <typename T>
+struct ViewDlogits {
+  T scale, w_row, w_col, w_pos;
+  const T* row_lse;
+  const T* col_lse;
+  bool zero_diag;
+};
+
+// Rows [r_begin, r_end) of a chunk whose row 0 is problem row r0, in place; each row's
+// sum of dS * dot into stat[r].
+inline void view_dlogit_rows(const ViewDlogits<float>& v, float* d, int64_t m, int64_t r0,
+                             int64_t r_begin, int64_t r_end, float* stat) {
+  const int64_t p0 = r0 + r_begin;
+  vec::ClipDlogitArgs a;
+  a.scale = v.scale;
+  a.w_row = v.w_row;
+  a.w_col = v.w_col;
+  a.w_pos = v.w_pos;
+  a.row_lse = v.row_lse ? v.row_lse + p0 : nullptr;
+  a.col_lse = v.col_lse;
+  a.special = v.zero_diag ? vec::Special::kZero : vec::Special::kSubtract;
+  vec::kernels().clip_dlogits(d + r_begin * m, r_end - r_begin, m, p0, a, stat + r_begin,
+                              nullptr);
+}
+
+inline void view_dlogit_rows(const ViewDlogits<double>& v, double* d, int64_t m, int64_t r0,
+                             int64_t r_begin, int64_t r_end, double* stat) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t row = r0 + r;
+    double* drow = d + r * m;
+    double acc = 0;
+    for (int64_t q = 0; q < m; ++q) {
+      const double dot = drow[q];
+      const double g =
+          v.zero_diag && q == row
+              ? 0.0
+              : mx::clip_dlogit(mx::logit(dot, v.scale, 0.0), v.row_lse ? v.row_lse[row] : 0.0,
+                                v.col_lse ? v.col_lse[q] : 0.0, v.w_row, v.w_col, v.w_pos,
+                                !v.zero_diag && q == row);
+      drow[q] = g;
+      acc += g * dot;
+    }
+    stat[r] = acc;
+  }
+}
+
 // The chunk's dot products X[r0 : r0 + rows] Y^T straight into the workspace slice ws, then
-// dS in place by dl(p, q, dot) -> (dS, contribution to the row's statistic), parallel over
-// rows; returns the statistic's sum over the chunk, in row order (independent of the split).
-template <typename T, typename Dl>
-T chunk_dlogits(const at::Tensor& X, const at::Tensor& Y, int64_t r0, at::Tensor& ws, Dl&& dl) {
+// its dlogits in place, parallel over rows; returns the sum of dS * dot over the chunk, in
+// row order (independent of the split).
+template <typename T>
+T chunk_dlogits(const at::Tensor& X, const at::Tensor& Y, int64_t r0, at::Tensor& ws,
+                const ViewDlogits<T>& v) {
   const int64_t rows = ws.size(0), m = Y.size(0);
   at::mm_out(ws, X.narrow(0, r0, rows), Y.t());
   T* d = ws.data_ptr<T>();
   std::vector<T> stat(rows, T(0));
-  at::parallel_for(0, rows, 1, [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      T* row = d + r * m;
-      T acc = 0;
-      for (int64_t q = 0; q < m; ++q) {
-        const T dot = row[q];
-        row[q] = dl(r0 + r, q, dot);
-        acc += row[q] * dot;
-      }
-      stat[r] = acc;
-    }
+  at::parallel_for(0, rows, rows_per_task(m), [&](int64_t r_begin, int64_t r_end) {
+    view_dlogit_rows(v, d, m, r0, r_begin, r_end, stat.data());
   });
   T total = 0;
-  for (const T v : stat) total += v;
+  for (const T s : stat) total += s;
   return total;
 }
 
@@ -138,23 +189,14 @@ void step_dlogits_impl(const StepProblem& p, const at::Tensor& lse_t, int64_t r0
     // exp(A_pq - lse[0][p]) off the diagonal (the true pair's gradient is the op body's).
     T m2 = 0;
     for (int k = 0; k < 2; ++k) {
-      const T* l = lse + k * n;
-      m2 += chunk_dlogits<T>(k == 0 ? x.I : x.Tt, x.M, r0, k == 0 ? dA : dB,
-                             [&](int64_t row, int64_t col, T dot) {
-                               return row == col ? T(0)
-                                                 : mx::clip_dlogit(mx::logit(dot, x.s_m, T(0)),
-                                                                   l[row], T(0), T(1), T(0),
-                                                                   T(0), false);
-                             });
+      const ViewDlogits<T> v{x.s_m, T(1), T(0), T(0), lse + k * n, nullptr, true};
+      m2 += chunk_dlogits<T>(k == 0 ? x.I : x.Tt, x.M, r0, k == 0 ? dA : dB, v);
     }
     stats[0] += m2;
   }
   if (p.with_clip) {
-    const T *lr = lse + 2 * n, *lc = lse + 3 * n;
-    stats[1] += chunk_dlogits<T>(x.I, x.Tt, r0, dC, [&](int64_t row, int64_t col, T dot) {
-      return mx::clip_dlogit(mx::logit(dot, x.s_c, T(0)), lr[row], lc[col], T(0.5), T(0.5),
-                             T(1), row == col);
-    });
+    const ViewDlogits<T> v{x.s_c, T(0.5), T(0.5), T(1), lse + 2 * n, lse + 3 * n, false};
+    stats[1] += chunk_dlogits<T>(x.I, x.Tt, r0, dC, v);
   }
 }
 

@@ -1,0 +1,333 @@
+// Unit tests of the CPU kernels' vectorised float maths (csrc/cpu/cpu_vec_math.h) and the
+// loops built on it (csrc/cpu/cpu_vec_kernels.h), for every instruction set compiled in
+// that this CPU runs:
+//  * exp, log1p, softplus and sigmoid against the library functions evaluated in double
+//    over a strided sweep of all 2^32 float bit patterns (every sign, exponent and
+//    mantissa region, subnormals, infinities and NaNs) plus the edges of their ranges:
+//    at most 2 ulp for exp and log1p, 3 for softplus and sigmoid, the exact special
+//    values elsewhere;
+//  * the tile and row loops against the scalar double maths of robustft_maths.h on
+//    random tiles whose widths leave SIMD remainders.
+// Cases belong to the "maths" group.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_vec_kernels.h"
+#include "harness.h"
+#include "robustft_maths.h"
+
+namespace {
+
+namespace mx = ::robustft::maths;
+namespace vec = ::robustft::cpu::vec;
+using rft_test::add_case;
+using rft_test::cat;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// |got - ref| in units of the float spacing at ref (subnormal spacing below FLT_MIN).
+// Infinite error for a wrong class: NaN where ref is not, a finite value for an
+// infinite ref, or an infinity for a ref that rounds to a finite float.
+double ulp_error(float got, double ref) {
+  constexpr double kHuge = std::numeric_limits<double>::infinity();
+  if (std::isnan(ref)) return std::isnan(got) ? 0.0 : kHuge;
+  if (std::isnan(got)) return kHuge;
+  const double max_f = std::numeric_limits<float>::max();
+  if (std::fabs(ref) > max_f) {
+    // Rounds to +-inf unless within half an ulp of FLT_MAX.
+    const double rounded = static_cast<double>(static_cast<float>(ref));
+    return got == static_cast<float>(rounded) || std::fabs(got) == static_cast<float>(max_f)
+               ? 0.0
+               : kHuge;
+  }
+  if (std::isinf(got)) return kHuge;
+  int e = 0;
+  std::frexp(std::max(std::fabs(ref), double(std::numeric_limits<float>::min())), &e);
+  return std::fabs(double(got) - ref) / std::ldexp(1.0, e - 24);
+}
+
+// Every stride-th float bit pattern (an odd stride walks every region), and the edges.
+std::vector<float> sweep(uint32_t stride) {
+  std::vector<float> xs;
+  for (uint64_t u = 0; u < (uint64_t(1) << 32); u += stride) xs.push_back(from_bits(uint32_t(u)));
+  const float edges[] = {0.0f,        -0.0f,        kInf,         -kInf,       kNaN,
+                         -kNaN,       1.0f,         -1.0f,        0.5f,        -0.5f,
+                         88.7228394f, 88.7228470f,  88.72f,       89.0f,       -87.3365479f,
+                         -88.0f,      -100.0f,      -103.278931f, -103.972f,   -104.0f,
+                         -104.5f,     -1e30f,       1e30f,        0.41421356f, -0.29289322f,
+                         1e-30f,      -1e-30f,      1e-45f,       -1e-45f,     16777216.0f,
+                         std::numeric_limits<float>::max(),  -std::numeric_limits<float>::max(),
+                         std::numeric_limits<float>::min(),  std::numeric_limits<float>::denorm_min(),
+                         std::nextafter(-1.0f, 0.0f),        std::nextafter(-1.0f, -2.0f)};
+  xs.insert(xs.end(), std::begin(edges), std::end(edges));
+  return xs;
+}
+
+double ref_softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+double ref_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+using ElementwiseFn = void (*)(const float*, float*, int64_t);
+
+// Runs fn over xs (from an offset within a buffer, so that both aligned and unaligned
+// SIMD heads are exercised) and checks every result against ref within max_ulp.
+void check_elementwise(const char* name, ElementwiseFn fn, double (*ref)(double),
+                       const std::vector<float>& xs, double max_ulp) {
+  std::vector<float> in(xs.size() + 3), out(xs.size() + 3);
+  std::copy(xs.begin(), xs.end(), in.begin() + 3);
+  fn(in.data() + 3, out.data() + 3, int64_t(xs.size()));
+  double worst = 0;
+  float worst_x = 0;
+  int64_t bad = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const double err = ulp_error(out[i + 3], ref(double(xs[i])));
+    if (err > worst || std::isnan(err)) {
+      worst = err;
+      worst_x = xs[i];
+    }
+    if (!(err <= max_ulp)) {
+      if (bad++ < 5) {
+        RFT_CHECK_MSG(false, name, "(", xs[i], ") = ", out[i + 3], ", reference ",
+                      ref(double(xs[i])), " (", err, " ulp)");
+      }
+    }
+  }
+  RFT_CHECK_MSG(bad == 0, name, ": ", bad, " of ", xs.size(), " arguments beyond ", max_ulp,
+                " ulp");
+  rft_test::note(cat(name, ": ", xs.size(), " arguments, max error ", worst, " ulp at x = ",
+                     worst_x));
+}
+
+double ref_exp(double x) { return std::exp(x); }
+double ref_log1p(double x) { return std::log1p(x); }
+
+void check_specials(const vec::Kernels& k) {
+  // Exact special values (ulp_error compares classes; here the values themselves).
+  const std::vector<float> x = {-kInf, kInf, kNaN, -1.0f, -2.0f, 0.0f, -200.0f, 200.0f};
+  std::vector<float> e(x.size()), l(x.size()), sp(x.size()), sg(x.size());
+  k.exp_n(x.data(), e.data(), int64_t(x.size()));
+  k.log1p_n(x.data(), l.data(), int64_t(x.size()));
+  k.softplus_n(x.data(), sp.data(), int64_t(x.size()));
+  k.sigmoid_n(x.data(), sg.data(), int64_t(x.size()));
+  RFT_CHECK(e[0] == 0.0f && e[1] == kInf && std::isnan(e[2]) && e[5] == 1.0f && e[6] == 0.0f &&
+            e[7] == kInf);
+  RFT_CHECK(std::isnan(l[0]) && l[1] == kInf && std::isnan(l[2]) && l[3] == -kInf &&
+            std::isnan(l[4]) && l[5] == 0.0f);
+  RFT_CHECK(sp[0] == 0.0f && sp[1] == kInf && std::isnan(sp[2]) && sp[6] == 0.0f &&
+            sp[7] == 200.0f);
+  RFT_CHECK(sg[0] == 0.0f && sg[1] == 1.0f && std::isnan(sg[2]) && sg[5] == 0.5f &&
+            sg[6] == 0.0f && sg[7] == 1.0f);
+}
+
+std::vector<float> random_floats(size_t n, float lo, float hi, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(gen);
+  return v;
+}
+
+bool near(double got, double want, double rtol, double atol) {
+  return std::fabs(got - want) <= rtol * std::fabs(want) + atol;
+}
+
+// logits_max + exp_sums and softplus_sums on a tile against robustft_maths.h in double,
+// compact (ld = cols) and as a slice of wider rows.
+void check_tile_loops(const vec::Kernels& k) {
+  for (const int64_t cols : {1, 7, 16, 33, 130}) {
+    const int64_t rows = 5;
+    const float scale = 14.285714f, bias = -3.0f;
+    const auto dots = random_floats(size_t(rows * cols), -1.0f, 1.0f, uint32_t(cols));
+    std::vector<float> t = dots, row_max(rows), row_sum(rows);
+    std::vector<float> col_max(cols, -kInf), col_sum(cols, 0.0f);
+    k.logits_max(t.data(), rows, cols, cols, scale, bias, row_max.data(), col_max.data());
+    k.exp_sums(t.data(), rows, cols, cols, row_max.data(), row_sum.data(), col_max.data(),
+               col_sum.data());
+    std::vector<float> sp_sum(rows);
+    k.softplus_sums(dots.data(), rows, cols, cols, scale, bias, sp_sum.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      double want_max = -INFINITY;
+      double want_sp = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double s = mx::logit<double>(dots[r * cols + c], scale, bias);
+        // One rounding (fused multiply-add) or two, depending on the instruction set.
+        const double size = std::fabs(double(scale) * dots[r * cols + c]) + std::fabs(bias);
+        RFT_CHECK_MSG(near(t[r * cols + c], s, 0, 1.2e-7 * size), "logit ", t[r * cols + c],
+                      " vs ", s);
+        want_max = std::max(want_max, double(t[r * cols + c]));
+        want_sp += mx::softplus(s);
+      }
+      double want_sum = 0;
+      for (int64_t c = 0; c < cols; ++c) want_sum += std::exp(double(t[r * cols + c]) - want_max);
+      RFT_CHECK_MSG(row_max[r] == float(want_max), "row max ", row_max[r], " vs ", want_max);
+      RFT_CHECK_MSG(near(row_sum[r], want_sum, 1e-5, 0), "row sum ", row_sum[r], " vs ", want_sum);
+      RFT_CHECK_MSG(near(sp_sum[r], want_sp, 1e-5, 0), "softplus sum ", sp_sum[r], " vs ",
+                    want_sp);
+    }
+    // The same tile as a slice of wider rows (ld > cols): same results, padding untouched.
+    const int64_t ld = cols + 5;
+    std::vector<float> wide(size_t(rows * ld), kNaN), w_max(rows), w_sum(rows), w_sp(rows);
+    std::vector<float> w_cmax(cols, -kInf), w_csum(cols, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(dots.begin() + r * cols, dots.begin() + (r + 1) * cols, wide.begin() + r * ld);
+    }
+    k.softplus_sums(wide.data(), rows, cols, ld, scale, bias, w_sp.data());
+    k.logits_max(wide.data(), rows, cols, ld, scale, bias, w_max.data(), w_cmax.data());
+    k.exp_sums(wide.data(), rows, cols, ld, w_max.data(), w_sum.data(), w_cmax.data(),
+               w_csum.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      RFT_CHECK(w_max[r] == row_max[r] && w_sum[r] == row_sum[r] && w_sp[r] == sp_sum[r]);
+      for (int64_t c = 0; c < cols; ++c) RFT_CHECK(wide[r * ld + c] == t[r * cols + c]);
+      for (int64_t c = cols; c < ld; ++c) RFT_CHECK(std::isnan(wide[r * ld + c]));
+    }
+    for (int64_t c = 0; c < cols; ++c) RFT_CHECK(w_cmax[c] == col_max[c] && w_csum[c] == col_sum[c]);
+    for (int64_t c = 0; c < cols; ++c) {
+      double want_max = -INFINITY, want_sum = 0;
+      for (int64_t r = 0; r < rows; ++r) want_max = std::max(want_max, double(t[r * cols + c]));
+      for (int64_t r = 0; r < rows; ++r) want_sum += std::exp(double(t[r * cols + c]) - want_max);
+      RFT_CHECK(col_max[c] == float(want_max));
+      RFT_CHECK_MSG(near(col_sum[c], want_sum, 1e-5, 0), "col sum ", col_sum[c], " vs ", want_sum);
+    }
+  }
+}
+
+// clip_dlogits / siglip_dlogits against maths::clip_dlogit / siglip_dlogit in double,
+// with the special entry inside, outside and at the edge of the chunk.
+void check_dlogit_loops(const vec::Kernels& k) {
+  const int64_t rows = 4, m = 37;
+  const float scale = 10.0f, bias = -2.0f;
+  const auto dots = random_floats(size_t(rows * m), -1.0f, 1.0f, 11u);
+  const auto row_lse = random_floats(size_t(rows), 3.0f, 6.0f, 12u);
+  const auto col_lse = random_floats(size_t(m), 3.0f, 6.0f, 13u);
+  struct Mode {
+    bool row, col;
+    vec::Special special;
+    int64_t p0, offset;
+  };
+  const Mode modes[] = {{true, true, vec::Special::kSubtract, 0, 0},
+                        {true, false, vec::Special::kSubtract, 3, 2},
+                        {true, false, vec::Special::kZero, 30, 0},
+                        {false, true, vec::Special::kNone, 0, 0},
+                        {true, true, vec::Special::kSubtract, 34, 0}};  // rows 34..37: 37 is past m
+  for (const Mode& md : modes) {
+    vec::ClipDlogitArgs a;
+    a.scale = scale;
+    a.bias = bias;
+    a.w_row = md.row ? 0.5f : 0.0f;
+    a.w_col = md.col ? 0.5f : 0.0f;
+    a.w_pos = 1.0f;
+    a.row_lse = md.row ? row_lse.data() : nullptr;
+    a.col_lse = md.col ? col_lse.data() : nullptr;
+    a.special = md.special;
+    a.offset = md.offset;
+    std::vector<float> d = dots, sd(rows), ss(rows);
+    k.clip_dlogits(d.data(), rows, m, md.p0, a, sd.data(), ss.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      double want_dot = 0, want_sum = 0;
+      for (int64_t q = 0; q < m; ++q) {
+        const double dot = dots[r * m + q];
+        const bool special = md.special != vec::Special::kNone && q == md.p0 + r + md.offset;
+        const double s = mx::logit<double>(dot, scale, bias);
+        double g = mx::clip_dlogit<double>(s, md.row ? row_lse[r] : 0.0, md.col ? col_lse[q] : 0.0,
+                                           a.w_row, a.w_col, a.w_pos,
+                                           special && md.special == vec::Special::kSubtract);
+        if (special && md.special == vec::Special::kZero) g = 0;
+        RFT_CHECK_MSG(near(d[r * m + q], g, 2e-6, 2e-6), "dS(", r, ", ", q, ") = ", d[r * m + q],
+                      " vs ", g);
+        want_dot += g * dot;
+        want_sum += g;
+      }
+      RFT_CHECK_MSG(near(sd[r], want_dot, 1e-5, 1e-6), "stat_dot ", sd[r], " vs ", want_dot);
+      RFT_CHECK_MSG(near(ss[r], want_sum, 1e-5, 1e-6), "stat_sum ", ss[r], " vs ", want_sum);
+    }
+  }
+  {
+    // An m^2 true pair whose recomputed logit dominates its row: the row's statistics
+    // (without it) are small next to its term and must not lose their precision to it.
+    const int64_t p0 = 5;
+    std::vector<float> dom = random_floats(size_t(m), -0.3f, 0.3f, 14u);
+    dom[p0] = 1.0f;
+    const float s_m = 14.0f;
+    long double lse = 0;
+    for (float x : dom) lse += std::exp(static_cast<long double>(s_m) * x);
+    const float r_lse = float(std::log(lse));
+    vec::ClipDlogitArgs a;
+    a.scale = s_m;
+    a.w_row = 1.0f;
+    a.row_lse = &r_lse;
+    a.special = vec::Special::kZero;
+    std::vector<float> d = dom;
+    float sd = 0, ss = 0;
+    k.clip_dlogits(d.data(), 1, m, p0, a, &sd, &ss);
+    double want_dot = 0, want_sum = 0;
+    for (int64_t q = 0; q < m; ++q) {
+      if (q == p0) continue;
+      const double g = std::exp(double(s_m) * dom[q] - double(r_lse));
+      want_dot += g * dom[q];
+      want_sum += g;
+    }
+    RFT_CHECK(d[p0] == 0.0f);
+    RFT_CHECK_MSG(near(sd, want_dot, 1e-5, 0), "dominant pair: stat_dot ", sd, " vs ", want_dot);
+    RFT_CHECK_MSG(near(ss, want_sum, 1e-5, 0), "dominant pair: stat_sum ", ss, " vs ", want_sum);
+  }
+  for (const bool pos : {true, false}) {
+    std::vector<float> d = dots, sd(rows), ss(rows);
+    k.siglip_dlogits(d.data(), rows, m, 2, scale, bias, 1.0f, pos, 0, sd.data(), ss.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      double want_dot = 0, want_sum = 0;
+      for (int64_t q = 0; q < m; ++q) {
+        const double dot = dots[r * m + q];
+        const double g = mx::siglip_dlogit<double>(mx::logit<double>(dot, scale, bias), 1.0,
+                                                   pos && q == 2 + r);
+        RFT_CHECK_MSG(near(d[r * m + q], g, 2e-6, 2e-6), "siglip dS(", r, ", ", q, ") = ",
+                      d[r * m + q], " vs ", g);
+        want_dot += g * dot;
+        want_sum += g;
+      }
+      RFT_CHECK_MSG(near(sd[r], want_dot, 1e-5, 1e-6), "siglip stat_dot ", sd[r], " vs ", want_dot);
+      RFT_CHECK_MSG(near(ss[r], want_sum, 1e-5, 1e-6), "siglip stat_sum ", ss[r], " vs ", want_sum);
+    }
+  }
+}
+
+RFT_CASES(vec_math) {
+  add_case("maths/vec_kernels_best_is_first", [] {
+    const auto sets = vec::supported_kernels();
+    RFT_CHECK(&vec::kernels() == sets.front());
+    RFT_CHECK(std::string(sets.back()->isa) == "baseline");
+    rft_test::note(cat("kernel sets on this CPU (best first): ", [&] {
+      std::string s;
+      for (const auto* k : sets) s += std::string(s.empty() ? "" : ", ") + k->isa;
+      return s;
+    }()));
+  });
+  for (const vec::Kernels* k : vec::supported_kernels()) {
+    const std::string isa = k->isa;
+    add_case("maths/vec_exp_log1p_" + isa, [k] {
+      const auto xs = sweep(4099);  // about one million arguments
+      check_elementwise("exp", k->exp_n, ref_exp, xs, 2.0);
+      check_elementwise("log1p", k->log1p_n, ref_log1p, xs, 2.0);
+      check_specials(*k);
+    });
+    add_case("maths/vec_softplus_sigmoid_" + isa, [k] {
+      const auto xs = sweep(4099);
+      check_elementwise("softplus", k->softplus_n, ref_softplus, xs, 3.0);
+      check_elementwise("sigmoid", k->sigmoid_n, ref_sigmoid, xs, 3.0);
+    });
+    add_case("maths/vec_tile_loops_" + isa, [k] { check_tile_loops(*k); });
+    add_case("maths/vec_dlogit_loops_" + isa, [k] { check_dlogit_loops(*k); });
+  }
+}
+
+}  // namespace
