@@ -8,7 +8,9 @@
 //    inputs, float otherwise) on the device of P.
 //  * Outputs are preallocated by the caller.
 //  * No launcher allocates anything of size n x m: the backward forms its dlogits one row
-//    chunk at a time into a workspace the caller sizes (workspace.h).
+//    chunk at a time into a workspace the caller sizes (workspace.h). The one n x m buffer
+//    is the CPU's kept dot products (below), which the caller allocates only when they fit
+//    the same workspace limit.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,6 +34,9 @@ struct DlogitSpec {
   int64_t pos_offset = 0;  // (p, q) is positive where q - p == pos_offset
   at::Tensor row_lse;      // [n] acc dtype; undefined when w_row == 0 or siglip
   at::Tensor col_lse;      // [m] acc dtype; undefined when w_col == 0 or siglip
+  // ds already holds the chunk's dot products <P_p, Q_q> (the CPU forward kept them), so
+  // the launcher forms the dlogits from them in place instead of recomputing them.
+  bool ds_holds_dots = false;
 };
 
 #define RFT_DECLARE_KERNELS(DEV)                                                  \
@@ -68,5 +73,17 @@ RFT_DECLARE_KERNELS(cpu)
 RFT_DECLARE_KERNELS(cuda)
 
 #undef RFT_DECLARE_KERNELS
+
+// The CPU forward that keeps its dot products for the backward (contrastive_ops.h,
+// "kept dot products"): a CPU has no FLOPs to spare for the backward's recomputation,
+// and the n x m products fit in memory whenever they fit the workspace limit.
+//  dot_products: dots [n, m] (acc dtype, contiguous) = P Q^T.
+//  clip_lse_from_dots / siglip_softplus_sum_from_dots: clip_lse / siglip_softplus_sum
+//  from those dot products, which they leave as they are.
+void dot_products_cpu(const at::Tensor& P, const at::Tensor& Q, at::Tensor& dots);
+void clip_lse_from_dots_cpu(const at::Tensor& dots, const at::Tensor& scale,
+                            const at::Tensor& bias, at::Tensor& row_lse, at::Tensor& col_lse);
+void siglip_softplus_sum_from_dots_cpu(const at::Tensor& dots, const at::Tensor& scale,
+                                       const at::Tensor& bias, at::Tensor& out);
 
 }  // namespace robustft

@@ -80,12 +80,8 @@ inline at::Tensor positive_logits(const at::Tensor& a, const at::Tensor& b,
   return dots * scale + bias;
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
-    const KernelSet& k, const at::Tensor& a, const at::Tensor& b,
-    const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset,
-    bool symmetric) {
-  RFT_KERNEL_GUARDS();
-  check_features(a, b, scale, bias);
+inline void check_clip_problem(const at::Tensor& a, const at::Tensor& b, int64_t diag_offset,
+                               bool symmetric) {
   const int64_t n = a.size(0), m = b.size(0);
   if (symmetric) {
     TORCH_CHECK(n == m && diag_offset == 0,
@@ -95,16 +91,42 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
                 "robustft_ext: positives (i, i + ", diag_offset, ") fall outside ", m,
                 " columns");
   }
+}
+
+inline void check_siglip_problem(const at::Tensor& a, const at::Tensor& b, bool negative_only) {
+  TORCH_CHECK(negative_only || b.size(0) == a.size(0),
+              "robustft_ext: siglip with positives needs as many rows in b as in a");
+}
+
+// The CLIP loss from its log-sum-exp statistics, which lse(ac, bc, row_lse, col_lse) fills
+// (col_lse undefined when not symmetric).
+template <typename Lse>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_from_lse(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    int64_t diag_offset, bool symmetric, Lse&& lse) {
+  const int64_t n = a.size(0), m = b.size(0);
   const auto ac = a.contiguous(), bc = b.contiguous();
   const auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
   at::Tensor row_lse = at::empty({n}, opts);
   at::Tensor col_lse = at::empty({symmetric ? m : 0}, opts);
   at::Tensor col_arg = symmetric ? col_lse : at::Tensor();
-  k.clip_lse(ac, bc, scale, bias, row_lse, col_arg);
+  lse(ac, bc, row_lse, col_arg);
   const auto pos = positive_logits(ac, bc, scale, bias, diag_offset).sum();
   at::Tensor loss = symmetric ? (row_lse.sum() + col_lse.sum() - 2 * pos) / (2.0 * n)
                               : (row_lse.sum() - pos) / double(n);
   return {loss, row_lse, col_lse};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
+    const KernelSet& k, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset,
+    bool symmetric) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_clip_problem(a, b, diag_offset, symmetric);
+  return clip_loss_from_lse(a, b, scale, bias, diag_offset, symmetric,
+                            [&](const at::Tensor& ac, const at::Tensor& bc, at::Tensor& r,
+                                at::Tensor& c) { k.clip_lse(ac, bc, scale, bias, r, c); });
 }
 
 // Both feature gradients (in the inputs' dtypes) and the two scalar gradients of one
@@ -113,10 +135,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_fwd_impl(
 //   grad_a[chunk] = scale g norm dS b,   grad_b += scale g norm dS^T a[chunk]
 // (docs/maths.md, section 1: dI = s dS T, dT = s dS^T I). Each logit tile is recomputed
 // once, and the GEMMs run on the library's tensor-core kernels where the device has them.
+//
+// With kept_dots (the CPU forward's dot products, [n, m] in the workspace dtype) the one
+// chunk is every row, formed in place from those products: no dot product is recomputed,
+// and kept_dots holds the dlogits afterwards.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
-    const KernelSet& k, const DlogitSpec& spec, const at::Tensor& grad_loss,
+    const KernelSet& k, DlogitSpec spec, const at::Tensor& grad_loss,
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-    const at::Tensor& bias) {
+    const at::Tensor& bias, const at::Tensor& kept_dots = at::Tensor()) {
   const auto acc = acc_dtype(a.scalar_type());
   const int64_t n = a.size(0), m = b.size(0), D = a.size(1);
   const auto g_norm = grad_loss.to(acc).reshape({}) * spec.norm;  // the dlogits' true factor
@@ -126,8 +152,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
   const auto ac = a.contiguous(), bc = b.contiguous();
   const auto ws_dtype = k.gemm.workspace_dtype(a.scalar_type());
-  const int64_t rows = workspace_chunk_rows(n, m * at::elementSize(ws_dtype), kChunkAlign);
-  at::Tensor ws = at::empty({rows, m}, a.options().dtype(ws_dtype));
+  spec.ds_holds_dots = kept_dots.defined();
+  if (spec.ds_holds_dots) {
+    TORCH_CHECK(kept_dots.dim() == 2 && kept_dots.size(0) == n && kept_dots.size(1) == m &&
+                    kept_dots.is_contiguous() && kept_dots.scalar_type() == ws_dtype &&
+                    kept_dots.device() == a.device(),
+                "robustft_ext: the kept dot products must be a contiguous [", n, ", ", m,
+                "] tensor of dtype ", ws_dtype, " on the features' device");
+  }
+  const int64_t rows = spec.ds_holds_dots
+                           ? n
+                           : workspace_chunk_rows(n, m * at::elementSize(ws_dtype), kChunkAlign);
+  at::Tensor ws = spec.ds_holds_dots ? kept_dots : at::empty({rows, m}, a.options().dtype(ws_dtype));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor ds = ws.narrow(0, 0, r);
@@ -142,18 +178,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
           stats[1].clone()};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
-    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
-    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, int64_t diag_offset,
-    bool symmetric) {
-  RFT_KERNEL_GUARDS();
-  check_features(a, b, scale, bias);
+// dS = (1/n) [w_row exp(S - r) + w_col exp(S - c) - [positive]]; symmetric: both terms put
+// 1/(2n) on the diagonal.
+inline DlogitSpec clip_spec(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_lse,
+                            const at::Tensor& col_lse, int64_t diag_offset, bool symmetric) {
   const int64_t n = a.size(0), m = b.size(0);
   TORCH_CHECK(row_lse.numel() == n && (!symmetric || col_lse.numel() == m),
               "robustft_ext: saved log-sum-exp statistics do not match the inputs");
-  // dS = (1/n) [w_row exp(S - r) + w_col exp(S - c) - [positive]]; symmetric: both
-  // terms put 1/(2n) on the diagonal.
   DlogitSpec spec;
   spec.w_row = symmetric ? 0.5 : 1.0;
   spec.w_col = symmetric ? 0.5 : 0.0;
@@ -163,7 +194,32 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
   spec.pos_offset = diag_offset;
   spec.row_lse = row_lse;
   if (symmetric) spec.col_lse = col_lse;
-  return run_grad(k, spec, grad_loss, a, b, scale, bias);
+  return spec;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
+    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, int64_t diag_offset,
+    bool symmetric) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_clip_problem(a, b, diag_offset, symmetric);
+  return run_grad(k, clip_spec(a, b, row_lse, col_lse, diag_offset, symmetric), grad_loss, a, b,
+                  scale, bias);
+}
+
+// The SigLIP loss from the sum of softplus(S) over every pair, which sum(ac, bc, out) fills.
+template <typename Sum>
+at::Tensor siglip_loss_from_sum(const at::Tensor& a, const at::Tensor& b,
+                                const at::Tensor& scale, const at::Tensor& bias,
+                                bool negative_only, Sum&& sum) {
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor total = at::empty({}, a.options().dtype(acc_dtype(a.scalar_type())));
+  sum(ac, bc, total);
+  // -log sigmoid(s) = softplus(s) - s on the positives.
+  if (!negative_only) total = total - positive_logits(ac, bc, scale, bias, 0).sum();
+  return total / double(a.size(0));
 }
 
 inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
@@ -171,15 +227,21 @@ inline at::Tensor siglip_fwd_impl(const KernelSet& k, const at::Tensor& a,
                                   const at::Tensor& bias, bool negative_only) {
   RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
-  const int64_t n = a.size(0);
-  TORCH_CHECK(negative_only || b.size(0) == n,
-              "robustft_ext: siglip with positives needs as many rows in b as in a");
-  const auto ac = a.contiguous(), bc = b.contiguous();
-  at::Tensor total = at::empty({}, a.options().dtype(acc_dtype(a.scalar_type())));
-  k.siglip_softplus_sum(ac, bc, scale, bias, total);
-  // -log sigmoid(s) = softplus(s) - s on the positives.
-  if (!negative_only) total = total - positive_logits(ac, bc, scale, bias, 0).sum();
-  return total / double(n);
+  check_siglip_problem(a, b, negative_only);
+  return siglip_loss_from_sum(a, b, scale, bias, negative_only,
+                              [&](const at::Tensor& ac, const at::Tensor& bc, at::Tensor& out) {
+                                k.siglip_softplus_sum(ac, bc, scale, bias, out);
+                              });
+}
+
+inline DlogitSpec siglip_spec(const at::Tensor& a, bool negative_only) {
+  DlogitSpec spec;
+  spec.siglip = true;
+  spec.w_row = 1.0;
+  spec.norm = 1.0 / a.size(0);
+  spec.has_positives = !negative_only;
+  spec.pos_offset = 0;
+  return spec;
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_impl(
@@ -188,16 +250,89 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
     bool negative_only) {
   RFT_KERNEL_GUARDS();
   check_features(a, b, scale, bias);
+  check_siglip_problem(a, b, negative_only);
+  return run_grad(k, siglip_spec(a, negative_only), grad_loss, a, b, scale, bias);
+}
+
+// ---- Kept dot products (CPU) --------------------------------------------------------
+// A CPU backward that recomputes its dot products runs 8 n m D FLOPs in all against the
+// eager reference's 6 n m D (which keeps the n x m logits), and on a CPU those FLOPs are
+// the time. So, when the autograd Function will need gradients and the n x m products fit
+// the workspace limit, the CPU forward keeps them: clip_fwd_keep / siglip_fwd_keep return
+// them as an extra output, and clip_bwd_kept / siglip_bwd_kept turn them into dlogits in
+// place (their schemas mark them mutated) and take the gradients from them with two GEMMs.
+struct KeptDotKernels {
+  void (*dot_products)(const at::Tensor&, const at::Tensor&, at::Tensor&);
+  void (*clip_lse_from_dots)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             at::Tensor&, at::Tensor&);
+  void (*siglip_softplus_sum_from_dots)(const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, at::Tensor&);
+};
+
+// dots = a b^T in the workspace dtype, refused when it would exceed the workspace limit.
+inline at::Tensor kept_dot_products(const KernelSet& k, const KeptDotKernels& kd,
+                                    const at::Tensor& a, const at::Tensor& b) {
+  const auto ws_dtype = k.gemm.workspace_dtype(a.scalar_type());
   const int64_t n = a.size(0), m = b.size(0);
-  TORCH_CHECK(negative_only || m == n,
-              "robustft_ext: siglip with positives needs as many rows in b as in a");
-  DlogitSpec spec;
-  spec.siglip = true;
-  spec.w_row = 1.0;
-  spec.norm = 1.0 / n;
-  spec.has_positives = !negative_only;
-  spec.pos_offset = 0;
-  return run_grad(k, spec, grad_loss, a, b, scale, bias);
+  const int64_t bytes = n * m * int64_t(at::elementSize(ws_dtype));
+  const int64_t limit = workspace_limit_bytes().load();
+  TORCH_CHECK(bytes <= limit, "robustft_ext: keeping the ", n, " x ", m, " dot products takes ",
+              bytes, " bytes, more than the workspace limit of ", limit,
+              " bytes (use the forward that keeps nothing)");
+  at::Tensor dots = at::empty({n, m}, a.options().dtype(ws_dtype));
+  kd.dot_products(a.contiguous(), b.contiguous(), dots);
+  return dots;
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_fwd_keep_impl(
+    const KernelSet& k, const KeptDotKernels& kd, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& bias, int64_t diag_offset, bool symmetric) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_clip_problem(a, b, diag_offset, symmetric);
+  const at::Tensor dots = kept_dot_products(k, kd, a, b);
+  auto [loss, row_lse, col_lse] = clip_loss_from_lse(
+      a, b, scale, bias, diag_offset, symmetric,
+      [&](const at::Tensor&, const at::Tensor&, at::Tensor& r, at::Tensor& c) {
+        kd.clip_lse_from_dots(dots, scale, bias, r, c);
+      });
+  return {loss, row_lse, col_lse, dots};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_kept_impl(
+    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& dots,
+    int64_t diag_offset, bool symmetric) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_clip_problem(a, b, diag_offset, symmetric);
+  return run_grad(k, clip_spec(a, b, row_lse, col_lse, diag_offset, symmetric), grad_loss, a, b,
+                  scale, bias, dots);
+}
+
+inline std::tuple<at::Tensor, at::Tensor> siglip_fwd_keep_impl(
+    const KernelSet& k, const KeptDotKernels& kd, const at::Tensor& a, const at::Tensor& b,
+    const at::Tensor& scale, const at::Tensor& bias, bool negative_only) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_siglip_problem(a, b, negative_only);
+  const at::Tensor dots = kept_dot_products(k, kd, a, b);
+  at::Tensor loss = siglip_loss_from_sum(
+      a, b, scale, bias, negative_only, [&](const at::Tensor&, const at::Tensor&, at::Tensor& out) {
+        kd.siglip_softplus_sum_from_dots(dots, scale, bias, out);
+      });
+  return {loss, dots};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_kept_impl(
+    const KernelSet& k, const at::Tensor& grad_loss, const at::Tensor& a,
+    const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& dots, bool negative_only) {
+  RFT_KERNEL_GUARDS();
+  check_features(a, b, scale, bias);
+  check_siglip_problem(a, b, negative_only);
+  return run_grad(k, siglip_spec(a, negative_only), grad_loss, a, b, scale, bias, dots);
 }
 
 // Registers the four ops for one dispatch key with that device's launchers.
@@ -224,6 +359,33 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_imp
                             const at::Tensor& b, const at::Tensor& scale,            \
                             const at::Tensor& bias, bool neg) {                      \
       return ::robustft::siglip_bwd_impl(KERNELS, g, a, b, scale, bias, neg);        \
+    });                                                                              \
+  }
+
+// Registers the four kept-dot-product ops for one dispatch key (the CPU's).
+#define RFT_REGISTER_KEPT_DOT_OPS(KEY, KERNELS, KEPT)                                  \
+  TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                         \
+    m.impl("clip_fwd_keep", [](const at::Tensor& a, const at::Tensor& b,             \
+                               const at::Tensor& scale, const at::Tensor& bias,      \
+                               int64_t off, bool sym) {                              \
+      return ::robustft::clip_fwd_keep_impl(KERNELS, KEPT, a, b, scale, bias, off, sym); \
+    });                                                                              \
+    m.impl("clip_bwd_kept",                                                          \
+           [](const at::Tensor& g, const at::Tensor& a, const at::Tensor& b,         \
+              const at::Tensor& scale, const at::Tensor& bias, const at::Tensor& r,  \
+              const at::Tensor& c, at::Tensor& dots, int64_t off, bool sym) {        \
+             return ::robustft::clip_bwd_kept_impl(KERNELS, g, a, b, scale, bias, r, c, \
+                                                   dots, off, sym);                  \
+           });                                                                       \
+    m.impl("siglip_fwd_keep", [](const at::Tensor& a, const at::Tensor& b,           \
+                                 const at::Tensor& scale, const at::Tensor& bias,    \
+                                 bool neg) {                                         \
+      return ::robustft::siglip_fwd_keep_impl(KERNELS, KEPT, a, b, scale, bias, neg); \
+    });                                                                              \
+    m.impl("siglip_bwd_kept", [](const at::Tensor& g, const at::Tensor& a,           \
+                                 const at::Tensor& b, const at::Tensor& scale,       \
+                                 const at::Tensor& bias, at::Tensor& dots, bool neg) { \
+      return ::robustft::siglip_bwd_kept_impl(KERNELS, g, a, b, scale, bias, dots, neg); \
     });                                                                              \
   }
 

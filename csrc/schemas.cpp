@@ -34,6 +34,22 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def(
       "siglip_bwd(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
       "bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The CPU variants that keep the n x m dot products for the backward (contrastive_ops.h,
+  // "Kept dot products"); only when they fit the workspace limit. The _keep forwards return
+  // them last; the _kept backwards overwrite them with the dlogits.
+  m.def(
+      "clip_fwd_keep(Tensor a, Tensor b, Tensor scale, Tensor bias, int diag_offset, "
+      "bool symmetric) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "clip_bwd_kept(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+      "Tensor row_lse, Tensor col_lse, Tensor(a!) dots, int diag_offset, bool symmetric) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "siglip_fwd_keep(Tensor a, Tensor b, Tensor scale, Tensor bias, bool negative_only) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "siglip_bwd_kept(Tensor grad_loss, Tensor a, Tensor b, Tensor scale, Tensor bias, "
+      "Tensor(a!) dots, bool negative_only) -> (Tensor, Tensor, Tensor, Tensor)");
   // Geodesic mixing of matched rows: out_p = slerp(a_p, b_p; lam) (docs/maths.md, section 3,
   // stabilised as robustft_maths.h slerp_weights says); lam is a 0-d tensor of the
   // accumulation dtype. slerp_bwd returns the gradients of a and b.

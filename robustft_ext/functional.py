@@ -17,14 +17,16 @@ def _clip(x: PairInputs, diag_offset: int, symmetric: bool, backend: str | None)
     name = select_backend(backend, x.a.device, x.a.dtype)
     if name == "reference":
         return reference.clip_loss(x.a, x.b, x.scale, x.bias, diag_offset, symmetric)
-    return ClipLossFunction.apply(x.a, x.b, x.scale, x.bias, diag_offset, symmetric, name)
+    return ClipLossFunction.apply(x.a, x.b, x.scale, x.bias, diag_offset, symmetric, name,
+                                  torch.is_grad_enabled())
 
 
 def _siglip(x: PairInputs, negative_only: bool, backend: str | None) -> torch.Tensor:
     name = select_backend(backend, x.a.device, x.a.dtype)
     if name == "reference":
         return reference.siglip_loss(x.a, x.b, x.scale, x.bias, negative_only)
-    return SigLipLossFunction.apply(x.a, x.b, x.scale, x.bias, negative_only, name)
+    return SigLipLossFunction.apply(x.a, x.b, x.scale, x.bias, negative_only, name,
+                                    torch.is_grad_enabled())
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: Scalar,

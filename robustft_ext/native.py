@@ -90,6 +90,59 @@ def _siglip_bwd_fake(grad_loss, a, b, scale, bias, negative_only):
     return _like(a), _like(b), _scalar(a), _scalar(a)
 
 
+# ---- CLIP and SigLIP keeping their dot products (CPU) -----------------------------------
+# When gradients will be wanted and the n x m dot products fit the workspace limit, the CPU
+# forward keeps them, so that the backward needs no second pass over a b^T (6 n m D FLOPs in
+# all instead of 8). The backward overwrites them with the dlogits.
+def clip_fwd_keep(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
+                  symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """clip_fwd's outputs and the dot products a b^T [n, m] (accumulation dtype; CPU)."""
+    return torch.ops.robustft_ext.clip_fwd_keep.default(a, b, scale, bias, diag_offset, symmetric)
+
+
+@_fake("clip_fwd_keep")
+def _clip_fwd_keep_fake(a, b, scale, bias, diag_offset, symmetric):
+    return (*_clip_fwd_fake(a, b, scale, bias, diag_offset, symmetric),
+            a.new_empty((a.shape[0], b.shape[0]), dtype=acc_dtype(a.dtype)))
+
+
+def clip_bwd_kept(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+                  row_lse: Tensor, col_lse: Tensor, dots: Tensor, diag_offset: int,
+                  symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """clip_bwd from the dot products clip_fwd_keep kept, which it overwrites."""
+    return torch.ops.robustft_ext.clip_bwd_kept.default(grad_loss, a, b, scale, bias, row_lse,
+                                                        col_lse, dots, diag_offset, symmetric)
+
+
+@_fake("clip_bwd_kept")
+def _clip_bwd_kept_fake(grad_loss, a, b, scale, bias, row_lse, col_lse, dots, diag_offset,
+                        symmetric):
+    return _like(a), _like(b), _scalar(a), _scalar(a)
+
+
+def siglip_fwd_keep(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+                    negative_only: bool) -> tuple[Tensor, Tensor]:
+    """(siglip_fwd's loss, the dot products a b^T [n, m]) (accumulation dtype; CPU)."""
+    return torch.ops.robustft_ext.siglip_fwd_keep.default(a, b, scale, bias, negative_only)
+
+
+@_fake("siglip_fwd_keep")
+def _siglip_fwd_keep_fake(a, b, scale, bias, negative_only):
+    return _scalar(a), a.new_empty((a.shape[0], b.shape[0]), dtype=acc_dtype(a.dtype))
+
+
+def siglip_bwd_kept(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
+                    dots: Tensor, negative_only: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """siglip_bwd from the dot products siglip_fwd_keep kept, which it overwrites."""
+    return torch.ops.robustft_ext.siglip_bwd_kept.default(grad_loss, a, b, scale, bias, dots,
+                                                          negative_only)
+
+
+@_fake("siglip_bwd_kept")
+def _siglip_bwd_kept_fake(grad_loss, a, b, scale, bias, dots, negative_only):
+    return _like(a), _like(b), _scalar(a), _scalar(a)
+
+
 # ---- m^2-mix ----------------------------------------------------------------------------
 def slerp(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
     """Row-wise slerp(a_p, b_p; lam), lam weighting a (0-d, accumulation dtype)."""

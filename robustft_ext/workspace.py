@@ -3,7 +3,9 @@
 The backward of every fused loss forms its dlogit tiles (dS) one row chunk at a time into a
 workspace and multiplies the chunk into the feature gradients with library GEMMs. The chunk
 is as many rows as fit in the limit set here (never fewer than one tile row block), so no
-buffer of size N x N exists at any batch size. Both fused backends (native and triton) read
+buffer of size N x N exists at any batch size beyond this limit. The same limit decides whether
+the native CPU forward of CLIP or SigLIP keeps its N x N dot products for the backward (which
+then recomputes nothing): only when they fit it. Both fused backends (native and triton) read
 this one limit.
 
 The default is 256 MiB. `ROBUSTFT_WORKSPACE_MB` sets it for a process; `set_workspace_limit`
@@ -35,7 +37,8 @@ def _from_env() -> int:
 
 
 def workspace_limit() -> int:
-    """The most bytes a fused backward pass may hold as dS workspace (default 256 MiB)."""
+    """The most bytes a fused backward pass may hold as dS workspace, or a CPU forward keep as
+    dot products (default 256 MiB)."""
     global _limit_bytes
     if _limit_bytes is None:
         _limit_bytes = _from_env()

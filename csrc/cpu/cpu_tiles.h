@@ -238,6 +238,55 @@ void tile_fold(const Tile<T>& t, int64_t i0, int64_t j0, TileScratch<T>& s,
   }
 }
 
+// tile_fold over a tile of dot products that stays as it is (the forward that keeps the
+// dot products for its backward): the logits scale d + bias are formed on the fly.
+inline void tile_fold_dots(const Tile<float>& t, float scale, float bias, int64_t i0, int64_t j0,
+                           TileScratch<float>& s, std::vector<mx::LseState<float>>& row_states,
+                           std::vector<mx::LseState<float>>* col_states) {
+  const bool with_cols = col_states != nullptr;
+  float* col_max = nullptr;
+  float* col_sum = nullptr;
+  if (with_cols) {
+    std::fill(s.col_max.begin(), s.col_max.begin() + t.cols,
+              -std::numeric_limits<float>::infinity());
+    std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0f);
+    col_max = s.col_max.data();
+    col_sum = s.col_sum.data();
+  }
+  const auto& k = vec::kernels();
+  k.dot_logit_max(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), col_max);
+  k.dot_exp_sums(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), s.row_sum.data(),
+                 col_max, col_sum);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    row_states[i0 + r] = mx::lse_push_block(row_states[i0 + r], s.row_max[r], s.row_sum[r]);
+  }
+  if (with_cols) {
+    auto& cs = *col_states;
+    for (int64_t c = 0; c < t.cols; ++c) {
+      cs[j0 + c] = mx::lse_push_block(cs[j0 + c], s.col_max[c], s.col_sum[c]);
+    }
+  }
+}
+
+// Double keeps the scalar maths: each entry's logit is pushed into its row's and column's
+// state as it is formed.
+inline void tile_fold_dots(const Tile<double>& t, double scale, double bias, int64_t i0,
+                           int64_t j0, TileScratch<double>& s,
+                           std::vector<mx::LseState<double>>& row_states,
+                           std::vector<mx::LseState<double>>* col_states) {
+  (void)s;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const double* row = t.row(r);
+    mx::LseState<double> st = row_states[i0 + r];
+    for (int64_t c = 0; c < t.cols; ++c) {
+      const double v = mx::logit(row[c], scale, bias);
+      st = mx::lse_push(st, v);
+      if (col_states != nullptr) (*col_states)[j0 + c] = mx::lse_push((*col_states)[j0 + c], v);
+    }
+    row_states[i0 + r] = st;
+  }
+}
+
 // Per-thread column states of an m-column problem, merged at the end.
 template <typename T>
 struct ColumnStates {

@@ -41,8 +41,12 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
-                                  float bias, float* row_max, float* col_max) {
+// Row maxima (and, with col_max, running column maxima) of the logits scale t + bias of a
+// tile; kWrite stores the logits over t, otherwise t (dot products kept for a backward) is
+// left as it is.
+template <bool kWrite>
+RFT_VEC_BODY void logit_max_rows(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                 float bias, float* row_max, float* col_max) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = t + r * ld;
     float m = kNegInf;
@@ -50,7 +54,7 @@ RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t 
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) {
         const float s = scale * row[c] + bias;
-        row[c] = s;
+        if (kWrite) row[c] = s;
         m = s > m ? s : m;
         col_max[c] = s > col_max[c] ? s : col_max[c];
       }
@@ -58,7 +62,7 @@ RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t 
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < cols; ++c) {
         const float s = scale * row[c] + bias;
-        row[c] = s;
+        if (kWrite) row[c] = s;
         m = s > m ? s : m;
       }
     }
@@ -66,9 +70,23 @@ RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t 
   }
 }
 
-RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
-                                const float* row_max, float* row_sum, const float* col_max,
-                                float* col_sum) {
+RFT_VEC_BODY void logits_max_body(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                                  float bias, float* row_max, float* col_max) {
+  logit_max_rows<true>(t, rows, cols, ld, scale, bias, row_max, col_max);
+}
+
+RFT_VEC_BODY void dot_logit_max_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                                     float scale, float bias, float* row_max, float* col_max) {
+  // Never written through: logit_max_rows<false> only reads t.
+  logit_max_rows<false>(const_cast<float*>(t), rows, cols, ld, scale, bias, row_max, col_max);
+}
+
+// Row sums exp(S - row_max[r]) (and, with col_sum, column sums exp(S - col_max[c])) of a
+// tile whose logits are S = t (kAffine false) or S = scale t + bias (kAffine true).
+template <bool kAffine>
+RFT_VEC_BODY void exp_sum_rows(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                               float scale, float bias, const float* row_max, float* row_sum,
+                               const float* col_max, float* col_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = t + r * ld;
     const float mr = row_max[r];
@@ -76,16 +94,31 @@ RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols, int6
     if (col_sum != nullptr) {
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < cols; ++c) {
-        const float s = row[c];
+        const float s = kAffine ? scale * row[c] + bias : row[c];
         sum += exp_f(s - mr);
         col_sum[c] += exp_f(s - col_max[c]);
       }
     } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) sum += exp_f(row[c] - mr);
+      for (int64_t c = 0; c < cols; ++c) {
+        const float s = kAffine ? scale * row[c] + bias : row[c];
+        sum += exp_f(s - mr);
+      }
     }
     row_sum[r] = sum;
   }
+}
+
+RFT_VEC_BODY void exp_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                                const float* row_max, float* row_sum, const float* col_max,
+                                float* col_sum) {
+  exp_sum_rows<false>(t, rows, cols, ld, 1.0f, 0.0f, row_max, row_sum, col_max, col_sum);
+}
+
+RFT_VEC_BODY void dot_exp_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                                    float scale, float bias, const float* row_max,
+                                    float* row_sum, const float* col_max, float* col_sum) {
+  exp_sum_rows<true>(t, rows, cols, ld, scale, bias, row_max, row_sum, col_max, col_sum);
 }
 
 RFT_VEC_BODY void softplus_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
@@ -239,6 +272,15 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
                      float* col_sum) {                                                      \
     exp_sums_body(t, rows, cols, ld, row_max, row_sum, col_max, col_sum);                   \
   }                                                                                         \
+  ATTR void dot_logit_max(const float* t, int64_t rows, int64_t cols, int64_t ld,          \
+                          float scale, float bias, float* row_max, float* col_max) {        \
+    dot_logit_max_body(t, rows, cols, ld, scale, bias, row_max, col_max);                   \
+  }                                                                                         \
+  ATTR void dot_exp_sums(const float* t, int64_t rows, int64_t cols, int64_t ld,            \
+                         float scale, float bias, const float* row_max, float* row_sum,     \
+                         const float* col_max, float* col_sum) {                            \
+    dot_exp_sums_body(t, rows, cols, ld, scale, bias, row_max, row_sum, col_max, col_sum);  \
+  }                                                                                         \
   ATTR void softplus_sums(const float* t, int64_t rows, int64_t cols, int64_t ld,           \
                           float scale, float bias, float* row_sum) {                        \
     softplus_sums_body(t, rows, cols, ld, scale, bias, row_sum);                            \
@@ -257,8 +299,9 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
   ATTR void log1p_n(const float* x, float* y, int64_t n) { log1p_n_body(x, y, n); }         \
   ATTR void softplus_n(const float* x, float* y, int64_t n) { softplus_n_body(x, y, n); }   \
   ATTR void sigmoid_n(const float* x, float* y, int64_t n) { sigmoid_n_body(x, y, n); }     \
-  const Kernels kSet{NAME,          &logits_max, &exp_sums, &softplus_sums, &clip_dlogits,  \
-                     &siglip_dlogits, &exp_n,    &log1p_n,  &softplus_n,    &sigmoid_n};    \
+  const Kernels kSet{NAME,           &logits_max,     &exp_sums, &dot_logit_max,         \
+                     &dot_exp_sums,  &softplus_sums,  &clip_dlogits, &siglip_dlogits,     \
+                     &exp_n,         &log1p_n,        &softplus_n,   &sigmoid_n};         \
   }
 
 #if RFT_VEC_X86

@@ -54,6 +54,14 @@ struct Kernels {
   // col_max[c]) when col_max and col_sum are non-null.
   void (*exp_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld,
                    const float* row_max, float* row_sum, const float* col_max, float* col_sum);
+  // dot_logit_max / dot_exp_sums: the same over a tile of dot products t that stays as it is
+  // (the forward that keeps them for its backward), the logits scale t + bias formed on
+  // the fly.
+  void (*dot_logit_max)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                        float bias, float* row_max, float* col_max);
+  void (*dot_exp_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
+                       float bias, const float* row_max, float* row_sum, const float* col_max,
+                       float* col_sum);
   // row_sum[r] = sum_c softplus(scale t[r, c] + bias).
   void (*softplus_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
                         float bias, float* row_sum);

@@ -222,6 +222,8 @@ void contrastive_dlogits_cuda(const DlogitSpec& spec, const at::Tensor& P, const
                   ds.scalar_type() == workspace_dtype_cuda(P.scalar_type()),
               "robustft_ext: the dlogit chunk must be a contiguous [rows, m] workspace slice");
   check_acc_vector(stats, 2, P, "stats");
+  TORCH_CHECK(!spec.ds_holds_dots,
+              "robustft_ext: the CUDA kernels recompute their dot products (none are kept)");
   if (ds.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(P.device());
   dispatch_engine<ContrastiveMmaShape>(P.scalar_type(), [&](auto e, auto in, auto ws) {
