@@ -9,9 +9,10 @@ Cases: clip_loss, clip_rows_loss (more columns than rows, a diagonal offset), si
 siglip_loss(negative_only) (another column count), slerp, m2mix_loss, clip_m2mix_loss,
 dive_loss, lipsum_loss and a RobustFTLoss step with every term on. Shapes: N = 64, D = 64
 (tile-aligned) and N = 131, D = 67 (no dimension a multiple of a tile or of a vector width).
-Each case checks that the loss and every gradient are finite. The compiled ops each case
-reaches are recorded through a dispatch mode; every op registered under robustft_ext:: that
-takes a tensor must be reached by some case, so that a new op cannot go unchecked. Prints one
+Each case checks that the loss and every gradient are finite. On the CPU every case runs again
+at a one-byte workspace limit (CLIP and SigLIP keep their dot products only within the limit).
+The compiled ops each case reaches are recorded through a dispatch mode; every op registered
+under robustft_ext:: for the device that takes a tensor must be reached by some case, so that a new op cannot go unchecked. Prints one
 line per case ("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
 when a case fails or an op is never reached.
 
@@ -79,9 +80,10 @@ class OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def registered_ops() -> set[str] | None:
-    """Every op registered under robustft_ext:: that takes a tensor (an op without one
-    launches no kernel), or None when torch cannot list them."""
+def registered_ops(device: torch.device) -> set[str] | None:
+    """Every op registered under robustft_ext:: for the device's dispatch key that takes a
+    tensor (an op without one launches no kernel), or None when torch cannot list them."""
+    key = "CUDA" if device.type == "cuda" else "CPU"
     try:
         names = torch._C._dispatch_get_all_op_names()
     except Exception:  # noqa: BLE001 - a torch without the listing: no coverage check
@@ -91,6 +93,11 @@ def registered_ops() -> set[str] | None:
         if not full.startswith(NAMESPACE + "::"):
             continue
         short = full.split("::", 1)[1]
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(full, key):
+                continue
+        except Exception:  # noqa: BLE001 - a torch without the query: count the op
+            pass
         packet = getattr(getattr(torch.ops, NAMESPACE), short, None)
         schemas = [str(getattr(packet, o)._schema) for o in packet.overloads()] if packet else []
         if not schemas or any("Tensor" in sch.split("->")[0] for sch in schemas):
@@ -207,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     failures, ran = 0, 0
     recorder = OpRecorder()
-    for (n, d), dtype in ((shape, dt) for shape in SHAPES for dt in DTYPES):
+    # On the CPU, CLIP and SigLIP keep their dot products for the backward when they fit the
+    # workspace limit; a second round at a one-byte limit reaches the ops that recompute them.
+    limits = (None, 1) if device.type == "cpu" else (None,)
+    rounds = [(limit, shape, dt) for limit in limits for shape in SHAPES for dt in DTYPES]
+    for limit, (n, d), dtype in rounds:
+        rft.set_workspace_limit(limit)
         for name, fn in cases(n, d, dtype, device).items():
-            label = f"{name} {str(dtype).replace('torch.', '')} N={n} D={d}"
+            label = (f"{name} {str(dtype).replace('torch.', '')} N={n} D={d}"
+                     + (f" workspace {limit} B" if limit else ""))
             try:
                 with recorder:
                     why = run_case(fn, device)
@@ -222,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 failures += 1
                 print(f"RFT_SANITIZE FAIL {label}: {why}", flush=True)
-    registered = registered_ops()
+    rft.set_workspace_limit(None)
+    registered = registered_ops(device)
     coverage = f"{len(recorder.seen)} ops reached"
     missing: set[str] = set()
     if registered is not None:
