@@ -63,6 +63,39 @@ Bwd4 siglip_bwd(const Tensor& g, const Tensor& a, const Tensor& b, const Tensor&
   return h.call(g, a, b, scale, bias, neg);
 }
 
+// The CPU variants that keep the dot products for the backward (contrastive_ops.h).
+using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using ClipFwdKeepSig = Fwd4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                            bool);
+using ClipBwdKeptSig = Bwd4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const Tensor&, const Tensor&, const Tensor&, Tensor&, int64_t, bool);
+using SiglipFwdKeepSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, bool);
+using SiglipBwdKeptSig = Bwd4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                              const Tensor&, Tensor&, bool);
+
+Fwd4 clip_fwd_keep(const Tensor& a, const Tensor& b, const Tensor& scale, const Tensor& bias,
+                   int64_t off, bool sym) {
+  static const auto h = op<ClipFwdKeepSig>("robustft_ext::clip_fwd_keep");
+  return h.call(a, b, scale, bias, off, sym);
+}
+Bwd4 clip_bwd_kept(const Tensor& g, const Tensor& a, const Tensor& b, const Tensor& scale,
+                   const Tensor& bias, const Tensor& r, const Tensor& c, Tensor& dots,
+                   int64_t off, bool sym) {
+  static const auto h = op<ClipBwdKeptSig>("robustft_ext::clip_bwd_kept");
+  return h.call(g, a, b, scale, bias, r, c, dots, off, sym);
+}
+std::tuple<Tensor, Tensor> siglip_fwd_keep(const Tensor& a, const Tensor& b, const Tensor& scale,
+                                           const Tensor& bias, bool neg) {
+  static const auto h = op<SiglipFwdKeepSig>("robustft_ext::siglip_fwd_keep");
+  return h.call(a, b, scale, bias, neg);
+}
+Bwd4 siglip_bwd_kept(const Tensor& g, const Tensor& a, const Tensor& b, const Tensor& scale,
+                     const Tensor& bias, Tensor& dots, bool neg) {
+  static const auto h = op<SiglipBwdKeptSig>("robustft_ext::siglip_bwd_kept");
+  return h.call(g, a, b, scale, bias, dots, neg);
+}
+
 // ---- Problems ----------------------------------------------------------------------
 enum class Mode { ClipSymmetric, ClipOffset, Siglip, SiglipNegativeOnly };
 
@@ -202,31 +235,42 @@ void check_shape(const char* what, const Tensor& t, std::vector<int64_t> shape,
                 ", expected ", at::IntArrayRef(shape), " ", dtype);
 }
 
-void run_case(const Spec& s) {
-  const auto [a64, b64] = make_features(s);
-  const Tensor a = a64.to(s.dtype), b = b64.to(s.dtype);
-  const auto acc = s.dtype == at::kDouble ? at::kDouble : at::kFloat;
-  const auto acc_opts = at::TensorOptions().dtype(acc);
-  const Tensor scale_t = at::full({}, s.scale, acc_opts), bias_t = at::full({}, s.bias, acc_opts);
-  const Tensor g_t = at::full({}, s.g, acc_opts);
-  // The reference sees exactly the values the kernel sees (inputs and scalars rounded to
-  // the kernel's dtypes), so the comparison measures only the kernel's arithmetic.
-  const double scale = scale_t.item<double>(), bias = bias_t.item<double>();
-  const Result ref = reference(s, a, b, scale, bias);
-
+// Runs one path of the ops on a case and checks it against the reference; returns the
+// errors for the case's note.
+std::string check_ops(const Spec& s, const Tensor& a, const Tensor& b, const Tensor& scale_t,
+                      const Tensor& bias_t, const Tensor& g_t, const Result& ref, bool kept) {
   Result out;
   const bool sym = s.mode == Mode::ClipSymmetric;
-  if (is_clip(s.mode)) {
+  const auto acc = scale_t.scalar_type();
+  const double scale = scale_t.item<double>();
+  if (is_clip(s.mode) && kept) {
+    Tensor dots;
+    std::tie(out.loss, out.row_lse, out.col_lse, dots) =
+        clip_fwd_keep(a, b, scale_t, bias_t, s.offset, sym);
+    check_shape("dots", dots, {s.n, s.m}, acc);
+    std::tie(out.grad_a, out.grad_b, out.grad_scale, out.grad_bias) =
+        clip_bwd_kept(g_t, a, b, scale_t, bias_t, out.row_lse, out.col_lse, dots, s.offset, sym);
+  } else if (is_clip(s.mode)) {
     std::tie(out.loss, out.row_lse, out.col_lse) = clip_fwd(a, b, scale_t, bias_t, s.offset, sym);
     std::tie(out.grad_a, out.grad_b, out.grad_scale, out.grad_bias) =
         clip_bwd(g_t, a, b, scale_t, bias_t, out.row_lse, out.col_lse, s.offset, sym);
-    check_shape("row_lse", out.row_lse, {s.n}, acc);
-    check_shape("col_lse", out.col_lse, {sym ? s.m : 0}, acc);
   } else {
     const bool neg = s.mode == Mode::SiglipNegativeOnly;
-    out.loss = siglip_fwd(a, b, scale_t, bias_t, neg);
-    std::tie(out.grad_a, out.grad_b, out.grad_scale, out.grad_bias) =
-        siglip_bwd(g_t, a, b, scale_t, bias_t, neg);
+    if (kept) {
+      Tensor dots;
+      std::tie(out.loss, dots) = siglip_fwd_keep(a, b, scale_t, bias_t, neg);
+      check_shape("dots", dots, {s.n, s.m}, acc);
+      std::tie(out.grad_a, out.grad_b, out.grad_scale, out.grad_bias) =
+          siglip_bwd_kept(g_t, a, b, scale_t, bias_t, dots, neg);
+    } else {
+      out.loss = siglip_fwd(a, b, scale_t, bias_t, neg);
+      std::tie(out.grad_a, out.grad_b, out.grad_scale, out.grad_bias) =
+          siglip_bwd(g_t, a, b, scale_t, bias_t, neg);
+    }
+  }
+  if (is_clip(s.mode)) {
+    check_shape("row_lse", out.row_lse, {s.n}, acc);
+    check_shape("col_lse", out.col_lse, {sym ? s.m : 0}, acc);
   }
   check_shape("loss", out.loss, {}, acc);
   check_shape("grad_a", out.grad_a, {s.n, s.D}, s.dtype);
@@ -260,12 +304,34 @@ void run_case(const Spec& s) {
     items.push_back({"row_lse", rel_err(out.row_lse, ref.row_lse, 1.0), tol_acc});
     if (sym) items.push_back({"col_lse", rel_err(out.col_lse, ref.col_lse, 1.0), tol_acc});
   }
-  std::string line = cat("|S|max ", fmt(s_max), "; tol ", fmt(tol_acc));
+  std::string line = cat("; tol ", fmt(tol_acc));
   if (tol_out != tol_acc) line += cat(" (grad_a/b ", fmt(tol_out), ")");
   line += "; rel err:";
   for (const auto& it : items) {
     line += cat(" ", it.name, " ", fmt(it.err));
-    RFT_CHECK_MSG(it.err <= it.tol, it.name, " relative error ", it.err, " > tolerance ", it.tol);
+    RFT_CHECK_MSG(it.err <= it.tol, kept ? "kept dots: " : "", it.name, " relative error ",
+                  it.err, " > tolerance ", it.tol);
+  }
+  return line;
+}
+
+void run_case(const Spec& s) {
+  const auto [a64, b64] = make_features(s);
+  const Tensor a = a64.to(s.dtype), b = b64.to(s.dtype);
+  const auto acc = s.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = at::TensorOptions().dtype(acc);
+  const Tensor scale_t = at::full({}, s.scale, acc_opts), bias_t = at::full({}, s.bias, acc_opts);
+  const Tensor g_t = at::full({}, s.g, acc_opts);
+  // The reference sees exactly the values the kernel sees (inputs and scalars rounded to
+  // the kernel's dtypes), so the comparison measures only the kernel's arithmetic.
+  const double scale = scale_t.item<double>(), bias = bias_t.item<double>();
+  const Result ref = reference(s, a, b, scale, bias);
+
+  // Both CPU paths: the forward that keeps nothing, and the one that keeps the dot products
+  // for its backward (contrastive_ops.h), against the same reference and tolerances.
+  std::string line = cat("|S|max ", fmt(ref.logit_absmax));
+  for (const bool kept : {false, true}) {
+    line += cat(kept ? "; kept dots" : "", check_ops(s, a, b, scale_t, bias_t, g_t, ref, kept));
   }
   rft_test::note(line);
 }
@@ -437,8 +503,10 @@ void test_noncontiguous() {
 
 // The schemas registered by schemas.cpp, with CPU kernels from cpu/contrastive_cpu.cpp.
 void test_schemas_registered() {
-  for (const char* name : {"robustft_ext::clip_fwd", "robustft_ext::clip_bwd",
-                           "robustft_ext::siglip_fwd", "robustft_ext::siglip_bwd"}) {
+  for (const char* name :
+       {"robustft_ext::clip_fwd", "robustft_ext::clip_bwd", "robustft_ext::siglip_fwd",
+        "robustft_ext::siglip_bwd", "robustft_ext::clip_fwd_keep", "robustft_ext::clip_bwd_kept",
+        "robustft_ext::siglip_fwd_keep", "robustft_ext::siglip_bwd_kept"}) {
     const auto h = c10::Dispatcher::singleton().findSchema({name, ""});
     RFT_CHECK_MSG(h.has_value(), name, " not registered");
     if (h) {
