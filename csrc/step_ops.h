@@ -34,6 +34,17 @@ struct StepKernelSet {
   void (*dlogits)(const StepProblem&, const at::Tensor&, int64_t, at::Tensor&, at::Tensor&,
                   at::Tensor&, at::Tensor&);
   GemmKernels gemm;
+  // Optional one-pass forms of the O(n D) slerp prologue and epilogue (null: the ATen
+  // bodies of m2mix_ops.h, a dozen elementwise passes over n x D double buffers, which
+  // cost as much as the tile work at small n on the CPU).
+  //   mix(I, T, lam, M, weights): M [n, D] (workspace dtype) = mix_rows(I, T, lam).out
+  //     rounded once, weights [4, n] double as mix_rows;
+  //   mix_backward(dM, I, T, weights, g_pair, grad_I, grad_T): adds to grad_I, grad_T (acc
+  //     dtype) g_pair[p] T_p, g_pair[p] I_p and mix_rows_backward(dM, I, T, weights).
+  void (*mix)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+              at::Tensor&) = nullptr;
+  void (*mix_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
 };
 
 // The arguments of a step op, optional parts as the schema gives them.
@@ -72,7 +83,6 @@ struct StepSetup {
   bool with_lipsum = false, with_dive = false;
   LipsumInputs lip;
   DiveInputs dive;
-  at::Tensor mix_out;      // [n, D] double (with m^2)
   at::Tensor weights;      // [4, n] double slerp weights (with m^2)
   at::Tensor pair_dot;     // [n] acc <I_p, T_p> (with m^2 / CLIP)
   at::ScalarType acc = at::kFloat;
@@ -142,11 +152,17 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
-    auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
-    s.mix_out = mix.out;
-    s.weights = mix.weights;
     // The tile operand: rounded once to the dtype the device's tile products take.
-    p.M = mix.out.to(k.gemm.workspace_dtype(a.image.scalar_type())).contiguous();
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    if (k.mix != nullptr) {
+      p.M = at::empty(p.I.sizes(), p.I.options().dtype(ws_dtype));
+      s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
+      k.mix(p.I, p.T, a.lam, p.M, s.weights);
+    } else {
+      auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
+      s.weights = mix.weights;
+      p.M = mix.out.to(ws_dtype).contiguous();
+    }
     p.diag = s.pair_dot * a.m2_scale;
   }
   if (s.with_lipsum) setup_lipsum(a, s);
@@ -334,12 +350,17 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
       // The true pair on the diagonals of A and B, then the slerp backward (in double).
       const auto g_diag = grads[kM2] / (2.0 * p.n) *
                           ((p.diag - lse_c[0]).exp() + (p.diag - lse_c[1]).exp() - 2);
-      const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
-      grad_I += (a.m2_scale * g_diag).unsqueeze(1) * Tf;
-      grad_T += (a.m2_scale * g_diag).unsqueeze(1) * If;
-      const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
-      grad_I += through_mix.first.to(s.acc);
-      grad_T += through_mix.second.to(s.acc);
+      const auto g_pair = a.m2_scale * g_diag;
+      if (k.mix_backward != nullptr) {
+        k.mix_backward(tg.grad_M, p.I, p.T, s.weights, g_pair, grad_I, grad_T);
+      } else {
+        const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
+        grad_I += g_pair.unsqueeze(1) * Tf;
+        grad_T += g_pair.unsqueeze(1) * If;
+        const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
+        grad_I += through_mix.first.to(s.acc);
+        grad_T += through_mix.second.to(s.acc);
+      }
       grad_m2_scale = tg.stats[0] + (g_diag * s.pair_dot).sum();
     }
   }

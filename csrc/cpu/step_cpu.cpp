@@ -215,6 +215,83 @@ void slerp_weights_impl(const at::Tensor& cos, const at::Tensor& lam_t, at::Tens
   }
 }
 
+// Rows per task of the O(n D) loops below: a task of fewer than ~64k entries costs less
+// than waking the pool.
+inline int64_t mix_grain(int64_t D) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)); }
+
+// mix_rows (m2mix_ops.h) in one pass per row, in double as there: c = <I_p, T_p>, the
+// weights, M_p = w_a I_p + w_b T_p rounded once to M's dtype.
+template <typename In, typename Out>
+void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Tensor& M,
+                    at::Tensor& weights) {
+  const int64_t n = I.size(0), D = I.size(1);
+  const In* ip = I.data_ptr<In>();
+  const In* tp = T.data_ptr<In>();
+  Out* mp = M.data_ptr<Out>();
+  double* w = weights.data_ptr<double>();
+  at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const In* a = ip + p * D;
+      const In* b = tp + p * D;
+      double c = 0;
+      for (int64_t j = 0; j < D; ++j) c += double(a[j]) * double(b[j]);
+      const auto sw = mx::slerp_weights<double>(c, lam);
+      w[p] = sw.wa;
+      w[n + p] = sw.wb;
+      w[2 * n + p] = sw.dwa_dc;
+      w[3 * n + p] = sw.dwb_dc;
+      Out* m = mp + p * D;
+      for (int64_t j = 0; j < D; ++j) m[j] = Out(sw.wa * double(a[j]) + sw.wb * double(b[j]));
+    }
+  });
+}
+
+// grad_I += g_pair[p] T_p + (w_a dM_p + k T_p), grad_T += g_pair[p] I_p + (w_b dM_p + k I_p),
+// k = <dM_p, I_p> dw_a/dc + <dM_p, T_p> dw_b/dc: step_bwd_impl's true-pair term and
+// mix_rows_backward in one pass per row, each term rounded as there (the true-pair product
+// in Acc, the slerp backward in double).
+template <typename In, typename Acc>
+void mix_backward_fused(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
+                        const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
+                        at::Tensor& grad_T) {
+  const int64_t n = I.size(0), D = I.size(1);
+  const Acc* dp = dM.data_ptr<Acc>();
+  const In* ip = I.data_ptr<In>();
+  const In* tp = T.data_ptr<In>();
+  const double* w = weights.data_ptr<double>();
+  const Acc* gp = g_pair.data_ptr<Acc>();
+  Acc* gi = grad_I.data_ptr<Acc>();
+  Acc* gt = grad_T.data_ptr<Acc>();
+  at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const Acc* d = dp + p * D;
+      const In* a = ip + p * D;
+      const In* b = tp + p * D;
+      double da = 0, db = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        da += double(d[j]) * double(a[j]);
+        db += double(d[j]) * double(b[j]);
+      }
+      const double wa = w[p], wb = w[n + p];
+      const double k = da * w[2 * n + p] + db * w[3 * n + p];
+      const Acc g = gp[p];
+      Acc* oi = gi + p * D;
+      Acc* ot = gt + p * D;
+      for (int64_t j = 0; j < D; ++j) {
+        const double dj = d[j], aj = double(a[j]), bj = double(b[j]);
+        oi[j] = (oi[j] + g * Acc(b[j])) + Acc(wa * dj + k * bj);
+        ot[j] = (ot[j] + g * Acc(a[j])) + Acc(wb * dj + k * aj);
+      }
+    }
+  });
+}
+
+void check_mix_operands(const at::Tensor& I, const at::Tensor& T) {
+  TORCH_CHECK(I.is_contiguous() && T.is_contiguous() && I.sizes() == T.sizes() && I.dim() == 2 &&
+                  I.scalar_type() == T.scalar_type(),
+              "robustft_ext: the mixed pair must be contiguous [n, D] tensors of one dtype");
+}
+
 }  // namespace
 
 void slerp_weights_cpu(const at::Tensor& cos, const at::Tensor& lam, at::Tensor& out) {
@@ -241,8 +318,54 @@ void step_dlogits_cpu(const StepProblem& p, const at::Tensor& lse, int64_t r0, a
   RFT_DISPATCH_ACC(p.I, [&] { step_dlogits_impl<acc_t>(p, lse, r0, dA, dB, dC, stats); });
 }
 
-static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu, &step_lse_cpu, &step_dlogits_cpu,
-                                           GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu}};
+void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam, at::Tensor& M,
+                  at::Tensor& weights) {
+  check_mix_operands(I, T);
+  TORCH_CHECK(M.is_contiguous() && M.sizes() == I.sizes() &&
+                  M.scalar_type() == workspace_dtype_cpu(I.scalar_type()) &&
+                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
+                  weights.dim() == 2 && weights.size(0) == 4 && weights.size(1) == I.size(0),
+              "robustft_ext: mix_rows writes a contiguous [n, D] workspace-dtype M and [4, n] "
+              "double weights");
+  const double l = lam.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_rows_cpu", [&] {
+    if (M.scalar_type() == at::kDouble) {
+      mix_rows_fused<scalar_t, double>(I, T, l, M, weights);
+    } else {
+      mix_rows_fused<scalar_t, float>(I, T, l, M, weights);
+    }
+  });
+}
+
+void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
+                      const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
+                      at::Tensor& grad_T) {
+  check_mix_operands(I, T);
+  const auto acc = acc_dtype(I.scalar_type());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dM, &grad_I, &grad_T}) {
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == I.sizes() && t->scalar_type() == acc,
+                "robustft_ext: mix_backward takes contiguous [n, D] ", acc, " gradients");
+  }
+  TORCH_CHECK(g_pair.is_contiguous() && g_pair.numel() == I.size(0) && g_pair.scalar_type() == acc &&
+                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
+                  weights.numel() == 4 * I.size(0),
+              "robustft_ext: mix_backward takes [n] ", acc, " pair weights and [4, n] double "
+              "slerp weights");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_backward_cpu", [&] {
+    if (acc == at::kDouble) {
+      mix_backward_fused<scalar_t, double>(dM, I, T, weights, g_pair, grad_I, grad_T);
+    } else {
+      mix_backward_fused<scalar_t, float>(dM, I, T, weights, g_pair, grad_I, grad_T);
+    }
+  });
+}
+
+static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu,
+                                           &step_lse_cpu,
+                                           &step_dlogits_cpu,
+                                           GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu},
+                                           &mix_rows_cpu,
+                                           &mix_backward_cpu};
 
 RFT_REGISTER_STEP_OPS(CPU, kCpuStepKernels)
 
