@@ -242,12 +242,27 @@ inline std::pair<at::Tensor, at::Tensor> dive_grads(const DiveInputs& d, at::Sca
 }
 
 // (terms [5], diff_mean [D or 0], lse [4, n])
+// The number of dot-product views of a step's tiles (A, B with m^2; C with CLIP).
+inline int64_t step_views(const StepProblem& p) { return (p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0); }
+
+// With `kept`, the forward also returns in *kept the views' dot products [V, n, n] for the
+// backward (StepProblem::keep) when they fit in the workspace limit, else an empty [0]
+// tensor: the backward then needs no GEMM to recompute them.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKernelSet& k,
-                                                                     const StepArgs& a) {
+                                                                     const StepArgs& a,
+                                                                     at::Tensor* kept = nullptr) {
   RFT_KERNEL_GUARDS();
-  const auto s = step_setup(k, a);
-  const auto& p = s.p;
+  auto s = step_setup(k, a);
+  auto& p = s.p;
   const auto& opts = s.acc_options;
+  if (kept != nullptr) {
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    const int64_t views = step_views(p);
+    const bool fits = views > 0 && views * p.n * p.n * int64_t(at::elementSize(ws_dtype)) <=
+                                       workspace_limit_bytes().load();
+    if (fits) p.keep = at::empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
+    *kept = fits ? p.keep : at::empty({0}, a.image.options().dtype(ws_dtype));
+  }
   at::Tensor lse = at::zeros({4, p.n}, opts);
   if (p.with_m2 || p.with_clip) k.lse(p, lse);
   std::array<at::Tensor, 5> t;
@@ -289,15 +304,17 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
   const auto alpha_m2 = p.with_m2 ? p.m2_scale * f_m2 : at::Tensor();
   const auto alpha_clip = p.with_clip ? p.clip_scale * f_clip : at::Tensor();
   const auto ws_dtype = k.gemm.workspace_dtype(p.I.scalar_type());
-  const int64_t per_row = n * at::elementSize(ws_dtype) * ((p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0));
-  const int64_t rows = workspace_chunk_rows(n, per_row, kChunkAlign);
+  const int64_t per_row = n * at::elementSize(ws_dtype) * step_views(p);
+  // Kept dot products are one chunk of every row, their dlogits formed in place.
+  const bool kept = p.keep.defined();
+  const int64_t rows = kept ? n : workspace_chunk_rows(n, per_row, kChunkAlign);
   const auto ws_opts = p.I.options().dtype(ws_dtype);
   at::Tensor wsA, wsB, wsC;
   if (p.with_m2) {
-    wsA = at::empty({rows, n}, ws_opts);
-    wsB = at::empty({rows, n}, ws_opts);
+    wsA = kept ? p.keep[0] : at::empty({rows, n}, ws_opts);
+    wsB = kept ? p.keep[1] : at::empty({rows, n}, ws_opts);
   }
-  if (p.with_clip) wsC = at::empty({rows, n}, ws_opts);
+  if (p.with_clip) wsC = kept ? p.keep[step_views(p) - 1] : at::empty({rows, n}, ws_opts);
   const auto I = gemm_operand(k.gemm, p.I), T = gemm_operand(k.gemm, p.T);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -328,9 +345,20 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
 // (grad_image, grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepArgs& a,
-              const at::Tensor& lse) {
+              const at::Tensor& lse, const at::Tensor& kept = at::Tensor()) {
   RFT_KERNEL_GUARDS();
-  const auto s = step_setup(k, a);
+  auto s = step_setup(k, a);
+  if (kept.defined() && kept.numel() > 0) {
+    // The forward's dot products (step_fwd_impl), overwritten here by the dlogits.
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    TORCH_CHECK(kept.dim() == 3 && kept.size(0) == step_views(s.p) && kept.size(1) == s.p.n &&
+                    kept.size(2) == s.p.n && kept.is_contiguous() &&
+                    kept.scalar_type() == ws_dtype && kept.device() == a.image.device(),
+                "robustft_ext: the kept dot products must be the forward's contiguous [",
+                step_views(s.p), ", n, n] ", ws_dtype, " tensor, got ", kept.sizes(), " ",
+                kept.scalar_type());
+    s.p.keep = kept;
+  }
   const auto& p = s.p;
   const auto& opts = s.acc_options;
   TORCH_CHECK(grad_terms.numel() == 5, "robustft_ext: grad_terms must hold 5 values");
