@@ -50,6 +50,10 @@ struct StepProblem {
   at::Tensor I, T, M;                  // [n, D]; M only with m^2
   at::Tensor diag;                     // [n] s_m <I_p, T_p> (with m^2)
   at::Tensor m2_scale, clip_scale;     // 0-d; each defined when its term is on
+  // Optional [V, n, n] workspace-dtype buffer of the views' dot products (A, B with m^2,
+  // then C with CLIP; CPU only): step_lse writes them, step_dlogits takes each chunk's
+  // dot products from its rows instead of a GEMM and turns them into dlogits in place.
+  at::Tensor keep;
 };
 
 #define RFT_DECLARE_STEP_KERNELS(DEV)                                                   \

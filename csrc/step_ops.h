@@ -34,6 +34,17 @@ struct StepKernelSet {
   void (*dlogits)(const StepProblem&, const at::Tensor&, int64_t, at::Tensor&, at::Tensor&,
                   at::Tensor&, at::Tensor&);
   GemmKernels gemm;
+  // Optional one-pass forms of the O(n D) slerp prologue and epilogue (null: the ATen
+  // bodies of m2mix_ops.h, a dozen elementwise passes over n x D double buffers, which
+  // cost as much as the tile work at small n on the CPU).
+  //   mix(I, T, lam, M, weights): M [n, D] (workspace dtype) = mix_rows(I, T, lam).out
+  //     rounded once, weights [4, n] double as mix_rows;
+  //   mix_backward(dM, I, T, weights, g_pair, grad_I, grad_T): adds to grad_I, grad_T (acc
+  //     dtype) g_pair[p] T_p, g_pair[p] I_p and mix_rows_backward(dM, I, T, weights).
+  void (*mix)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+              at::Tensor&) = nullptr;
+  void (*mix_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
 };
 
 // The arguments of a step op, optional parts as the schema gives them.
@@ -72,7 +83,6 @@ struct StepSetup {
   bool with_lipsum = false, with_dive = false;
   LipsumInputs lip;
   DiveInputs dive;
-  at::Tensor mix_out;      // [n, D] double (with m^2)
   at::Tensor weights;      // [4, n] double slerp weights (with m^2)
   at::Tensor pair_dot;     // [n] acc <I_p, T_p> (with m^2 / CLIP)
   at::ScalarType acc = at::kFloat;
@@ -142,11 +152,17 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
-    auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
-    s.mix_out = mix.out;
-    s.weights = mix.weights;
     // The tile operand: rounded once to the dtype the device's tile products take.
-    p.M = mix.out.to(k.gemm.workspace_dtype(a.image.scalar_type())).contiguous();
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    if (k.mix != nullptr) {
+      p.M = at::empty(p.I.sizes(), p.I.options().dtype(ws_dtype));
+      s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
+      k.mix(p.I, p.T, a.lam, p.M, s.weights);
+    } else {
+      auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
+      s.weights = mix.weights;
+      p.M = mix.out.to(ws_dtype).contiguous();
+    }
     p.diag = s.pair_dot * a.m2_scale;
   }
   if (s.with_lipsum) setup_lipsum(a, s);
@@ -226,12 +242,27 @@ inline std::pair<at::Tensor, at::Tensor> dive_grads(const DiveInputs& d, at::Sca
 }
 
 // (terms [5], diff_mean [D or 0], lse [4, n])
+// The number of dot-product views of a step's tiles (A, B with m^2; C with CLIP).
+inline int64_t step_views(const StepProblem& p) { return (p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0); }
+
+// With `kept`, the forward also returns in *kept the views' dot products [V, n, n] for the
+// backward (StepProblem::keep) when they fit in the workspace limit, else an empty [0]
+// tensor: the backward then needs no GEMM to recompute them.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKernelSet& k,
-                                                                     const StepArgs& a) {
+                                                                     const StepArgs& a,
+                                                                     at::Tensor* kept = nullptr) {
   RFT_KERNEL_GUARDS();
-  const auto s = step_setup(k, a);
-  const auto& p = s.p;
+  auto s = step_setup(k, a);
+  auto& p = s.p;
   const auto& opts = s.acc_options;
+  if (kept != nullptr) {
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    const int64_t views = step_views(p);
+    const bool fits = views > 0 && views * p.n * p.n * int64_t(at::elementSize(ws_dtype)) <=
+                                       workspace_limit_bytes().load();
+    if (fits) p.keep = at::empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
+    *kept = fits ? p.keep : at::empty({0}, a.image.options().dtype(ws_dtype));
+  }
   at::Tensor lse = at::zeros({4, p.n}, opts);
   if (p.with_m2 || p.with_clip) k.lse(p, lse);
   std::array<at::Tensor, 5> t;
@@ -273,15 +304,17 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
   const auto alpha_m2 = p.with_m2 ? p.m2_scale * f_m2 : at::Tensor();
   const auto alpha_clip = p.with_clip ? p.clip_scale * f_clip : at::Tensor();
   const auto ws_dtype = k.gemm.workspace_dtype(p.I.scalar_type());
-  const int64_t per_row = n * at::elementSize(ws_dtype) * ((p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0));
-  const int64_t rows = workspace_chunk_rows(n, per_row, kChunkAlign);
+  const int64_t per_row = n * at::elementSize(ws_dtype) * step_views(p);
+  // Kept dot products are one chunk of every row, their dlogits formed in place.
+  const bool kept = p.keep.defined();
+  const int64_t rows = kept ? n : workspace_chunk_rows(n, per_row, kChunkAlign);
   const auto ws_opts = p.I.options().dtype(ws_dtype);
   at::Tensor wsA, wsB, wsC;
   if (p.with_m2) {
-    wsA = at::empty({rows, n}, ws_opts);
-    wsB = at::empty({rows, n}, ws_opts);
+    wsA = kept ? p.keep[0] : at::empty({rows, n}, ws_opts);
+    wsB = kept ? p.keep[1] : at::empty({rows, n}, ws_opts);
   }
-  if (p.with_clip) wsC = at::empty({rows, n}, ws_opts);
+  if (p.with_clip) wsC = kept ? p.keep[step_views(p) - 1] : at::empty({rows, n}, ws_opts);
   const auto I = gemm_operand(k.gemm, p.I), T = gemm_operand(k.gemm, p.T);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
@@ -312,9 +345,20 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
 // (grad_image, grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepArgs& a,
-              const at::Tensor& lse) {
+              const at::Tensor& lse, const at::Tensor& kept = at::Tensor()) {
   RFT_KERNEL_GUARDS();
-  const auto s = step_setup(k, a);
+  auto s = step_setup(k, a);
+  if (kept.defined() && kept.numel() > 0) {
+    // The forward's dot products (step_fwd_impl), overwritten here by the dlogits.
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    TORCH_CHECK(kept.dim() == 3 && kept.size(0) == step_views(s.p) && kept.size(1) == s.p.n &&
+                    kept.size(2) == s.p.n && kept.is_contiguous() &&
+                    kept.scalar_type() == ws_dtype && kept.device() == a.image.device(),
+                "robustft_ext: the kept dot products must be the forward's contiguous [",
+                step_views(s.p), ", n, n] ", ws_dtype, " tensor, got ", kept.sizes(), " ",
+                kept.scalar_type());
+    s.p.keep = kept;
+  }
   const auto& p = s.p;
   const auto& opts = s.acc_options;
   TORCH_CHECK(grad_terms.numel() == 5, "robustft_ext: grad_terms must hold 5 values");
@@ -334,12 +378,17 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
       // The true pair on the diagonals of A and B, then the slerp backward (in double).
       const auto g_diag = grads[kM2] / (2.0 * p.n) *
                           ((p.diag - lse_c[0]).exp() + (p.diag - lse_c[1]).exp() - 2);
-      const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
-      grad_I += (a.m2_scale * g_diag).unsqueeze(1) * Tf;
-      grad_T += (a.m2_scale * g_diag).unsqueeze(1) * If;
-      const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
-      grad_I += through_mix.first.to(s.acc);
-      grad_T += through_mix.second.to(s.acc);
+      const auto g_pair = a.m2_scale * g_diag;
+      if (k.mix_backward != nullptr) {
+        k.mix_backward(tg.grad_M, p.I, p.T, s.weights, g_pair, grad_I, grad_T);
+      } else {
+        const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
+        grad_I += g_pair.unsqueeze(1) * Tf;
+        grad_T += g_pair.unsqueeze(1) * If;
+        const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
+        grad_I += through_mix.first.to(s.acc);
+        grad_T += through_mix.second.to(s.acc);
+      }
       grad_m2_scale = tg.stats[0] + (g_diag * s.pair_dot).sum();
     }
   }

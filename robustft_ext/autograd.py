@@ -115,6 +115,18 @@ class SlerpFunction(torch.autograd.Function):
         return ga if need[0] else None, gb if need[1] else None, None, None
 
 
+def _keeps_products(backend: str, image: torch.Tensor, ctx) -> bool:
+    """Whether a fused step forward should keep its tile dot products for the backward
+    (robust_step_fwd_keep): native CPU, gradients wanted, eager (the kept tensor's size
+    depends on the workspace limit, which a traced graph could not follow)."""
+    return (backend == "native" and image.device.type == "cpu" and any(ctx.needs_input_grad)
+            and not torch.compiler.is_compiling())
+
+
+def _step_ops():
+    return torch.ops.robustft_ext
+
+
 class M2MixFunction(torch.autograd.Function):
     """m^2-mix loss, and with_clip the CLIP loss of the same batch, from one fused pass.
 
@@ -125,8 +137,19 @@ class M2MixFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, text, m2_scale, lam, clip_scale, with_clip: bool, backend: str):
         image, text = image.contiguous(), text.contiguous()
-        m2, clip, lse = fused_ops(backend).m2mix_fwd(image, text, m2_scale, lam, clip_scale,
-                                                     with_clip)
+        ctx.kept = None
+        if _keeps_products(backend, image, ctx):
+            # The robust step with only m^2 (and CLIP) on: its lse rows are m2mix_fwd's.
+            terms, _, lse, kept = _step_ops().robust_step_fwd_keep(
+                image, text, clip_scale, m2_scale, lam, True, with_clip, None, None,
+                torch.zeros_like(m2_scale), None, None, None, None, None)
+            m2, clip = terms[1].clone(), terms[0].clone()
+            lse = lse if with_clip else lse[:2].clone()
+            # Not saved for backward: the backward overwrites it (once) and drops it.
+            ctx.kept = kept if kept.numel() > 0 else None
+        else:
+            m2, clip, lse = fused_ops(backend).m2mix_fwd(image, text, m2_scale, lam, clip_scale,
+                                                         with_clip)
         ctx.save_for_backward(image, text, m2_scale, lam, clip_scale, lse)
         ctx.with_clip, ctx.backend = with_clip, backend
         if not with_clip:
@@ -140,6 +163,17 @@ class M2MixFunction(torch.autograd.Function):
             grad_m2 = torch.zeros_like(lse[0, 0])
         if grad_clip is None or not ctx.with_clip:
             grad_clip = torch.zeros_like(lse[0, 0])
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes
+        if kept is not None:
+            zero = torch.zeros_like(grad_m2)
+            grads = torch.stack([grad_clip.reshape(()), grad_m2.reshape(()), zero, zero, zero])
+            lse4 = lse if ctx.with_clip else torch.cat([lse, torch.zeros_like(lse)])
+            gi, gt, gsc, gsm, _, _ = _step_ops().robust_step_bwd_keep(
+                grads, image, text, clip_scale, m2_scale, lam, True, ctx.with_clip, None, None,
+                torch.zeros_like(m2_scale), None, None, None, None, None, lse4, kept)
+            need = ctx.needs_input_grad
+            return (gi if need[0] else None, gt if need[1] else None, gsm if need[2] else None,
+                    None, gsc if need[4] else None, None, None)
         gi, gt, gsm, gsc = fused_ops(ctx.backend).m2mix_bwd(
             grad_m2.contiguous(), grad_clip.contiguous(), image, text, m2_scale, lam,
             clip_scale, lse, ctx.with_clip)
@@ -199,7 +233,13 @@ class RobustStepFunction(torch.autograd.Function):
         c = lambda t: None if t is None else t.contiguous()  # noqa: E731
         args = (c(image), c(text), clip_scale, m2_scale, lam, with_m2, with_clip, c(image_pre),
                 c(texts), lipsum_scale, c(rfi), c(rft), c(rpi), c(rpt), center)
-        terms, diff_mean, lse = fused_ops(backend).robust_step_fwd(*args)
+        ctx.kept = None
+        if (with_m2 or with_clip) and _keeps_products(backend, image, ctx):
+            terms, diff_mean, lse, kept = _step_ops().robust_step_fwd_keep(*args)
+            # Not saved for backward: the backward overwrites it (once) and drops it.
+            ctx.kept = kept if kept.numel() > 0 else None
+        else:
+            terms, diff_mean, lse = fused_ops(backend).robust_step_fwd(*args)
         ctx.args_nonlist = (with_m2, with_clip)
         ctx.optional = [t is not None for t in (args[7], args[8], args[10], args[11], args[12],
                                                 args[13], args[14])]
@@ -218,9 +258,13 @@ class RobustStepFunction(torch.autograd.Function):
         rest = iter(saved[7:])
         ip, g, rfi, rft, rpi, rpt, center = (next(rest) if has else None for has in ctx.optional)
         with_m2, with_clip = ctx.args_nonlist
-        gi, gt, gsc, gsm, gfi, gft = fused_ops(ctx.backend).robust_step_bwd(
-            grad_terms.contiguous(), image, text, clip_scale, m2_scale, lam, with_m2, with_clip,
-            ip, g, lipsum_scale, rfi, rft, rpi, rpt, center, lse)
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes
+        args = (grad_terms.contiguous(), image, text, clip_scale, m2_scale, lam, with_m2,
+                with_clip, ip, g, lipsum_scale, rfi, rft, rpi, rpt, center, lse)
+        if kept is not None:
+            gi, gt, gsc, gsm, gfi, gft = _step_ops().robust_step_bwd_keep(*args, kept)
+        else:
+            gi, gt, gsc, gsm, gfi, gft = fused_ops(ctx.backend).robust_step_bwd(*args)
         need = ctx.needs_input_grad
         return (gi if need[0] else None, gt if need[1] else None, gsc if need[2] else None,
                 gsm if need[3] else None, None, None, None, None, None, None,

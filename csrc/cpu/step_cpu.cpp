@@ -68,20 +68,47 @@ void step_lse_impl(const StepProblem& p, at::Tensor& lse) {
 
   // A = I M^T and B = T M^T (m^2), C = I T^T (CLIP); one task's tiles of them share its
   // scratch, each tile folded before the next is formed.
-  std::vector<DotProducts<T>> views;
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> operands;
   if (p.with_m2) {
-    views.emplace_back(x.I, x.M);
-    views.emplace_back(x.Tt, x.M);
+    operands.emplace_back(&x.I, &x.M);
+    operands.emplace_back(&x.Tt, &x.M);
   }
-  if (p.with_clip) views.emplace_back(x.I, x.Tt);
+  if (p.with_clip) operands.emplace_back(&x.I, &x.Tt);
+  // Kept for the backward (p.keep): each view's whole product from one threaded GEMM into
+  // its slice of p.keep, before the parallel region; a tile is a copy of its block in the
+  // task's buffer (the logits are formed in place). Else DotProducts' own products.
+  const bool keep = p.keep.defined();
+  std::vector<DotProducts<T>> views;
+  std::vector<const T*> kept;
+  for (size_t v = 0; v < operands.size(); ++v) {
+    if (keep) {
+      at::Tensor out = p.keep[v];
+      at::mm_out(out, *operands[v].first, operands[v].second->t());
+      kept.push_back(out.data_ptr<T>());
+    } else {
+      views.emplace_back(*operands[v].first, *operands[v].second);
+    }
+  }
+  auto scratch = [&](int64_t rows) {
+    if (!keep) return views.front().scratch(rows);
+    return TileScratch<T>(rows, n, at::empty({rows * std::min(n, kColBlock)}, x.I.options()));
+  };
+  auto tile_of = [&](size_t v, TileScratch<T>& s, int64_t i0, int64_t rows, int64_t j0,
+                     int64_t cols) {
+    if (!keep) return views[v].tile(s, i0, rows, j0, cols);
+    T* dst = s.buffer.template data_ptr<T>();
+    const T* src = kept[v] + i0 * n + j0;
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * n, src + r * n + cols, dst + r * cols);
+    return Tile<T>{dst, rows, cols, cols};
+  };
   for_each_row_block(n, [&](int64_t i0, int64_t rows) {
-    TileScratch<T> s = views.front().scratch(rows);
+    TileScratch<T> s = scratch(rows);
     for_each_col_tile(n, [&](int64_t j0, int64_t cols) {
       size_t v = 0;
       if (p.with_m2) {
         // A and B: mixed negatives off the diagonal, the true pair on it.
         for (int k = 0; k < 2; ++k) {
-          const Tile<T> t = views[v++].tile(s, i0, rows, j0, cols);
+          const Tile<T> t = tile_of(v++, s, i0, rows, j0, cols);
           tile_logits(t, x.s_m, T(0), s, false);
           const int64_t lo = std::max(i0, j0), hi = std::min(i0 + rows, j0 + cols);
           for (int64_t row = lo; row < hi; ++row) {
@@ -91,7 +118,7 @@ void step_lse_impl(const StepProblem& p, at::Tensor& lse) {
         }
       }
       if (p.with_clip) {
-        const Tile<T> t = views[v].tile(s, i0, rows, j0, cols);
+        const Tile<T> t = tile_of(v, s, i0, rows, j0, cols);
         tile_logits(t, x.s_c, T(0), s, true);
         tile_fold(t, i0, j0, s, r_state, &c_state.mine());
       }
@@ -160,14 +187,15 @@ inline void view_dlogit_rows(const ViewDlogits<double>& v, double* d, int64_t m,
   }
 }
 
-// The chunk's dot products X[r0 : r0 + rows] Y^T straight into the workspace slice ws, then
-// its dlogits in place, parallel over rows; returns the sum of dS * dot over the chunk, in
-// row order (independent of the split).
+// The chunk's dot products X[r0 : r0 + rows] Y^T straight into the workspace slice ws
+// (unless ws already holds them: the forward's, kept), then its dlogits in place, parallel
+// over rows; returns the sum of dS * dot over the chunk, in row order (independent of the
+// split).
 template <typename T>
 T chunk_dlogits(const at::Tensor& X, const at::Tensor& Y, int64_t r0, at::Tensor& ws,
-                const ViewDlogits<T>& v) {
+                const ViewDlogits<T>& v, bool kept) {
   const int64_t rows = ws.size(0), m = Y.size(0);
-  at::mm_out(ws, X.narrow(0, r0, rows), Y.t());
+  if (!kept) at::mm_out(ws, X.narrow(0, r0, rows), Y.t());
   T* d = ws.data_ptr<T>();
   std::vector<T> stat(rows, T(0));
   at::parallel_for(0, rows, rows_per_task(m), [&](int64_t r_begin, int64_t r_end) {
@@ -185,18 +213,19 @@ void step_dlogits_impl(const StepProblem& p, const at::Tensor& lse_t, int64_t r0
   const int64_t n = p.n;
   const at::Tensor lse_c = lse_t.contiguous();
   const T* lse = lse_c.data_ptr<T>();
+  const bool kept = p.keep.defined();
   if (p.with_m2) {
     // exp(A_pq - lse[0][p]) off the diagonal (the true pair's gradient is the op body's).
     T m2 = 0;
     for (int k = 0; k < 2; ++k) {
       const ViewDlogits<T> v{x.s_m, T(1), T(0), T(0), lse + k * n, nullptr, true};
-      m2 += chunk_dlogits<T>(k == 0 ? x.I : x.Tt, x.M, r0, k == 0 ? dA : dB, v);
+      m2 += chunk_dlogits<T>(k == 0 ? x.I : x.Tt, x.M, r0, k == 0 ? dA : dB, v, kept);
     }
     stats[0] += m2;
   }
   if (p.with_clip) {
     const ViewDlogits<T> v{x.s_c, T(0.5), T(0.5), T(1), lse + 2 * n, lse + 3 * n, false};
-    stats[1] += chunk_dlogits<T>(x.I, x.Tt, r0, dC, v);
+    stats[1] += chunk_dlogits<T>(x.I, x.Tt, r0, dC, v, kept);
   }
 }
 
@@ -213,6 +242,83 @@ void slerp_weights_impl(const at::Tensor& cos, const at::Tensor& lam_t, at::Tens
     o[2 * n + q] = w.dwa_dc;
     o[3 * n + q] = w.dwb_dc;
   }
+}
+
+// Rows per task of the O(n D) loops below: a task of fewer than ~64k entries costs less
+// than waking the pool.
+inline int64_t mix_grain(int64_t D) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)); }
+
+// mix_rows (m2mix_ops.h) in one pass per row, in double as there: c = <I_p, T_p>, the
+// weights, M_p = w_a I_p + w_b T_p rounded once to M's dtype.
+template <typename In, typename Out>
+void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Tensor& M,
+                    at::Tensor& weights) {
+  const int64_t n = I.size(0), D = I.size(1);
+  const In* ip = I.data_ptr<In>();
+  const In* tp = T.data_ptr<In>();
+  Out* mp = M.data_ptr<Out>();
+  double* w = weights.data_ptr<double>();
+  at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const In* a = ip + p * D;
+      const In* b = tp + p * D;
+      double c = 0;
+      for (int64_t j = 0; j < D; ++j) c += double(a[j]) * double(b[j]);
+      const auto sw = mx::slerp_weights<double>(c, lam);
+      w[p] = sw.wa;
+      w[n + p] = sw.wb;
+      w[2 * n + p] = sw.dwa_dc;
+      w[3 * n + p] = sw.dwb_dc;
+      Out* m = mp + p * D;
+      for (int64_t j = 0; j < D; ++j) m[j] = Out(sw.wa * double(a[j]) + sw.wb * double(b[j]));
+    }
+  });
+}
+
+// grad_I += g_pair[p] T_p + (w_a dM_p + k T_p), grad_T += g_pair[p] I_p + (w_b dM_p + k I_p),
+// k = <dM_p, I_p> dw_a/dc + <dM_p, T_p> dw_b/dc: step_bwd_impl's true-pair term and
+// mix_rows_backward in one pass per row, each term rounded as there (the true-pair product
+// in Acc, the slerp backward in double).
+template <typename In, typename Acc>
+void mix_backward_fused(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
+                        const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
+                        at::Tensor& grad_T) {
+  const int64_t n = I.size(0), D = I.size(1);
+  const Acc* dp = dM.data_ptr<Acc>();
+  const In* ip = I.data_ptr<In>();
+  const In* tp = T.data_ptr<In>();
+  const double* w = weights.data_ptr<double>();
+  const Acc* gp = g_pair.data_ptr<Acc>();
+  Acc* gi = grad_I.data_ptr<Acc>();
+  Acc* gt = grad_T.data_ptr<Acc>();
+  at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const Acc* d = dp + p * D;
+      const In* a = ip + p * D;
+      const In* b = tp + p * D;
+      double da = 0, db = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        da += double(d[j]) * double(a[j]);
+        db += double(d[j]) * double(b[j]);
+      }
+      const double wa = w[p], wb = w[n + p];
+      const double k = da * w[2 * n + p] + db * w[3 * n + p];
+      const Acc g = gp[p];
+      Acc* oi = gi + p * D;
+      Acc* ot = gt + p * D;
+      for (int64_t j = 0; j < D; ++j) {
+        const double dj = d[j], aj = double(a[j]), bj = double(b[j]);
+        oi[j] = (oi[j] + g * Acc(b[j])) + Acc(wa * dj + k * bj);
+        ot[j] = (ot[j] + g * Acc(a[j])) + Acc(wb * dj + k * aj);
+      }
+    }
+  });
+}
+
+void check_mix_operands(const at::Tensor& I, const at::Tensor& T) {
+  TORCH_CHECK(I.is_contiguous() && T.is_contiguous() && I.sizes() == T.sizes() && I.dim() == 2 &&
+                  I.scalar_type() == T.scalar_type(),
+              "robustft_ext: the mixed pair must be contiguous [n, D] tensors of one dtype");
 }
 
 }  // namespace
@@ -241,9 +347,84 @@ void step_dlogits_cpu(const StepProblem& p, const at::Tensor& lse, int64_t r0, a
   RFT_DISPATCH_ACC(p.I, [&] { step_dlogits_impl<acc_t>(p, lse, r0, dA, dB, dC, stats); });
 }
 
-static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu, &step_lse_cpu, &step_dlogits_cpu,
-                                           GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu}};
+void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam, at::Tensor& M,
+                  at::Tensor& weights) {
+  check_mix_operands(I, T);
+  TORCH_CHECK(M.is_contiguous() && M.sizes() == I.sizes() &&
+                  M.scalar_type() == workspace_dtype_cpu(I.scalar_type()) &&
+                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
+                  weights.dim() == 2 && weights.size(0) == 4 && weights.size(1) == I.size(0),
+              "robustft_ext: mix_rows writes a contiguous [n, D] workspace-dtype M and [4, n] "
+              "double weights");
+  const double l = lam.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_rows_cpu", [&] {
+    if (M.scalar_type() == at::kDouble) {
+      mix_rows_fused<scalar_t, double>(I, T, l, M, weights);
+    } else {
+      mix_rows_fused<scalar_t, float>(I, T, l, M, weights);
+    }
+  });
+}
+
+void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
+                      const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
+                      at::Tensor& grad_T) {
+  check_mix_operands(I, T);
+  const auto acc = acc_dtype(I.scalar_type());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dM, &grad_I, &grad_T}) {
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == I.sizes() && t->scalar_type() == acc,
+                "robustft_ext: mix_backward takes contiguous [n, D] ", acc, " gradients");
+  }
+  TORCH_CHECK(g_pair.is_contiguous() && g_pair.numel() == I.size(0) && g_pair.scalar_type() == acc &&
+                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
+                  weights.numel() == 4 * I.size(0),
+              "robustft_ext: mix_backward takes [n] ", acc, " pair weights and [4, n] double "
+              "slerp weights");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_backward_cpu", [&] {
+    if (acc == at::kDouble) {
+      mix_backward_fused<scalar_t, double>(dM, I, T, weights, g_pair, grad_I, grad_T);
+    } else {
+      mix_backward_fused<scalar_t, float>(dM, I, T, weights, g_pair, grad_I, grad_T);
+    }
+  });
+}
+
+static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu,
+                                           &step_lse_cpu,
+                                           &step_dlogits_cpu,
+                                           GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu},
+                                           &mix_rows_cpu,
+                                           &mix_backward_cpu};
 
 RFT_REGISTER_STEP_OPS(CPU, kCpuStepKernels)
+
+// The forward that keeps its dot products for the backward (step_fwd_impl's `kept`), and
+// the backward that consumes them: CPU only, where the n x n products fit in memory that
+// the workspace limit bounds, and dropping the backward's recompute removes a quarter of
+// the step's GEMM work.
+TORCH_LIBRARY_IMPL(robustft_ext, CPU, m) {
+  m.impl("robust_step_fwd_keep",
+         [](const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc, const at::Tensor& sm,
+            const at::Tensor& lam, bool with_m2, bool with_clip, RFT_OPT ip, RFT_OPT g,
+            const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft, RFT_OPT rpi, RFT_OPT rpt,
+            RFT_OPT c) {
+           at::Tensor kept;
+           auto [terms, diff_mean, lse] = step_fwd_impl(
+               kCpuStepKernels,
+               robust_args(i, t, sc, sm, lam, with_m2, with_clip, ip, g, sl, rfi, rft, rpi, rpt, c),
+               &kept);
+           return std::make_tuple(terms, diff_mean, lse, kept);
+         });
+  m.impl("robust_step_bwd_keep",
+         [](const at::Tensor& gt, const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc,
+            const at::Tensor& sm, const at::Tensor& lam, bool with_m2, bool with_clip,
+            RFT_OPT ip, RFT_OPT g, const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft, RFT_OPT rpi,
+            RFT_OPT rpt, RFT_OPT c, const at::Tensor& lse, at::Tensor& kept) {
+           return step_bwd_impl(kCpuStepKernels, gt,
+                                robust_args(i, t, sc, sm, lam, with_m2, with_clip, ip, g, sl,
+                                            rfi, rft, rpi, rpt, c),
+                                lse, kept);
+         });
+}
 
 }  // namespace robustft
