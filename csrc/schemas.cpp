@@ -101,16 +101,16 @@ TORCH_LIBRARY(robustft_ext, m) {
       "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // robust_step_fwd that also returns the tiles' dot products [V, n, n] (V = 2 with m^2
-  // + 1 with CLIP; [0] when they exceed the workspace limit), and robust_step_bwd that
+  // + 1 with CLIP; refused when they exceed the workspace limit), and robust_step_bwd that
   // takes them instead of recomputing them and overwrites them (they are its dlogit
-  // workspace): a kept tensor serves one backward. CPU only.
+  // workspace): a kept tensor serves one backward. CPU only, as the _keep ops above.
   m.def(
       "robust_step_fwd_keep(Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
       "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, Tensor? lipsum_texts, "
       "Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
       "Tensor? ref_text_pre, Tensor? center) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "robust_step_bwd_keep(Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
+      "robust_step_bwd_kept(Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
       "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
       "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, "
       "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse, "

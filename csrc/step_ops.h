@@ -246,8 +246,9 @@ inline std::pair<at::Tensor, at::Tensor> dive_grads(const DiveInputs& d, at::Sca
 inline int64_t step_views(const StepProblem& p) { return (p.with_m2 ? 2 : 0) + (p.with_clip ? 1 : 0); }
 
 // With `kept`, the forward also returns in *kept the views' dot products [V, n, n] for the
-// backward (StepProblem::keep) when they fit in the workspace limit, else an empty [0]
-// tensor: the backward then needs no GEMM to recompute them.
+// backward (StepProblem::keep; the CPU's kept dot products, contrastive_ops.h): the backward
+// then needs no GEMM to recompute them. Refused when they would exceed the workspace limit
+// (the caller decides beforehand, so that the output's shape is known).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKernelSet& k,
                                                                      const StepArgs& a,
                                                                      at::Tensor* kept = nullptr) {
@@ -258,10 +259,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   if (kept != nullptr) {
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
     const int64_t views = step_views(p);
-    const bool fits = views > 0 && views * p.n * p.n * int64_t(at::elementSize(ws_dtype)) <=
-                                       workspace_limit_bytes().load();
-    if (fits) p.keep = at::empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
-    *kept = fits ? p.keep : at::empty({0}, a.image.options().dtype(ws_dtype));
+    const int64_t bytes = views * p.n * p.n * int64_t(at::elementSize(ws_dtype));
+    const int64_t limit = workspace_limit_bytes().load();
+    TORCH_CHECK(views > 0, "robustft_ext: a step without m^2 or CLIP has no dot products to keep");
+    TORCH_CHECK(bytes <= limit, "robustft_ext: keeping the step's ", views, " x ", p.n, " x ",
+                p.n, " dot products takes ", bytes, " bytes, more than the workspace limit of ",
+                limit, " bytes (use the forward that keeps nothing)");
+    p.keep = at::empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
+    *kept = p.keep;
   }
   at::Tensor lse = at::zeros({4, p.n}, opts);
   if (p.with_m2 || p.with_clip) k.lse(p, lse);
@@ -348,7 +353,7 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
               const at::Tensor& lse, const at::Tensor& kept = at::Tensor()) {
   RFT_KERNEL_GUARDS();
   auto s = step_setup(k, a);
-  if (kept.defined() && kept.numel() > 0) {
+  if (kept.defined()) {
     // The forward's dot products (step_fwd_impl), overwritten here by the dlogits.
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
     TORCH_CHECK(kept.dim() == 3 && kept.size(0) == step_views(s.p) && kept.size(1) == s.p.n &&

@@ -18,14 +18,15 @@ def untied(x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return x.clone() if x is other else x
 
 
-def keeps_dots(ctx, backend: str, grad_enabled: bool, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a CLIP/SigLIP forward keeps its n x m dot products for the backward: the native
-    backend on CPU, when some gradient will be wanted (grad mode was on at the call, which
-    forward cannot see, and an input requires grad) and they fit the workspace limit. The CPU
-    then runs 6 n m D FLOPs instead of 8: no second pass over a b^T."""
+def keeps_dots(ctx, backend: str, grad_enabled: bool, a: torch.Tensor, entries: int) -> bool:
+    """Whether a fused forward keeps its dot products (`entries` of them, n x m per product)
+    for the backward: the native backend on CPU, when some gradient will be wanted (grad mode
+    was on at the call, which forward cannot see, and an input requires grad) and they fit the
+    workspace limit. The CPU then runs no second GEMM over the same operands: CLIP 6 n m D
+    FLOPs instead of 8."""
     return (backend == "native" and a.device.type == "cpu" and grad_enabled
-            and any(ctx.needs_input_grad[:4])
-            and a.shape[0] * b.shape[0] * acc_dtype(a.dtype).itemsize <= workspace_limit())
+            and any(ctx.needs_input_grad)
+            and entries * acc_dtype(a.dtype).itemsize <= workspace_limit())
 
 
 class ClipLossFunction(torch.autograd.Function):
@@ -38,7 +39,7 @@ class ClipLossFunction(torch.autograd.Function):
         a, b = a.contiguous(), b.contiguous()
         ops = fused_ops(backend)
         dots = None
-        if keeps_dots(ctx, backend, grad_enabled, a, b):
+        if keeps_dots(ctx, backend, grad_enabled, a, a.shape[0] * b.shape[0]):
             loss, row_lse, col_lse, dots = ops.clip_fwd_keep(a, b, scale, bias, diag_offset,
                                                              symmetric)
         else:
@@ -73,7 +74,7 @@ class SigLipLossFunction(torch.autograd.Function):
         a, b = a.contiguous(), b.contiguous()
         ops = fused_ops(backend)
         dots = None
-        if keeps_dots(ctx, backend, grad_enabled, a, b):
+        if keeps_dots(ctx, backend, grad_enabled, a, a.shape[0] * b.shape[0]):
             loss, dots = ops.siglip_fwd_keep(a, b, scale, bias, negative_only)
         else:
             loss = ops.siglip_fwd(a, b, scale, bias, negative_only)
@@ -115,16 +116,14 @@ class SlerpFunction(torch.autograd.Function):
         return ga if need[0] else None, gb if need[1] else None, None, None
 
 
-def _keeps_products(backend: str, image: torch.Tensor, ctx) -> bool:
-    """Whether a fused step forward should keep its tile dot products for the backward
-    (robust_step_fwd_keep): native CPU, gradients wanted, eager (the kept tensor's size
-    depends on the workspace limit, which a traced graph could not follow)."""
-    return (backend == "native" and image.device.type == "cpu" and any(ctx.needs_input_grad)
-            and not torch.compiler.is_compiling())
-
-
-def _step_ops():
-    return torch.ops.robustft_ext
+def _keeps_step_dots(ctx, backend: str, grad_enabled: bool, image: torch.Tensor,
+                     views: int) -> bool:
+    """keeps_dots for a fused step's `views` n x n products (A and B with m^2, C with CLIP);
+    eager only: the kept tensor is held on ctx (not saved for backward, which it outlives
+    once overwritten), which a traced graph could not follow."""
+    n = image.shape[0]
+    return (views > 0 and not torch.compiler.is_compiling()
+            and keeps_dots(ctx, backend, grad_enabled, image, views * n * n))
 
 
 class M2MixFunction(torch.autograd.Function):
@@ -135,18 +134,19 @@ class M2MixFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, image, text, m2_scale, lam, clip_scale, with_clip: bool, backend: str):
+    def forward(ctx, image, text, m2_scale, lam, clip_scale, with_clip: bool, backend: str,
+                grad_enabled: bool):
         image, text = image.contiguous(), text.contiguous()
         ctx.kept = None
-        if _keeps_products(backend, image, ctx):
+        if _keeps_step_dots(ctx, backend, grad_enabled, image, 2 + with_clip):
             # The robust step with only m^2 (and CLIP) on: its lse rows are m2mix_fwd's.
-            terms, _, lse, kept = _step_ops().robust_step_fwd_keep(
+            terms, _, lse, kept = fused_ops(backend).robust_step_fwd_keep(
                 image, text, clip_scale, m2_scale, lam, True, with_clip, None, None,
                 torch.zeros_like(m2_scale), None, None, None, None, None)
             m2, clip = terms[1].clone(), terms[0].clone()
             lse = lse if with_clip else lse[:2].clone()
             # Not saved for backward: the backward overwrites it (once) and drops it.
-            ctx.kept = kept if kept.numel() > 0 else None
+            ctx.kept = kept
         else:
             m2, clip, lse = fused_ops(backend).m2mix_fwd(image, text, m2_scale, lam, clip_scale,
                                                          with_clip)
@@ -168,18 +168,18 @@ class M2MixFunction(torch.autograd.Function):
             zero = torch.zeros_like(grad_m2)
             grads = torch.stack([grad_clip.reshape(()), grad_m2.reshape(()), zero, zero, zero])
             lse4 = lse if ctx.with_clip else torch.cat([lse, torch.zeros_like(lse)])
-            gi, gt, gsc, gsm, _, _ = _step_ops().robust_step_bwd_keep(
+            gi, gt, gsc, gsm, _, _ = fused_ops(ctx.backend).robust_step_bwd_kept(
                 grads, image, text, clip_scale, m2_scale, lam, True, ctx.with_clip, None, None,
                 torch.zeros_like(m2_scale), None, None, None, None, None, lse4, kept)
             need = ctx.needs_input_grad
             return (gi if need[0] else None, gt if need[1] else None, gsm if need[2] else None,
-                    None, gsc if need[4] else None, None, None)
+                    None, gsc if need[4] else None, None, None, None)
         gi, gt, gsm, gsc = fused_ops(ctx.backend).m2mix_bwd(
             grad_m2.contiguous(), grad_clip.contiguous(), image, text, m2_scale, lam,
             clip_scale, lse, ctx.with_clip)
         need = ctx.needs_input_grad
         return (gi if need[0] else None, gt if need[1] else None, gsm if need[2] else None,
-                None, gsc if need[4] else None, None, None)
+                None, gsc if need[4] else None, None, None, None)
 
 
 class DiveFunction(torch.autograd.Function):
@@ -229,15 +229,16 @@ class RobustStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image, text, clip_scale, m2_scale, lam, with_m2: bool, with_clip: bool,
-                image_pre, texts, lipsum_scale, rfi, rft, rpi, rpt, center, backend: str):
+                image_pre, texts, lipsum_scale, rfi, rft, rpi, rpt, center, backend: str,
+                grad_enabled: bool):
         c = lambda t: None if t is None else t.contiguous()  # noqa: E731
         args = (c(image), c(text), clip_scale, m2_scale, lam, with_m2, with_clip, c(image_pre),
                 c(texts), lipsum_scale, c(rfi), c(rft), c(rpi), c(rpt), center)
         ctx.kept = None
-        if (with_m2 or with_clip) and _keeps_products(backend, image, ctx):
-            terms, diff_mean, lse, kept = _step_ops().robust_step_fwd_keep(*args)
+        if _keeps_step_dots(ctx, backend, grad_enabled, image, 2 * with_m2 + with_clip):
+            terms, diff_mean, lse, kept = fused_ops(backend).robust_step_fwd_keep(*args)
             # Not saved for backward: the backward overwrites it (once) and drops it.
-            ctx.kept = kept if kept.numel() > 0 else None
+            ctx.kept = kept
         else:
             terms, diff_mean, lse = fused_ops(backend).robust_step_fwd(*args)
         ctx.args_nonlist = (with_m2, with_clip)
@@ -262,10 +263,11 @@ class RobustStepFunction(torch.autograd.Function):
         args = (grad_terms.contiguous(), image, text, clip_scale, m2_scale, lam, with_m2,
                 with_clip, ip, g, lipsum_scale, rfi, rft, rpi, rpt, center, lse)
         if kept is not None:
-            gi, gt, gsc, gsm, gfi, gft = _step_ops().robust_step_bwd_keep(*args, kept)
+            gi, gt, gsc, gsm, gfi, gft = fused_ops(ctx.backend).robust_step_bwd_kept(*args, kept)
         else:
             gi, gt, gsc, gsm, gfi, gft = fused_ops(ctx.backend).robust_step_bwd(*args)
         need = ctx.needs_input_grad
         return (gi if need[0] else None, gt if need[1] else None, gsc if need[2] else None,
                 gsm if need[3] else None, None, None, None, None, None, None,
-                gfi if need[10] else None, gft if need[11] else None, None, None, None, None)
+                gfi if need[10] else None, gft if need[11] else None, None, None, None, None,
+                None)

@@ -80,7 +80,7 @@ def _m2(x: PairInputs, lam: Scalar, m2_scale: torch.Tensor, clip_scale: torch.Te
     with_clip = clip_scale is not None
     m2, clip = M2MixFunction.apply(x.a, x.b, m2_scale, lam_t,
                                    untied(clip_scale, m2_scale) if with_clip else m2_scale.detach(),
-                                   with_clip, name)
+                                   with_clip, name, torch.is_grad_enabled())
     return m2, (clip if with_clip else None)
 
 

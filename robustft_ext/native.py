@@ -287,3 +287,50 @@ def _robust_step_bwd_fake(grad_terms, image, text, clip_scale, m2_scale, lam, wi
     n_ref = rfi.shape[0] if rfi is not None else 0
     return (ref.new_empty((n, d)), ref.new_empty((n, d)), _scalar(ref), _scalar(ref),
             ref.new_empty((n_ref, d)), ref.new_empty((n_ref, d)))
+
+
+def robust_step_fwd_keep(image: Tensor, text: Tensor, clip_scale: Tensor, m2_scale: Tensor,
+                         lam: Tensor, with_m2: bool, with_clip: bool, image_pre: Optional[Tensor],
+                         lipsum_texts: Optional[Tensor], lipsum_scale: Tensor,
+                         ref_image_ft: Optional[Tensor], ref_text_ft: Optional[Tensor],
+                         ref_image_pre: Optional[Tensor], ref_text_pre: Optional[Tensor],
+                         center: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """robust_step_fwd's outputs and the tiles' dot products [V, n, n] (V = 2 with m^2, + 1 with
+    CLIP; accumulation dtype; CPU, within the workspace limit)."""
+    return torch.ops.robustft_ext.robust_step_fwd_keep.default(
+        image, text, clip_scale, m2_scale, lam, with_m2, with_clip, image_pre, lipsum_texts,
+        lipsum_scale, ref_image_ft, ref_text_ft, ref_image_pre, ref_text_pre, center)
+
+
+@_fake("robust_step_fwd_keep")
+def _robust_step_fwd_keep_fake(image, text, clip_scale, m2_scale, lam, with_m2, with_clip,
+                               image_pre, lipsum_texts, lipsum_scale, rfi, rft, rpi, rpt, center):
+    n = image.shape[0]
+    views = 2 * with_m2 + with_clip
+    return (*_robust_step_fwd_fake(image, text, clip_scale, m2_scale, lam, with_m2, with_clip,
+                                   image_pre, lipsum_texts, lipsum_scale, rfi, rft, rpi, rpt,
+                                   center),
+            image.new_empty((views, n, n), dtype=acc_dtype(image.dtype)))
+
+
+def robust_step_bwd_kept(grad_terms: Tensor, image: Tensor, text: Tensor, clip_scale: Tensor,
+                         m2_scale: Tensor, lam: Tensor, with_m2: bool, with_clip: bool,
+                         image_pre: Optional[Tensor], lipsum_texts: Optional[Tensor],
+                         lipsum_scale: Tensor, ref_image_ft: Optional[Tensor],
+                         ref_text_ft: Optional[Tensor], ref_image_pre: Optional[Tensor],
+                         ref_text_pre: Optional[Tensor], center: Optional[Tensor], lse: Tensor,
+                         kept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """robust_step_bwd from the dot products robust_step_fwd_keep kept, which it overwrites."""
+    return torch.ops.robustft_ext.robust_step_bwd_kept.default(
+        grad_terms, image, text, clip_scale, m2_scale, lam, with_m2, with_clip, image_pre,
+        lipsum_texts, lipsum_scale, ref_image_ft, ref_text_ft, ref_image_pre, ref_text_pre, center,
+        lse, kept)
+
+
+@_fake("robust_step_bwd_kept")
+def _robust_step_bwd_kept_fake(grad_terms, image, text, clip_scale, m2_scale, lam, with_m2,
+                               with_clip, image_pre, lipsum_texts, lipsum_scale, rfi, rft, rpi,
+                               rpt, center, lse, kept):
+    return _robust_step_bwd_fake(grad_terms, image, text, clip_scale, m2_scale, lam, with_m2,
+                                 with_clip, image_pre, lipsum_texts, lipsum_scale, rfi, rft, rpi,
+                                 rpt, center, lse)

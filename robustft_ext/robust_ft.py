@@ -230,5 +230,5 @@ class RobustFTLoss(nn.Module):
         rfi, rft, rpi, rpt, center = step.dive if step.dive is not None else (None,) * 5
         out, diff_mean = RobustStepFunction.apply(
             x.a, x.b, clip_scale, m2_scale, lam_t, step.m2 is not None, step.clip_in_pass,
-            image_pre, texts, s0, rfi, rft, rpi, rpt, center, name)
+            image_pre, texts, s0, rfi, rft, rpi, rpt, center, name, torch.is_grad_enabled())
         return list(out.unbind(0)), (diff_mean if step.dive is not None else None)

@@ -1,7 +1,8 @@
-"""The CPU forward that keeps its n x m dot products for the backward (native backend, CLIP and
-SigLIP): used exactly when gradients are wanted and the products fit the workspace limit, the
-same losses and gradients as the forward that keeps nothing, the ops' contract (opcheck, the
-limit, bad dot products) and a second backward through a retained graph."""
+"""The CPU forward that keeps its n x m dot products for the backward (native backend: CLIP,
+SigLIP, and the m^2 / robust step's two or three products): used exactly when gradients are
+wanted and the products fit the workspace limit, the same losses and gradients as the forward
+that keeps nothing, the ops' contract (opcheck, the limit, bad dot products) and a second
+backward through a retained graph."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,9 @@ def calls(monkeypatch):
     """The names of the native ops the autograd Functions call, in order."""
     seen: list[str] = []
     for name in ("clip_fwd", "clip_fwd_keep", "clip_bwd", "clip_bwd_kept", "siglip_fwd",
-                 "siglip_fwd_keep", "siglip_bwd", "siglip_bwd_kept"):
+                 "siglip_fwd_keep", "siglip_bwd", "siglip_bwd_kept", "m2mix_fwd", "m2mix_bwd",
+                 "robust_step_fwd", "robust_step_fwd_keep", "robust_step_bwd",
+                 "robust_step_bwd_kept"):
         op = getattr(native, name)
 
         def record(*args, _op=op, _name=name):
@@ -166,3 +169,103 @@ def test_gradcheck_float64_through_kept_products():
     c = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
     for kind in ("clip_bias", "siglip"):
         assert torch.autograd.gradcheck(LOSSES[kind], (a, b, s, c), eps=1e-6, atol=1e-7)
+
+
+# ---- The m^2 / robust step's products ---------------------------------------------------
+def _step_loss(kind, a, b, s, refs):
+    if kind == "m2mix":
+        return rft.m2mix_loss(a, b, s, 0.35, backend="native")
+    if kind == "clip_m2mix":
+        m2, clip = rft.clip_m2mix_loss(a, b, s, 0.35, backend="native")
+        return 0.3 * m2 + clip
+    loss = rft.RobustFTLoss(m2_weight=0.3, lipsum_weight=2.0, dive_weight=10.0, m2_lam=0.35,
+                            m2_logit_scale=14.3, backend="native")
+    pre, texts, rfi, rft_, rpi, rpt = refs
+    return sum(loss(a, b, s, image_pre=pre, random_text_features=texts, pre_logit_scale=20.0,
+                    ref_image_ft=rfi, ref_text_ft=rft_, ref_image_pre=rpi, ref_text_pre=rpt,
+                    output_dict=True).values())
+
+
+def _run_step(kind, n, dtype):
+    torch.manual_seed(0)
+    a, b = features(n, 24, dtype), features(n, 24, dtype)
+    refs = [features(k, 24, dtype).detach() for k in (n, 9, 6, 6, 6, 6)]
+    refs[2].requires_grad_()
+    refs[3].requires_grad_()
+    s = torch.tensor(7.5, requires_grad=True)
+    loss = _step_loss(kind, a, b, s, refs)
+    loss.backward()
+    return loss, [x.grad for x in (a, b, s, refs[2], refs[3])]
+
+
+@pytest.mark.parametrize("kind", ["m2mix", "clip_m2mix", "robust_step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_kept_products_give_the_recomputed_results(kind, dtype, calls):
+    require_backend("native", "cpu", dtype)
+    kept_loss, kept_grads = _run_step(kind, 130, dtype)
+    assert "robust_step_fwd_keep" in calls and "robust_step_bwd_kept" in calls
+    calls.clear()
+    rft.set_workspace_limit(1)
+    try:
+        loss, grads = _run_step(kind, 130, dtype)
+    finally:
+        rft.set_workspace_limit(None)
+    assert not any("kept" in c or "keep" in c for c in calls)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_rel(kept_loss, loss, tol, "loss")
+    for name, g_kept, g in zip(["a", "b", "scale", "ref image", "ref text"], kept_grads, grads):
+        if g is None:
+            assert g_kept is None, name
+            continue
+        assert_close_rel(g_kept, g, tol, name)
+
+
+def test_step_keeps_nothing_without_gradients_or_over_the_limit(calls):
+    require_backend("native", "cpu")
+    a, b = features(40, 16), features(40, 16)
+    with torch.no_grad():
+        rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native")
+    # m^2 and CLIP: three 40 x 40 float products, 19200 bytes.
+    rft.set_workspace_limit(3 * 40 * 40 * 4 - 1)
+    try:
+        sum(rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native")).backward()
+    finally:
+        rft.set_workspace_limit(None)
+    assert calls == ["m2mix_fwd", "m2mix_fwd", "m2mix_bwd"]
+
+
+def test_step_second_backward_through_a_retained_graph(calls):
+    require_backend("native", "cpu")
+    a, b = features(40, 16), features(40, 16)
+    loss = sum(rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native"))
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    a.grad = None
+    loss.backward()
+    torch.testing.assert_close(a.grad, first, rtol=1e-5, atol=1e-7)
+    assert calls == ["robust_step_fwd_keep", "robust_step_bwd_kept", "m2mix_bwd"]
+
+
+def test_step_keep_op_refuses_products_over_the_limit():
+    require_backend("native", "cpu")
+    a, b = features(64, 8).detach(), features(64, 8).detach()
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    rft.set_workspace_limit(1024)
+    try:
+        with pytest.raises(RuntimeError, match="more than the workspace limit"):
+            native.robust_step_fwd_keep(a, b, one, one, torch.tensor(0.3), True, True, None, None,
+                                        zero, None, None, None, None, None)
+    finally:
+        rft.set_workspace_limit(None)
+
+
+def test_opcheck_step_kept_ops():
+    require_backend("native", "cpu")
+    ops = torch.ops.robustft_ext
+    a, b = features(6, 5).detach(), features(6, 5).detach()
+    one, zero, lam = torch.tensor(2.0), torch.tensor(0.0), torch.tensor(0.3)
+    g = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0])
+    args = (a, b, one, one, lam, True, True, None, None, zero, None, None, None, None, None)
+    _, _, lse, kept = ops.robust_step_fwd_keep(*args)
+    torch.library.opcheck(ops.robust_step_fwd_keep.default, args)
+    torch.library.opcheck(ops.robust_step_bwd_kept.default, (g, *args, lse, kept.clone()))

@@ -415,7 +415,7 @@ TORCH_LIBRARY_IMPL(robustft_ext, CPU, m) {
                &kept);
            return std::make_tuple(terms, diff_mean, lse, kept);
          });
-  m.impl("robust_step_bwd_keep",
+  m.impl("robust_step_bwd_kept",
          [](const at::Tensor& gt, const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc,
             const at::Tensor& sm, const at::Tensor& lam, bool with_m2, bool with_clip,
             RFT_OPT ip, RFT_OPT g, const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft, RFT_OPT rpi,
