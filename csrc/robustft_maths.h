@@ -199,5 +199,25 @@ RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
   return out;
 }
 
+// DiVE (docs/maths.md, section 4) at one entry of a reference pair's difference vectors
+// u = fi - pi and v = ft - pt, against the centre's entry m: its terms of |u - m|^2 + |v - m|^2
+// (AVL) and |u - v|^2 (PVL), and the gradients of w_a AVL + w_p PVL,
+//   du = 2 [w_a (u - m) + w_p (u - v)],   dv = 2 [w_a (v - m) - w_p (u - v)].
+template <typename T>
+RFT_HD T dive_avl_entry(T u, T v, T m) {
+  return (u - m) * (u - m) + (v - m) * (v - m);
+}
+
+template <typename T>
+RFT_HD T dive_pvl_entry(T u, T v) {
+  return (u - v) * (u - v);
+}
+
+template <typename T>
+RFT_HD void dive_entry_grads(T u, T v, T m, T w_a, T w_p, T* du, T* dv) {
+  *du = T(2) * (w_a * (u - m) + w_p * (u - v));
+  *dv = T(2) * (w_a * (v - m) - w_p * (u - v));
+}
+
 }  // namespace maths
 }  // namespace robustft

@@ -28,6 +28,12 @@ namespace robustft {
 // The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`.
 enum StepTerm { kClip = 0, kM2 = 1, kLipsum = 2, kAvl = 3, kPvl = 4 };
 
+// DiVE's inputs (docs/maths.md, section 4): u = fi - pi, v = ft - pt, centre m.
+struct DiveInputs {
+  at::Tensor fi, ft, pi, pt;  // [B', D], contiguous
+  at::Tensor center;          // [D] acc dtype
+};
+
 struct StepKernelSet {
   void (*slerp_weights)(const at::Tensor&, const at::Tensor&, at::Tensor&);
   void (*lse)(const StepProblem&, at::Tensor&);
@@ -45,6 +51,14 @@ struct StepKernelSet {
               at::Tensor&) = nullptr;
   void (*mix_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
+  // Optional one-pass DiVE terms (null: dive_sums / dive_grads below, with ATen), over the
+  // entries of robustft_maths.h:
+  //   dive_sums(d, sums, mean): sums [2] (acc) = (AVL sum, PVL sum), mean [D] (acc) =
+  //     mean_j (u_j + v_j) / 2;
+  //   dive_grads(d, w_a, w_p, grad_fi, grad_ft): the [B', D] acc gradients, w_a and w_p 0-d.
+  void (*dive_sums)(const DiveInputs&, at::Tensor&, at::Tensor&) = nullptr;
+  void (*dive_grads)(const DiveInputs&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                     at::Tensor&) = nullptr;
 };
 
 // The arguments of a step op, optional parts as the schema gives them.
@@ -69,12 +83,6 @@ inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const cha
 struct LipsumInputs {
   at::Tensor F, P, G;  // [n, D], [n, D], [K, D], contiguous
   at::Tensor scale;    // 0-d s_0
-};
-
-// DiVE's inputs (docs/maths.md, section 4): u = fi - pi, v = ft - pt, centre m.
-struct DiveInputs {
-  at::Tensor fi, ft, pi, pt;  // [B', D], contiguous
-  at::Tensor center;          // [D] acc dtype
 };
 
 // The launchers' problem, with the mix when m^2 is on (its weights kept for the backward).
@@ -218,7 +226,8 @@ inline void lipsum_backward(const GemmKernels& g, const LipsumInputs& lip, const
   }
 }
 
-// u, v in the accumulation dtype.
+// The DiVE terms with ATen (the devices without dive_sums / dive_grads launchers), by the
+// formulas of robustft_maths.h's dive_* entries. u, v in the accumulation dtype.
 inline std::pair<at::Tensor, at::Tensor> dive_differences(const DiveInputs& d, at::ScalarType acc) {
   return {d.fi.to(acc) - d.pi.to(acc), d.ft.to(acc) - d.pt.to(acc)};
 }
@@ -282,11 +291,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     t[kLipsum] = lipsum_sum_sq(k.gemm, s.lip, opts) / (2.0 * double(s.lip.G.size(0)) * n);
   }
   if (s.with_dive) {
-    auto [avl, pvl, mean] = dive_sums(s.dive, s.acc);
     const double n_ref = double(s.dive.fi.size(0));
-    t[kAvl] = avl / n_ref;
-    t[kPvl] = pvl / n_ref;
-    diff_mean = mean;
+    if (k.dive_sums != nullptr) {
+      at::Tensor sums = at::empty({2}, opts);
+      k.dive_sums(s.dive, sums, diff_mean);
+      t[kAvl] = sums[0] / n_ref;
+      t[kPvl] = sums[1] / n_ref;
+    } else {
+      auto [avl, pvl, mean] = dive_sums(s.dive, s.acc);
+      t[kAvl] = avl / n_ref;
+      t[kPvl] = pvl / n_ref;
+      diff_mean = mean;
+    }
   }
   return {at::stack({t[0], t[1], t[2], t[3], t[4]}), diff_mean, lse};
 }
@@ -404,7 +420,14 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   at::Tensor grad_fi = at::zeros({0, D}, opts), grad_ft = at::zeros({0, D}, opts);
   if (s.with_dive) {
     const double n_ref = double(s.dive.fi.size(0));
-    std::tie(grad_fi, grad_ft) = dive_grads(s.dive, s.acc, grads[kAvl] / n_ref, grads[kPvl] / n_ref);
+    const auto w_a = grads[kAvl] / n_ref, w_p = grads[kPvl] / n_ref;
+    if (k.dive_grads != nullptr) {
+      grad_fi = at::empty(s.dive.fi.sizes(), opts);
+      grad_ft = at::empty(s.dive.fi.sizes(), opts);
+      k.dive_grads(s.dive, w_a, w_p, grad_fi, grad_ft);
+    } else {
+      std::tie(grad_fi, grad_ft) = dive_grads(s.dive, s.acc, w_a, w_p);
+    }
   }
   const auto in_dtype = p.n > 0 ? a.image.scalar_type() : a.ref_image_ft->scalar_type();
   return {grad_I.to(in_dtype), grad_T.to(in_dtype), grad_clip_scale, grad_m2_scale,

@@ -315,6 +315,62 @@ void mix_backward_fused(const at::Tensor& dM, const at::Tensor& I, const at::Ten
   });
 }
 
+// DiVE's sums in one pass over the reference rows (robustft_maths.h's entries; dive_sums of
+// step_ops.h does the same with a dozen ATen passes). Rows go in fixed blocks whose partial
+// sums (in double) are added in block order: the result does not depend on the threads.
+template <typename In, typename Acc>
+void dive_sums_fused(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
+  const int64_t B = d.fi.size(0), D = d.fi.size(1);
+  const In *fi = d.fi.data_ptr<In>(), *ft = d.ft.data_ptr<In>();
+  const In *pi = d.pi.data_ptr<In>(), *pt = d.pt.data_ptr<In>();
+  const Acc* m = d.center.data_ptr<Acc>();
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (B + kBlock - 1) / kBlock;
+  std::vector<double> avl(blocks, 0.0), pvl(blocks, 0.0), part(blocks * D, 0.0);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (kBlock * D)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double* pm = part.data() + b * D;
+      for (int64_t j = b * kBlock; j < std::min(B, (b + 1) * kBlock); ++j) {
+        const int64_t o = j * D;
+        for (int64_t e = 0; e < D; ++e) {
+          const Acc u = Acc(fi[o + e]) - Acc(pi[o + e]), v = Acc(ft[o + e]) - Acc(pt[o + e]);
+          avl[b] += double(mx::dive_avl_entry(u, v, m[e]));
+          pvl[b] += double(mx::dive_pvl_entry(u, v));
+          pm[e] += double(u) + double(v);
+        }
+      }
+    }
+  });
+  double a = 0, p = 0;
+  std::vector<double> total(D, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    a += avl[b];
+    p += pvl[b];
+    for (int64_t e = 0; e < D; ++e) total[e] += part[b * D + e];
+  }
+  Acc* s = sums.data_ptr<Acc>();
+  s[0] = Acc(a);
+  s[1] = Acc(p);
+  Acc* out = mean.data_ptr<Acc>();
+  for (int64_t e = 0; e < D; ++e) out[e] = Acc(total[e] / (2.0 * double(B)));
+}
+
+template <typename In, typename Acc>
+void dive_grads_fused(const DiveInputs& d, Acc w_a, Acc w_p, at::Tensor& grad_fi,
+                      at::Tensor& grad_ft) {
+  const int64_t B = d.fi.size(0), D = d.fi.size(1);
+  const In *fi = d.fi.data_ptr<In>(), *ft = d.ft.data_ptr<In>();
+  const In *pi = d.pi.data_ptr<In>(), *pt = d.pt.data_ptr<In>();
+  const Acc* m = d.center.data_ptr<Acc>();
+  Acc *gi = grad_fi.data_ptr<Acc>(), *gt = grad_ft.data_ptr<Acc>();
+  at::parallel_for(0, B, mix_grain(D), [&](int64_t j0, int64_t j1) {
+    for (int64_t o = j0 * D; o < j1 * D; ++o) {
+      const Acc u = Acc(fi[o]) - Acc(pi[o]), v = Acc(ft[o]) - Acc(pt[o]);
+      mx::dive_entry_grads(u, v, m[o % D], w_a, w_p, gi + o, gt + o);
+    }
+  });
+}
+
 void check_mix_operands(const at::Tensor& I, const at::Tensor& T) {
   TORCH_CHECK(I.is_contiguous() && T.is_contiguous() && I.sizes() == T.sizes() && I.dim() == 2 &&
                   I.scalar_type() == T.scalar_type(),
@@ -389,12 +445,45 @@ void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tenso
   });
 }
 
+void dive_sums_cpu(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
+  const auto acc = acc_dtype(d.fi.scalar_type());
+  TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 && sums.scalar_type() == acc &&
+                  mean.is_contiguous() && mean.numel() == d.fi.size(1) &&
+                  mean.scalar_type() == acc,
+              "robustft_ext: dive_sums writes [2] and [D] ", acc, " tensors");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.fi.scalar_type(), "dive_sums_cpu", [&] {
+    if (acc == at::kDouble) {
+      dive_sums_fused<scalar_t, double>(d, sums, mean);
+    } else {
+      dive_sums_fused<scalar_t, float>(d, sums, mean);
+    }
+  });
+}
+
+void dive_grads_cpu(const DiveInputs& d, const at::Tensor& w_a, const at::Tensor& w_p,
+                    at::Tensor& grad_fi, at::Tensor& grad_ft) {
+  const auto acc = acc_dtype(d.fi.scalar_type());
+  TORCH_CHECK(grad_fi.is_contiguous() && grad_ft.is_contiguous() &&
+                  grad_fi.sizes() == d.fi.sizes() && grad_ft.sizes() == d.fi.sizes() &&
+                  grad_fi.scalar_type() == acc && grad_ft.scalar_type() == acc,
+              "robustft_ext: dive_grads writes contiguous [B', D] ", acc, " gradients");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.fi.scalar_type(), "dive_grads_cpu", [&] {
+    if (acc == at::kDouble) {
+      dive_grads_fused<scalar_t, double>(d, w_a.item<double>(), w_p.item<double>(), grad_fi, grad_ft);
+    } else {
+      dive_grads_fused<scalar_t, float>(d, w_a.item<float>(), w_p.item<float>(), grad_fi, grad_ft);
+    }
+  });
+}
+
 static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu,
                                            &step_lse_cpu,
                                            &step_dlogits_cpu,
                                            GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu},
                                            &mix_rows_cpu,
-                                           &mix_backward_cpu};
+                                           &mix_backward_cpu,
+                                           &dive_sums_cpu,
+                                           &dive_grads_cpu};
 
 RFT_REGISTER_STEP_OPS(CPU, kCpuStepKernels)
 
