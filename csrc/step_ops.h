@@ -183,20 +183,32 @@ inline at::Tensor gemm_operand(const GemmKernels& g, const at::Tensor& X) {
   return X.to(g.workspace_dtype(X.scalar_type())).contiguous();
 }
 
-// V = (F - P) G^T for rows [r0, r0 + r), in the accumulation dtype: two GEMMs of the exact
-// inputs (F G^T - P G^T) rather than one of their rounded difference.
+// V = (F - P) G^T for rows [r0, r0 + r), in the accumulation dtype. Where the GEMMs take
+// 16-bit operands, two GEMMs of the exact inputs (F G^T - P G^T, accumulated in float)
+// rather than one of their difference rounded to 16 bits; where they take the accumulation
+// dtype (the CPU, float32 on CUDA), one GEMM of the difference formed in that dtype, which
+// is as exact and half the work.
 inline at::Tensor lipsum_dots(const GemmKernels& g, const LipsumInputs& lip, int64_t r0, int64_t r,
                               const at::Tensor& one, const at::Tensor& minus_one) {
   at::Tensor v = at::empty({r, lip.G.size(0)}, one.options());
   const auto G = gemm_operand(g, lip.G);
-  g.gemm_acc(gemm_operand(g, lip.F.narrow(0, r0, r)), false, G, true, one, 0.0, v);
-  g.gemm_acc(gemm_operand(g, lip.P.narrow(0, r0, r)), false, G, true, minus_one, 1.0, v);
+  const auto F = lip.F.narrow(0, r0, r), P = lip.P.narrow(0, r0, r);
+  if (g.workspace_dtype(F.scalar_type()) == one.scalar_type()) {
+    const auto acc = one.scalar_type();
+    g.gemm_acc((F.to(acc) - P.to(acc)).contiguous(), false, G, true, one, 0.0, v);
+    return v;
+  }
+  g.gemm_acc(gemm_operand(g, F), false, G, true, one, 0.0, v);
+  g.gemm_acc(gemm_operand(g, P), false, G, true, minus_one, 1.0, v);
   return v;
 }
 
-// Rows per chunk of the Lipsum product (an n x K block in the accumulation dtype).
+// Rows per chunk of the Lipsum product (an n x K block in the accumulation dtype, K the
+// number of random texts): as many as fit in the workspace limit. The half-the-rows cap of
+// workspace_chunk_rows is for n x n blocks; an n x K one may be whole.
 inline int64_t lipsum_chunk_rows(const LipsumInputs& lip, const at::Tensor& one) {
-  return workspace_chunk_rows(lip.F.size(0), lip.G.size(0) * one.element_size(), 1);
+  const int64_t per_row = std::max<int64_t>(1, lip.G.size(0) * one.element_size());
+  return std::min(lip.F.size(0), std::max<int64_t>(1, workspace_limit_bytes().load() / per_row));
 }
 
 // sum_pk (s_0 V_pk)^2 (docs/maths.md, section 5).
