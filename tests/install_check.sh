@@ -7,8 +7,8 @@
 #                                  CUDA kernels where nvcc can build against that torch, else the
 #                                  CPU kernels and a warning; then a smoke subset of the tests.
 #   tests/install_check.sh package `python -m build` (an sdist, then a wheel built from it) with the
-#                                  installed torch; the wheel installed into a fresh venv over
-#                                  the system site-packages (torch,
+#                                  installed torch; the wheel, and then the sdist, each installed
+#                                  into a fresh venv over the system site-packages (torch,
 #                                  open_clip): import, clip_loss on the native kernels,
 #                                  robustft-train --help, robustft-open-clip-train --help.
 # Works on a copy of the tracked files (what a clone holds), in a temporary folder it removes.
@@ -90,9 +90,7 @@ package() {
   grep "robustft_ext: building" "$WORK/package.log"
   ls -l "$WORK/dist"
   echo "   sdist and wheel built in $((SECONDS - start)) s"
-  # The wheel was built from the sdist, which shows the sdist complete; installing the sdist
-  # too would only repeat that build.
-  for artifact in "$WORK"/dist/*.whl; do
+  for artifact in "$WORK"/dist/*.whl "$WORK"/dist/*.tar.gz; do
     local venv="$WORK/venv-$(basename "$artifact" | tr -c 'A-Za-z0-9\n' _)"
     echo "== install check: $(basename "$artifact") into a fresh venv"
     "$PYTHON" -m venv --system-site-packages "$venv"
