@@ -329,16 +329,20 @@ void dive_sums_fused(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
   std::vector<double> avl(blocks, 0.0), pvl(blocks, 0.0), part(blocks * D, 0.0);
   at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (kBlock * D)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
+      // Accumulated in locals and written once: neighbouring blocks' slots share cache lines.
       double* pm = part.data() + b * D;
+      double a = 0, p = 0;
       for (int64_t j = b * kBlock; j < std::min(B, (b + 1) * kBlock); ++j) {
         const int64_t o = j * D;
         for (int64_t e = 0; e < D; ++e) {
           const Acc u = Acc(fi[o + e]) - Acc(pi[o + e]), v = Acc(ft[o + e]) - Acc(pt[o + e]);
-          avl[b] += double(mx::dive_avl_entry(u, v, m[e]));
-          pvl[b] += double(mx::dive_pvl_entry(u, v));
+          a += double(mx::dive_avl_entry(u, v, m[e]));
+          p += double(mx::dive_pvl_entry(u, v));
           pm[e] += double(u) + double(v);
         }
       }
+      avl[b] = a;
+      pvl[b] = p;
     }
   });
   double a = 0, p = 0;
@@ -364,9 +368,12 @@ void dive_grads_fused(const DiveInputs& d, Acc w_a, Acc w_p, at::Tensor& grad_fi
   const Acc* m = d.center.data_ptr<Acc>();
   Acc *gi = grad_fi.data_ptr<Acc>(), *gt = grad_ft.data_ptr<Acc>();
   at::parallel_for(0, B, mix_grain(D), [&](int64_t j0, int64_t j1) {
-    for (int64_t o = j0 * D; o < j1 * D; ++o) {
-      const Acc u = Acc(fi[o]) - Acc(pi[o]), v = Acc(ft[o]) - Acc(pt[o]);
-      mx::dive_entry_grads(u, v, m[o % D], w_a, w_p, gi + o, gt + o);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t o = j * D;
+      for (int64_t e = 0; e < D; ++e) {
+        const Acc u = Acc(fi[o + e]) - Acc(pi[o + e]), v = Acc(ft[o + e]) - Acc(pt[o + e]);
+        mx::dive_entry_grads(u, v, m[e], w_a, w_p, gi + o + e, gt + o + e);
+      }
     }
   });
 }
