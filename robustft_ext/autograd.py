@@ -130,7 +130,8 @@ class M2MixFunction(torch.autograd.Function):
     """m^2-mix loss, and with_clip the CLIP loss of the same batch, from one fused pass.
 
     Returns (m2_loss, clip_loss); clip_loss is 0 without clip. Saves the inputs and the O(n)
-    log-sum-exp statistics; the backward recomputes the mix and the tiles.
+    log-sum-exp statistics; the backward recomputes the mix and the tiles (on CPU within the
+    workspace limit it takes the tiles' products the forward kept: _keeps_step_dots).
     """
 
     @staticmethod
