@@ -268,13 +268,7 @@ def contrastive_dlogit_kernel(
     flash-attention rounds P; float32 otherwise). Nothing is read back: no read-modify-write.
     """
     pid = tl.program_id(0)
-    num_pm = tl.cdiv(chunk, BLOCK_M)
-    num_pn = tl.cdiv(m, BLOCK_N)
-    group = GROUP_M * num_pn
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_pm - first_m, GROUP_M)
-    pm = first_m + (pid % group) % group_rows
-    pn = (pid % group) // group_rows
+    pm, pn = maths.grouped_tile(pid, tl.cdiv(chunk, BLOCK_M), tl.cdiv(m, BLOCK_N), GROUP_M)
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
     local = pm * BLOCK_M + tl.arange(0, BLOCK_M)

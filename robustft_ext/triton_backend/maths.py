@@ -78,6 +78,19 @@ def mma(x, y, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(x, y, acc, input_precision=DOT_PREC)
 
 
+@triton.jit
+def grouped_tile(pid, num_pm, num_pn, GROUP_M: tl.constexpr):
+    """The (row tile, column tile) of program pid over a num_pm x num_pn grid, visited in
+    groups of GROUP_M row tiles, column by column, so that the programs running together
+    share their operand tiles in L2."""
+    group = GROUP_M * num_pn
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_pm - first_m, GROUP_M)
+    pm = first_m + (pid % group) % group_rows
+    pn = (pid % group) // group_rows
+    return pm, pn
+
+
 # ----------------------------------------------------------------------------- log-sum-exp
 @triton.jit
 def lse_update(m_i, l_i, s):

@@ -633,13 +633,8 @@ def step_dlogit_kernel(
     pid = tl.program_id(0)
     if pid < NTILE:
         if WITH_TILES:
-            num_pm = tl.cdiv(chunk, BLOCK_M)
-            num_pn = tl.cdiv(n, BLOCK_N)
-            group = GROUP_M * num_pn
-            first_m = (pid // group) * GROUP_M
-            group_rows = tl.minimum(num_pm - first_m, GROUP_M)
-            pm = first_m + (pid % group) % group_rows
-            pn = (pid % group) // group_rows
+            pm, pn = maths.grouped_tile(pid, tl.cdiv(chunk, BLOCK_M), tl.cdiv(n, BLOCK_N),
+                                        GROUP_M)
             s_m = tl.load(m2_scale_ptr)
             s_c = tl.load(clip_scale_ptr)
             local = pm * BLOCK_M + tl.arange(0, BLOCK_M)
