@@ -180,16 +180,20 @@ __device__ void store_tile(ws_t* ds, int64_t ld, int64_t row_base, int64_t col0,
     ws_t* row = ds + (row_base + L::row(r)) * ld + col0;
 #pragma unroll
     for (int c = 0; c < L::kCols; c += 2) {
-      if (paired && col_ok[c + 1]) {
-        struct alignas(4) Pair {
-          ws_t v[2];
-        };
-        *reinterpret_cast<Pair*>(row + L::col(c)) =
-            Pair{{static_cast<ws_t>(d[r][c]), static_cast<ws_t>(d[r][c + 1])}};
-      } else {
-        if (col_ok[c]) row[L::col(c)] = static_cast<ws_t>(d[r][c]);
-        if (col_ok[c + 1]) row[L::col(c + 1)] = static_cast<ws_t>(d[r][c + 1]);
+      // Only 16-bit types have the paired store (a 4-byte pair), so it is not compiled for
+      // wider ones.
+      if constexpr (kPairs) {
+        if (paired && col_ok[c + 1]) {
+          struct alignas(4) Pair {
+            ws_t v[2];
+          };
+          *reinterpret_cast<Pair*>(row + L::col(c)) =
+              Pair{{static_cast<ws_t>(d[r][c]), static_cast<ws_t>(d[r][c + 1])}};
+          continue;
+        }
       }
+      if (col_ok[c]) row[L::col(c)] = static_cast<ws_t>(d[r][c]);
+      if (col_ok[c + 1]) row[L::col(c + 1)] = static_cast<ws_t>(d[r][c + 1]);
     }
   }
 }
