@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train.cli import main
 from robustft_train.models import EMBEDDED_MODEL_CONFIG
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train import checkpoint
 
 pytestmark = pytest.mark.distributed

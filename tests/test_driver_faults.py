@@ -16,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train import checkpoint, files
 from robustft_train.cli import main
 from robustft_train.errors import CheckpointError

@@ -8,11 +8,12 @@ import copy
 import json
 import os
 
-import open_clip
 import pytest
 import robustft_ext as rft
 import torch
 import torch.nn.functional as F
+
+open_clip = pytest.importorskip("open_clip", exc_type=ImportError)
 
 from helpers import assert_close_rel
 from robustft_train import embedded

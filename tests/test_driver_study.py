@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train.cli import main
 from robustft_train.stats import paired, t_interval
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train import checkpoint, evaluate, wise_ft
 from robustft_train.errors import ConfigError
 from robustft_train.data import epoch_batches

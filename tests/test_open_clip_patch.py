@@ -19,8 +19,8 @@ import torch
 import robustft_ext
 from robustft_ext.open_clip_patch import OpenClipPatch, patch_open_clip
 
-open_clip = pytest.importorskip("open_clip")
-factory = pytest.importorskip("open_clip.factory")
+open_clip = pytest.importorskip("open_clip", exc_type=ImportError)
+factory = pytest.importorskip("open_clip.factory", exc_type=ImportError)
 
 
 def _create_loss_args(**overrides) -> argparse.Namespace:

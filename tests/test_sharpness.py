@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports it
+
 from robustft_train import checkpoint
 from robustft_train.cli import main
 from robustft_train.config import parse_straggler_rule
