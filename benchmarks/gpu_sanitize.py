@@ -42,11 +42,77 @@ DTYPES = (torch.float32, torch.bfloat16)
 NAMESPACE = "robustft_ext"
 
 
-def classify(output: str, rc: int) -> tuple[str, str]:
-    """(verdict, detail) of a compute-sanitizer run of this program: "ok" when it found
-    nothing and every case passed; "failed" when it reported errors or a case failed;
-    "skipped" when the tool itself could not run the program (no case started: e.g. "Device
-    not supported" under some virtual machines)."""
+# What names our code in a report: our kernels and host functions (namespace robustft), our
+# library (robustft_ext/_C...so) and our sources (csrc/cuda/..., not torch's torch/csrc/).
+OURS = re.compile(r"robustft|(?<!torch/)\bcsrc/cuda/")
+PREFIX = "========="
+# Header lines that open no error record.
+NOT_ERRORS = re.compile(r"(COMPUTE-SANITIZER|(ERROR|RACECHECK|LEAK) SUMMARY|Warning|Note|"
+                        r"Target application)\b")
+KILLED_RCS = (124, 137)   # timeout's: the stage's cap stopped the run
+
+
+def error_records(output: str) -> list[list[str]]:
+    """The sanitizer's error records, each its header line and the indented lines under it
+    (where, which thread, the host backtrace), without the "=========" prefix."""
+    records: list[list[str]] = []
+    current: list[str] | None = None
+    for line in output.splitlines():
+        if not line.startswith(PREFIX):
+            continue
+        text = line[len(PREFIX):]
+        if not text.strip():
+            current = None
+        elif not text[:2].isspace():
+            current = None if NOT_ERRORS.match(text.strip()) else [text.strip()]
+            if current is not None:
+                records.append(current)
+        elif current is not None:
+            current.append(text.strip())
+    return records
+
+
+def attribute(record: list[str]) -> str:
+    """"ours" (the faulting kernel is ours), "launched by ours" (a torch or cuBLAS kernel, or a
+    CUDA call, that our code launched: its host backtrace passes through our library),
+    "outside" (located, and nowhere near our code) or "unknown" (no location given)."""
+    host_at = next((i for i, ln in enumerate(record) if ln.startswith("Saved host backtrace")),
+                   len(record))
+    device, host = "\n".join(record[:host_at]), "\n".join(record[host_at:])
+    if OURS.search(device):
+        return "ours"
+    if OURS.search(host):
+        return "launched by ours"
+    located = (re.search(r"(^|\n)at |Race reported .* at |Program hit ", device)
+               or "Host Frame" in host)
+    return "outside" if located else "unknown"
+
+
+def short(text: str) -> str:
+    """A report line without template arguments, parameter lists or folders."""
+    previous = None
+    while previous != text:
+        previous, text = text, re.sub(r"<[^<>]*>", "", text)
+    text = re.sub(r"\([^()]*\)(?=\+0x)", "", text)
+    return re.sub(r"(?<=\s)/\S*/", "", text)
+
+
+def where(record: list[str]) -> str:
+    """The record's header and the line that says where, shortened, for the stage's detail."""
+    at = next((ln for ln in record[1:] if ln.startswith("at ")), "")
+    return short(f"{record[0]} {at}".strip())[:200]
+
+
+def classify(output: str, rc: int, tool: str = "memcheck") -> tuple[str, str]:
+    """(verdict, detail) of a compute-sanitizer run of this program: "ok" when every case
+    passed and no error was reported in our code; "failed" when a case failed, or an error was
+    reported in one of our kernels, in a torch or cuBLAS kernel that our code launched (under
+    memcheck: a bad access there most likely comes from our arguments), or without a location;
+    "timed out" for a run that the stage's cap stopped (rc 124 or 137: what it had seen so
+    far); "skipped" when the tool itself could not run the program (no case started: e.g.
+    "Device not supported" under some virtual machines). Errors inside torch or cuBLAS that
+    our code did not launch, and racecheck's reports inside kernels that are not ours, are
+    counted apart in the detail and fail nothing."""
     summaries = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: [^\n]*", output)
     summary = summaries[-1].strip() if summaries else ""
     errors = sum(int(x) for x in re.findall(r"ERROR SUMMARY: (\d+) error", output))
@@ -55,16 +121,37 @@ def classify(output: str, rc: int) -> tuple[str, str]:
     fails = re.findall(r"^RFT_SANITIZE FAIL [^\n]*", output, re.M)
     done = re.findall(r"^RFT_SANITIZE done: ([^\n]*)", output, re.M)
     tail = done[-1] if done else f"{ran} cases ran"
-    if rc == SANITIZER_ERROR_RC or errors:
-        return "failed", f"{summary or 'errors reported'}; {tail}"
-    if rc == 0:
-        return "ok", f"{summary or 'no sanitizer summary line'}; {tail}"
-    if ran == 0:
-        tool = [ln.strip("= ").strip() for ln in output.splitlines()
-                if ln.startswith("=========") and re.search(r"error|not supported", ln, re.I)]
-        why = tool[0] if tool else (output.strip().splitlines() or ["no output"])[-1]
+    records = error_records(output)
+    kinds = [attribute(r) for r in records]
+    count = {k: kinds.count(k) for k in ("ours", "launched by ours", "outside", "unknown")}
+    blamed = ["ours", "unknown"] + (["launched by ours"] if tool == "memcheck" else [])
+    words = {"ours": "in robustft_ext kernels",
+             "launched by ours": "in library kernels or CUDA calls launched by robustft_ext",
+             "outside": "in torch/cuBLAS code that robustft_ext did not launch",
+             "unknown": "without a location"}
+    found = [f"{count[k]} {words[k]}" for k in words if count[k]]
+    if errors > len(records):
+        found.append(f"{errors - len(records)} not printed")
+    first = next((where(r) for r, k in zip(records, kinds) if k in blamed),
+                 next((where(r) for r in records), ""))
+    report = "; ".join(x for x in (summary, ", ".join(found), first and f"first: {first}") if x)
+    if rc in KILLED_RCS:
+        return "timed out", f"{ran} cases ran before the cap" + (f"; {report}" if report else "")
+    if rc != 0 and ran == 0 and set(kinds) <= {"unknown"}:  # the tool's own errors only
+        tool_lines = [ln.strip("= ").strip() for ln in output.splitlines()
+                      if ln.startswith(PREFIX) and re.search(r"error|not supported", ln, re.I)]
+        why = tool_lines[0] if tool_lines else (output.strip().splitlines() or ["no output"])[-1]
         return "skipped", f"compute-sanitizer could not run the program here: {why[:200]}"
-    return "failed", f"exit {rc}; {fails[0][len('RFT_SANITIZE FAIL '):][:200] if fails else tail}"
+    if fails:
+        return "failed", f"exit {rc}; {fails[0][len('RFT_SANITIZE FAIL '):][:200]}" + (
+            f"; {report}" if found else "")
+    if any(count[k] for k in blamed) or (errors and not records):
+        return "failed", f"{report or 'errors reported'}; {tail}"
+    if "(never:" in tail:  # an op no case reached (the program's exit 1, hidden by rc 66)
+        return "failed", f"exit {rc}; {tail}"
+    if rc == 0 or (rc == SANITIZER_ERROR_RC and done):
+        return "ok", f"{report or 'no sanitizer summary line'}; {tail}"
+    return "failed", f"exit {rc}; {tail}"
 
 
 class OpRecorder(TorchDispatchMode):
@@ -205,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classify", metavar="OUTPUT_FILE", default=None,
                    help="print the verdict on a compute-sanitizer run's output instead")
     p.add_argument("--rc", type=int, default=0, help="that run's exit code (with --classify)")
+    p.add_argument("--tool", default="memcheck", choices=["memcheck", "racecheck"],
+                   help="the tool that run used (with --classify)")
     args = p.parse_args(argv)
     if args.classify is not None:
         with open(args.classify, errors="replace") as f:
-            verdict, detail = classify(f.read(), args.rc)
+            verdict, detail = classify(f.read(), args.rc, args.tool)
         print(f"{verdict}\t{detail}")
         return 0
     device = torch.device(args.device)

@@ -229,8 +229,9 @@ def test_sanitizer_verdicts():
     assert verdict == "ok"
     bad = ("========= Invalid __global__ write of size 4 bytes\n" + cases
            + "========= ERROR SUMMARY: 3 errors\n")
-    assert c(bad, 66) == ("failed", "ERROR SUMMARY: 3 errors; 40/40 cases ok on cuda; 14/14 "
-                                    "registered ops reached")
+    assert c(bad, 66) == ("failed", "ERROR SUMMARY: 3 errors; 1 without a location, 2 not "
+                                    "printed; first: Invalid __global__ write of size 4 bytes; "
+                                    "40/40 cases ok on cuda; 14/14 registered ops reached")
     race = cases + "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
     assert c(race, 66)[0] == "failed"
     # The tool could not start the program (seen under gVisor): nothing ran, so a skip.
@@ -239,6 +240,59 @@ def test_sanitizer_verdicts():
     # The program itself failed a case: a failure even without a sanitizer report.
     verdict, detail = c("RFT_SANITIZE FAIL dive_loss bfloat16 N=131 D=67: loss is nan\n", 1)
     assert verdict == "failed" and "dive_loss" in detail
+    # Killed at the stage's cap: what ran so far.
+    assert c("RFT_SANITIZE ok a\nRFT_SANITIZE ok b\n", 124) == ("timed out",
+                                                                 "2 cases ran before the cap")
+
+
+def sanitizer_record(header: str, at: str, host_frames: list[tuple[str, str]]) -> str:
+    """compute-sanitizer's lines for one error: where, then its host frames (function, library)."""
+    lines = [header] + [f"    {at}", "    by thread (0,0,0) in block (0,0,0)",
+                        "    Saved host backtrace up to driver entry point at kernel launch time"]
+    for frame, lib in host_frames:
+        lines += [f"        Host Frame: {frame} [0x1234]", f"               in {lib}"]
+    return "".join(f"========= {ln}\n" for ln in lines) + "=========\n"
+
+
+def test_sanitizer_errors_in_torch_or_cublas_are_counted_apart_from_ours():
+    c = _load("gpu_sanitize").classify
+    cases = ("RFT_SANITIZE ok clip_loss float32 N=64 D=64\nRFT_SANITIZE done: 40/40 cases ok on "
+             "cuda; 14/14 registered ops reached\n")
+    summary = "========= ERROR SUMMARY: 1 error\n"
+    ours = sanitizer_record(
+        "Invalid __global__ write of size 4 bytes",
+        "at void robustft::cuda_tiles::dlogits_kernel<float, float, false>(robustft::cuda_tiles:"
+        ":TileOperands<float>, float *)+0x1a0 in /tmp/w/src/csrc/cuda/contrastive_device.cuh:206",
+        [("robustft::launch_dlogits", "/tmp/w/src/robustft_ext/_C.cpython-312-x86_64.so")])
+    verdict, detail = c(ours + cases + summary, 66)
+    assert verdict == "failed", detail
+    assert ("1 in robustft_ext kernels; first: Invalid __global__ write of size 4 bytes at void "
+            "robustft::cuda_tiles::dlogits_kernel+0x1a0 in contrastive_device.cuh:206") in detail
+    cublas = ("Invalid __global__ read of size 16 bytes",
+              "at void cutlass::Kernel2<cutlass_80_tensorop_bf16_gemm>(T1::Params)+0x4d0",
+              [("", "/usr/lib/libcublasLt.so.13"),
+               ("at::native::addmm_out_cuda_impl", "/opt/torch/lib/libtorch_cuda.so")])
+    outside = sanitizer_record(*cublas)
+    verdict, detail = c(outside + cases + summary, 66)
+    assert verdict == "ok" and "1 in torch/cuBLAS code that robustft_ext did not launch" in detail
+    # cuBLAS launched by our op: under memcheck, most likely our arguments; racecheck's reports
+    # inside kernels that are not ours fail nothing.
+    launched = sanitizer_record(cublas[0], cublas[1], cublas[2] + [
+        ("robustft::gemm_acc_cuda", "/tmp/w/src/robustft_ext/_C.so")])
+    verdict, detail = c(launched + cases + summary, 66, "memcheck")
+    assert verdict == "failed"
+    assert "1 in library kernels or CUDA calls launched by robustft_ext" in detail
+    race_summary = "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n"
+    assert c(launched + cases + race_summary, 66, "racecheck")[0] == "ok"
+    race_ours = ("========= Error: Race reported between Write access at void robustft::"
+                 "cuda_tiles::k<float>(float*)+0x60 in /w/src/csrc/cuda/tile_epilogue.cuh:41\n"
+                 "=========     and Read access at void robustft::cuda_tiles::k<float>(float*)"
+                 "+0xd0 in /w/src/csrc/cuda/tile_epilogue.cuh:51 [4 hazards]\n=========\n")
+    assert c(race_ours + cases + race_summary, 66, "racecheck")[0] == "failed"
+    # An op no case reached fails the run even when rc 66 hides the program's exit 1.
+    never = cases.replace("14/14 registered ops reached", "13/14 registered ops reached (never: "
+                          "slerp_bwd)")
+    assert c(outside + never + summary, 66)[0] == "failed"
 
 
 def test_junit_line(tmp_path):
