@@ -3,8 +3,10 @@
 Environment switches
   ROBUSTFT_FORCE_CPU=1     build the CPU kernels only, even where CUDA could be built.
   CUDA_HOME                the CUDA toolkit to build with (else inferred, see _find_cuda_home).
-  TORCH_CUDA_ARCH_LIST     architectures to build for (default "8.0;9.0": sm_80 and sm_90;
-                           the kernels need sm_80 or newer, older entries are dropped).
+  TORCH_CUDA_ARCH_LIST     architectures to build for (default "8.0;9.0+PTX": sm_80 and sm_90
+                           machine code, and compute_90 PTX that the driver compiles for newer
+                           GPUs such as sm_100 and sm_120; the kernels need sm_80 or newer,
+                           older entries are dropped).
   MAX_JOBS                 parallel compile jobs for ninja.
 The CUDA kernels compile without a GPU: only nvcc and a CUDA build of torch are needed. An nvcc
 older than the CUDA that torch was built with cannot compile against torch's CUDA headers: then
@@ -24,7 +26,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 DEFAULT_CXX_STANDARD = 17
 REBUILD = "pip install -v --no-build-isolation --force-reinstall --no-deps ."
 

@@ -58,9 +58,10 @@ struct DlogitSpec {
                                  const at::Tensor& bias, int64_t r0,            \
                                  at::Tensor& ds, at::Tensor& stats);            \
   /* out [r, c] (acc dtype, contiguous) = alpha * op(A) @ op(B) + beta * out,    \
-     op(X) = X or X^T; A and B are contiguous 2-D and each of the workspace dtype \
-     or of the features' dtype (the two coincide where the GEMMs run on tensor    \
-     cores), alpha is a 0-d acc-dtype tensor on the device, beta 0 or 1. */      \
+     op(X) = X or X^T; A and B are contiguous 2-D of ONE dtype (the workspace     \
+     dtype or the accumulation dtype: library GEMMs take one operand type),       \
+     alpha is a 0-d acc-dtype tensor on the device, beta 0 or 1                   \
+     (launcher_contract.h, check_gemm_acc). */                                     \
   void gemm_acc_##DEV(const at::Tensor& A, bool transpose_a, const at::Tensor& B, \
                       bool transpose_b, const at::Tensor& alpha, double beta,   \
                       at::Tensor& out);                                         \
@@ -71,6 +72,7 @@ struct DlogitSpec {
 
 RFT_DECLARE_KERNELS(cpu)
 RFT_DECLARE_KERNELS(cuda)
+RFT_DECLARE_KERNELS(cuda_rules)
 
 #undef RFT_DECLARE_KERNELS
 

@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "contrastive_kernels.h"
+#include "launcher_contract.h"
 #include "workspace.h"
 
 namespace robustft {
@@ -25,6 +26,12 @@ struct GemmKernels {
                    at::Tensor&);
   at::ScalarType (*workspace_dtype)(at::ScalarType);
 };
+
+// The rows of X as a GEMM operand: in the workspace dtype of X's dtype (a no-op where they
+// match), so that both operands of every gemm_acc share it.
+inline at::Tensor gemm_operand(const GemmKernels& g, const at::Tensor& X) {
+  return X.to(g.workspace_dtype(X.scalar_type())).contiguous();
+}
 
 struct KernelSet {
   void (*clip_lse)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -38,10 +45,6 @@ struct KernelSet {
 
 // Row block of every device's dlogit kernels: chunks are multiples of it.
 constexpr int64_t kChunkAlign = 128;
-
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The kernels' internal ATen calls (tile matmuls, casts) are plain tensor maths: they
 // must run in the dtypes chosen here, never re-cast by an autocast region the op was
@@ -164,13 +167,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
                            ? n
                            : workspace_chunk_rows(n, m * at::elementSize(ws_dtype), kChunkAlign);
   at::Tensor ws = spec.ds_holds_dots ? kept_dots : at::empty({rows, m}, a.options().dtype(ws_dtype));
+  const auto a_op = gemm_operand(k.gemm, ac), b_op = gemm_operand(k.gemm, bc);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor ds = ws.narrow(0, 0, r);
     k.dlogits(spec, ac, bc, scale, bias, r0, ds, stats);
     at::Tensor grad_rows = grad_a.narrow(0, r0, r);
-    k.gemm.gemm_acc(ds, /*transpose_a=*/false, bc, false, alpha, 0.0, grad_rows);
-    k.gemm.gemm_acc(ds, /*transpose_a=*/true, ac.narrow(0, r0, r), false, alpha, 1.0, grad_b);
+    k.gemm.gemm_acc(ds, /*transpose_a=*/false, b_op, false, alpha, 0.0, grad_rows);
+    k.gemm.gemm_acc(ds, /*transpose_a=*/true, a_op.narrow(0, r0, r), false, alpha, 1.0, grad_b);
   }
   stats = stats * g_norm;
   // Separate storage for the two scalars: outputs must not alias.
@@ -335,9 +339,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_kep
   return run_grad(k, siglip_spec(a, negative_only), grad_loss, a, b, scale, bias, dots);
 }
 
-// Registers the four ops for one dispatch key with that device's launchers.
-#define RFT_REGISTER_CONTRASTIVE_OPS(KEY, KERNELS)                                   \
-  TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                         \
+// Registers the four ops of namespace NS for one dispatch key with that device's launchers.
+#define RFT_REGISTER_CONTRASTIVE_OPS(NS, KEY, KERNELS)                               \
+  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                         \
     m.impl("clip_fwd", [](const at::Tensor& a, const at::Tensor& b,                  \
                           const at::Tensor& scale, const at::Tensor& bias,           \
                           int64_t off, bool sym) {                                   \
@@ -363,8 +367,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_bwd_kep
   }
 
 // Registers the four kept-dot-product ops for one dispatch key (the CPU's).
-#define RFT_REGISTER_KEPT_DOT_OPS(KEY, KERNELS, KEPT)                                  \
-  TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                         \
+#define RFT_REGISTER_KEPT_DOT_OPS(NS, KEY, KERNELS, KEPT)                              \
+  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                         \
     m.impl("clip_fwd_keep", [](const at::Tensor& a, const at::Tensor& b,             \
                                const at::Tensor& scale, const at::Tensor& bias,      \
                                int64_t off, bool sym) {                              \

@@ -1,19 +1,25 @@
-// Op schemas of robustft_ext, declared once. Device kernels are registered in
-// cpu/contrastive_cpu.cpp and cuda/contrastive_cuda.cu; the fake (meta)
-// implementations and the autograd Functions live in robustft_ext/native.py.
+// Op schemas of robustft_ext, declared once (define_loss_ops). Device kernels are
+// registered beside the launchers they run on: cpu/contrastive_cpu.cpp and cpu/step_cpu.cpp,
+// cuda/contrastive_cuda.cu and cuda/step_cuda.cu; the fake (meta) implementations and the
+// autograd Functions live in robustft_ext's Python modules. The same schemas are declared
+// again in the namespace robustft_cuda_rules, whose CPU kernels run the ops' host code under
+// CUDA's rules (cpu/cuda_rules_cpu.cpp).
 //
 // This translation unit needs no Python: the C++ unit tests (csrc/tests, CMake)
 // link it with the CPU kernels. The Python module init is in module.cpp.
+#include "schemas.h"
+
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "cuda/tile_plan.h"
 #include "workspace.h"
 
-TORCH_LIBRARY(robustft_ext, m) {
-  // The byte limit of the backward passes' dlogit workspace (workspace.h), for every device.
-  m.def("set_workspace_limit(int nbytes) -> ()", [](int64_t nbytes) {
-    TORCH_CHECK(nbytes > 0, "robustft_ext: the workspace limit must be positive, got ", nbytes);
-    robustft::workspace_limit_bytes().store(nbytes);
-  });
+void robustft::define_loss_ops(torch::Library& m) {
   // CLIP / InfoNCE loss over logits S = scale * a b^T + bias.
   // symmetric: a, b are [n, D]; loss = (CE_rows(S) + CE_rows(S^T)) / 2 with
   //   positives on the diagonal; returns (loss, row_lse [n], col_lse [n]).
@@ -115,4 +121,27 @@ TORCH_LIBRARY(robustft_ext, m) {
       "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, "
       "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse, "
       "Tensor(a!) kept) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY(robustft_ext, m) {
+  // The byte limit of the backward passes' dlogit workspace (workspace.h), for every device.
+  m.def("set_workspace_limit(int nbytes) -> ()", [](int64_t nbytes) {
+    TORCH_CHECK(nbytes > 0, "robustft_ext: the workspace limit must be positive, got ", nbytes);
+    robustft::workspace_limit_bytes().store(nbytes);
+  });
+  // Which tile configuration the native CUDA kernels take on a device with this much opt-in
+  // shared memory per block (cuda/tile_plan.h): (contrastive, step) each "large", "small" or
+  // "none", and the bytes the smaller configurations need. A pure function: no GPU needed.
+  m.def("native_cuda_tiles(int shared_memory_per_block_optin) -> (str, str, int)",
+        [](int64_t optin) {
+          namespace plan = robustft::cuda_plan;
+          const int bytes = static_cast<int>(std::min<int64_t>(optin, INT32_MAX));
+          const int64_t need = std::max(plan::needed_bytes(plan::kContrastive, plan::kContrastive.small),
+                                        plan::needed_bytes(plan::kStep, plan::kStep.small));
+          return std::make_tuple(std::string(plan::tiles_name(plan::choose(plan::kContrastive, bytes))),
+                                 std::string(plan::tiles_name(plan::choose(plan::kStep, bytes))), need);
+        });
+  // The whole plan (cuda/tile_plan.h) as JSON: shapes, dynamic bytes, static budgets.
+  m.def("native_cuda_tile_plan() -> str", [] { return robustft::cuda_plan::plan_json(); });
+  robustft::define_loss_ops(m);
 }

@@ -1,11 +1,11 @@
-// The per-device kernel launchers of a robust fine-tuning step's tile work: CLIP and
-// m^2-mix from one pass over the logit tiles (docs/maths.md, sections 1, 3 and 9).
+// The per-device kernel launchers of a robust fine-tuning step: its tile work (CLIP and
+// m^2-mix from one pass over the logit tiles, docs/maths.md, sections 1, 3 and 9) and its
+// O(n D) row passes (the slerp prologue and backward, DiVE's sums and gradients).
 //
 // Each device (cpu/, cuda/) implements these launchers; step_ops.h builds every op of the
-// step's losses on top of them once (m2mix_*, lipsum_*, dive_*, robust_step_*). The
-// Lipsum-FT and DiVE terms have no n x n work (an n x K product with K ~ 80, and
-// elementwise maths over the reference batch): step_ops.h computes them with ATen on the
-// device, where the library GEMMs serve them best.
+// step's losses on top of them once (slerp*, m2mix_*, lipsum_*, dive_*, robust_step_*).
+// Lipsum-FT has no n x n work (an n x K product with K ~ 80): step_ops.h computes it with the
+// device's library GEMMs.
 //
 // The problem (StepProblem below). Training batch: n pairs (I_p, T_p), and for m^2-mix the
 // mixed negatives M_q = slerp(I_q, T_q; lam) (an n x D buffer the op body computes):
@@ -32,8 +32,8 @@
 // gradient, which flows to T_p / I_p rather than M_p, is added by the op body, as is the
 // backward of the slerp.
 //
-// Conventions: I, T and M are contiguous and share one dtype (M in the device's
-// workspace dtype, contrastive_kernels.h); diag, lse, stats and the scales are in the
+// Conventions (checked by launcher_contract.h): I and T are contiguous and share one dtype,
+// M is contiguous of the device's workspace dtype (contrastive_kernels.h); diag, lse, stats and the scales are in the
 // accumulation dtype (double for double inputs, float otherwise) on the device of the
 // features; dA, dB, dC are [R, n] contiguous chunks of the workspace dtype. No launcher
 // allocates anything of size n x n.
@@ -56,16 +56,42 @@ struct StepProblem {
   at::Tensor keep;
 };
 
+// DiVE's inputs (docs/maths.md, section 4): u = fi - pi, v = ft - pt, centre m.
+struct DiveInputs {
+  at::Tensor fi, ft, pi, pt;  // [B', D], contiguous, one dtype
+  at::Tensor center;          // [D] acc dtype
+};
+
+// The O(n D) launchers (mix, mix_backward, dive_sums, dive_grads) are one pass over the rows
+// each, on the device: the slerp prologue's and DiVE's maths as a dozen whole-tensor ATen
+// passes would cost as much as the tile work at small n and hold several n x D double
+// temporaries at once. Their per-entry formulas are robustft_maths.h's.
 #define RFT_DECLARE_STEP_KERNELS(DEV)                                                   \
-  /* out [4, n] = (w_a, w_b, dw_a/dc, dw_b/dc) of maths::slerp_weights(cos[p], lam);     \
-     cos [n], lam (0-d) and out are double: the prologue is O(n). */                    \
-  void slerp_weights_##DEV(const at::Tensor& cos, const at::Tensor& lam, at::Tensor& out); \
   void step_lse_##DEV(const StepProblem& p, at::Tensor& lse);                           \
   void step_dlogits_##DEV(const StepProblem& p, const at::Tensor& lse, int64_t r0,      \
-                          at::Tensor& dA, at::Tensor& dB, at::Tensor& dC, at::Tensor& stats);
+                          at::Tensor& dA, at::Tensor& dB, at::Tensor& dC, at::Tensor& stats); \
+  /* M [n, D] = slerp(I_p, T_p; lam) rounded once from double (M of the workspace dtype, \
+     or of the inputs' for the slerp op, or undefined for the weights alone); weights    \
+     [4, n] double = (w_a, w_b, dw_a/dc, dw_b/dc) of maths::slerp_weights(<I_p, T_p>,    \
+     lam), the row dot in double; lam a one-element double tensor. */                   \
+  void mix_rows_##DEV(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam,  \
+                      at::Tensor& M, at::Tensor& weights);                              \
+  /* grad_I += g_pair[p] T_p + w_a dM + k T_p, grad_T += g_pair[p] I_p + w_b dM + k I_p  \
+     with k = <dM, I_p> dw_a/dc + <dM, T_p> dw_b/dc (dM, g_pair and the gradients of    \
+     the accumulation dtype; the row dots in double). */                                \
+  void mix_backward_##DEV(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T, \
+                          const at::Tensor& weights, const at::Tensor& g_pair,          \
+                          at::Tensor& grad_I, at::Tensor& grad_T);                      \
+  /* sums [2] = (sum_j |u_j - m|^2 + |v_j - m|^2, sum_j |u_j - v_j|^2), mean [D] =      \
+     mean_j (u_j + v_j) / 2, accumulation dtype, summed in double in a fixed order. */   \
+  void dive_sums_##DEV(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean);        \
+  /* The [B', D] gradients of w_a AVL_sum + w_p PVL_sum (w_a, w_p 0-d, m constant). */   \
+  void dive_grads_##DEV(const DiveInputs& d, const at::Tensor& w_a, const at::Tensor& w_p, \
+                        at::Tensor& grad_fi, at::Tensor& grad_ft);
 
 RFT_DECLARE_STEP_KERNELS(cpu)
 RFT_DECLARE_STEP_KERNELS(cuda)
+RFT_DECLARE_STEP_KERNELS(cuda_rules)
 
 #undef RFT_DECLARE_STEP_KERNELS
 

@@ -1,14 +1,14 @@
-// The ops of a robust fine-tuning step (m2mix_*, lipsum_*, dive_*, robust_step_*) written
-// once on top of a device's step launchers (step_kernels.h) and GEMM launchers
+// The ops of a robust fine-tuning step (slerp*, m2mix_*, lipsum_*, dive_*, robust_step_*)
+// written once on top of a device's step launchers (step_kernels.h) and GEMM launchers
 // (contrastive_kernels.h). Each device file instantiates them with its launchers and
 // registers them with RFT_REGISTER_STEP_OPS.
 //
 // What the op bodies do themselves, with ATen on the device (all O(n D) or O(n K D)): the
-// slerp prologue and backward (m2mix_ops.h), the true-pair diagonal of m^2-mix, the
-// Lipsum-FT and DiVE terms (docs/maths.md, sections 4 and 5: an n x K product with K ~ 80
-// through the device's GEMM, and elementwise maths), the chunk loop of the backward with
-// its GEMMs, assembling the losses, and the input checks. Everything of size n x n stays
-// inside the launchers and the workspace chunks.
+// true-pair diagonal of m^2-mix, the Lipsum-FT product (docs/maths.md, section 5: an n x K
+// product with K ~ 80 through the device's GEMM), the chunk loop of the backward with its
+// GEMMs, assembling the losses, and the input checks. The slerp prologue and its backward
+// and DiVE's sums and gradients are the device's one-pass row launchers; everything of size
+// n x n stays inside the tile launchers and the workspace chunks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,7 +19,6 @@
 #include <tuple>
 
 #include "contrastive_ops.h"
-#include "m2mix_ops.h"
 #include "step_kernels.h"
 #include "workspace.h"
 
@@ -28,38 +27,67 @@ namespace robustft {
 // The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`.
 enum StepTerm { kClip = 0, kM2 = 1, kLipsum = 2, kAvl = 3, kPvl = 4 };
 
-// DiVE's inputs (docs/maths.md, section 4): u = fi - pi, v = ft - pt, centre m.
-struct DiveInputs {
-  at::Tensor fi, ft, pi, pt;  // [B', D], contiguous
-  at::Tensor center;          // [D] acc dtype
-};
-
 struct StepKernelSet {
-  void (*slerp_weights)(const at::Tensor&, const at::Tensor&, at::Tensor&);
   void (*lse)(const StepProblem&, at::Tensor&);
   void (*dlogits)(const StepProblem&, const at::Tensor&, int64_t, at::Tensor&, at::Tensor&,
                   at::Tensor&, at::Tensor&);
   GemmKernels gemm;
-  // Optional one-pass forms of the O(n D) slerp prologue and epilogue (null: the ATen
-  // bodies of m2mix_ops.h, a dozen elementwise passes over n x D double buffers, which
-  // cost as much as the tile work at small n on the CPU).
-  //   mix(I, T, lam, M, weights): M [n, D] (workspace dtype) = mix_rows(I, T, lam).out
-  //     rounded once, weights [4, n] double as mix_rows;
-  //   mix_backward(dM, I, T, weights, g_pair, grad_I, grad_T): adds to grad_I, grad_T (acc
-  //     dtype) g_pair[p] T_p, g_pair[p] I_p and mix_rows_backward(dM, I, T, weights).
-  void (*mix)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-              at::Tensor&) = nullptr;
-  void (*mix_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
-  // Optional one-pass DiVE terms (null: dive_sums / dive_grads below, with ATen), over the
-  // entries of robustft_maths.h:
-  //   dive_sums(d, sums, mean): sums [2] (acc) = (AVL sum, PVL sum), mean [D] (acc) =
-  //     mean_j (u_j + v_j) / 2;
-  //   dive_grads(d, w_a, w_p, grad_fi, grad_ft): the [B', D] acc gradients, w_a and w_p 0-d.
-  void (*dive_sums)(const DiveInputs&, at::Tensor&, at::Tensor&) = nullptr;
+  void (*mix)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&);
+  void (*mix_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, at::Tensor&, at::Tensor&);
+  void (*dive_sums)(const DiveInputs&, at::Tensor&, at::Tensor&);
   void (*dive_grads)(const DiveInputs&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                     at::Tensor&) = nullptr;
+                     at::Tensor&);
 };
+
+// The input checks of the mixed pair and its scalars (the op-level contract).
+inline void check_m2_pair(const at::Tensor& a, const at::Tensor& b, const at::Tensor& lam) {
+  check_features(a, b, lam, lam);
+  TORCH_CHECK(a.sizes() == b.sizes(), "robustft_ext: the mixed pair must have one shape, got ",
+              a.sizes(), " and ", b.sizes());
+}
+
+inline void check_m2_scalar(const at::Tensor& t, const at::Tensor& a, const char* name) {
+  TORCH_CHECK(t.dim() == 0 && t.scalar_type() == acc_dtype(a.scalar_type()) &&
+                  t.device() == a.device(),
+              "robustft_ext: ", name, " must be a 0-d ", acc_dtype(a.scalar_type()),
+              " tensor on ", a.device());
+}
+
+// The slerp op: out_p = slerp(a_p, b_p; lam) in the inputs' dtype, rounded once from the
+// double mix (docs/maths.md, section 3).
+inline at::Tensor slerp_impl(const StepKernelSet& k, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& lam) {
+  RFT_KERNEL_GUARDS();
+  check_m2_pair(a, b, lam);
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty(ac.sizes(), ac.options());
+  at::Tensor weights = at::empty({4, ac.size(0)}, ac.options().dtype(at::kDouble));
+  k.mix(ac, bc, lam.to(at::kDouble), out, weights);
+  return out;
+}
+
+// (grad_a, grad_b) of the slerp op for the upstream gradient grad.
+inline std::tuple<at::Tensor, at::Tensor> slerp_bwd_impl(const StepKernelSet& k,
+                                                         const at::Tensor& grad,
+                                                         const at::Tensor& a,
+                                                         const at::Tensor& b,
+                                                         const at::Tensor& lam) {
+  RFT_KERNEL_GUARDS();
+  check_m2_pair(a, b, lam);
+  TORCH_CHECK(grad.sizes() == a.sizes(), "robustft_ext: slerp_bwd grad_out has shape ",
+              grad.sizes(), ", expected ", a.sizes());
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  const auto acc = acc_dtype(a.scalar_type());
+  const auto opts = ac.options().dtype(acc);
+  // The weights alone (an undefined M): the mixed rows themselves are not needed.
+  at::Tensor weights = at::empty({4, ac.size(0)}, ac.options().dtype(at::kDouble)), no_mix;
+  k.mix(ac, bc, lam.to(at::kDouble), no_mix, weights);
+  at::Tensor grad_a = at::zeros(ac.sizes(), opts), grad_b = at::zeros(ac.sizes(), opts);
+  k.mix_backward(grad.to(acc).contiguous(), ac, bc, weights, at::zeros({ac.size(0)}, opts),
+                 grad_a, grad_b);
+  return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type())};
+}
 
 // The arguments of a step op, optional parts as the schema gives them.
 struct StepArgs {
@@ -161,26 +189,14 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
     // The tile operand: rounded once to the dtype the device's tile products take.
-    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
-    if (k.mix != nullptr) {
-      p.M = at::empty(p.I.sizes(), p.I.options().dtype(ws_dtype));
-      s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
-      k.mix(p.I, p.T, a.lam, p.M, s.weights);
-    } else {
-      auto mix = mix_rows(k.slerp_weights, p.I, p.T, a.lam);
-      s.weights = mix.weights;
-      p.M = mix.out.to(ws_dtype).contiguous();
-    }
+    p.M = at::empty(p.I.sizes(), p.I.options().dtype(k.gemm.workspace_dtype(a.image.scalar_type())));
+    s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
+    k.mix(p.I, p.T, a.lam.to(at::kDouble), p.M, s.weights);
     p.diag = s.pair_dot * a.m2_scale;
   }
   if (s.with_lipsum) setup_lipsum(a, s);
   if (s.with_dive) setup_dive(a, batch, s);
   return s;
-}
-
-// The rows of X in the dtype the device's GEMMs take (a no-op where they match).
-inline at::Tensor gemm_operand(const GemmKernels& g, const at::Tensor& X) {
-  return X.to(g.workspace_dtype(X.scalar_type())).contiguous();
 }
 
 // V = (F - P) G^T for rows [r0, r0 + r), in the accumulation dtype. Where the GEMMs take
@@ -223,43 +239,21 @@ inline at::Tensor lipsum_sum_sq(const GemmKernels& g, const LipsumInputs& lip,
   return total * lip.scale * lip.scale;
 }
 
-// grad_F += w s_0^2 V G with w = g_lipsum / (K n).
+// grad_F += w s_0^2 V G with w = g_lipsum / (K n). V is formed in the accumulation dtype, so
+// G joins it there (a GEMM takes one operand dtype): rounding V to 16 bits instead would add
+// an error the forward does not have, and G is only K x D.
 inline void lipsum_backward(const GemmKernels& g, const LipsumInputs& lip, const at::Tensor& w,
                             at::Tensor& grad_F) {
   const auto one = at::ones({}, grad_F.options()), minus_one = -one;
   const int64_t n = lip.F.size(0), rows = lipsum_chunk_rows(lip, one);
   const auto alpha = w * lip.scale * lip.scale;
-  const auto G = gemm_operand(g, lip.G);
+  const auto G = lip.G.to(one.scalar_type()).contiguous();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
     at::Tensor v = lipsum_dots(g, lip, r0, r, one, minus_one);
     at::Tensor grad_rows = grad_F.narrow(0, r0, r);
-    g.gemm_acc(gemm_operand(g, v), false, G, false, alpha, 1.0, grad_rows);
+    g.gemm_acc(v, false, G, false, alpha, 1.0, grad_rows);
   }
-}
-
-// The DiVE terms with ATen (the devices without dive_sums / dive_grads launchers), by the
-// formulas of robustft_maths.h's dive_* entries. u, v in the accumulation dtype.
-inline std::pair<at::Tensor, at::Tensor> dive_differences(const DiveInputs& d, at::ScalarType acc) {
-  return {d.fi.to(acc) - d.pi.to(acc), d.ft.to(acc) - d.pt.to(acc)};
-}
-
-// (sum_j |u_j - m|^2 + |v_j - m|^2, sum_j |u_j - v_j|^2, mean_j (u_j + v_j) / 2).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dive_sums(const DiveInputs& d,
-                                                                at::ScalarType acc) {
-  const auto [u, v] = dive_differences(d, acc);
-  const auto m = d.center.unsqueeze(0);
-  return {(u - m).square().sum() + (v - m).square().sum(), (u - v).square().sum(),
-          ((u + v) / 2).mean(0)};
-}
-
-// Gradients of w_a AVL_sum + w_p PVL_sum (weights include 1/B'; m is a constant):
-//   du = 2 [w_a (u - m) + w_p (u - v)],  dv = 2 [w_a (v - m) - w_p (u - v)].
-inline std::pair<at::Tensor, at::Tensor> dive_grads(const DiveInputs& d, at::ScalarType acc,
-                                                    const at::Tensor& w_a, const at::Tensor& w_p) {
-  const auto [u, v] = dive_differences(d, acc);
-  const auto m = d.center.unsqueeze(0);
-  return {2 * (w_a * (u - m) + w_p * (u - v)), 2 * (w_a * (v - m) - w_p * (u - v))};
 }
 
 // (terms [5], diff_mean [D or 0], lse [4, n])
@@ -304,17 +298,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   }
   if (s.with_dive) {
     const double n_ref = double(s.dive.fi.size(0));
-    if (k.dive_sums != nullptr) {
-      at::Tensor sums = at::empty({2}, opts);
-      k.dive_sums(s.dive, sums, diff_mean);
-      t[kAvl] = sums[0] / n_ref;
-      t[kPvl] = sums[1] / n_ref;
-    } else {
-      auto [avl, pvl, mean] = dive_sums(s.dive, s.acc);
-      t[kAvl] = avl / n_ref;
-      t[kPvl] = pvl / n_ref;
-      diff_mean = mean;
-    }
+    at::Tensor sums = at::empty({2}, opts);
+    k.dive_sums(s.dive, sums, diff_mean);
+    t[kAvl] = sums[0] / n_ref;
+    t[kPvl] = sums[1] / n_ref;
   }
   return {at::stack({t[0], t[1], t[2], t[3], t[4]}), diff_mean, lse};
 }
@@ -412,16 +399,7 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
       const auto g_diag = grads[kM2] / (2.0 * p.n) *
                           ((p.diag - lse_c[0]).exp() + (p.diag - lse_c[1]).exp() - 2);
       const auto g_pair = a.m2_scale * g_diag;
-      if (k.mix_backward != nullptr) {
-        k.mix_backward(tg.grad_M, p.I, p.T, s.weights, g_pair, grad_I, grad_T);
-      } else {
-        const auto If = p.I.to(s.acc), Tf = p.T.to(s.acc);
-        grad_I += g_pair.unsqueeze(1) * Tf;
-        grad_T += g_pair.unsqueeze(1) * If;
-        const auto through_mix = mix_rows_backward(tg.grad_M, p.I, p.T, s.weights);
-        grad_I += through_mix.first.to(s.acc);
-        grad_T += through_mix.second.to(s.acc);
-      }
+      k.mix_backward(tg.grad_M, p.I, p.T, s.weights, g_pair, grad_I, grad_T);
       grad_m2_scale = tg.stats[0] + (g_diag * s.pair_dot).sum();
     }
   }
@@ -433,13 +411,9 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   if (s.with_dive) {
     const double n_ref = double(s.dive.fi.size(0));
     const auto w_a = grads[kAvl] / n_ref, w_p = grads[kPvl] / n_ref;
-    if (k.dive_grads != nullptr) {
-      grad_fi = at::empty(s.dive.fi.sizes(), opts);
-      grad_ft = at::empty(s.dive.fi.sizes(), opts);
-      k.dive_grads(s.dive, w_a, w_p, grad_fi, grad_ft);
-    } else {
-      std::tie(grad_fi, grad_ft) = dive_grads(s.dive, s.acc, w_a, w_p);
-    }
+    grad_fi = at::empty(s.dive.fi.sizes(), opts);
+    grad_ft = at::empty(s.dive.fi.sizes(), opts);
+    k.dive_grads(s.dive, w_a, w_p, grad_fi, grad_ft);
   }
   const auto in_dtype = p.n > 0 ? a.image.scalar_type() : a.ref_image_ft->scalar_type();
   return {grad_I.to(in_dtype), grad_T.to(in_dtype), grad_clip_scale, grad_m2_scale,
@@ -556,16 +530,16 @@ inline at::Tensor grads_one(const at::Tensor& g, StepTerm term, const at::Tensor
 
 #define RFT_OPT const c10::optional<at::Tensor>&
 
-// Registers every step op for one dispatch key with that device's launchers.
-#define RFT_REGISTER_STEP_OPS(KEY, KERNELS)                                                   \
-  TORCH_LIBRARY_IMPL(robustft_ext, KEY, m) {                                                  \
+// Registers every step op of namespace NS for one dispatch key with that device's launchers.
+#define RFT_REGISTER_STEP_OPS(NS, KEY, KERNELS)                                               \
+  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                                  \
     using namespace ::robustft;                                                               \
     m.impl("slerp", [](const at::Tensor& a, const at::Tensor& b, const at::Tensor& lam) {     \
-      return slerp_impl(KERNELS.slerp_weights, a, b, lam);                                     \
+      return slerp_impl(KERNELS, a, b, lam);                                                  \
     });                                                                                       \
     m.impl("slerp_bwd", [](const at::Tensor& g, const at::Tensor& a, const at::Tensor& b,     \
                            const at::Tensor& lam) {                                           \
-      return slerp_bwd_impl(KERNELS.slerp_weights, g, a, b, lam);                              \
+      return slerp_bwd_impl(KERNELS, g, a, b, lam);                                           \
     });                                                                                       \
     m.impl("m2mix_fwd", [](const at::Tensor& i, const at::Tensor& t, const at::Tensor& sm,    \
                            const at::Tensor& lam, const at::Tensor& sc, bool clip) {          \

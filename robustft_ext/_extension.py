@@ -1,6 +1,7 @@
 """Loading the compiled extension (robustft_ext._C) and saying why it cannot be used."""
 from __future__ import annotations
 
+import re
 import warnings
 from types import ModuleType
 
@@ -11,6 +12,9 @@ LOAD_ERROR: str | None = None
 WITH_CUDA = False
 # Why the loaded extension has no CUDA kernels (None when it has them or was not loaded).
 NO_CUDA_REASON: str | None = None
+# The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for ("8.0;9.0+PTX").
+CUDA_ARCH_LIST = ""
+REBUILD = "pip install -v --no-build-isolation --force-reinstall --no-deps ."
 
 
 def _build_info() -> dict:
@@ -28,11 +32,10 @@ def _mismatch(info: dict) -> str | None:
     built, running = info["TORCH_VERSION"], torch.__version__
     if built.split("+")[0] != running.split("+")[0]:
         return (f"robustft_ext was built against torch {built} but torch {running} is installed; "
-                "rebuild it: pip install -v --no-build-isolation --force-reinstall --no-deps .")
+                f"rebuild it: {REBUILD}")
     if info.get("WITH_CUDA") and info["TORCH_CUDA_VERSION"] != torch.version.cuda:
         return (f"robustft_ext's CUDA kernels were built for CUDA {info['TORCH_CUDA_VERSION']} "
-                f"but the installed torch uses CUDA {torch.version.cuda}; rebuild it: "
-                "pip install -v --no-build-isolation --force-reinstall --no-deps .")
+                f"but the installed torch uses CUDA {torch.version.cuda}; rebuild it: {REBUILD}")
     return None
 
 
@@ -45,8 +48,27 @@ def _no_cuda_reason(info: dict) -> str:
     return f"the extension was built without CUDA kernels: {reason}"
 
 
+def kernel_image_reason(major: int, minor: int, arch_list: str | None = None) -> str | None:
+    """Why the CUDA kernels built for `arch_list` (default: this build's) hold no code that a
+    device of compute capability major.minor runs, or None when they do: machine code for
+    major.m with m <= minor (sm_80 code runs on sm_86 and sm_89), or PTX for an older or equal
+    architecture, which the driver compiles for the device."""
+    archs = CUDA_ARCH_LIST if arch_list is None else arch_list
+    device = (major, minor)
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        match = re.fullmatch(r"(\d+)\.(\d+)a?(\+PTX)?", entry.strip(), flags=re.IGNORECASE)
+        if match is None:
+            continue
+        arch = (int(match[1]), int(match[2]))
+        if (arch[0] == major and arch[1] <= minor) or (match[3] and arch <= device):
+            return None
+    return (f"the native CUDA kernels were built for {archs or 'no architecture'} and hold no "
+            f"code a compute capability {major}.{minor} device runs; rebuild: "
+            f"TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" {REBUILD}")
+
+
 def _load() -> None:
-    global _C, LOAD_ERROR, WITH_CUDA, NO_CUDA_REASON
+    global _C, LOAD_ERROR, WITH_CUDA, NO_CUDA_REASON, CUDA_ARCH_LIST
     info = _build_info()
     mismatch = _mismatch(info)
     if mismatch is not None:
@@ -62,6 +84,7 @@ def _load() -> None:
         return
     _C = compiled
     WITH_CUDA = bool(info.get("WITH_CUDA", False))
+    CUDA_ARCH_LIST = str(info.get("CUDA_ARCH_LIST", ""))
     if not WITH_CUDA:
         NO_CUDA_REASON = _no_cuda_reason(info)
         # The build's own warning is easy to miss (pip hides build output without -v): say it

@@ -46,10 +46,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if device.type == "cuda" and not _extension.WITH_CUDA:
             return _extension.NO_CUDA_REASON or "the extension was built without CUDA kernels"
         if device.type == "cuda" and torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            if major < 8:
-                return (f"the native CUDA kernels need compute capability 8.0 or newer "
-                        f"(tensor-core mma.sync); this device has {major}.{minor}")
+            return _native_cuda_reason(device)
         if device.type not in ("cpu", "cuda"):
             return f"no native kernels for device type {device.type!r}"
         return None
@@ -65,6 +62,26 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"Triton kernels take float32/bfloat16/float16 inputs, not {dtype}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _native_cuda_reason(device: torch.device) -> str | None:
+    """Why the native CUDA kernels cannot launch on this device: its compute capability, no
+    kernel image of the build that it can run, or too little shared memory per block for
+    either tile configuration (csrc/cuda/tile_plan.h); None when they can."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return (f"the native CUDA kernels need compute capability 8.0 or newer "
+                f"(tensor-core mma.sync); this device has {major}.{minor}")
+    image = _extension.kernel_image_reason(major, minor)
+    if image is not None:
+        return image
+    props = torch.cuda.get_device_properties(device)
+    optin = props.shared_memory_per_block_optin
+    contrastive, step, need = torch.ops.robustft_ext.native_cuda_tiles(optin)
+    if "none" in (contrastive, step):
+        return (f"the native CUDA kernels need {need} bytes of shared memory per block; this "
+                f"device ({props.name}) offers {optin}")
+    return None
 
 
 def select_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:

@@ -18,11 +18,14 @@ from ._validation import acc_dtype
 
 
 def _fake(name: str) -> Callable:
-    """register_fake for robustft_ext::<name>, when the compiled ops are loaded."""
+    """register_fake for robustft_ext::<name> and its twin robustft_cuda_rules::<name> (the
+    ops' host code under CUDA's rules, a test hook: csrc/cpu/cuda_rules_cpu.cpp), when the
+    compiled ops are loaded."""
 
     def register(fn: Callable) -> Callable:
         if _extension._C is not None:
-            torch.library.register_fake(f"robustft_ext::{name}")(fn)
+            for namespace in ("robustft_ext", "robustft_cuda_rules"):
+                torch.library.register_fake(f"{namespace}::{name}")(fn)
         return fn
 
     return register

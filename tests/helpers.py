@@ -133,3 +133,46 @@ def check_triton_backend(backend) -> None:
     if importlib.util.find_spec("triton") is not None:
         raise RuntimeError(f"Triton is installed but the backend failed: {backend.IMPORT_ERROR}")
     pytest.skip(f"Triton backend unavailable: {backend.IMPORT_ERROR}", allow_module_level=True)
+
+
+class CudaRules:
+    """The native backend on CPU tensors through the namespace robustft_cuda_rules: the same
+    op bodies (csrc/contrastive_ops.h, csrc/step_ops.h) under CUDA's rules (its workspace
+    dtype, its launchers' checks, no kept dot products; csrc/cpu/cuda_rules_cpu.cpp).
+
+    A context manager; `namespaces` holds the namespace of every custom op the native backend
+    dispatched to meanwhile, so a test can show the hook was taken."""
+
+    def __enter__(self):
+        from unittest import mock
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        import robustft_ext.autograd as functions
+
+        rules, fused = torch.ops.robustft_cuda_rules, functions.fused_ops
+        self.namespaces: set[str] = set()
+        record = self.namespaces
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace.startswith("robustft"):
+                    record.add(func.namespace)
+                return func(*args, **(kwargs or {}))
+
+        self._patches = [
+            mock.patch.object(functions, "fused_ops",
+                              lambda backend: rules if backend == "native" else fused(backend)),
+            mock.patch.object(functions, "keeps_dots", lambda *args, **kwargs: False),
+        ]
+        for p in self._patches:
+            p.start()
+        self._mode = Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for p in reversed(self._patches):
+            p.stop()
+        return False

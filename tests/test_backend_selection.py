@@ -117,3 +117,80 @@ def test_available_backends_reads_plainly():
     fake = rft.BackendReport(native={"cpu": None, "cuda": "no CUDA device visible",
                                      "available": True})
     assert str(fake) == "native: cpu ok; cuda: no CUDA device visible"
+
+
+# ---- The native CUDA kernels on GPUs this machine does not have -------------------------
+# (compute capability, opt-in shared memory per block in bytes, the tile configurations of
+# csrc/cuda/tile_plan.h: contrastive, step)
+GPUS = {
+    "A100": ((8, 0), 166912, ("large", "large")),
+    "RTX 4090": ((8, 9), 101376, ("small", "small")),
+    "H100": ((9, 0), 232448, ("large", "large")),
+    "B200": ((10, 0), 232448, ("large", "large")),
+    "RTX 5090": ((12, 0), 101376, ("small", "small")),
+}
+
+
+def _mock_gpu(monkeypatch, name: str, optin: int | None = None, archs: str = "8.0;9.0+PTX"):
+    """torch sees one CUDA device with `name`'s figures, and the extension has CUDA kernels
+    built for `archs`."""
+    from types import SimpleNamespace
+
+    from robustft_ext import _extension
+
+    (major, minor), default_optin, _ = GPUS.get(name, ((8, 7), 65536, None))
+    props = SimpleNamespace(name=f"NVIDIA {name}", major=major, minor=minor,
+                            shared_memory_per_block_optin=optin or default_optin,
+                            multi_processor_count=108)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(_extension, "WITH_CUDA", True)
+    monkeypatch.setattr(_extension, "CUDA_ARCH_LIST", archs)
+
+
+def _require_cuda_build():
+    from robustft_ext import _extension
+
+    if _extension._C is None or not _extension._build_info().get("WITH_CUDA"):
+        pytest.skip("a CPU-only build has no native CUDA kernels to plan")
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_native_tile_configuration_follows_the_shared_memory(name):
+    """The configuration each GPU's kernels launch with, from its opt-in shared memory."""
+    _require_cuda_build()
+    _, optin, tiles = GPUS[name]
+    contrastive, step, need = torch.ops.robustft_ext.native_cuda_tiles(optin)
+    assert (contrastive, step) == tiles
+    assert need <= 101376  # the small configurations fit the 99 KB GPUs
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_native_serves_every_current_gpu(monkeypatch, name):
+    """The default build's sm_80 and sm_90 code and its compute_90 PTX reach every GPU above."""
+    _require_cuda_build()
+    _mock_gpu(monkeypatch, name)
+    assert backends.unavailable_reason("native", torch.device("cuda"), torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("name", ["B200", "RTX 5090"])
+def test_native_without_ptx_says_which_architecture_to_build(monkeypatch, name):
+    _require_cuda_build()
+    _mock_gpu(monkeypatch, name, archs="8.0;9.0")
+    reason = backends.unavailable_reason("native", torch.device("cuda"), torch.bfloat16)
+    major, minor = GPUS[name][0]
+    assert reason is not None and f'TORCH_CUDA_ARCH_LIST="{major}.{minor}"' in reason
+
+
+def test_native_with_too_little_shared_memory_is_skipped_with_the_numbers(monkeypatch):
+    """A device offering 64 KB a block: the native kernels cannot launch; automatic selection
+    passes them over, and naming them says why in bytes."""
+    _require_cuda_build()
+    _mock_gpu(monkeypatch, "a small GPU", optin=65536)
+    reason = backends.unavailable_reason("native", torch.device("cuda"), torch.bfloat16)
+    _, _, need = torch.ops.robustft_ext.native_cuda_tiles(65536)
+    assert reason is not None and str(need) in reason and "65536" in reason
+    assert backends.select_backend(None, torch.device("cuda"), torch.bfloat16) != "native"
+    with pytest.raises(backends.BackendUnavailableError, match="shared memory"):
+        backends.select_backend("native", torch.device("cuda"), torch.bfloat16)

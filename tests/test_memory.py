@@ -29,7 +29,7 @@ NXN_MB = N * N * 4 / 2**20
 # before the measured call, minus the resident set at that moment: the high-water mark of the
 # imports (torch's CUDA libraries alone can exceed an N x N matrix) does not hide the call's.
 _SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import contextlib, json, sys, torch
     import robustft_ext as rft
 
     def status_kb(key):
@@ -40,33 +40,45 @@ _SCRIPT = textwrap.dedent("""
         raise RuntimeError(key + " missing from /proc/self/status")
 
     kind, backend, n, d = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    dtype = getattr(torch, sys.argv[5])
+    rules = contextlib.nullcontext()
+    if sys.argv[6] == "cuda":  # the op bodies under CUDA's rules (helpers.CudaRules)
+        sys.path.insert(0, sys.argv[7])
+        from helpers import CudaRules
+        rules = CudaRules()
     torch.manual_seed(0)
-    a = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
-    b = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
+    a = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(n, d), dim=1).to(dtype).requires_grad_()
     s = torch.tensor(14.3, requires_grad=True)
     fn = {"clip": rft.clip_loss, "siglip": rft.siglip_loss,
           "m2mix": lambda a, b, s, bias, backend: rft.m2mix_loss(a, b, s, 0.3, backend=backend),
           "clip_m2mix": lambda a, b, s, bias, backend: sum(
               rft.clip_m2mix_loss(a, b, s, 0.3, backend=backend))}[kind]
-    # Warm up on a tiny problem so lazy initialisation is not counted.
-    t = torch.randn(8, d)
-    fn(t, t, 1.0, 0.0, backend=backend)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    before = status_kb("VmRSS")
-    loss = fn(a, b, s, -1.0, backend=backend)
-    loss.backward()
-    after = status_kb("VmHWM")
+    with rules:
+        # Warm up on a tiny problem so lazy initialisation is not counted.
+        t = torch.randn(8, d, dtype=dtype)
+        fn(t, t, 1.0, 0.0, backend=backend)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        before = status_kb("VmRSS")
+        loss = fn(a, b, s, -1.0, backend=backend)
+        loss.backward()
+        after = status_kb("VmHWM")
     print(json.dumps({"growth_mb": (after - before) / 1024, "loss": loss.item()}))
 """)
 
 
-def _peak_growth_mb(kind: str, backend: str, workspace_mb: float | None = None) -> float:
+def _peak_growth_mb(kind: str, backend: str, workspace_mb: float | None = None, *,
+                    n: int = N, d: int = D, dtype: str = "float32", rules: str = "cpu") -> float:
+    """Peak resident growth of loss and gradients in a fresh process; rules="cuda": the native
+    op bodies under CUDA's rules (helpers.CudaRules)."""
     env = dict(os.environ)
     env.pop("ROBUSTFT_WORKSPACE_MB", None)
     if workspace_mb is not None:
         env["ROBUSTFT_WORKSPACE_MB"] = str(workspace_mb)
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, kind, backend, str(N), str(D)],
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, kind, backend, str(n), str(d), dtype,
+                          rules, tests],
                          capture_output=True, text=True, timeout=600, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["loss"] == result["loss"], "NaN loss"
@@ -119,6 +131,29 @@ def test_cpu_native_workspace_limit_bounds_memory(kind):
 def test_cpu_measurement_sees_nxn():
     """The same measurement on the reference backend shows the N x N logits."""
     assert _peak_growth_mb("clip", "reference") > NXN_MB
+
+
+# CLIP + m^2 with a 64 MiB workspace at a size where the O(N D) buffers dominate: the CUDA
+# test below allows the workspace plus 12 N D float32 (gradients, float copies, mixed
+# negatives); the CPU process adds its fixed overhead (threads, BLAS buffers, the emulation's
+# float copies of 16-bit operands and scratch, OVERHEAD_MB). The native op bodies run here
+# under CUDA's rules, the slerp backward and DiVE as the device's one-pass launchers: a
+# dozen whole n x D float64 temporaries (the ATen forms they replace) would add 14 N D 4
+# bytes at once and break the bound.
+RULES_N, RULES_D, RULES_WORKSPACE_MB = 4096, 1024, 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_native_op_bodies_under_cuda_rules_stay_within_the_cuda_bound(dtype):
+    require_backend("native", "cpu")
+    linear_mb = 12 * RULES_N * RULES_D * 4 / 2**20
+    growth = _peak_growth_mb("clip_m2mix", "native", RULES_WORKSPACE_MB, n=RULES_N, d=RULES_D,
+                             dtype=dtype, rules="cuda")
+    bound = RULES_WORKSPACE_MB + linear_mb + OVERHEAD_MB["clip_m2mix"]
+    assert growth < bound, (
+        f"clip_m2mix {dtype} under CUDA's rules grew {growth:.0f} MiB, over {bound:.0f} MiB "
+        f"(workspace {RULES_WORKSPACE_MB} + 12 N D 4 = {linear_mb:.0f} + overhead)")
 
 
 @pytest.mark.cuda

@@ -32,6 +32,7 @@
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
 #include "cpu/cpu_tiles.h"
+#include "launcher_contract.h"
 #include "robustft_maths.h"
 
 namespace robustft {
@@ -225,22 +226,25 @@ void dlogits_impl(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor&
 
 void clip_lse_cpu(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
                   const at::Tensor& bias, at::Tensor& row_lse, at::Tensor& col_lse) {
+  check_tile_operands(P, Q, scale, bias, c10::kCPU);
+  check_acc_vector(row_lse, P.size(0), P, "row_lse");
+  if (col_lse.defined()) check_acc_vector(col_lse, Q.size(0), P, "col_lse");
   RFT_DISPATCH_ACC(P, [&] { clip_lse_impl<acc_t>(P, Q, scale, bias, row_lse, col_lse); });
 }
 
 void siglip_softplus_sum_cpu(const at::Tensor& P, const at::Tensor& Q,
                              const at::Tensor& scale, const at::Tensor& bias,
                              at::Tensor& out) {
+  check_tile_operands(P, Q, scale, bias, c10::kCPU);
+  check_acc_vector(out, 1, P, "out");
   RFT_DISPATCH_ACC(P, [&] { siglip_sum_impl<acc_t>(P, Q, scale, bias, out); });
 }
 
 void contrastive_dlogits_cpu(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor& Q,
                              const at::Tensor& scale, const at::Tensor& bias, int64_t r0,
                              at::Tensor& ds, at::Tensor& stats) {
-  TORCH_CHECK(ds.is_contiguous() && ds.dim() == 2 && ds.size(1) == Q.size(0) &&
-                  r0 >= 0 && r0 + ds.size(0) <= P.size(0) &&
-                  ds.scalar_type() == workspace_dtype_cpu(P.scalar_type()),
-              "robustft_ext: the dlogit chunk must be a contiguous [rows, m] workspace slice");
+  check_tile_operands(P, Q, scale, bias, c10::kCPU);
+  check_dlogits(spec, P, Q, r0, ds, stats, workspace_dtype_cpu(P.scalar_type()));
   RFT_DISPATCH_ACC(P, [&] { dlogits_impl<acc_t>(spec, P, Q, scale, bias, r0, ds, stats); });
 }
 
@@ -264,8 +268,9 @@ at::ScalarType workspace_dtype_cpu(at::ScalarType t) { return acc_dtype(t); }
 
 void gemm_acc_cpu(const at::Tensor& A, bool transpose_a, const at::Tensor& B, bool transpose_b,
                   const at::Tensor& alpha, double beta, at::Tensor& out) {
-  const auto acc = out.scalar_type();
-  const at::Tensor a = A.to(acc), b = B.to(acc);
+  check_gemm_acc(A, transpose_a, B, transpose_b, alpha, beta, out, c10::kCPU);
+  // The operands are of the accumulation dtype here (workspace_dtype_cpu): no copies.
+  const at::Tensor a = A.to(out.scalar_type()), b = B.to(out.scalar_type());
   out.addmm_(transpose_a ? a.t() : a, transpose_b ? b.t() : b, beta, alpha.item());
 }
 
@@ -276,7 +281,7 @@ static const KernelSet kCpuKernels{&clip_lse_cpu, &siglip_softplus_sum_cpu,
 static const KeptDotKernels kCpuKeptDotKernels{&dot_products_cpu, &clip_lse_from_dots_cpu,
                                                 &siglip_softplus_sum_from_dots_cpu};
 
-RFT_REGISTER_CONTRASTIVE_OPS(CPU, kCpuKernels)
-RFT_REGISTER_KEPT_DOT_OPS(CPU, kCpuKernels, kCpuKeptDotKernels)
+RFT_REGISTER_CONTRASTIVE_OPS(robustft_ext, CPU, kCpuKernels)
+RFT_REGISTER_KEPT_DOT_OPS(robustft_ext, CPU, kCpuKernels, kCpuKeptDotKernels)
 
 }  // namespace robustft

@@ -28,6 +28,7 @@
 #include "robustft_maths.h"
 #include "contrastive_kernels.h"
 #include "step_kernels.h"
+#include "launcher_contract.h"
 #include "step_ops.h"
 
 namespace robustft {
@@ -229,34 +230,19 @@ void step_dlogits_impl(const StepProblem& p, const at::Tensor& lse_t, int64_t r0
   }
 }
 
-void slerp_weights_impl(const at::Tensor& cos, const at::Tensor& lam_t, at::Tensor& out) {
-  const at::Tensor c = cos.contiguous();
-  const double lam = lam_t.item<double>();
-  const int64_t n = c.numel();
-  const double* cp = c.data_ptr<double>();
-  double* o = out.data_ptr<double>();
-  for (int64_t q = 0; q < n; ++q) {
-    const auto w = mx::slerp_weights<double>(cp[q], lam);
-    o[q] = w.wa;
-    o[n + q] = w.wb;
-    o[2 * n + q] = w.dwa_dc;
-    o[3 * n + q] = w.dwb_dc;
-  }
-}
-
 // Rows per task of the O(n D) loops below: a task of fewer than ~64k entries costs less
 // than waking the pool.
 inline int64_t mix_grain(int64_t D) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)); }
 
-// mix_rows (m2mix_ops.h) in one pass per row, in double as there: c = <I_p, T_p>, the
-// weights, M_p = w_a I_p + w_b T_p rounded once to M's dtype.
+// The slerp prologue in one pass per row, in double: c = <I_p, T_p>, the weights,
+// M_p = w_a I_p + w_b T_p rounded once to M's dtype (no M: the weights alone).
 template <typename In, typename Out>
 void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Tensor& M,
                     at::Tensor& weights) {
   const int64_t n = I.size(0), D = I.size(1);
   const In* ip = I.data_ptr<In>();
   const In* tp = T.data_ptr<In>();
-  Out* mp = M.data_ptr<Out>();
+  Out* mp = M.defined() ? M.data_ptr<Out>() : nullptr;
   double* w = weights.data_ptr<double>();
   at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -269,6 +255,7 @@ void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Te
       w[n + p] = sw.wb;
       w[2 * n + p] = sw.dwa_dc;
       w[3 * n + p] = sw.dwb_dc;
+      if (mp == nullptr) continue;
       Out* m = mp + p * D;
       for (int64_t j = 0; j < D; ++j) m[j] = Out(sw.wa * double(a[j]) + sw.wb * double(b[j]));
     }
@@ -276,9 +263,8 @@ void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Te
 }
 
 // grad_I += g_pair[p] T_p + (w_a dM_p + k T_p), grad_T += g_pair[p] I_p + (w_b dM_p + k I_p),
-// k = <dM_p, I_p> dw_a/dc + <dM_p, T_p> dw_b/dc: step_bwd_impl's true-pair term and
-// mix_rows_backward in one pass per row, each term rounded as there (the true-pair product
-// in Acc, the slerp backward in double).
+// k = <dM_p, I_p> dw_a/dc + <dM_p, T_p> dw_b/dc: the true-pair term and the slerp backward
+// in one pass per row (the true-pair product in Acc, the slerp backward in double).
 template <typename In, typename Acc>
 void mix_backward_fused(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
                         const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
@@ -378,50 +364,31 @@ void dive_grads_fused(const DiveInputs& d, Acc w_a, Acc w_p, at::Tensor& grad_fi
   });
 }
 
-void check_mix_operands(const at::Tensor& I, const at::Tensor& T) {
-  TORCH_CHECK(I.is_contiguous() && T.is_contiguous() && I.sizes() == T.sizes() && I.dim() == 2 &&
-                  I.scalar_type() == T.scalar_type(),
-              "robustft_ext: the mixed pair must be contiguous [n, D] tensors of one dtype");
-}
-
 }  // namespace
 
-void slerp_weights_cpu(const at::Tensor& cos, const at::Tensor& lam, at::Tensor& out) {
-  TORCH_CHECK(out.is_contiguous() && out.dim() == 2 && out.size(0) == 4 &&
-                  out.size(1) == cos.numel() && out.scalar_type() == at::kDouble &&
-                  cos.scalar_type() == at::kDouble && lam.scalar_type() == at::kDouble,
-              "robustft_ext: slerp_weights takes double cos and lam and a contiguous [4, n] "
-              "double output");
-  slerp_weights_impl(cos, lam, out);
-}
-
 void step_lse_cpu(const StepProblem& p, at::Tensor& lse) {
-  TORCH_CHECK(lse.is_contiguous(), "robustft_ext: step outputs must be contiguous");
+  check_step_problem(p, workspace_dtype_cpu(p.I.scalar_type()), c10::kCPU);
+  check_step_lse(p, lse);
   RFT_DISPATCH_ACC(p.I, [&] { step_lse_impl<acc_t>(p, lse); });
 }
 
 void step_dlogits_cpu(const StepProblem& p, const at::Tensor& lse, int64_t r0, at::Tensor& dA,
                       at::Tensor& dB, at::Tensor& dC, at::Tensor& stats) {
-  for (const at::Tensor* t : {&dA, &dB, &dC}) {
-    TORCH_CHECK(!t->defined() || (t->is_contiguous() && t->size(1) == p.n &&
-                                  t->scalar_type() == workspace_dtype_cpu(p.I.scalar_type())),
-                "robustft_ext: dlogit chunks must be contiguous [rows, n] workspace slices");
-  }
+  check_step_problem(p, workspace_dtype_cpu(p.I.scalar_type()), c10::kCPU);
+  check_step_lse(p, lse);
+  check_step_chunks(p, r0, dA, dB, dC, workspace_dtype_cpu(p.I.scalar_type()));
+  check_acc_vector(stats, 2, p.I, "stats");
   RFT_DISPATCH_ACC(p.I, [&] { step_dlogits_impl<acc_t>(p, lse, r0, dA, dB, dC, stats); });
 }
 
 void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam, at::Tensor& M,
                   at::Tensor& weights) {
-  check_mix_operands(I, T);
-  TORCH_CHECK(M.is_contiguous() && M.sizes() == I.sizes() &&
-                  M.scalar_type() == workspace_dtype_cpu(I.scalar_type()) &&
-                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
-                  weights.dim() == 2 && weights.size(0) == 4 && weights.size(1) == I.size(0),
-              "robustft_ext: mix_rows writes a contiguous [n, D] workspace-dtype M and [4, n] "
-              "double weights");
+  check_mix(I, T, lam, M, weights, workspace_dtype_cpu(I.scalar_type()), c10::kCPU);
   const double l = lam.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_rows_cpu", [&] {
-    if (M.scalar_type() == at::kDouble) {
+    if (!M.defined() || M.scalar_type() == I.scalar_type()) {
+      mix_rows_fused<scalar_t, scalar_t>(I, T, l, M, weights);
+    } else if (M.scalar_type() == at::kDouble) {
       mix_rows_fused<scalar_t, double>(I, T, l, M, weights);
     } else {
       mix_rows_fused<scalar_t, float>(I, T, l, M, weights);
@@ -432,17 +399,8 @@ void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& la
 void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
                       const at::Tensor& weights, const at::Tensor& g_pair, at::Tensor& grad_I,
                       at::Tensor& grad_T) {
-  check_mix_operands(I, T);
+  check_mix_backward(dM, I, T, weights, g_pair, grad_I, grad_T, c10::kCPU);
   const auto acc = acc_dtype(I.scalar_type());
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dM, &grad_I, &grad_T}) {
-    TORCH_CHECK(t->is_contiguous() && t->sizes() == I.sizes() && t->scalar_type() == acc,
-                "robustft_ext: mix_backward takes contiguous [n, D] ", acc, " gradients");
-  }
-  TORCH_CHECK(g_pair.is_contiguous() && g_pair.numel() == I.size(0) && g_pair.scalar_type() == acc &&
-                  weights.is_contiguous() && weights.scalar_type() == at::kDouble &&
-                  weights.numel() == 4 * I.size(0),
-              "robustft_ext: mix_backward takes [n] ", acc, " pair weights and [4, n] double "
-              "slerp weights");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_backward_cpu", [&] {
     if (acc == at::kDouble) {
       mix_backward_fused<scalar_t, double>(dM, I, T, weights, g_pair, grad_I, grad_T);
@@ -453,11 +411,10 @@ void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tenso
 }
 
 void dive_sums_cpu(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
+  check_dive(d, c10::kCPU);
+  check_acc_vector(sums, 2, d.fi, "sums");
+  check_acc_vector(mean, d.fi.size(1), d.fi, "mean");
   const auto acc = acc_dtype(d.fi.scalar_type());
-  TORCH_CHECK(sums.is_contiguous() && sums.numel() == 2 && sums.scalar_type() == acc &&
-                  mean.is_contiguous() && mean.numel() == d.fi.size(1) &&
-                  mean.scalar_type() == acc,
-              "robustft_ext: dive_sums writes [2] and [D] ", acc, " tensors");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.fi.scalar_type(), "dive_sums_cpu", [&] {
     if (acc == at::kDouble) {
       dive_sums_fused<scalar_t, double>(d, sums, mean);
@@ -469,11 +426,8 @@ void dive_sums_cpu(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
 
 void dive_grads_cpu(const DiveInputs& d, const at::Tensor& w_a, const at::Tensor& w_p,
                     at::Tensor& grad_fi, at::Tensor& grad_ft) {
+  check_dive_grads(d, w_a, w_p, grad_fi, grad_ft, c10::kCPU);
   const auto acc = acc_dtype(d.fi.scalar_type());
-  TORCH_CHECK(grad_fi.is_contiguous() && grad_ft.is_contiguous() &&
-                  grad_fi.sizes() == d.fi.sizes() && grad_ft.sizes() == d.fi.sizes() &&
-                  grad_fi.scalar_type() == acc && grad_ft.scalar_type() == acc,
-              "robustft_ext: dive_grads writes contiguous [B', D] ", acc, " gradients");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.fi.scalar_type(), "dive_grads_cpu", [&] {
     if (acc == at::kDouble) {
       dive_grads_fused<scalar_t, double>(d, w_a.item<double>(), w_p.item<double>(), grad_fi, grad_ft);
@@ -483,8 +437,7 @@ void dive_grads_cpu(const DiveInputs& d, const at::Tensor& w_a, const at::Tensor
   });
 }
 
-static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu,
-                                           &step_lse_cpu,
+static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            &step_dlogits_cpu,
                                            GemmKernels{&gemm_acc_cpu, &workspace_dtype_cpu},
                                            &mix_rows_cpu,
@@ -492,7 +445,7 @@ static const StepKernelSet kCpuStepKernels{&slerp_weights_cpu,
                                            &dive_sums_cpu,
                                            &dive_grads_cpu};
 
-RFT_REGISTER_STEP_OPS(CPU, kCpuStepKernels)
+RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 
 // The forward that keeps its dot products for the backward (step_fwd_impl's `kept`), and
 // the backward that consumes them: CPU only, where the n x n products fit in memory that

@@ -13,8 +13,10 @@
 //    row's online LSE state stays in registers and each split writes one partial state
 //    per row, merged afterwards. With col_lse, each tile's column states over the CTA's
 //    rows are merged into a packed (float m, float l) state per column by an atomicCAS
-//    loop. There is no 128-bit CAS, so for double inputs the column LSE is a second pass on
-//    the transposed problem; double is the reference dtype, not the fast path.
+//    loop, in the order the CTAs finish. There is no 128-bit CAS, so for double inputs the
+//    column LSE is a second pass on the transposed problem (double is the reference dtype,
+//    not the fast path); under torch.use_deterministic_algorithms(True) float takes that
+//    pass too, whose splits are merged in a fixed order.
 //  * siglip_softplus_sum: the same tile loop; each CTA writes one double partial.
 //  * contrastive_dlogits: the tiles of one row chunk are recomputed and their dlogits
 //    written into the workspace chunk (16-bit inputs: rounded to the input dtype, as
@@ -23,6 +25,7 @@
 // All launches go to the current stream; scale, bias and the lse vectors are read on the
 // device, so no launcher synchronises with the host.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +37,7 @@
 
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
+#include "launcher_contract.h"
 #include "cuda/contrastive_device.cuh"
 #include "cuda/tile_dispatch.h"
 #include "cuda/tile_epilogue.cuh"
@@ -43,32 +47,12 @@ namespace {
 
 using namespace cuda_tiles;
 
-void check_features_cuda(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
-                         const at::Tensor& bias) {
-  TORCH_CHECK(P.is_cuda(), "robustft_ext: CUDA kernels need CUDA tensors");
-  TORCH_CHECK(P.dim() == 2 && Q.dim() == 2 && P.size(1) == Q.size(1),
-              "robustft_ext: P and Q must be [n, D] and [m, D]");
-  TORCH_CHECK(P.size(0) > 0 && Q.size(0) > 0 && P.size(1) > 0,
-              "robustft_ext: empty feature matrix");
-  TORCH_CHECK(P.is_contiguous() && Q.is_contiguous(),
-              "robustft_ext: P and Q must be contiguous");
-  TORCH_CHECK(P.scalar_type() == Q.scalar_type(), "robustft_ext: P and Q dtypes differ");
-  const auto acc = acc_dtype(P.scalar_type());
-  for (const at::Tensor* t : {&Q, &scale, &bias})
-    TORCH_CHECK(t->device() == P.device(), "robustft_ext: all tensors must be on one device");
-  TORCH_CHECK(scale.numel() == 1 && bias.numel() == 1 && scale.scalar_type() == acc &&
-                  bias.scalar_type() == acc,
-              "robustft_ext: scale and bias must be one-element tensors of dtype ", acc);
-}
-
-// An accumulation-dtype vector of `len` entries on P's device.
-void check_acc_vector(const at::Tensor& t, int64_t len, const at::Tensor& P, const char* name) {
-  TORCH_CHECK(t.defined(), "robustft_ext: ", name, " is undefined");
-  TORCH_CHECK(t.numel() == len && t.is_contiguous() &&
-                  t.scalar_type() == acc_dtype(P.scalar_type()) && t.device() == P.device(),
-              "robustft_ext: ", name, " must be a contiguous ", acc_dtype(P.scalar_type()),
-              " tensor of ", len, " entries on ", P.device());
-}
+// The engine's shared memory is the plan's (tile_plan.h), which the device check relies on.
+static_assert(MmaEngine<ContrastiveMmaShape, Bf16Mma>::smem_bytes<OneDotPair>() ==
+                  cuda_plan::dynamic_bytes(cuda_plan::kContrastive, cuda_plan::kContrastive.large) &&
+              MmaEngine<ContrastiveMmaShapeSmall, Bf16Mma>::smem_bytes<OneDotPair>() ==
+                  cuda_plan::dynamic_bytes(cuda_plan::kContrastive, cuda_plan::kContrastive.small),
+              "tile_plan.h's contrastive shared memory differs from the engine's");
 
 // out[r] = LSE over the columns of S = scale * P Q^T + bias (the rows of P), through row
 // partials of each split. With col_state: also the packed column states.
@@ -104,7 +88,14 @@ void launch_clip_lse(const at::Tensor& P, const at::Tensor& Q, const at::Tensor&
     return;
   }
   if constexpr (std::is_same<acc_t, float>::value) {
-    // One pass: row states in the kernel, column states merged atomically.
+    if (at::globalContext().deterministicAlgorithms()) {
+      // A fixed order: the column LSE is the row LSE of S^T, its splits merged in order.
+      run_row_lse<E, in_t, false>(P, Q, scale, bias, row_lse, nullptr);
+      run_row_lse<E, in_t, false>(Q, P, scale, bias, col_lse, nullptr);
+      return;
+    }
+    // One pass: row states in the kernel, column states merged atomically (in the order the
+    // CTAs finish, so the last bits may differ from run to run).
     const auto stream = at::cuda::getCurrentCUDAStream();
     at::Tensor state = at::empty({m}, P.options().dtype(at::kLong));
     auto* state_p = reinterpret_cast<unsigned long long*>(state.data_ptr<int64_t>());
@@ -154,14 +145,8 @@ void launch_dlogits(const DlogitSpec& spec, const at::Tensor& P, const at::Tenso
   prm.col_lse = nullptr;
   prm.has_positives = spec.has_positives;
   prm.pos_offset = spec.pos_offset;
-  if (!spec.siglip && prm.w_row != acc_t(0)) {
-    check_acc_vector(spec.row_lse, n, P, "row_lse");
-    prm.row_lse = spec.row_lse.data_ptr<acc_t>();
-  }
-  if (!spec.siglip && prm.w_col != acc_t(0)) {
-    check_acc_vector(spec.col_lse, m, P, "col_lse");
-    prm.col_lse = spec.col_lse.data_ptr<acc_t>();
-  }
+  if (!spec.siglip && prm.w_row != acc_t(0)) prm.row_lse = spec.row_lse.data_ptr<acc_t>();
+  if (!spec.siglip && prm.w_col != acc_t(0)) prm.col_lse = spec.col_lse.data_ptr<acc_t>();
   const EngineInputs in = engine_inputs<E>({P}, {Q});
   const TileOperands<in_t> ops = operands_of<in_t>(in, n, m);
   const SplitPlan plan = plan_splits(rows, m, E::BM, E::BN, int64_t(1) << 20);
@@ -190,11 +175,11 @@ void launch_dlogits(const DlogitSpec& spec, const at::Tensor& P, const at::Tenso
 
 void clip_lse_cuda(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
                    const at::Tensor& bias, at::Tensor& row_lse, at::Tensor& col_lse) {
-  check_features_cuda(P, Q, scale, bias);
+  check_tile_operands(P, Q, scale, bias, c10::kCUDA);
   check_acc_vector(row_lse, P.size(0), P, "row_lse");
   if (col_lse.defined()) check_acc_vector(col_lse, Q.size(0), P, "col_lse");
   const c10::cuda::CUDAGuard guard(P.device());
-  dispatch_engine<ContrastiveMmaShape>(P.scalar_type(), [&](auto e, auto in, auto) {
+  dispatch_engine<ContrastiveShapes>(P.scalar_type(), [&](auto e, auto in, auto) {
     using E = typename decltype(e)::type;
     using in_t = typename decltype(in)::type;
     launch_clip_lse<E, in_t>(P, Q, scale, bias, row_lse, col_lse);
@@ -203,10 +188,10 @@ void clip_lse_cuda(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& s
 
 void siglip_softplus_sum_cuda(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& scale,
                               const at::Tensor& bias, at::Tensor& out) {
-  check_features_cuda(P, Q, scale, bias);
+  check_tile_operands(P, Q, scale, bias, c10::kCUDA);
   check_acc_vector(out, 1, P, "out");
   const c10::cuda::CUDAGuard guard(P.device());
-  dispatch_engine<ContrastiveMmaShape>(P.scalar_type(), [&](auto e, auto in, auto) {
+  dispatch_engine<ContrastiveShapes>(P.scalar_type(), [&](auto e, auto in, auto) {
     using E = typename decltype(e)::type;
     using in_t = typename decltype(in)::type;
     launch_softplus_sum<E, in_t>(P, Q, scale, bias, out);
@@ -216,17 +201,13 @@ void siglip_softplus_sum_cuda(const at::Tensor& P, const at::Tensor& Q, const at
 void contrastive_dlogits_cuda(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor& Q,
                               const at::Tensor& scale, const at::Tensor& bias, int64_t r0,
                               at::Tensor& ds, at::Tensor& stats) {
-  check_features_cuda(P, Q, scale, bias);
-  TORCH_CHECK(ds.is_cuda() && ds.device() == P.device() && ds.is_contiguous() && ds.dim() == 2 &&
-                  ds.size(1) == Q.size(0) && r0 >= 0 && r0 + ds.size(0) <= P.size(0) &&
-                  ds.scalar_type() == workspace_dtype_cuda(P.scalar_type()),
-              "robustft_ext: the dlogit chunk must be a contiguous [rows, m] workspace slice");
-  check_acc_vector(stats, 2, P, "stats");
+  check_tile_operands(P, Q, scale, bias, c10::kCUDA);
+  check_dlogits(spec, P, Q, r0, ds, stats, workspace_dtype_cuda(P.scalar_type()));
   TORCH_CHECK(!spec.ds_holds_dots,
               "robustft_ext: the CUDA kernels recompute their dot products (none are kept)");
   if (ds.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(P.device());
-  dispatch_engine<ContrastiveMmaShape>(P.scalar_type(), [&](auto e, auto in, auto ws) {
+  dispatch_engine<ContrastiveShapes>(P.scalar_type(), [&](auto e, auto in, auto ws) {
     using E = typename decltype(e)::type;
     using in_t = typename decltype(in)::type;
     using ws_t = typename decltype(ws)::type;
@@ -238,6 +219,6 @@ static const KernelSet kCudaKernels{&clip_lse_cuda, &siglip_softplus_sum_cuda,
                                     &contrastive_dlogits_cuda,
                                     GemmKernels{&gemm_acc_cuda, &workspace_dtype_cuda}};
 
-RFT_REGISTER_CONTRASTIVE_OPS(CUDA, kCudaKernels)
+RFT_REGISTER_CONTRASTIVE_OPS(robustft_ext, CUDA, kCudaKernels)
 
 }  // namespace robustft

@@ -15,6 +15,7 @@
 
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
+#include "launcher_contract.h"
 #include "cuda/tile_dispatch.h"
 
 namespace robustft {
@@ -49,33 +50,17 @@ const char* cublas_message(cublasStatus_t s) {
 
 }  // namespace
 
-at::ScalarType workspace_dtype_cuda(at::ScalarType t) {
-  // 16-bit inputs: the dlogits are rounded to the input dtype, as flash-attention rounds
-  // its dS, so that the GEMMs read 16-bit operands on tensor cores.
-  return (t == at::kHalf || t == at::kBFloat16) ? t : acc_dtype(t);
-}
+at::ScalarType workspace_dtype_cuda(at::ScalarType t) { return tensor_core_workspace_dtype(t); }
 
 // Row-major out [r, c] = alpha op(A) op(B) + beta out is, in cuBLAS's column-major terms,
 // out^T [c, r] = op(B)^T op(A)^T, where a row-major X [x0, x1] is the column-major X^T with
 // leading dimension x1.
 void gemm_acc_cuda(const at::Tensor& A, bool transpose_a, const at::Tensor& B, bool transpose_b,
                    const at::Tensor& alpha, double beta, at::Tensor& out) {
-  TORCH_CHECK(A.is_cuda() && B.device() == A.device() && out.device() == A.device() &&
-                  alpha.device() == A.device(),
-              "robustft_ext: gemm_acc needs its tensors on one CUDA device");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && out.dim() == 2 && A.is_contiguous() &&
-                  B.is_contiguous() && out.is_contiguous(),
-              "robustft_ext: gemm_acc takes contiguous 2-D tensors");
-  TORCH_CHECK(A.scalar_type() == B.scalar_type(),
-              "robustft_ext: gemm_acc operands must share a dtype, got ", A.scalar_type(), " and ",
-              B.scalar_type());
-  const auto acc = acc_dtype(A.scalar_type());
-  TORCH_CHECK(out.scalar_type() == acc && alpha.scalar_type() == acc && alpha.numel() == 1,
-              "robustft_ext: gemm_acc output and alpha must be ", acc);
-  const int64_t r = transpose_a ? A.size(1) : A.size(0), k = transpose_a ? A.size(0) : A.size(1);
-  const int64_t c = transpose_b ? B.size(0) : B.size(1);
-  TORCH_CHECK((transpose_b ? B.size(1) : B.size(0)) == k && out.size(0) == r && out.size(1) == c,
-              "robustft_ext: gemm_acc shapes do not match");
+  const GemmShape shape = check_gemm_acc(A, transpose_a, B, transpose_b, alpha, beta, out,
+                                         c10::kCUDA);
+  const int64_t r = shape.r, k = shape.k, c = shape.c;
+  const auto acc = out.scalar_type();
   if (r == 0 || c == 0) return;
   if (k == 0) {  // empty product: out = beta out
     if (beta == 0.0) out.zero_();

@@ -209,20 +209,5 @@ __global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
   }
 }
 
-// out[4][q] = (w_a, w_b, dw_a/dc, dw_b/dc) of maths::slerp_weights(cos[q], lam), in double.
-static __global__ void slerp_weights_kernel(const double* __restrict__ cos,
-                                            const double* __restrict__ lam_p, int64_t n,
-                                            double* __restrict__ out) {
-  const double lam = *lam_p;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < n;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto w = maths::slerp_weights<double>(cos[q], lam);
-    out[q] = w.wa;
-    out[n + q] = w.wb;
-    out[2 * n + q] = w.dwa_dc;
-    out[3 * n + q] = w.dwb_dc;
-  }
-}
-
 }  // namespace cuda_tiles
 }  // namespace robustft

@@ -38,30 +38,46 @@ struct Tag {
 };
 
 // Calls launch(Tag<Engine>, Tag<in_t>, Tag<ws_t>) with the engine for features of dtype t on
-// the current device (Shape: the tensor-core tile shape of the caller's kernels). in_t is the
-// features' element type; ws_t the dlogit workspace's (workspace_dtype_cuda).
-template <class Shape, class Launch>
+// the current device. Shapes: the caller's kernel family (tile_shapes.cuh), whose large or
+// small tensor-core shape the device's opt-in shared memory per block allows (tile_plan.h).
+// in_t is the features' element type; ws_t the dlogit workspace's (workspace_dtype_cuda).
+template <class Shapes, class Launch>
 void dispatch_engine(at::ScalarType t, Launch&& launch) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(props->major >= 8, "robustft_ext: the native CUDA kernels need compute capability "
               "8.0 or newer; this device (", props->name, ") has ", props->major, ".",
               props->minor, ". Use backend='triton' or 'reference'.");
+  const auto& family = Shapes::kFamily;
+  const int optin = static_cast<int>(props->sharedMemPerBlockOptin);
+  const cuda_plan::Tiles tiles = cuda_plan::choose(family, optin);
+  auto mma = [&](auto elt, auto in) {
+    using Elt = typename decltype(elt)::type;
+    TORCH_CHECK(tiles != cuda_plan::Tiles::kNone, "robustft_ext: the native CUDA ", family.name,
+                " kernels need ", cuda_plan::needed_bytes(family, family.small),
+                " bytes of shared memory per block; this device (", props->name, ") offers ",
+                optin, ". Use backend='triton' or 'reference'.");
+    if (tiles == cuda_plan::Tiles::kLarge) {
+      launch(Tag<MmaEngine<typename Shapes::Large, Elt>>{}, in, in);
+    } else {
+      launch(Tag<MmaEngine<typename Shapes::Small, Elt>>{}, in, in);
+    }
+  };
   switch (t) {
     case at::kDouble:
       launch(Tag<FfmaEngine<double>>{}, Tag<double>{}, Tag<double>{});
       return;
     case at::kFloat:
       if (float32_matmul_allows_tf32()) {
-        launch(Tag<MmaEngine<Shape, Tf32Mma>>{}, Tag<float>{}, Tag<float>{});
+        mma(Tag<Tf32Mma>{}, Tag<float>{});
       } else {
         launch(Tag<FfmaEngine<float>>{}, Tag<float>{}, Tag<float>{});
       }
       return;
     case at::kBFloat16:
-      launch(Tag<MmaEngine<Shape, Bf16Mma>>{}, Tag<c10::BFloat16>{}, Tag<c10::BFloat16>{});
+      mma(Tag<Bf16Mma>{}, Tag<c10::BFloat16>{});
       return;
     case at::kHalf:
-      launch(Tag<MmaEngine<Shape, F16Mma>>{}, Tag<c10::Half>{}, Tag<c10::Half>{});
+      mma(Tag<F16Mma>{}, Tag<c10::Half>{});
       return;
     default:
       TORCH_CHECK(false, "robustft_ext: unsupported dtype ", t);
@@ -170,12 +186,16 @@ inline unsigned elementwise_blocks(int64_t count) {
 }
 
 // Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KB) and checks the
-// device has them.
+// device has them beside the kernel's static shared memory.
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int bytes) {
-  const int limit = static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  TORCH_CHECK(bytes <= limit, "robustft_ext: a kernel needs ", bytes,
-              " bytes of shared memory per block; this device has ", limit);
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int limit = static_cast<int>(props->sharedMemPerBlockOptin);
+  cudaFuncAttributes attrs{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  TORCH_CHECK(bytes + static_cast<int>(attrs.sharedSizeBytes) <= limit, "robustft_ext: a kernel needs ",
+              bytes, " bytes of dynamic and ", attrs.sharedSizeBytes, " of static shared memory "
+              "per block; this device (", props->name, ") has ", limit);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 

@@ -4,8 +4,10 @@
 // on each tile engine it is instantiated with:
 //   * ffma_float / ffma_double: FfmaEngine (64 x 64 and 32 x 32 tiles, CUDA-core FMA);
 //   * mma_bf16 / mma_f16 / mma_tf32: MmaEngine with the launchers' ContrastiveMmaShape
-//     (128 x 128 tiles, 8 warps, ldmatrix + mma.sync + a 3-stage cp.async pipeline).
+//     (128 x 128 tiles, 8 warps, ldmatrix + mma.sync + a 3-stage cp.async pipeline);
+//     mma_bf16_small: the 2-stage ContrastiveMmaShapeSmall of 99 KB devices.
 // Kernels:
+//   * the deterministic column LSE (a transposed pass) is independent of the CTA order;
 //   * clip_lse_kernel: row LSE alone, and row and column LSE in one pass (column states
 //     merged with the packed atomic; double: a second, transposed pass), as launch_clip_lse;
 //   * softplus_sum_kernel: the SigLIP forward sum;
@@ -79,6 +81,10 @@ struct MmaF16 {
   using ws_t = c10::Half;
   static constexpr bool kTf32 = false;
   static constexpr double tol = 2e-5, ws_tol = 1e-3;
+};
+// The two-stage shape of devices with 99 KB of shared memory per block (tile_plan.h).
+struct MmaBf16Small : MmaBf16 {
+  using E = MmaEngine<ContrastiveMmaShapeSmall, Bf16Mma>;
 };
 struct MmaTf32 {
   using E = MmaEngine<ContrastiveMmaShape, Tf32Mma>;
@@ -387,6 +393,37 @@ void run_case(const Shape& sh) {
   rft_test::note(cat("largest error / tolerance: ", g_worst_ratio, " (", g_worst_what, ")"));
 }
 
+// The column LSE under torch.use_deterministic_algorithms(True): launch_clip_lse's pass over
+// the transposed problem, whose splits merge_row_states_kernel merges in split order, is
+// bitwise the same whatever order the CTAs run in (every launch of the emulation shuffles
+// them anew). The default one-pass run merges the CTAs' column states with atomics, in the
+// order they finish: over a few orders its bits differ somewhere, which shows this check can
+// see an order dependence.
+template <class C>
+void check_col_lse_order(int64_t n, int64_t m, int64_t D, int64_t tps) {
+  std::mt19937 rng(11);
+  const Problem<C> pr(n, m, D, 14.3, -2.5, rng);
+  const auto first = run_row_lse<C, false>(pr, pr.Q, pr.m, pr.P, pr.n, tps, nullptr);
+  for (int run = 0; run < 3; ++run) {
+    const auto again = run_row_lse<C, false>(pr, pr.Q, pr.m, pr.P, pr.n, tps, nullptr);
+    RFT_CHECK_MSG(again == first, "the transposed column LSE depends on the order of the CTAs");
+  }
+  check_err("deterministic col_lse", rel_err(pr.lse(true), first), C::tol);
+  std::vector<std::vector<double>> atomic;
+  for (int run = 0; run < 6; ++run) {
+    std::vector<unsigned long long> state(pr.m);
+    launch(dim3(1), 32, &init_col_states_kernel, state.data(), pr.m);
+    run_row_lse<C, true>(pr, pr.P, pr.n, pr.Q, pr.m, tps, state.data());
+    std::vector<float> out(pr.m);
+    launch(dim3(1), 32, &finalize_col_states_kernel,
+           static_cast<const unsigned long long*>(state.data()), pr.m, out.data());
+    atomic.push_back(to_double(out));
+  }
+  bool differs = false;
+  for (const auto& a : atomic) differs = differs || a != atomic.front();
+  RFT_CHECK_MSG(differs, "the atomic column merge gave the same bits in 6 CTA orders");
+}
+
 template <class C>
 void add_cases(const char* group, const std::vector<Shape>& shapes) {
   for (const Shape& sh : shapes) {
@@ -427,6 +464,13 @@ RFT_CASES(cuda_emulated) {
       {129, 300, 136, 14.3, -2.5, {2}},
       {3, 1, 8, 0.0, 0.0, {kAll}},
   });
+  // The two-stage ring wraps every other K block (D = 200: four blocks).
+  add_cases<MmaBf16Small>("mma_bf16_small", {
+      {129, 200, 200, 14.3, -2.5, {1}},
+  });
+  // 12 row blocks of 64 rows merge into each column; 2 splits of the transposed problem.
+  rft_test::add_case("ffma_float/deterministic_col_lse",
+                     [] { check_col_lse_order<FfmaFloat>(768, 130, 7, 1); });
 }
 
 }  // namespace

@@ -14,11 +14,12 @@
 //   * step_dlogits_kernel over chunks of rows: dA, dB, dC in the workspace dtype, entry by
 //     entry, and both scale-gradient sums (exactly 0 for an absent term);
 //   * absent terms never enter: their lse rows are NaN, their scales and outputs null;
-//   * slerp_weights_kernel against maths::slerp_weights on the host (bitwise).
+//   * the row passes of row_device.cuh (the slerp prologue and backward, DiVE) against
+//     host loops of the same formulas.
 // Every output buffer starts with garbage (each entry must be written).
 //
 // Usage: robustft_step_emulated_tests [--list | GROUP...] (harness.h); groups are
-// step_<engine> and step_slerp.
+// step_<engine> and step_rows.
 #include "emu.h"  // first: the CUDA shims the kernels need
 
 #include <c10/util/BFloat16.h>
@@ -37,6 +38,7 @@
 #include "cuda/contrastive_device.cuh"
 #include "cuda/ffma_tile.cuh"
 #include "cuda/mma_tile.cuh"
+#include "cuda/row_device.cuh"
 #include "cuda/step_device.cuh"
 #include "cuda/tile_epilogue.cuh"
 #include "cuda/tile_shapes.cuh"
@@ -70,6 +72,10 @@ struct MmaBf16 {
   using ws_t = c10::BFloat16;
   static constexpr bool kTf32 = false, kMma = true;
   static constexpr double tol = 2e-5, ws_tol = 8e-3;
+};
+// The 64 x 64, 4-warp, two-stage shape of devices with 99 KB per block (tile_plan.h).
+struct MmaBf16Small : MmaBf16 {
+  using E = MmaEngine<StepMmaShapeSmall, Bf16Mma>;
 };
 struct MmaF16 {
   using E = MmaEngine<StepMmaShape, F16Mma>;
@@ -396,23 +402,187 @@ void add_engine(const char* group, int64_t n, int64_t D, std::vector<int64_t> tp
   });
 }
 
-// The CUDA kernel of the slerp weights against the host's maths::slerp_weights (bitwise: the
-// same double formula), over the clamp, the Taylor branch and lam at its ends.
-void check_slerp_weights() {
-  std::vector<double> cos = {1.0, 1.0 - 1e-12, 0.9999, 0.5, 0.0, -0.5, -0.999, -1.0 + 2e-6,
-                             -1.0 + 1e-6, -1.0, 1.0 + 1e-9};
-  const int64_t n = static_cast<int64_t>(cos.size());
-  for (const double lam : {0.0, 0.3, 0.5, 0.97, 1.0}) {
-    std::vector<double> out(4 * n, 1e300);
-    launch(dim3(1), 4, &slerp_weights_kernel, static_cast<const double*>(cos.data()), &lam, n,
-           out.data());
-    for (int64_t q = 0; q < n; ++q) {
-      const auto w = robustft::maths::slerp_weights<double>(cos[q], lam);
-      RFT_CHECK_MSG(out[q] == w.wa && out[n + q] == w.wb && out[2 * n + q] == w.dwa_dc &&
-                        out[3 * n + q] == w.dwb_dc,
-                    "slerp weights differ at c=", cos[q], " lam=", lam);
+// ---- The row passes (row_device.cuh) -----------------------------------------------------
+// Unit rows a_p, b_p at prescribed cosines: the Taylor branch, the middle, near the clamp at
+// -1 + kSlerpCosEps and beyond it (not at it: there the rounding of c decides the branch).
+template <typename in_t>
+void pair_rows(int64_t n, int64_t D, std::mt19937_64& rng, std::vector<in_t>& a,
+               std::vector<in_t>& b) {
+  const double cosines[] = {1.0, 1.0 - 1e-12, 0.9999, 0.5, 0.0, -0.5, -0.999, -1.0 + 2e-6,
+                            -1.0 + 4e-6, -1.0};
+  std::normal_distribution<double> normal;
+  a.assign(n * D, in_t(0));
+  b.assign(n * D, in_t(0));
+  for (int64_t p = 0; p < n; ++p) {
+    std::vector<double> x(D), e(D);
+    for (auto& v : x) v = normal(rng);
+    for (auto& v : e) v = normal(rng);
+    double nx = 0, xe = 0, ne = 0;
+    for (int64_t j = 0; j < D; ++j) nx += x[j] * x[j];
+    for (auto& v : x) v /= std::sqrt(nx);
+    for (int64_t j = 0; j < D; ++j) xe += x[j] * e[j];
+    for (int64_t j = 0; j < D; ++j) e[j] -= xe * x[j];
+    for (int64_t j = 0; j < D; ++j) ne += e[j] * e[j];
+    const double c = cosines[p % 10], s = std::sqrt(std::max(0.0, 1 - c * c));
+    for (int64_t j = 0; j < D; ++j) {
+      a[p * D + j] = in_t(x[j]);
+      b[p * D + j] = in_t(c * x[j] + s * e[j] / std::sqrt(ne));
     }
   }
+}
+
+// mix_rows_kernel against the one-pass host formula: weights from maths::slerp_weights of the
+// row dot in double (the kernel sums it in another order: equal to rounding), M = w_a a + w_b b
+// rounded once to out_t (or not written: the weights alone).
+template <typename in_t, typename out_t>
+void check_mix_rows(int64_t n, int64_t D, double tol, bool with_m) {
+  std::mt19937_64 rng(n * 131 + D);
+  std::vector<in_t> a, b;
+  pair_rows(n, D, rng, a, b);
+  for (const double lam : {0.0, 0.3, 0.97, 1.0}) {
+    std::vector<double> w(4 * n, 1e300);
+    std::vector<out_t> M(with_m ? n * D : 0, out_t(1e30f));
+    launch(dim3(2), kRowThreads, &mix_rows_kernel<in_t, out_t>, a.data(), b.data(), &lam, n, D,
+           with_m ? M.data() : nullptr, w.data());
+    for (int64_t p = 0; p < n; ++p) {
+      double c = 0;
+      for (int64_t j = 0; j < D; ++j) c += double(a[p * D + j]) * double(b[p * D + j]);
+      const auto sw = robustft::maths::slerp_weights<double>(c, lam);
+      const double ref[4] = {sw.wa, sw.wb, sw.dwa_dc, sw.dwb_dc};
+      for (int k = 0; k < 4; ++k) {
+        RFT_CHECK_MSG(std::fabs(w[k * n + p] - ref[k]) <= 1e-9 * (1 + std::fabs(ref[k])),
+                      "mix weight ", k, " of row ", p, " lam ", lam, ": ", w[k * n + p], " vs ",
+                      ref[k]);
+      }
+      // The mix from the kernel's own weights: near c = -1 they amplify the rounding of c,
+      // which the check above bounds.
+      for (int64_t j = 0; with_m && j < D; ++j) {
+        const double m = w[p] * double(a[p * D + j]) + w[n + p] * double(b[p * D + j]);
+        RFT_CHECK_MSG(std::fabs(double(M[p * D + j]) - m) <= tol * (1 + std::fabs(m)),
+                      "mixed row ", p, " entry ", j, ": ", double(M[p * D + j]), " vs ", m);
+      }
+    }
+  }
+}
+
+// mix_backward_kernel against the host formula of cpu/step_cpu.cpp's one-pass loop.
+template <typename in_t, typename acc_t>
+void check_mix_backward(int64_t n, int64_t D, double tol) {
+  std::mt19937_64 rng(n * 7 + D);
+  std::vector<in_t> a, b;
+  pair_rows(n, D, rng, a, b);
+  std::normal_distribution<double> normal;
+  std::vector<acc_t> dM(n * D), g_pair(n), gI(n * D), gT(n * D);
+  for (auto& v : dM) v = acc_t(normal(rng));
+  for (auto& v : g_pair) v = acc_t(normal(rng));
+  for (auto& v : gI) v = acc_t(normal(rng));
+  for (auto& v : gT) v = acc_t(normal(rng));
+  std::vector<double> w(4 * n);
+  for (auto& v : w) v = normal(rng);
+  std::vector<acc_t> gI0 = gI, gT0 = gT;
+  launch(dim3(3), kRowThreads, &mix_backward_kernel<in_t, acc_t>, dM.data(), a.data(), b.data(),
+         w.data(), g_pair.data(), n, D, gI.data(), gT.data());
+  for (int64_t p = 0; p < n; ++p) {
+    double da = 0, db = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      da += double(dM[p * D + j]) * double(a[p * D + j]);
+      db += double(dM[p * D + j]) * double(b[p * D + j]);
+    }
+    const double k = da * w[2 * n + p] + db * w[3 * n + p];
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t o = p * D + j;
+      const double ri = double(gI0[o]) + double(g_pair[p]) * double(b[o]) + w[p] * double(dM[o]) +
+                        k * double(b[o]);
+      const double rt = double(gT0[o]) + double(g_pair[p]) * double(a[o]) +
+                        w[n + p] * double(dM[o]) + k * double(a[o]);
+      RFT_CHECK_MSG(std::fabs(double(gI[o]) - ri) <= tol * (1 + std::fabs(ri)) &&
+                        std::fabs(double(gT[o]) - rt) <= tol * (1 + std::fabs(rt)),
+                    "mix backward row ", p, " entry ", j);
+    }
+  }
+}
+
+// dive_sums_kernel's block partials, added in block order as the launcher adds them, against
+// the host's double sums; twice, in two CTA orders, with bitwise the same partials.
+template <typename in_t, typename acc_t>
+void check_dive_sums(int64_t B, int64_t D, double tol) {
+  std::mt19937_64 rng(B * 3 + D);
+  std::normal_distribution<double> normal;
+  std::vector<in_t> fi(B * D), ft(B * D), pi(B * D), pt(B * D);
+  for (auto* v : {&fi, &ft, &pi, &pt})
+    for (auto& x : *v) x = in_t(normal(rng));
+  std::vector<acc_t> center(D);
+  for (auto& x : center) x = acc_t(0.1 * normal(rng));
+  const int64_t blocks = (B + kDiveRows - 1) / kDiveRows;
+  std::vector<double> part[2], col[2];
+  for (int run = 0; run < 2; ++run) {
+    part[run].assign(2 * blocks, 1e300);
+    col[run].assign(blocks * D, 1e300);
+    launch(dim3(unsigned(blocks)), kRowThreads, &dive_sums_kernel<in_t, acc_t>, fi.data(),
+           ft.data(), pi.data(), pt.data(), center.data(), B, D, part[run].data(),
+           col[run].data());
+  }
+  RFT_CHECK_MSG(part[0] == part[1] && col[0] == col[1],
+                "dive_sums partials depend on the order of the CTAs");
+  double avl = 0, pvl = 0, ref_avl = 0, ref_pvl = 0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    avl += part[0][2 * k];
+    pvl += part[0][2 * k + 1];
+  }
+  std::vector<double> mean(D, 0.0), ref_mean(D, 0.0);
+  for (int64_t k = 0; k < blocks; ++k)
+    for (int64_t e = 0; e < D; ++e) mean[e] += col[0][k * D + e];
+  for (int64_t j = 0; j < B; ++j) {
+    for (int64_t e = 0; e < D; ++e) {
+      const int64_t o = j * D + e;
+      const acc_t u = acc_t(fi[o]) - acc_t(pi[o]), v = acc_t(ft[o]) - acc_t(pt[o]);
+      ref_avl += double(robustft::maths::dive_avl_entry(u, v, center[e]));
+      ref_pvl += double(robustft::maths::dive_pvl_entry(u, v));
+      ref_mean[e] += double(u) + double(v);
+    }
+  }
+  check_err(cat("dive_sums avl B=", B), std::fabs(avl - ref_avl) / ref_avl, tol);
+  check_err(cat("dive_sums pvl B=", B), std::fabs(pvl - ref_pvl) / ref_pvl, tol);
+  check_err(cat("dive_sums mean B=", B), rel_err(ref_mean, mean), tol);
+}
+
+// dive_grads_kernel: maths::dive_entry_grads entry by entry (bitwise).
+template <typename in_t, typename acc_t>
+void check_dive_grads(int64_t B, int64_t D) {
+  std::mt19937_64 rng(B + 5 * D);
+  std::normal_distribution<double> normal;
+  std::vector<in_t> fi(B * D), ft(B * D), pi(B * D), pt(B * D);
+  for (auto* v : {&fi, &ft, &pi, &pt})
+    for (auto& x : *v) x = in_t(normal(rng));
+  std::vector<acc_t> center(D), gi(B * D, acc_t(1e30f)), gt(B * D, acc_t(1e30f));
+  for (auto& x : center) x = acc_t(0.1 * normal(rng));
+  const acc_t w_a = acc_t(0.37), w_p = acc_t(-1.25);
+  launch(dim3(2), kRowThreads, &dive_grads_kernel<in_t, acc_t>, fi.data(), ft.data(), pi.data(),
+         pt.data(), center.data(), &w_a, &w_p, B, D, gi.data(), gt.data());
+  for (int64_t o = 0; o < B * D; ++o) {
+    const acc_t u = acc_t(fi[o]) - acc_t(pi[o]), v = acc_t(ft[o]) - acc_t(pt[o]);
+    acc_t ri, rt;
+    robustft::maths::dive_entry_grads(u, v, center[o % D], w_a, w_p, &ri, &rt);
+    RFT_CHECK_MSG(gi[o] == ri && gt[o] == rt, "dive gradient entry ", o, " differs");
+  }
+}
+
+void add_row_cases() {
+  using c10::BFloat16;
+  using c10::Half;
+  // 37 rows over 16 warps (2 blocks) and D = 70: a warp takes several rows, lanes a partial
+  // last stride.
+  rft_test::add_case("step_rows/mix_double", [] { check_mix_rows<double, double>(37, 70, 1e-15, true); });
+  rft_test::add_case("step_rows/mix_float", [] { check_mix_rows<float, float>(37, 70, 1e-6, true); });
+  rft_test::add_case("step_rows/mix_bf16", [] { check_mix_rows<BFloat16, BFloat16>(37, 70, 8e-3, true); });
+  rft_test::add_case("step_rows/mix_f16_to_float", [] { check_mix_rows<Half, float>(37, 70, 1e-6, true); });
+  rft_test::add_case("step_rows/mix_weights_only", [] { check_mix_rows<BFloat16, BFloat16>(21, 9, 0, false); });
+  rft_test::add_case("step_rows/mix_backward_double", [] { check_mix_backward<double, double>(37, 70, 1e-13); });
+  rft_test::add_case("step_rows/mix_backward_bf16", [] { check_mix_backward<BFloat16, float>(50, 33, 1e-5); });
+  rft_test::add_case("step_rows/dive_sums_double", [] { check_dive_sums<double, double>(150, 40, 1e-13); });
+  rft_test::add_case("step_rows/dive_sums_bf16", [] { check_dive_sums<BFloat16, float>(65, 300, 1e-12); });
+  rft_test::add_case("step_rows/dive_grads_float", [] { check_dive_grads<float, float>(19, 37); });
+  rft_test::add_case("step_rows/dive_grads_half", [] { check_dive_grads<Half, float>(7, 300); });
 }
 
 RFT_CASES(step_emulated) {
@@ -425,8 +595,9 @@ RFT_CASES(step_emulated) {
   add_engine<MmaBf16>("step_mma_bf16", 200, 136, {1, 1 << 20});
   add_engine<MmaBf16>("step_mma_bf16", 1, 8, {1 << 20});
   add_engine<MmaF16>("step_mma_f16", 130, 24, {2});
+  add_engine<MmaBf16Small>("step_mma_bf16_small", 130, 136, {1, 1 << 20});
   add_engine<MmaTf32>("step_mma_tf32", 150, 72, {1});
-  rft_test::add_case("step_slerp/weights_kernel_matches_host", &check_slerp_weights);
+  add_row_cases();
 }
 
 }  // namespace
