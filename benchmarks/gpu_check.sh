@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # The whole GPU validation of robustft_ext in one command, stage by stage, each under its own
-# time cap, inside an overall budget (default 465 s: under 8 minutes on an H100/H200):
+# time cap, inside an overall budget (default 500 s: under 8.5 minutes on an H100/H200):
 #
 #   wheels     install the wheels carried in .whl/ (bash benchmarks/gpu_wheels.sh fills it)
-#   env        what the machine has (GPU, driver, nvcc, compute-sanitizer, python packages)
+#   env        what the machine has (GPU, driver, nvcc, ninja, compute-sanitizer, packages)
 #   build      build the extension for sm_90 only with all cores, in a temporary copy of the
 #              checkout (the checkout itself is left as it is); the build time is reported
-#   tests      pytest -m "cuda or triton": every device-parametrised test on cuda, every
-#              cuda-marked test, the Triton tests compiled for real (TRITON_INTERPRET unset)
+#   ceiling    the bf16 rate of a large torch.mm, the practical ceiling (gpu_ceiling.py)
+#   nanfill    every public loss with each fresh tensor NaN-filled: what cuBLAS writes with
+#              beta = 0 must come out finite (gpu_nanfill.py)
 #   memcheck   compute-sanitizer memcheck and racecheck over every public op on the native
 #   racecheck    CUDA backend at a small and an odd shape (benchmarks/gpu_sanitize.py)
-#   ceiling    the bf16 rate of a large torch.mm, the practical ceiling (gpu_ceiling.py)
+#   tests      pytest -m "cuda or triton": every device-parametrised test on cuda, every
+#              cuda-marked test, the Triton tests compiled for real (TRITON_INTERPRET unset);
+#              a module that cannot be imported is reported, the others still run
 #   bench      the bf16 subset: CLIP, SigLIP, CLIP + m^2, a RobustFTLoss step (gpu_bench.py)
 #   summary    summary.md (stages, ceiling, tables per loss and mode) and plots.png
 #
 # A failing, hanging or skipped stage never stops the next one; each stage's outcome (ok,
-# failed (rc N), skipped: why, timed out) is printed and written to status.tsv. Everything
-# lands in one folder: --out DIR, else $OUT/<device>_<UTC time> when $OUT is set, else
-# benchmarks/gpu_results/<device>_<UTC time> (meant to be committed). At most 8 files, none
-# deeper than the folder itself: summary.md, status.tsv, results.csv, plots.png, ceiling.json,
-# env.txt, log.txt (every stage's full output).
+# failed (rc N), skipped: why, timed out) is printed and written to status.tsv, also for a
+# stage its cap killed (from what it left: the tests written so far, the sanitizer's output).
+# Everything lands in one folder: --out DIR, else $OUT/<device>_<UTC time> when $OUT is set,
+# else benchmarks/gpu_results/<device>_<UTC time> (meant to be committed). At most 8 files,
+# none deeper than the folder itself: summary.md, status.tsv, results.csv, plots.png,
+# ceiling.json, env.txt, tests.tsv (one row per test, written as each ends), log.txt (every
+# stage's full output).
 #
 #   bash benchmarks/gpu_check.sh                    # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run          # on any CPU machine, toy sizes, < 3 min;
@@ -28,28 +33,33 @@
 #
 # Options: --dry-run, --out DIR, --budget SECONDS, --stages LIST (comma-separated; the summary
 # always runs), --verbose (stream every stage's output), --keep-work (keep the temporary copy).
-# Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), GPU_CHECK_ARCH
-# (default 9.0: TORCH_CUDA_ARCH_LIST of the build).
+# Environment: PYTHON (default python3), CUDA_HOME (else /usr/local/cuda, else the nvcc on
+# PATH: setup.py's search), GPU_CHECK_ARCH (default 9.0: TORCH_CUDA_ARCH_LIST of the build).
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 SELF="$HERE/gpu_check.sh"
 PYTHON="${PYTHON:-python3}"
-ALL_STAGES="wheels env build tests memcheck racecheck ceiling bench summary"
+# The short, certain stages first, then the sanitizers, then the long ones (tests, bench).
+ALL_STAGES="wheels env build ceiling nanfill memcheck racecheck tests bench summary"
 
-# Stage caps (seconds) and the time each stage keeps back for the ones after it, so that a
-# slow build or test run cannot starve the benchmark or the summary.
-declare -A CAP=([env]=40 [wheels]=60 [build]=300 [tests]=150 [memcheck]=75 [racecheck]=75
-                [ceiling]=40 [bench]=220 [summary]=30)
-declare -A RESERVE=([env]=0 [wheels]=0 [build]=0 [tests]=40 [memcheck]=0 [racecheck]=0
-                    [ceiling]=15 [bench]=120 [summary]=30)
-declare -A DRY_CAP=([env]=30 [wheels]=10 [build]=10 [tests]=60 [memcheck]=40 [racecheck]=40
-                    [ceiling]=20 [bench]=80 [summary]=25)
-declare -A DRY_RESERVE=([env]=0 [wheels]=0 [build]=0 [tests]=10 [memcheck]=0 [racecheck]=0
-                        [ceiling]=5 [bench]=30 [summary]=15)
-MIN_STAGE_S=8   # a stage left with less than this is skipped, not started
-SKIP_RC=77      # a stage's "skipped" exit code (its reason in $NOTE)
+# Stage caps (seconds), and the time that the stages before each one keep back for it: a slow
+# build or sanitizer run shortens the stages after it, but none below what is kept for it.
+declare -A CAP=([wheels]=60 [env]=40 [build]=240 [ceiling]=40 [nanfill]=45 [memcheck]=100
+                [racecheck]=100 [tests]=150 [bench]=220 [summary]=30)
+declare -A RESERVE=([wheels]=0 [env]=0 [build]=0 [ceiling]=15 [nanfill]=15 [memcheck]=45
+                    [racecheck]=45 [tests]=45 [bench]=90 [summary]=25)
+declare -A DRY_CAP=([wheels]=10 [env]=30 [build]=10 [ceiling]=20 [nanfill]=40 [memcheck]=40
+                    [racecheck]=40 [tests]=60 [bench]=80 [summary]=25)
+declare -A DRY_RESERVE=([wheels]=0 [env]=0 [build]=0 [ceiling]=5 [nanfill]=10 [memcheck]=0
+                        [racecheck]=0 [tests]=30 [bench]=30 [summary]=15)
+MIN_STAGE_S=8        # a stage left with less than this is skipped, not started
+SKIP_RC=77           # a stage's "skipped" exit code (its reason in $NOTE)
+INCOMPLETE_RC=75     # a stage that stopped itself at its deadline with work left ("timed out")
+TEST_MARGIN_S=25     # the tests stage's pytest starts no test this close to the stage's cap
+TEST_TIMEOUT_S=60    # one test's limit (pytest-timeout, where installed)
+DRY_TEST_RUN_S=30    # the dry run's pytest starts no test after this many seconds
 
 # --------------------------------------------------------------------------- stage bodies
 # Each runs as `bash gpu_check.sh __stage NAME` under `timeout`, with MODE, SRC, WORK, OUTDIR,
@@ -75,9 +85,11 @@ stage_env() {
         else
             echo "gpu: nvidia-smi not found"
         fi
-        local nvcc="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
-        if [ -x "$nvcc" ]; then echo "nvcc: $("$nvcc" --version | tail -n 2 | head -n 1)"
-        else echo "nvcc: not found at $nvcc"; fi
+        if [ -n "${CUDA_HOME:-}" ]; then
+            echo "nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1) ($CUDA_HOME)"
+        else echo "nvcc: not found (CUDA_HOME, /usr/local/cuda, PATH)"; fi
+        if command -v ninja >/dev/null; then echo "ninja: $(ninja --version) ($(command -v ninja))"
+        else echo "ninja: not found (the build would compile one file at a time)"; fi
         local san; san="$(sanitizer_path)"
         if [ -n "$san" ]; then echo "compute-sanitizer: $("$san" --version 2>&1 | tail -n 1)"
         else echo "compute-sanitizer: not found"; fi
@@ -139,12 +151,12 @@ stage_build() {
         note "dry run: the sm_90 build (nvcc, minutes) is not run; $so"
         exit $SKIP_RC
     fi
-    export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-    [ -x "$CUDA_HOME/bin/nvcc" ] || { note "nvcc not found at $CUDA_HOME/bin/nvcc (set CUDA_HOME)"; exit 1; }
+    [ -n "${CUDA_HOME:-}" ] || { note "nvcc not found in \$CUDA_HOME, /usr/local/cuda or PATH"; exit 1; }
     local jobs; jobs="$(nproc)"
+    command -v ninja >/dev/null || jobs="1 (no ninja: one file at a time)"
     local t0=$SECONDS
     ( cd "$SRC" && unset ROBUSTFT_FORCE_CPU && TORCH_CUDA_ARCH_LIST="${GPU_CHECK_ARCH:-9.0}" \
-        MAX_JOBS="$jobs" "$PYTHON" setup.py build_ext --inplace ) \
+        MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace ) \
         || { note "build failed after $((SECONDS - t0)) s (see log.txt)"; exit 1; }
     local took=$((SECONDS - t0))
     local sass=""
@@ -163,32 +175,69 @@ print(unavailable_reason('native', torch.device('cuda'), torch.bfloat16) or 'ok'
         exit 1
     fi
     local arch="${GPU_CHECK_ARCH:-9.0}"
-    note "built for sm_${arch//./} (TORCH_CUDA_ARCH_LIST=$arch) with MAX_JOBS=$jobs in ${took} s${sass}"
+    note "built for sm_${arch//./} (TORCH_CUDA_ARCH_LIST=$arch, nvcc in $CUDA_HOME)" \
+        "with $jobs jobs in ${took} s${sass}"
 }
 
 stage_tests() {
     need_cuda
-    local sel="cuda or triton"
-    if [ "$MODE" = dry ]; then
-        local n
-        n="$(cd "$SRC" && "$PYTHON" -m pytest -q -p no:cacheprovider --collect-only -m "$sel" tests \
-            2>&1 | tee /dev/stderr | grep -Eo '^[0-9]+(/[0-9]+)? tests? collected' | grep -Eo '^[0-9]+')"
-        [ -n "$n" ] || { note "collecting -m '$sel' failed (see log.txt)"; exit 1; }
-        note "no CUDA device visible: the $n tests of -m '$sel' were collected, not run"
+    # The dry run selects the cuda-marked tests only: on a CPU each skips at once, so the same
+    # command line and test log are exercised in seconds (an interpreted Triton test can take
+    # half a minute, past any deadline checked between tests).
+    local args=() run_s="$DRY_TEST_RUN_S" sel="cuda"
+    if [ "$MODE" = real ]; then
+        sel="cuda or triton"
+        run_s=$((CAP_S - TEST_MARGIN_S))
+        # Workers in parallel: the Triton tests spend most of their time compiling, on the CPU.
+        local workers=$(( $(nproc) < 12 ? $(nproc) : 12 ))
+        "$PYTHON" -c "import xdist" 2>/dev/null && args+=(-n "$workers")
+        "$PYTHON" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout "$TEST_TIMEOUT_S")
+    fi
+    # Each outcome goes to tests.tsv as it happens (benchmarks/gpu_pytest_log.py), and no test
+    # starts after the deadline, so that pytest ends by itself before the cap kills it; a
+    # module that cannot be imported is reported and the others still run.
+    local pytest_rc=0 rc=0
+    ( cd "$SRC" && env -u TRITON_INTERPRET PYTHONPATH="$SRC/benchmarks:$PYTHONPATH" \
+        "$PYTHON" -m pytest -q -ra -p no:cacheprovider -p gpu_pytest_log \
+        --gpu-test-log "$OUTDIR/tests.tsv" --gpu-deadline "$(( $(date +%s) + run_s ))" \
+        --continue-on-collection-errors -m "$sel" "${args[@]}" tests ) || pytest_rc=$?
+    report_tests || rc=$?
+    case "$pytest_rc" in
+        0|1|2|5) ;;  # passed, failed, stopped (the deadline), nothing selected
+        *) note "pytest ended with rc $pytest_rc (see log.txt): $(cat "$NOTE")"; exit 1 ;;
+    esac
+    if [ "$MODE" = dry ]; then  # test outcomes on the CPU are the ordinary suite's business
+        [ "$rc" -eq 3 ] && exit 1
+        note "no CUDA device visible: -m $sel on the CPU: $(cat "$NOTE")"
         exit $SKIP_RC
     fi
-    local extra=()
-    # Workers in parallel: the Triton tests spend most of their time compiling, on the CPU.
-    local workers=$(( $(nproc) < 12 ? $(nproc) : 12 ))
-    "$PYTHON" -c "import xdist" 2>/dev/null && extra+=(-n "$workers")
-    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-    local rc=0
-    ( cd "$SRC" && env -u TRITON_INTERPRET "$PYTHON" -m pytest -q -ra -p no:cacheprovider \
-        -m "$sel" --junitxml="$WORK/junit.xml" "${extra[@]}" tests ) || rc=$?
-    local counts
-    counts="$("$PYTHON" "$SRC/benchmarks/gpu_summary.py" --junit "$WORK/junit.xml")"
-    note "${counts:-no test report} (${extra[*]:-serial})"
-    exit "$rc"
+    note "$(cat "$NOTE") (${args[*]:-serial})"
+    case "$rc" in 0) exit 0 ;; 2) exit $INCOMPLETE_RC ;; *) exit 1 ;; esac
+}
+
+report_tests() {  # the note, and every failing test to the log, from tests.tsv; returns
+    # gpu_summary.py's status: 0 all ran and passed, 1 a failure, 2 not all ran, 3 no log
+    local out rc=0
+    out="$("$PYTHON" "$SRC/benchmarks/gpu_summary.py" --tests "$OUTDIR/tests.tsv")" || rc=$?
+    printf '%s\n' "$out" | tail -n +2
+    note "$(printf '%s\n' "$out" | head -n 1)"
+    return "$rc"
+}
+
+stage_nanfill() {
+    need_cuda
+    local device=cuda out="$WORK/nanfill.out"
+    [ "$MODE" = dry ] && device=cpu
+    "$PYTHON" "$SRC/benchmarks/gpu_nanfill.py" --device "$device" 2>&1 | tee "$out"
+    local rc=${PIPESTATUS[0]} done first
+    done="$(grep '^RFT_NANFILL done: ' "$out" | tail -n 1)"
+    first="$(grep -m1 '^RFT_NANFILL FAIL ' "$out")"
+    note "${done:-the check did not finish (rc $rc)}${first:+; first: ${first#RFT_NANFILL FAIL }}"
+    [ "$rc" -eq 0 ] || exit 1
+    if [ "$MODE" = dry ]; then
+        note "no CUDA device visible: it ran on the CPU (${done#RFT_NANFILL done: })"
+        exit $SKIP_RC
+    fi
 }
 
 sanitizer_path() {
@@ -222,16 +271,31 @@ print(unavailable_reason('native', torch.device('cuda'), torch.float32) or '')" 
     [ -z "$why" ] || { note "native CUDA kernels unavailable: $why"; exit $SKIP_RC; }
     # Without the caching allocator every tensor is its own allocation, so an access past a
     # tensor's end is caught instead of landing in a neighbour inside a cached block.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 66 --print-limit 20 \
+    # The print limit leaves room for reports inside torch or cuBLAS (counted apart) without
+    # hiding ours behind them.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" --error-exitcode 66 --print-limit 200 \
         "$PYTHON" "$SRC/benchmarks/gpu_sanitize.py" --device cuda 2>&1 | tee "$out"
-    local rc=${PIPESTATUS[0]} verdict
-    verdict="$("$PYTHON" "$SRC/benchmarks/gpu_sanitize.py" --classify "$out" --rc "$rc")" \
-        || { note "could not read the $tool output (rc $rc)"; exit 1; }
-    note "${verdict#*$'\t'}"
-    case "${verdict%%$'\t'*}" in
+    local rc=${PIPESTATUS[0]}
+    case "$(report_sanitizer "$tool" "$rc")" in
         ok) exit 0 ;;
         skipped) exit $SKIP_RC ;;
         *) exit 1 ;;
+    esac
+}
+
+report_sanitizer() {  # $1: the tool, $2: its exit code; writes the note, prints the verdict
+    local verdict
+    verdict="$("$PYTHON" "$SRC/benchmarks/gpu_sanitize.py" --classify "$WORK/$1.out" --rc "$2" \
+        --tool "$1")" || { note "could not read the $1 output (rc $2)"; echo failed; return; }
+    note "${verdict#*$'\t'}"
+    echo "${verdict%%$'\t'*}"
+}
+
+after_kill() {  # the note of a stage its cap killed, from what the stage left
+    case "$1" in
+        tests) report_tests ;;
+        memcheck|racecheck) report_sanitizer "$1" 124 >/dev/null ;;
+        *) ;;
     esac
 }
 
@@ -265,6 +329,7 @@ run_stage_body() {
         wheels) stage_wheels ;;
         build) stage_build ;;
         tests) stage_tests ;;
+        nanfill) stage_nanfill ;;
         memcheck|racecheck) stage_sanitizer "$1" ;;
         ceiling) stage_ceiling ;;
         bench) stage_bench ;;
@@ -277,8 +342,33 @@ if [ "${1:-}" = "__stage" ]; then
     run_stage_body "$2"
     exit $?
 fi
+if [ "${1:-}" = "__killed" ]; then
+    after_kill "$2"
+    exit 0
+fi
 
 # --------------------------------------------------------------------------- the parent
+
+# The CUDA toolkit as setup.py finds it ($CUDA_HOME or $CUDA_PATH where it holds nvcc, else
+# /usr/local/cuda, else where the nvcc on PATH lives), exported as CUDA_HOME for every stage;
+# and ninja, which torch's build looks for on PATH only: where PATH has none, the folder of
+# the one installed with this Python (a venv's bin, or the ninja package's) goes first on it.
+find_toolchain() {
+    local home dir
+    home="$("$PYTHON" -c 'import setup; print(setup._find_cuda_home() or "")' 2>/dev/null)"
+    if [ -n "$home" ] && [ -x "$home/bin/nvcc" ]; then export CUDA_HOME="$home"; else unset CUDA_HOME; fi
+    command -v ninja >/dev/null && return
+    dir="$("$PYTHON" -c '
+import os, sys, sysconfig
+dirs = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
+try:
+    import ninja
+    dirs.append(ninja.BIN_DIR)
+except Exception:  # no ninja package: the folders above only
+    pass
+print(next((d for d in dirs if d and os.access(os.path.join(d, "ninja"), os.X_OK)), ""))' 2>/dev/null)"
+    if [ -n "$dir" ]; then export PATH="$dir:$PATH"; fi
+}
 
 MODE=real OUTARG="" BUDGET="" STAGES="$ALL_STAGES" VERBOSE=0 KEEP=0
 while [ $# -gt 0 ]; do
@@ -298,10 +388,10 @@ for s in $STAGES; do
     case " $ALL_STAGES " in *" $s "*) ;; *) echo "gpu_check.sh: unknown stage $s; known: $ALL_STAGES" >&2; exit 2 ;; esac
 done
 if [ "$MODE" = dry ]; then
-    BUDGET="${BUDGET:-160}"
+    BUDGET="${BUDGET:-175}"
     for s in "${!DRY_CAP[@]}"; do CAP[$s]=${DRY_CAP[$s]} RESERVE[$s]=${DRY_RESERVE[$s]}; done
 fi
-BUDGET="${BUDGET:-465}"
+BUDGET="${BUDGET:-500}"
 case "$BUDGET" in ''|*[!0-9]*) echo "gpu_check.sh: --budget must be whole seconds, got $BUDGET" >&2; exit 2 ;; esac
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
@@ -320,7 +410,7 @@ mkdir -p "$OUTDIR" || { echo "gpu_check.sh: cannot create $OUTDIR" >&2; exit 2; 
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 # A folder used before holds nothing of this run but what this run writes (results.csv is
 # appended to as the benchmark goes).
-rm -f "$OUTDIR"/{summary.md,plots.png,results.csv,ceiling.json,env.txt}
+rm -f "$OUTDIR"/{summary.md,plots.png,results.csv,ceiling.json,env.txt,tests.tsv}
 LOG="$OUTDIR/log.txt" STATUS="$OUTDIR/status.tsv"
 : > "$LOG"
 printf 'stage\tstatus\tseconds\tcap_s\tdetail\n' > "$STATUS"
@@ -366,6 +456,7 @@ print(os.path.dirname(spec.origin) if spec and spec.origin else "")' 2>/dev/null
 fi
 export MODE SRC WORK OUTDIR PYTHON LABEL
 cd "$SRC" || exit 2   # every stage runs in the work copy: `python -c`/`-m` put the cwd first
+find_toolchain
 export PYTHONPATH="$SRC:$SRC/python${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # A real run measures the defaults: Triton compiled for real, automatic backend selection,
@@ -398,10 +489,14 @@ run_stage() {
             timeout --kill-after=10 "$cap" bash "$SELF" __stage "$name" >> "$LOG" 2>&1
             rc=$?
         fi
+        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+            timeout 30 bash "$SELF" __killed "$name" >> "$LOG" 2>&1
+        fi
         detail="$(head -c 600 "$NOTE" | head -n 1)"
         case "$rc" in
             0) status=ok ;;
             "$SKIP_RC") status="skipped: ${detail:-no reason given}"; detail="" ;;
+            "$INCOMPLETE_RC") status="timed out" ;;
             124|137) status="timed out"; detail="killed at its ${cap} s cap${detail:+; $detail}" ;;
             *) status="failed (rc $rc)" ;;
         esac

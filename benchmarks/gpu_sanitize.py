@@ -16,11 +16,12 @@ under robustft_ext:: for the device that takes a tensor must be reached by some 
 line per case ("RFT_SANITIZE ok ..." or "RFT_SANITIZE FAIL ..."), then "RFT_SANITIZE done: ..."; exits 1
 when a case fails or an op is never reached.
 
-  python benchmarks/gpu_sanitize.py --classify OUTPUT_FILE --rc RC
+  python benchmarks/gpu_sanitize.py --classify OUTPUT_FILE --rc RC --tool memcheck
 
-reads what a compute-sanitizer run printed and its exit code (--error-exitcode 66) and prints
-gpu_check.sh's verdict: "ok", "failed" or "skipped" (the tool does not work on this machine),
-a tab, and the detail.
+reads what a compute-sanitizer run printed and its exit code (--error-exitcode 66; 124 or 137
+when the stage's cap killed it) and prints gpu_check.sh's verdict: "ok", "failed", "timed out"
+or "skipped" (the tool does not work on this machine), a tab, and the detail, which counts the
+errors in our kernels apart from those inside torch or cuBLAS (see classify).
 """
 from __future__ import annotations
 

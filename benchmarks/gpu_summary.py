@@ -8,7 +8,9 @@ size: time (median, p20-p80), peak memory, achieved TFLOP/s, percent of the ceil
 relative to CLIP alone (same provider, size and mode), the speed-ups over open_clip and Inf-CL
 (their time over this one), and the loss value against the reference's; then every row not
 measured, with why. The part above the DETAILS marker is what gpu_check.sh prints at the end.
-`--junit FILE` prints the one-line outcome of a pytest JUnit report (the tests stage's detail).
+`--tests FILE` prints the tests stage's one-line outcome, then every failing test, from the
+file benchmarks/gpu_pytest_log.py writes (complete, or cut off where a kill stopped it), and
+exits with tests_report's status.
 
 Work counts (the TFLOP/s columns): the matrix products of the fused CLIP loss,
 forward 2 N^2 D (the logits), backward 6 N^2 D (the logits recomputed, then the two gradient
@@ -23,7 +25,7 @@ import csv
 import json
 import math
 import re
-import xml.etree.ElementTree as ET
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -279,41 +281,77 @@ def plot(rows: list[dict], idx: Index, ceiling: float | None, path: Path, title:
     return True
 
 
-def junit_line(path: Path) -> str:
-    """One line of a pytest JUnit report: the counts, then the failing tests (up to 25)."""
+# Of a test's rows (its call, then a failed teardown, say) the first of these counts.
+OUTCOME_ORDER = ("failed", "error", "xpassed", "passed", "xfailed", "skipped")
+FAILING = ("failed", "error", "xpassed")
+
+
+def read_test_log(path: Path) -> tuple[int | None, dict[str, tuple[str, str]]]:
+    """(the number of tests selected, None if collection never finished; nodeid -> (outcome,
+    message)) from a benchmarks/gpu_pytest_log.py file, complete or cut off by a kill."""
+    selected, outcomes = None, {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            outcome, nodeid = row.get("outcome"), row.get("nodeid") or ""
+            if outcome == "collected":
+                selected = int(row["message"])
+            elif outcome in OUTCOME_ORDER:
+                seen = outcomes.get(nodeid)
+                if seen is None or OUTCOME_ORDER.index(outcome) < OUTCOME_ORDER.index(seen[0]):
+                    outcomes[nodeid] = (outcome, row.get("message") or "")
+    return selected, outcomes
+
+
+def tests_report(path: Path) -> tuple[str, list[str], int]:
+    """The tests stage's one line (counts, what did not run, the modules that could not be
+    collected, up to 25 failing tests), one line per failing test with its message, and the
+    status: 0 every selected test ran and none failed, 1 something failed, 2 not every test
+    ran (and none failed), 3 no readable log or a collection that never finished."""
     try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        return f"no test report ({exc})"
-    tot = {k: 0 for k in ("tests", "failures", "errors", "skipped")}
-    for suite in root.iter("testsuite"):
-        for k in tot:
-            tot[k] += int(suite.get(k, 0))
-    failed = [f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}"
-              for case in root.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
-    passed = tot["tests"] - tot["failures"] - tot["errors"] - tot["skipped"]
-    line = (f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, "
-            f"{tot['skipped']} skipped")
-    if failed:
-        line += "; failing: " + ", ".join(failed[:25]) + (" ..." if len(failed) > 25 else "")
-    return line
+        selected, outcomes = read_test_log(path)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"no test log ({exc})", [], 3
+    tests = {k: v for k, v in outcomes.items() if "::" in k}
+    modules = {k: v for k, v in outcomes.items() if "::" not in k}
+    count = {o: sum(1 for v in tests.values() if v[0] == o) for o in OUTCOME_ORDER}
+    parts = [f"{count['passed']} passed, {count['failed']} failed, {count['error']} errors, "
+             f"{count['skipped']} skipped"
+             + "".join(f", {count[o]} {o}" for o in ("xfailed", "xpassed") if count[o])]
+    if selected is None:
+        parts.append("collection did not finish")
+    else:
+        parts[0] += f" of {selected} selected"
+        if len(tests) < selected:
+            parts.append(f"{selected - len(tests)} not run")
+    for outcome, what in (("error", "could not be collected"), ("skipped", "skipped whole")):
+        reasons = [v[1] for v in modules.values() if v[0] == outcome]
+        if reasons:
+            first = max(set(reasons), key=reasons.count)
+            parts.append(f"{len(reasons)} modules {what} ({reasons.count(first)} of them: "
+                         f"{first[:160]})")
+    failing = [(k, v) for k, v in outcomes.items() if v[0] in FAILING]
+    if failing:
+        names = [k for k, _ in failing]
+        parts.append("failing: " + ", ".join(names[:25]) + (" ..." if len(names) > 25 else ""))
+    status = 3 if selected is None else 1 if failing else 2 if len(tests) < selected else 0
+    return "; ".join(parts), [f"{v[0].upper()} {k}: {v[1]}" for k, v in failing], status
 
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--junit", type=Path, default=None,
-                   help="print the one-line summary of a pytest JUnit report instead")
+    p.add_argument("--tests", type=Path, default=None, metavar="TEST_LOG",
+                   help="print the tests stage's line, then every failing test, from a "
+                        "gpu_pytest_log.py file, instead")
     p.add_argument("--dir", type=Path, help="the run's folder")
     p.add_argument("--title", default=None, help="the run's label (default: the folder's name)")
     p.add_argument("--dry-run", action="store_true", help="say that the sizes are toy sizes")
     args = p.parse_args(argv)
-    if args.junit is not None:
-        line = junit_line(args.junit)
-        print(line)
-        return line
+    if args.tests is not None:
+        line, failing, status = tests_report(args.tests)
+        print("\n".join([line] + failing))
+        sys.exit(status)
     if args.dir is None:
-        p.error("--dir is required (or --junit)")
+        p.error("--dir is required (or --tests)")
     title = args.title or args.dir.name
     rows = load_rows(args.dir / "results.csv")
     status = load_status(args.dir / "status.tsv")
@@ -323,8 +361,9 @@ def main(argv: list[str] | None = None) -> str:
     ceiling = _f(ceiling_info.get("ceiling_tflops"))
     env = (args.dir / "env.txt").read_text().splitlines() if (args.dir / "env.txt").exists() else []
     pick = [ln for ln in env if ln.split(":", 1)[0] in ("device", "gpu", "torch", "triton",
-                                                       "robustft_ext", "nvcc", "open_clip",
-                                                       "inf_cl", "compute-sanitizer")]
+                                                       "robustft_ext", "nvcc", "ninja",
+                                                       "open_clip", "inf_cl",
+                                                       "compute-sanitizer")]
     idx = Index(rows)
     md = [f"# GPU check {title}", ""]
     if args.dry_run:

@@ -37,3 +37,5 @@ fi
 size_kb="$(du -sk .whl | cut -f1)"
 echo "gpu_wheels.sh: .whl/ holds $(ls .whl/*.whl | wc -l) wheels, ${size_kb} KiB" \
      "(the device machine takes at most 64 MiB of working tree per call)"
+echo "next, the device call (docs/benchmarks.md, Running the GPU check):" \
+     'run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)'

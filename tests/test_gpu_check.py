@@ -1,14 +1,18 @@
 """benchmarks/gpu_check.sh: its dry run end to end on this CPU machine (so that the GPU check
-cannot rot between the rare GPU loans), the benchmark subset it plans, the predictions that
-skip absurd cases, and the arithmetic of its summary."""
+cannot rot between the rare GPU loans), also with an open_clip that fails to import or hangs
+and with a PATH without ninja; the test log that survives a kill, the benchmark subset it
+plans, the predictions that skip absurd cases, the sanitizer verdicts and the arithmetic of
+its summary."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -16,10 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 SCRIPT = BENCH / "gpu_check.sh"
-STAGES = ["wheels", "env", "build", "tests", "memcheck", "racecheck", "ceiling", "bench", "summary"]
+STAGES = ["wheels", "env", "build", "ceiling", "nanfill", "memcheck", "racecheck", "tests",
+          "bench", "summary"]
 # What the device tool brings back from $OUT: at most 8 files, plain names, no deeper folders.
 OUT_FILES = {"summary.md", "status.tsv", "results.csv", "plots.png", "ceiling.json", "env.txt",
-             "log.txt"}
+             "tests.tsv", "log.txt"}
 
 
 def _load(name: str):
@@ -46,18 +51,30 @@ def git_status() -> str | None:
 
 # --------------------------------------------------------------------------- the dry run
 
+def run_dry(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out), *args],
+                          cwd=ROOT, env=dict(env or os.environ, PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """One dry run for the module's tests: (its folder, its stdout, the checkout's git status
     before and after)."""
     out = tmp_path_factory.mktemp("gpu_check") / "run"
     before = git_status()
-    env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = run_dry(out)
     assert proc.returncode == 0, (f"gpu_check.sh --dry-run exited {proc.returncode}\n"
                                   f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
     return out, proc.stdout, before, git_status()
+
+
+def shadowed_open_clip(tmp_path: Path, body: str) -> dict:
+    """The environment of a run in which `import open_clip` executes `body` instead."""
+    (tmp_path / "shadow" / "open_clip").mkdir(parents=True)
+    (tmp_path / "shadow" / "open_clip" / "__init__.py").write_text(body)
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(tmp_path / "shadow") + (f":{path}" if path else ""))
 
 
 def _status(out: Path) -> dict[str, dict]:
@@ -73,12 +90,22 @@ def test_dry_run_goes_through_every_stage(dry_run):
     for stage in ("env", "ceiling", "bench", "summary"):
         assert status[stage]["status"] == "ok", status[stage]
     # The GPU-only stages say why they did not run, and still ran what a CPU can run.
-    for stage in ("build", "tests", "memcheck", "racecheck"):
+    for stage in ("build", "nanfill", "tests", "memcheck", "racecheck"):
         assert status[stage]["status"].startswith("skipped: "), status[stage]
     assert "dry run" in status["build"]["status"]
-    collected = re.search(r"the (\d+) tests of -m 'cuda or triton' were collected",
-                          status["tests"]["status"])
-    assert collected and int(collected.group(1)) > 0, status["tests"]
+    # The tests ran on the CPU until the dry run's deadline, each outcome in tests.tsv.
+    counts = re.search(r"(\d+) passed, (\d+) failed, (\d+) errors, (\d+) skipped of (\d+) "
+                       r"selected", status["tests"]["status"])
+    assert counts and int(counts.group(5)) > 0, status["tests"]
+    ran = sum(int(counts.group(i)) for i in range(1, 5))
+    assert 0 < ran <= int(counts.group(5))
+    with open(out / "tests.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert rows[0]["outcome"] == "collected" and rows[0]["message"] == counts.group(5)
+    assert len({r["nodeid"] for r in rows[1:]}) == ran
+    finite = re.search(r"(\d+)/(\d+) cases finite on cpu with every fresh tensor NaN-filled",
+                       status["nanfill"]["status"])
+    assert finite and finite.group(1) == finite.group(2) and int(finite.group(2)) > 0
     for stage in ("memcheck", "racecheck"):
         reached = re.search(r"(\d+)/(\d+) cases ok on cpu; (\d+)/(\d+) registered ops reached",
                             status[stage]["status"])
@@ -127,12 +154,152 @@ def test_dry_run_output_fits_the_device_tool_and_leaves_the_checkout_clean(dry_r
     names = set(os.listdir(out))
     assert names <= OUT_FILES and len(names) <= 8, names
     assert all((out / n).is_file() for n in names)
-    assert {"summary.md", "status.tsv", "results.csv", "ceiling.json", "env.txt", "log.txt"} <= names
+    assert {"summary.md", "status.tsv", "results.csv", "ceiling.json", "env.txt", "tests.tsv",
+            "log.txt"} <= names
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "plots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if before is None:
         pytest.skip("not a git checkout: the checkout's cleanliness cannot be read")
     assert after == before
+
+
+@pytest.mark.slow
+def test_an_open_clip_that_fails_to_import_stops_no_test_module(tmp_path):
+    """The modules that need open_clip skip, saying why; every other module's tests run."""
+    env = shadowed_open_clip(tmp_path, 'raise ImportError("shadowed for the test")\n')
+    proc = run_dry(tmp_path / "run", "--stages", "tests", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    detail = _status(tmp_path / "run")["tests"]["status"]
+    skipped = re.search(r"(\d+) modules skipped whole \((\d+) of them: could not import "
+                        r"'open_clip[.a-z]*': shadowed for the test\)", detail)
+    assert skipped and int(skipped.group(2)) >= 8, detail
+    counts = re.search(r"(\d+) passed, 0 failed, 0 errors, (\d+) skipped of (\d+) selected",
+                       detail)
+    assert counts and int(counts.group(1)) + int(counts.group(2)) > 0, detail
+
+
+@pytest.mark.slow
+def test_a_stage_killed_at_its_cap_leaves_its_status_and_the_next_stages_run(tmp_path):
+    """An open_clip whose import hangs holds the tests stage's collection until its cap kills
+    it: the stage is recorded as timed out, with what it left, and the summary is written."""
+    env = shadowed_open_clip(tmp_path, "import time\ntime.sleep(600)\n")
+    out = tmp_path / "run"
+    proc = run_dry(out, "--stages", "tests", "--budget", "35", env=env)
+    assert proc.returncode != 0  # a stage timed out
+    status = _status(out)
+    assert status["tests"]["status"] == "timed out", status["tests"]
+    assert re.fullmatch(r"killed at its \d+ s cap; 0 passed, 0 failed, 0 errors, 0 skipped; "
+                        r"collection did not finish", status["tests"]["detail"]), status["tests"]
+    assert int(status["tests"]["seconds"]) < 35 and status["summary"]["status"] == "ok"
+    assert "| tests | timed out |" in (out / "summary.md").read_text()
+
+
+def path_without(tmp_path: Path, program: str) -> str:
+    """A PATH of one folder that links every program on PATH but `program`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for entry in (os.scandir(folder) if os.path.isdir(folder) else ()):
+            link = bin_dir / entry.name
+            if entry.name != program and not link.exists() and os.access(entry.path, os.X_OK):
+                link.symlink_to(entry.path)
+    return str(bin_dir)
+
+
+@pytest.mark.slow
+def test_ninja_and_nvcc_are_found_off_path(tmp_path):
+    """ninja beside this Python (or in its package) is put on PATH when PATH has none, and a
+    CUDA_HOME without nvcc gives way to the toolkit setup.py finds (/usr/local/cuda, PATH)."""
+    has_ninja = any(os.access(os.path.join(d, "ninja"), os.X_OK) for d in (
+        os.path.dirname(sys.executable), sysconfig.get_path("scripts")))
+    if not has_ninja and importlib.util.find_spec("ninja") is None:
+        pytest.skip("no ninja installed with this Python")
+    path = path_without(tmp_path, "ninja")
+    env = dict(os.environ, PATH=path, CUDA_HOME=str(tmp_path / "no_toolkit"))
+    proc = run_dry(tmp_path / "run", "--stages", "env", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lines = dict(ln.split(": ", 1) for ln in (tmp_path / "run" / "env.txt").read_text()
+                 .splitlines() if ": " in ln)
+    assert not lines["ninja"].startswith("not found"), lines["ninja"]
+    toolkit = os.path.exists("/usr/local/cuda/bin/nvcc") or shutil.which("nvcc", path=path)
+    assert lines["nvcc"].startswith("not found") != bool(toolkit), lines["nvcc"]
+    assert "no_toolkit" not in lines["nvcc"]
+
+
+# --------------------------------------------------------------------------- the test log
+
+TEST_MODULES = {
+    "test_runs.py": """
+import os, signal
+import pytest
+
+def test_passes():
+    pass
+
+def test_fails():
+    assert 1 == 2, "one is not two"
+
+@pytest.mark.skip(reason="not today")
+def test_skipped():
+    pass
+
+def test_killed_here():  # the stage's cap, as timeout's SIGKILL would
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_never_runs():
+    pass
+""",
+    "test_broken.py": "raise ImportError('a broken dependency')\n",
+    "test_needs_missing.py": "import pytest\npytest.importorskip('no_such_module_here')\n",
+}
+
+
+def run_pytest_with_log(tmp_path: Path, modules: dict[str, str], *args: str) -> Path:
+    """pytest over `modules` (file name -> text) with the test log on; the log's path."""
+    for name, text in modules.items():
+        (tmp_path / name).write_text(text)
+    log = tmp_path / "tests.tsv"
+    env = dict(os.environ, PYTHONPATH=str(BENCH))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "gpu_pytest_log", "--gpu-test-log", str(log), "--continue-on-collection-errors",
+                    # in file order (no pytest-randomly): the kill comes after the others
+                   *args, "-p", "no:randomly", str(tmp_path)], cwd=tmp_path, env=env,
+                   capture_output=True, text=True, timeout=300)
+    return log
+
+
+def test_the_test_log_survives_a_kill_and_names_every_failure(tmp_path):
+    s = _load("gpu_summary")
+    log = run_pytest_with_log(tmp_path, TEST_MODULES)
+    line, failing, status = s.tests_report(log)
+    assert line.startswith("1 passed, 1 failed, 0 errors, 1 skipped of 5 selected; 2 not run; "
+                           "1 modules could not be collected (1 of them: ImportError: a broken "
+                           "dependency); 1 modules skipped whole (1 of them: could not import "
+                           "'no_such_module_here'"), line
+    assert line.endswith("failing: test_broken.py, test_runs.py::test_fails"), line
+    assert failing == ["ERROR test_broken.py: ImportError: a broken dependency",
+                       "FAILED test_runs.py::test_fails: AssertionError: one is not two"]
+    assert status == 1
+
+
+def test_the_deadline_stops_pytest_between_tests(tmp_path):
+    s = _load("gpu_summary")
+    two = {"test_two.py": "def test_a():\n    pass\n\ndef test_b():\n    pass\n"}
+    log = run_pytest_with_log(tmp_path, two, "--gpu-deadline", "1")  # long past
+    assert s.tests_report(log) == ("1 passed, 0 failed, 0 errors, 0 skipped of 2 selected; "
+                                   "1 not run", [], 2)
+
+
+def test_of_a_tests_rows_the_worst_counts(tmp_path):
+    s = _load("gpu_summary")
+    log = tmp_path / "tests.tsv"
+    log.write_text("outcome\tnodeid\tseconds\tmessage\ncollected\t\t0\t3\n"
+                   "passed\tt.py::a\t0.1\t\nerror\tt.py::a\t0.1\tteardown broke\n"
+                   "xfailed\tt.py::b\t0.1\tknown\npassed\tt.py::c\t0.1\t\n")
+    assert s.tests_report(log) == (
+        "1 passed, 0 failed, 1 errors, 0 skipped, 1 xfailed of 3 selected; failing: t.py::a",
+        ["ERROR t.py::a: teardown broke"], 1)
+    assert s.tests_report(tmp_path / "missing.tsv")[2] == 3
 
 
 # --------------------------------------------------------------------------- the bench plan
@@ -293,21 +460,6 @@ def test_sanitizer_errors_in_torch_or_cublas_are_counted_apart_from_ours():
     never = cases.replace("14/14 registered ops reached", "13/14 registered ops reached (never: "
                           "slerp_bwd)")
     assert c(outside + never + summary, 66)[0] == "failed"
-
-
-def test_junit_line(tmp_path):
-    s = _load("gpu_summary")
-    report = tmp_path / "junit.xml"
-    report.write_text(
-        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4" failures="1" '
-        'errors="0" skipped="1"><testcase classname="tests.test_m2mix" name="test_a[cuda]"/>'
-        '<testcase classname="tests.test_m2mix" name="test_b[cuda]"><failure message="x"/>'
-        '</testcase><testcase classname="tests.test_m2mix" name="test_c[cuda]"><skipped/>'
-        '</testcase><testcase classname="tests.test_triton_ops" name="test_d"/></testsuite>'
-        '</testsuites>')
-    assert s.junit_line(report) == ("2 passed, 1 failed, 0 errors, 1 skipped; failing: "
-                                    "test_m2mix::test_b[cuda]")
-    assert s.junit_line(tmp_path / "missing.xml").startswith("no test report")
 
 
 def test_a_hung_case_is_killed_and_the_next_case_runs(tmp_path):
