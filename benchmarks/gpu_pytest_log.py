@@ -23,7 +23,7 @@ COLUMNS = ("outcome", "nodeid", "seconds", "message")
 def pytest_addoption(parser):
     group = parser.getgroup("gpu_check")
     group.addoption("--gpu-test-log", default=None, metavar="FILE",
-                    help="append one TSV row per test outcome to FILE as it happens")
+                    help="write one TSV row per test outcome to FILE (made anew) as it happens")
     group.addoption("--gpu-deadline", type=float, default=None, metavar="EPOCH_SECONDS",
                     help="start no test after this time (seconds since the epoch)")
 
