@@ -4,7 +4,8 @@ The four ops have the semantics of the C++ ops `robustft_ext::*` (csrc/schemas.c
 csrc/contrastive_ops.h): same arguments, outputs, dtypes and checks, except that float64
 inputs are not supported. Each op body uses only torch ops with fake-able shapes plus
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
-torch.compile(fullgraph=True) traces through to the kernels.
+torch.compile(fullgraph=True) traces through to the kernels. Every body runs under its
+inputs' device guard (device.triton_op).
 
 Note on schemas: `triton_op` infers the schema from the annotations and (torch 2.11) ignores
 its `schema=` argument, so `diag_offset: int` becomes `SymInt diag_offset` where the C++
@@ -34,12 +35,13 @@ import numpy as np
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from . import SUPPORTED_DTYPES, configs, ds_workspace, kernels, maths
 from .configs import interpreting
+from .device import triton_op
 
 
 def _fix_interpreter_index() -> None:
@@ -303,7 +305,7 @@ def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tenso
             stats[1].clone())
 
 
-@triton_op("robustft_triton::clip_fwd", mutates_args=())
+@triton_op("robustft_triton::clip_fwd")
 def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
              symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
     """CLIP / InfoNCE loss over S = scale * a b^T + bias (see csrc/schemas.cpp).
@@ -335,7 +337,7 @@ def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int
     return loss, row_lse, col_lse
 
 
-@triton_op("robustft_triton::clip_bwd", mutates_args=())
+@triton_op("robustft_triton::clip_bwd")
 def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
              row_lse: Tensor, col_lse: Tensor, diag_offset: int,
              symmetric: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -361,7 +363,7 @@ def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tenso
                   diag_offset=diag_offset, norm=2 * n if symmetric else n)
 
 
-@triton_op("robustft_triton::siglip_fwd", mutates_args=())
+@triton_op("robustft_triton::siglip_fwd")
 def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
                negative_only: bool) -> Tensor:
     """SigLIP loss (1/n) sum_ij -log sigmoid(z_ij S_ij), z = +1 on the diagonal unless
@@ -383,7 +385,7 @@ def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
     return partial.sum() / n
 
 
-@triton_op("robustft_triton::siglip_bwd", mutates_args=())
+@triton_op("robustft_triton::siglip_bwd")
 def siglip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
                negative_only: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of siglip_fwd's loss: dS = (g / n) (sigmoid(S) - [i == j, positives])."""

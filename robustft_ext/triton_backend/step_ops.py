@@ -41,11 +41,12 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import slerp_maths as _slerp
 from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, step_kernels
 from .configs import interpreting
+from .device import triton_op
 from .ops import (_check_features, _kernel_input, _launch_opts, _persistent_programs,
                   _traceable)
 
@@ -116,7 +117,7 @@ def _mix_backward(dM: Tensor, af: Tensor, bf: Tensor, w: Tensor) -> tuple[Tensor
     return ga.float(), gb.float()
 
 
-@triton_op("robustft_triton::slerp", mutates_args=())
+@triton_op("robustft_triton::slerp")
 def slerp(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
     """out_p = slerp(a_p, b_p; lam) (lam weights a), in the inputs' dtype; lam is a 0-d
     float32 tensor. O(n D) torch ops (no kernel: nothing here is n x n)."""
@@ -125,7 +126,7 @@ def slerp(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
     return _mix(af, bf, _weights(af, bf, lam)).to(a.dtype)
 
 
-@triton_op("robustft_triton::slerp_bwd", mutates_args=())
+@triton_op("robustft_triton::slerp_bwd")
 def slerp_bwd(grad_out: Tensor, a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_a, grad_b) of slerp(a, b; lam) for the upstream gradient grad_out."""
     _check_pair(a, b, lam)
@@ -470,7 +471,7 @@ def _m2mix_step(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor,
     return _Step(image, text, clip_scale, m2_scale, lam, True, with_clip)
 
 
-@triton_op("robustft_triton::m2mix_fwd", mutates_args=())
+@triton_op("robustft_triton::m2mix_fwd")
 def m2mix_fwd(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor, clip_scale: Tensor,
               with_clip: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(m2_loss, clip_loss (0 without clip), lse [4 or 2, n]), all float32; see
@@ -480,7 +481,7 @@ def m2mix_fwd(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor, clip_s
     return terms[K_M2], terms[K_CLIP], lse if with_clip else lse[:2].clone()
 
 
-@triton_op("robustft_triton::m2mix_bwd", mutates_args=())
+@triton_op("robustft_triton::m2mix_bwd")
 def m2mix_bwd(grad_m2: Tensor, grad_clip: Tensor, image: Tensor, text: Tensor,
               m2_scale: Tensor, lam: Tensor, clip_scale: Tensor, lse: Tensor,
               with_clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -505,14 +506,14 @@ def _lipsum_step(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tens
     return _Step(image_ft, image_ft, scale, scale, scale, False, False, image_pre, texts, scale)
 
 
-@triton_op("robustft_triton::lipsum_fwd", mutates_args=())
+@triton_op("robustft_triton::lipsum_fwd")
 def lipsum_fwd(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tensor) -> Tensor:
     """Lipsum-FT regulariser |s0 (F - F0) G^T|_F^2 / (2 K B) (0-d float32), scale = s0."""
     terms, _, _ = _step_fwd(_lipsum_step(image_ft, image_pre, texts, scale))
     return terms[K_LIPSUM]
 
 
-@triton_op("robustft_triton::lipsum_bwd", mutates_args=())
+@triton_op("robustft_triton::lipsum_bwd")
 def lipsum_bwd(grad_loss: Tensor, image_ft: Tensor, image_pre: Tensor, texts: Tensor,
                scale: Tensor) -> Tensor:
     """Gradient of grad_loss * lipsum_fwd with respect to image_ft (in its dtype)."""
@@ -530,7 +531,7 @@ def _dive_step(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: T
                  ref_text_pre=text_pre, center=center)
 
 
-@triton_op("robustft_triton::dive_fwd", mutates_args=())
+@triton_op("robustft_triton::dive_fwd")
 def dive_fwd(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: Tensor,
              center: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """DiVE on B' reference pairs: (AVL, PVL, diff_mean [D] = mean_j (u_j + v_j) / 2), all
@@ -539,7 +540,7 @@ def dive_fwd(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: Ten
     return terms[K_AVL], terms[K_PVL], diff_mean
 
 
-@triton_op("robustft_triton::dive_bwd", mutates_args=())
+@triton_op("robustft_triton::dive_bwd")
 def dive_bwd(grad_avl: Tensor, grad_pvl: Tensor, image_ft: Tensor, text_ft: Tensor,
              image_pre: Tensor, text_pre: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of grad_avl * AVL + grad_pvl * PVL: (grad_image_ft, grad_text_ft), in the
@@ -551,7 +552,7 @@ def dive_bwd(grad_avl: Tensor, grad_pvl: Tensor, image_ft: Tensor, text_ft: Tens
 
 
 # ----------------------------------------------------------------------------- robust step
-@triton_op("robustft_triton::robust_step_fwd", mutates_args=())
+@triton_op("robustft_triton::robust_step_fwd")
 def robust_step_fwd(image: Tensor, text: Tensor, clip_scale: Tensor, m2_scale: Tensor,
                     lam: Tensor, with_m2: bool, with_clip: bool, image_pre: Optional[Tensor],
                     lipsum_texts: Optional[Tensor], lipsum_scale: Tensor,
@@ -569,7 +570,7 @@ def robust_step_fwd(image: Tensor, text: Tensor, clip_scale: Tensor, m2_scale: T
     return torch.stack(terms), diff_mean, lse
 
 
-@triton_op("robustft_triton::robust_step_bwd", mutates_args=())
+@triton_op("robustft_triton::robust_step_bwd")
 def robust_step_bwd(grad_terms: Tensor, image: Tensor, text: Tensor, clip_scale: Tensor,
                     m2_scale: Tensor, lam: Tensor, with_m2: bool, with_clip: bool,
                     image_pre: Optional[Tensor], lipsum_texts: Optional[Tensor],

@@ -1,0 +1,103 @@
+"""What every launch of the Triton backend gets, for every registered robustft_triton op:
+
+* the device guard (robustft_ext/triton_backend/device.py): each op body runs under
+  device_guard(its inputs' device), so that its kernels launch on that device and its current
+  stream rather than on the current device's. Checked without a GPU by replacing the guard
+  factory with a recorder: the real ops on CPU tensors, and the ops on fake tensors on cuda:1
+  (the body is the ops' fake implementation too).
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import import_triton_backend
+
+pytestmark = pytest.mark.triton
+tb = import_triton_backend()
+
+from robustft_ext.triton_backend import device as device_module  # noqa: E402
+
+ops = torch.ops.robustft_triton
+
+
+def _registered_ops() -> set[str]:
+    prefix = "robustft_triton::"
+    return {name[len(prefix):] for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith(prefix)}
+
+
+def _op_calls(D: int, device: str) -> dict[str, tuple]:
+    """{op name: arguments} of every op on small inputs of feature dimension D (the backward
+    ops' statistics from their forwards)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rows(r):
+        return F.normalize(torch.randn(r, D, generator=g), dim=1).to(device)
+
+    def scalar(x):
+        return torch.tensor(x, device=device)
+
+    n, K, B = 17, 7, 5
+    I, T, P, G = rows(n), rows(n), rows(n), rows(K)
+    refs = (rows(B), rows(B), rows(B), rows(B), 0.05 * torch.ones(D, device=device))
+    s, bias, lam, one = scalar(14.3), scalar(-1.0), scalar(0.3), scalar(1.0)
+    calls = {"clip_fwd": (I, T, s, bias, 0, True), "siglip_fwd": (I, T, s, bias, False),
+             "siglip_bwd": (one, I, T, s, bias, False), "slerp": (I, T, lam),
+             "slerp_bwd": (rows(n), I, T, lam), "m2mix_fwd": (I, T, s, lam, s, True),
+             "lipsum_fwd": (I, P, G, s), "lipsum_bwd": (one, I, P, G, s),
+             "dive_fwd": refs, "dive_bwd": (one, one, *refs),
+             "robust_step_fwd": (I, T, s, s, lam, True, True, P, G, s, *refs)}
+    _, row_lse, col_lse = ops.clip_fwd(*calls["clip_fwd"])
+    calls["clip_bwd"] = (one, I, T, s, bias, row_lse, col_lse, 0, True)
+    lse = ops.m2mix_fwd(*calls["m2mix_fwd"])[2]
+    calls["m2mix_bwd"] = (one, one, I, T, s, lam, s, lse, True)
+    lse = ops.robust_step_fwd(*calls["robust_step_fwd"])[2]
+    calls["robust_step_bwd"] = (torch.ones(5, device=device), *calls["robust_step_fwd"], lse)
+    return calls
+
+
+# ----------------------------------------------------------------------------- device guard
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"], ids=["cpu", "fake-cuda1"])
+def test_every_op_body_runs_under_its_inputs_device_guard(monkeypatch, device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entered = []
+
+    def recording_guard(dev):
+        entered.append(dev)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(device_module, "device_guard", recording_guard)
+    with FakeTensorMode() if device.startswith("cuda") else contextlib.nullcontext():
+        calls = _op_calls(5, device)
+        assert set(calls) == _registered_ops(), "an op without a sample call here"
+        for name, args in calls.items():
+            entered.clear()
+            getattr(ops, name)(*args)
+            assert entered == [torch.device(device)], (name, entered)
+
+
+def test_the_guard_makes_a_cuda_inputs_device_current(monkeypatch):
+    # torch.cuda.device(1) makes cuda:1 and its current stream current (entering it needs a
+    # GPU; what the factory returns does not).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    guard = device_module.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_module.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_inputs_device_prefers_cuda_tensors():
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda", 1)
+    x = torch.empty(0)
+    with torch.device("meta"):
+        y = torch.empty(2)
+    assert device_module.inputs_device((x, None, 3), {}) == cpu
+    assert device_module.inputs_device((3,), {}) is None
+    assert device_module.inputs_device((y, x), {}) == torch.device("meta")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        z = torch.empty(2, device=cuda1)
+    assert device_module.inputs_device((x, z), {}) == cuda1
