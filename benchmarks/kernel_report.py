@@ -14,11 +14,12 @@ compiler (robustft_ext/triton_backend/offline.py): registers and spill bytes (pt
 shared memory, wgmma / mma.sync in the PTX and HGMMA / HMMA / FFMA in the SASS.
 
 Flags: NO-TC, a 16-bit kernel without a tensor-core instruction; SPILL (Triton), register
-spills reported by ptxas; LMEM (CUDA), local-memory traffic (STL/LDL or a local segment),
-which is how spills show in a binary, but also how local arrays do (ptxas -v at build time
-tells them apart); ERROR, a configuration that does not compile. --strict exits with status
-1 when a 16-bit CUDA kernel or any Triton configuration is flagged, or when a requested side
-has nothing to examine (a CPU-only build).
+spills reported by ptxas; SMEM (Triton), more shared memory than the configs entry records
+(the selection by device trusts the record); LMEM (CUDA), local-memory traffic (STL/LDL or
+a local segment), which is how spills show in a binary, but also how local arrays do (ptxas
+-v at build time tells them apart); ERROR, a configuration that does not compile. --strict
+exits with status 1 when a 16-bit CUDA kernel or any Triton configuration is flagged, or
+when a requested side has nothing to examine (a CPU-only build).
 
 The Triton compile cache (~/.triton/cache) makes reruns fast; a cold run of the whole table
 compiles about 150 kernels (minutes per core: --jobs runs them in parallel).
@@ -155,7 +156,7 @@ def _compile_one(entry: tuple) -> dict:
                     flags="ERROR", failing=True)
     row = r.as_dict()
     flags = [f for f, on in (("NO-TC", dtype in ("bf16", "fp16") and not r.tensor_core),
-                             ("SPILL", r.spills)) if on]
+                             ("SPILL", r.spills), ("SMEM", r.shared_over_record)) if on]
     row["flags"] = ",".join(flags)
     row["failing"] = bool(flags)
     return row

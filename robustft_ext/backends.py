@@ -60,7 +60,7 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
             return f"Triton kernels do not run on device type {device.type!r}"
         if dtype not in module.SUPPORTED_DTYPES:
             return f"Triton kernels take float32/bfloat16/float16 inputs, not {dtype}"
-        return None
+        return module.device_unavailable_reason(device, dtype)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 

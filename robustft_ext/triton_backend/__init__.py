@@ -6,11 +6,14 @@ step_kernels.py: the ops of a robust fine-tuning step (m^2-mix, Lipsum-FT, DiVE 
 combination with CLIP, csrc/step_kernels.h); m2mix_ops.py re-exports the m^2-mix ones.
 maths.py holds the per-entry maths every kernel uses (the twin of csrc/robustft_maths.h),
 configs.py the tile configurations per architecture, dtype and D, ds_workspace.py the
-bounded dS workspace and the library GEMMs of the large-D backward.
+bounded dS workspace and the library GEMMs of the large-D backward, device.py the device
+guard of every op body and the device limits the configurations are chosen by.
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
-registered and IMPORT_ERROR says why. On a machine without a GPU the kernels run only under
-Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported.
+registered and IMPORT_ERROR says why; device_unavailable_reason(device, dtype) says why the
+kernels cannot launch on a CUDA device (compute capability, shared memory per block). On a
+machine without a GPU the kernels run only under Triton's interpreter: set
+TRITON_INTERPRET=1 before triton is first imported.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ if IMPORT_ERROR is None:
         from . import ops  # noqa: F401  (registers the ops)
         from . import step_ops  # noqa: F401  (registers the step ops, m^2-mix included)
         from . import m2mix_ops  # noqa: F401  (the m^2-mix ops under their earlier name)
-        from .configs import interpreting  # noqa: F401
+        from .configs import device_unavailable_reason, interpreting  # noqa: F401
     except Exception as exc:  # e.g. a torch without torch.library.triton_op
         IMPORT_ERROR = f"registering the Triton ops failed: {type(exc).__name__}: {exc}"
 

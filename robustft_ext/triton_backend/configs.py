@@ -4,10 +4,14 @@ One table, TABLE[arch][dtype class][kernel][D class], holds every configuration 
 get; `select` picks from it and `fused_backward` says which backward design a problem gets.
 benchmarks/kernel_report.py compiles every entry offline (no GPU needed) and prints its
 registers, spills, shared memory and tensor-core instruction counts; docs/backends.md
-tabulates them.
+tabulates them. Each entry records the shared memory its compile allocates, and a device
+takes, per entry, the first table of `table_archs(its capability)` whose entry fits its
+opt-in shared memory per block (`device_config`); where none fits, the backend is
+unavailable there and says why (`device_unavailable_reason`).
 
 Keys:
-  arch          90 (Hopper: sm_90 and newer) or 80 (Ampere and Ada: sm_80 - sm_89).
+  arch          90 (written for Hopper's wgmma and 227 KiB of shared memory) or 80 (for
+                mma.sync and the 99 KiB per block of sm_86 / sm_89 / sm_120).
   dtype class   "16bit" (bfloat16 / float16: tensor cores, wgmma on sm_90, mma.sync on sm_80),
                 "fp32" (float32 with torch.get_float32_matmul_precision() == "highest": true
                 fp32 "ieee" products on the FMA units) or "tf32" (float32 otherwise: TF32
@@ -47,6 +51,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .device import DeviceLimits, device_limits
+
 
 class Config(NamedTuple):
     """Launch parameters of one kernel."""
@@ -56,6 +62,7 @@ class Config(NamedTuple):
     block_d: int      # feature chunk of the tile products (>= D: one chunk, kept in registers)
     num_warps: int
     num_stages: int   # software-pipelining depth of the feature / column loops
+    shared: int = 0   # shared memory per block in bytes (TABLE: as compiled; see device_config)
 
 
 KERNELS = ("clip_lse", "siglip_sum", "grad_rows", "dlogit",
@@ -79,20 +86,26 @@ KERNEL_D_CLASSES = {
 
 C = Config
 
+# The last field of each entry is its shared memory per block in bytes, as
+# benchmarks/kernel_report.py measured it (the largest over the kernel's variants and, 16-bit,
+# over bfloat16 / float16): what a device must allow for the entry to launch (device_config).
+
 # 16-bit inputs on sm_90 (wgmma). Register-bound kernels (the step's three logit tiles and
 # accumulators) take 64-row tiles.
 _SM90_16BIT = {
-    "clip_lse": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
-                 "large": C(128, 128, 64, 8, 3)},
-    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
-                   "large": C(128, 128, 64, 8, 3)},
-    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 4, 3)},
-    "dlogit": {"large": C(128, 128, 64, 8, 3)},
-    "step_fwd": {"d64": C(64, 64, 64, 4, 3), "d128": C(64, 64, 128, 8, 3),
-                 "large": C(128, 64, 64, 8, 3)},
-    "step_grad_rows": {"d64": C(64, 32, 64, 4, 3)},
-    "step_grad_cols": {"d64": C(64, 64, 64, 4, 3)},
-    "step_dlogit": {"d128": C(128, 64, 64, 8, 3), "large": C(128, 64, 64, 8, 3)},
+    "clip_lse": {"d64": C(128, 128, 64, 8, 3, 65536), "d128": C(128, 64, 128, 8, 3, 81920),
+                 "large": C(128, 128, 64, 8, 3, 98304)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3, 65536),
+                   "d128": C(128, 64, 128, 8, 3, 81920),
+                   "large": C(128, 128, 64, 8, 3, 98304)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3, 41472), "d128": C(64, 64, 128, 4, 3, 66048)},
+    "dlogit": {"large": C(128, 128, 64, 8, 3, 98304)},
+    "step_fwd": {"d64": C(64, 64, 64, 4, 3, 73728), "d128": C(64, 64, 128, 8, 3, 151552),
+                 "large": C(128, 64, 64, 8, 3, 147456)},
+    "step_grad_rows": {"d64": C(64, 32, 64, 4, 3, 61440)},
+    "step_grad_cols": {"d64": C(64, 64, 64, 4, 3, 67072)},
+    "step_dlogit": {"d128": C(128, 64, 64, 8, 3, 147456),
+                    "large": C(128, 64, 64, 8, 3, 147456)},
 }
 
 # 16-bit inputs on sm_80 - sm_89 (mma.sync m16n8k16): 32-wide feature chunks and at most
@@ -100,61 +113,67 @@ _SM90_16BIT = {
 # mma.sync fragments live in registers, so the register-bound kernels take smaller tiles
 # than on sm_90.
 _SM80_16BIT = {
-    "clip_lse": {"d64": C(128, 128, 64, 8, 2), "d128": C(64, 64, 128, 4, 3),
-                 "large": C(128, 128, 32, 8, 2)},
-    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 2),
-                   "large": C(128, 128, 32, 8, 4)},
-    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 8, 2)},
-    "dlogit": {"large": C(128, 128, 32, 8, 4)},
-    "step_fwd": {"d64": C(64, 64, 64, 4, 2), "d128": C(32, 64, 128, 4, 2),
-                 "large": C(128, 64, 32, 8, 3)},
-    "step_grad_rows": {"d64": C(32, 64, 64, 4, 2)},
-    "step_grad_cols": {"d64": C(32, 64, 64, 4, 2)},
-    "step_dlogit": {"d128": C(128, 64, 32, 8, 3), "large": C(128, 64, 32, 8, 3)},
+    "clip_lse": {"d64": C(128, 128, 64, 8, 2, 34816), "d128": C(64, 64, 128, 4, 3, 49664),
+                 "large": C(128, 128, 32, 8, 2, 16384)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3, 51200),
+                   "d128": C(128, 64, 128, 8, 2, 50176),
+                   "large": C(128, 128, 32, 8, 4, 49152)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3, 32768), "d128": C(64, 64, 128, 8, 2, 37120)},
+    "dlogit": {"large": C(128, 128, 32, 8, 4, 49152)},
+    "step_fwd": {"d64": C(64, 64, 64, 4, 2, 32768), "d128": C(32, 64, 128, 4, 2, 49152),
+                 "large": C(128, 64, 32, 8, 3, 49152)},
+    "step_grad_rows": {"d64": C(32, 64, 64, 4, 2, 26880)},
+    "step_grad_cols": {"d64": C(32, 64, 64, 4, 2, 27392)},
+    "step_dlogit": {"d128": C(128, 64, 32, 8, 3, 49152),
+                    "large": C(128, 64, 32, 8, 3, 49152)},
 }
 
 # float32 on TF32 tensor cores: fp32 operands take twice the shared memory and (sm_80)
 # twice the fragment registers of 16-bit ones, so smaller tiles and feature chunks.
 _SM90_TF32 = {
-    "clip_lse": {"d64": C(128, 128, 64, 8, 2), "d128": C(128, 64, 128, 8, 3),
-                 "large": C(128, 128, 32, 8, 3)},
-    "siglip_sum": {"d64": C(128, 128, 64, 8, 3), "d128": C(128, 64, 128, 8, 3),
-                   "large": C(128, 128, 32, 8, 3)},
-    "grad_rows": {"d64": C(128, 64, 64, 8, 3), "d128": C(64, 64, 128, 4, 2)},
-    "dlogit": {"large": C(128, 128, 32, 8, 3)},
-    "step_fwd": {"d64": C(64, 64, 64, 8, 3), "d128": C(16, 32, 128, 4, 3),
-                 "large": C(128, 64, 32, 8, 3)},
-    "step_grad_rows": {"d64": C(32, 32, 64, 4, 3)},
-    "step_grad_cols": {"d64": C(64, 32, 64, 4, 3)},
-    "step_dlogit": {"d128": C(128, 64, 32, 8, 3), "large": C(128, 64, 32, 8, 3)},
+    "clip_lse": {"d64": C(128, 128, 64, 8, 2, 98304), "d128": C(128, 64, 128, 8, 3, 163840),
+                 "large": C(128, 128, 32, 8, 3, 98304)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 3, 131072),
+                   "d128": C(128, 64, 128, 8, 3, 163840),
+                   "large": C(128, 128, 32, 8, 3, 98304)},
+    "grad_rows": {"d64": C(128, 64, 64, 8, 3, 66048), "d128": C(64, 64, 128, 4, 2, 98560)},
+    "dlogit": {"large": C(128, 128, 32, 8, 3, 98304)},
+    "step_fwd": {"d64": C(64, 64, 64, 8, 3, 114688), "d128": C(16, 32, 128, 4, 3, 65536),
+                 "large": C(128, 64, 32, 8, 3, 147456)},
+    "step_grad_rows": {"d64": C(32, 32, 64, 4, 3, 53248)},
+    "step_grad_cols": {"d64": C(64, 32, 64, 4, 3, 66304)},
+    "step_dlogit": {"d128": C(128, 64, 32, 8, 3, 147456),
+                    "large": C(128, 64, 32, 8, 3, 147456)},
 }
 
 _SM80_TF32 = {
-    "clip_lse": {"d64": C(64, 32, 64, 4, 3), "d128": C(64, 64, 128, 4, 2),
-                 "large": C(128, 64, 16, 8, 4)},
-    "siglip_sum": {"d64": C(128, 128, 64, 8, 2), "d128": C(128, 64, 128, 8, 2),
-                   "large": C(128, 128, 16, 8, 4)},
-    "grad_rows": {"d64": C(64, 32, 64, 4, 3), "d128": C(64, 64, 128, 8, 2)},
-    "dlogit": {"large": C(128, 128, 16, 8, 4)},
-    "step_fwd": {"d64": C(64, 32, 64, 4, 2), "d128": C(16, 32, 128, 4, 2),
-                 "large": C(64, 32, 16, 4, 3)},
-    "step_grad_rows": {"d64": C(16, 32, 64, 4, 2)},
-    "step_grad_cols": {"d64": C(16, 32, 64, 4, 2)},
-    "step_dlogit": {"d128": C(64, 32, 16, 4, 3), "large": C(64, 32, 16, 4, 3)},
+    "clip_lse": {"d64": C(64, 32, 64, 4, 3, 33280), "d128": C(64, 64, 128, 4, 2, 66048),
+                 "large": C(128, 64, 16, 8, 4, 36864)},
+    "siglip_sum": {"d64": C(128, 128, 64, 8, 2, 67584),
+                   "d128": C(128, 64, 128, 8, 2, 99328),
+                   "large": C(128, 128, 16, 8, 4, 49152)},
+    "grad_rows": {"d64": C(64, 32, 64, 4, 3, 33024), "d128": C(64, 64, 128, 8, 2, 82176)},
+    "dlogit": {"large": C(128, 128, 16, 8, 4, 49152)},
+    "step_fwd": {"d64": C(64, 32, 64, 4, 2, 49152), "d128": C(16, 32, 128, 4, 2, 49152),
+                 "large": C(64, 32, 16, 4, 3, 24576)},
+    "step_grad_rows": {"d64": C(16, 32, 64, 4, 2, 32896)},
+    "step_grad_cols": {"d64": C(16, 32, 64, 4, 2, 33152)},
+    "step_dlogit": {"d128": C(64, 32, 16, 4, 3, 24576), "large": C(64, 32, 16, 4, 3, 24576)},
 }
 
 # float32 "ieee" dots run on the FMA units with their operands in registers: 8 warps, and the
 # forward / dS passes loop over D in 16-wide chunks (no resident row tile); the step kernels
-# (three tiles) take 32 x 32 tiles.
+# (three tiles) take 32 x 32 tiles. (The same entries and shared memory on both
+# architectures.)
 _FP32_IEEE = {
-    "clip_lse": {d: C(128, 64, 16, 8, 3) for d in D_CLASSES},
-    "siglip_sum": {d: C(32, 32, 16, 8, 2) for d in D_CLASSES},
-    "grad_rows": {"d64": C(32, 32, 64, 4, 2), "d128": C(32, 32, 128, 4, 2)},
-    "dlogit": {"large": C(32, 32, 16, 8, 2)},
-    "step_fwd": {d: C(32, 32, 16, 8, 2) for d in D_CLASSES},
-    "step_grad_rows": {"d64": C(16, 32, 64, 8, 2)},
-    "step_grad_cols": {"d64": C(16, 32, 64, 8, 2)},
-    "step_dlogit": {"d128": C(32, 32, 16, 8, 2), "large": C(32, 32, 16, 8, 2)},
+    "clip_lse": {d: C(128, 64, 16, 8, 3, 24576) for d in D_CLASSES},
+    "siglip_sum": {d: C(32, 32, 16, 8, 2, 4096) for d in D_CLASSES},
+    "grad_rows": {"d64": C(32, 32, 64, 4, 2, 20608), "d128": C(32, 32, 128, 4, 2, 36992)},
+    "dlogit": {"large": C(32, 32, 16, 8, 2, 4096)},
+    "step_fwd": {d: C(32, 32, 16, 8, 2, 8192) for d in D_CLASSES},
+    "step_grad_rows": {"d64": C(16, 32, 64, 8, 2, 30848)},
+    "step_grad_cols": {"d64": C(16, 32, 64, 8, 2, 31104)},
+    "step_dlogit": {"d128": C(32, 32, 16, 8, 2, 8192), "large": C(32, 32, 16, 8, 2, 8192)},
 }
 
 TABLE: dict[int, dict[str, dict[str, dict[str, Config]]]] = {
@@ -166,6 +185,13 @@ INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
 
 # Under the interpreter: None (16-wide tiles) or 80 / 90 (that architecture's table).
 interpreter_arch: int | None = None
+
+# The Triton tables are written for tensor-core MMA (mma.sync from sm_80, wgmma on sm_90).
+MIN_CAPABILITY = (8, 0)
+
+# The limits assumed where a device cannot be asked (tracing with fake CUDA tensors and no
+# GPU: nothing launches): an H100's.
+TRACING_LIMITS = DeviceLimits("no device (tracing)", (9, 0), 232448)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -196,37 +222,90 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype_class(dtype) == "fp32" else "tf32"
 
 
-def arch_of(device: torch.device) -> int | None:
-    """The table architecture for a device (None: the interpreter's 16-wide tiles)."""
-    if device.type != "cuda" or interpreting():
-        return interpreter_arch
-    major, minor = torch.cuda.get_device_capability(device)
-    return 90 if major * 10 + minor >= 90 else 80
+def table_archs(capability: tuple[int, int]) -> tuple[int, ...]:
+    """The tables a device of this compute capability may take, preferred first. sm_90 to
+    sm_11x (Hopper, datacenter Blackwell: large shared memory, warpgroup MMA): the sm_90
+    table, then the sm_80 one for the entries that do not fit. sm_80 to sm_89 and sm_12x
+    (consumer Blackwell runs mma.sync, as Ampere and Ada, with 99 KiB per block): the sm_80
+    table only, whose register-bound tiles were sized for mma.sync fragments."""
+    return (90, 80) if 9 <= capability[0] < 12 else (80,)
 
 
-def _arch_or_none(device: torch.device) -> int | None:
+def device_config(kernel: str, limits: DeviceLimits, cls: str, dclass: str) -> Config | None:
+    """The first entry for (kernel, dtype class, D class) in the tables of table_archs whose
+    shared memory fits the device (its opt-in maximum per block), or None: a launch needing
+    more would fail with OutOfResources."""
+    for arch in table_archs(limits.capability):
+        cfg = TABLE[arch][cls][kernel][dclass]
+        if cfg.shared <= limits.shared_per_block:
+            return cfg
+    return None
+
+
+def limits_reason(limits: DeviceLimits, cls: str) -> str | None:
+    """Why the kernels cannot launch on a device with these limits for inputs of this dtype
+    class (None: every kernel has an entry that fits)."""
+    major, minor = limits.capability
+    if limits.capability < MIN_CAPABILITY:
+        return (f"the Triton tile configurations need compute capability 8.0 or newer "
+                f"(tensor-core mma.sync / wgmma); {limits.name} has {major}.{minor}")
+    needs = {}
+    for kernel in KERNELS:
+        for dclass in KERNEL_D_CLASSES[kernel]:
+            if device_config(kernel, limits, cls, dclass) is None:
+                needs[kernel, dclass] = min(TABLE[arch][cls][kernel][dclass].shared
+                                            for arch in table_archs(limits.capability))
+    if not needs:
+        return None
+    (kernel, dclass), need = max(needs.items(), key=lambda item: item[1])
+    return (f"{limits.name} (sm_{major}{minor}) allows {limits.shared_per_block} bytes of "
+            f"shared memory per block, and {len(needs)} Triton tile configuration(s) for "
+            f"{cls} inputs need more, up to {need} bytes ({kernel}, D class {dclass})")
+
+
+def device_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot launch on this device for inputs of this dtype, or None
+    (CPU tensors, the interpreter, or no CUDA device to ask: nothing to refuse here)."""
+    if device.type != "cuda" or interpreting() or not torch.cuda.is_available():
+        return None
+    return limits_reason(device_limits(device), dtype_class(dtype))
+
+
+def _limits(device: torch.device) -> DeviceLimits:
     try:
-        return arch_of(device)
+        return device_limits(device)
     except Exception:  # tracing with fake CUDA tensors and no device
-        return 90
+        return TRACING_LIMITS
 
 
-def lookup(kernel: str, arch: int, dclass: str, cls: str, D: int) -> Config:
-    """TABLE's entry, with the one-chunk feature block narrowed to D (a power of 2 >= 16)."""
-    cfg = TABLE[arch][cls][kernel][dclass]
+def narrowed(cfg: Config, dclass: str, D: int) -> Config:
+    """A one-chunk entry (D class d64 / d128) with its feature block narrowed to D (a power
+    of 2 >= 16)."""
     if dclass != "large" and cfg.block_d >= D:
         cfg = cfg._replace(block_d=min(cfg.block_d, max(16, triton.next_power_of_2(int(D)))))
     return cfg
 
 
+def lookup(kernel: str, arch: int, dclass: str, cls: str, D: int) -> Config:
+    """TABLE's entry for this architecture, narrowed to D."""
+    return narrowed(TABLE[arch][cls][kernel][dclass], dclass, D)
+
+
 def select(kernel: str, device: torch.device, dtype: torch.dtype, D: int) -> Config:
-    """The configuration of `kernel` for inputs of this device, dtype and feature dimension."""
+    """The configuration of `kernel` for inputs of this device, dtype and feature dimension:
+    on a GPU, device_config's entry (RuntimeError, with limits_reason, when none fits)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
-    arch = _arch_or_none(device)
-    if arch is None:
-        return INTERPRETER_CONFIG
-    return lookup(kernel, arch, d_class(D), dtype_class(dtype), D)
+    dclass, cls = d_class(D), dtype_class(dtype)
+    if device.type != "cuda" or interpreting():
+        if interpreter_arch is None:
+            return INTERPRETER_CONFIG
+        return lookup(kernel, interpreter_arch, dclass, cls, D)
+    limits = _limits(device)
+    cfg = device_config(kernel, limits, cls, dclass)
+    if cfg is None:
+        raise RuntimeError(f"robustft_triton: {limits_reason(limits, cls)}")
+    return narrowed(cfg, dclass, D)
 
 
 def fused_backward(group: str, device: torch.device, D: int) -> bool:
@@ -245,7 +324,6 @@ def fused_backward(group: str, device: torch.device, D: int) -> bool:
     kernels (three accumulators). So the fused kernel serves those D, the dS workspace design
     every larger one.
     """
-    arch = _arch_or_none(device)
-    if arch is None:
+    if (device.type != "cuda" or interpreting()) and interpreter_arch is None:
         return D <= INTERPRETER_FUSED_BWD_MAX_D
     return D <= FUSED_BWD_MAX_D[group]

@@ -1,4 +1,4 @@
-"""The device every Triton op body launches on.
+"""The device every Triton op body launches on, and what a device allows.
 
 `wrap_triton(kernel)[grid](...)` launches on the *current* CUDA device and its current
 stream, and torch.library.triton_op adds no guard of its own: with the inputs on cuda:1 and
@@ -7,6 +7,9 @@ race with cuda:1's stream. `triton_op` below is the one way the backend register
 runs the body under `device_guard(inputs_device(args))`, so every launch of every op runs on
 its inputs' device and stream. tests/test_triton_launch.py checks, op by op, that the guard
 is entered with the inputs' device.
+
+`DeviceLimits` are the figures of a CUDA device that decide which tile configurations can
+launch there (configs.select, configs.device_unavailable_reason).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import contextlib
 import functools
 import inspect
 import typing
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,3 +67,25 @@ def triton_op(name: str) -> Callable:
         return _torch_triton_op(name, mutates_args=())(on_inputs_device)
 
     return register
+
+
+# ----------------------------------------------------------------------------- limits
+class DeviceLimits(NamedTuple):
+    """What a CUDA device allows a kernel launch."""
+
+    name: str
+    capability: tuple[int, int]
+    shared_per_block: int  # bytes of shared memory a block may use (the opt-in maximum)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_limits(index: int) -> DeviceLimits:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceLimits(props.name, (props.major, props.minor),
+                        props.shared_memory_per_block_optin)
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The limits of a CUDA device (its current device when it has no index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return cuda_limits(index)

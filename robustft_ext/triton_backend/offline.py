@@ -97,6 +97,12 @@ class CompiledKernel:
     def spills(self) -> bool:
         return self.spill_stores + self.spill_loads > 0
 
+    @property
+    def shared_over_record(self) -> bool:
+        """Needs more shared memory than its configs entry records (which the selection by
+        device trusts)."""
+        return self.shared > self.config.shared
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["config"] = self.config._asdict()
