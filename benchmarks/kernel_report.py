@@ -10,16 +10,18 @@ architecture, from cuobjdump (--dump-resource-usage and --dump-sass): registers,
 
 Triton side: every configuration of robustft_ext/triton_backend/configs.py TABLE (each kernel
 variant, architecture, dtype and D class), compiled offline for sm_90 / sm_80 with Triton's
-compiler (robustft_ext/triton_backend/offline.py): registers and spill bytes (ptxas -v),
-shared memory, wgmma / mma.sync in the PTX and HGMMA / HMMA / FFMA in the SASS.
+compiler (robustft_ext/triton_backend/offline.py) as the ops launch them, each D class at its
+largest D and at a D that is not a multiple of 16 (the launch then has the padded feature
+dimension, shown in brackets): registers and spill bytes (ptxas -v), shared memory, wgmma /
+mma.sync in the PTX and HGMMA / HMMA / FFMA in the SASS.
 
-Flags: NO-TC, a 16-bit kernel without a tensor-core instruction; SPILL (Triton), register
-spills reported by ptxas; SMEM (Triton), more shared memory than the configs entry records
-(the selection by device trusts the record); LMEM (CUDA), local-memory traffic (STL/LDL or
-a local segment), which is how spills show in a binary, but also how local arrays do (ptxas
--v at build time tells them apart); ERROR, a configuration that does not compile. --strict
-exits with status 1 when a 16-bit CUDA kernel or any Triton configuration is flagged, or
-when a requested side has nothing to examine (a CPU-only build).
+Flags: NO-TC, a 16-bit kernel without a tensor-core instruction; SPILL (Triton),
+register spills reported by ptxas; SMEM (Triton), more shared memory than the configs entry
+records (the selection by device trusts the record); LMEM (CUDA), local-memory traffic
+(STL/LDL or a local segment), which is how spills show in a binary, but also how local
+arrays do (ptxas -v at build time tells them apart); ERROR, a configuration that does not
+compile. --strict exits with status 1 when a 16-bit CUDA kernel or any Triton configuration
+is flagged, or when a requested side has nothing to examine (a CPU-only build).
 
 The Triton compile cache (~/.triton/cache) makes reruns fast; a cold run of the whole table
 compiles about 150 kernels (minutes per core: --jobs runs them in parallel).
@@ -216,7 +218,8 @@ def print_triton(rows: list[dict]) -> None:
         c = r["config"]
         tile = (f"{c['block_m']}x{c['block_n']}x{c['block_d']} "
                 f"w{c['num_warps']} s{c['num_stages']}")
-        out.append([r["kernel"], r["variant"], f"sm_{r['arch']}", r["dtype"], r["D"], tile,
+        dim = r["D"] if r["launch_D"] == r["D"] else f"{r['D']} ({r['launch_D']})"
+        out.append([r["kernel"], r["variant"], f"sm_{r['arch']}", r["dtype"], dim, tile,
                     r["registers"], f"{r['spill_stores']}/{r['spill_loads']}", r["shared"],
                     r["ptx_wgmma"], r["ptx_mma"], r["sass_hgmma"], r["sass_hmma"],
                     r["sass_ffma"], r["flags"]])

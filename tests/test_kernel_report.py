@@ -41,9 +41,10 @@ def test_triton_dlogit_sm90_uses_wgmma(tmp_path):
                               "dlogit", "--strict")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert {r["variant"] for r in rows} == {"clip", "siglip"}
+    assert {r["D"] for r in rows} == {768, 200}
     for r in rows:
         assert "error" not in r, r
-        assert r["arch"] == 90 and r["dtype"] == "bf16" and r["D"] == 768
+        assert r["arch"] == 90 and r["dtype"] == "bf16"
         assert r["ptx_wgmma"] > 0 and r["sass_hgmma"] > 0, r
         assert r["ptx_mma"] == 0 and r["sass_hmma"] == 0, r
         assert r["spill_stores"] == r["spill_loads"] == 0, r
@@ -52,12 +53,55 @@ def test_triton_dlogit_sm90_uses_wgmma(tmp_path):
     assert "dlogit" in proc.stdout and "none flagged" in proc.stdout
 
 
+def test_triton_unaligned_d_launches_the_hinted_kernel(tmp_path):
+    # D = 60 is launched padded to 64 columns (configs.aligned_dim), so D and the strides
+    # keep the divisibility hint: the same code as D = 64, without the 624 bytes of spills
+    # the unhinted kernel had; --strict passes.
+    proc, rows = _triton_rows(tmp_path, "--arch", "90", "--dtype", "bf16", "--kernel",
+                              "step_grad_rows", "--strict")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    by_d = {r["D"]: r for r in rows}
+    assert set(by_d) == {64, 60}
+    assert by_d[60]["launch_D"] == 64 and by_d[60]["hinted"]
+    assert by_d[60]["spill_stores"] == by_d[60]["spill_loads"] == 0
+    assert by_d[60]["registers"] == by_d[64]["registers"]
+    assert "60 (64)" in proc.stdout
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=1200, env=env, cwd=ROOT / "benchmarks")
+
+
+def test_triton_report_flags_the_unhinted_launch_and_unrecorded_shared_memory():
+    # What --strict would say if the host stopped padding D (the launch of D = 60 unhinted:
+    # the step kernel spills) or an entry needed more shared memory than configs records
+    # (the selection by device would let it launch where it does not fit).
+    proc = _run_python("""
+import json, kernel_report
+from robustft_ext.triton_backend import configs
+aligned_dim, configs.aligned_dim = configs.aligned_dim, lambda size: size
+unhinted = kernel_report._compile_one(("step_grad_rows", "all_terms", 90, "bf16", 60))
+configs.aligned_dim = aligned_dim
+entry = configs.TABLE[90]["16bit"]["dlogit"]
+entry["large"] = entry["large"]._replace(shared=1024)
+unrecorded = kernel_report._compile_one(("dlogit", "clip", 90, "bf16", 768))
+print(json.dumps([unhinted, unrecorded], default=str))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unhinted, unrecorded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not unhinted["hinted"] and unhinted["launch_D"] == 60
+    assert "SPILL" in unhinted["flags"] and unhinted["failing"], unhinted
+    assert unrecorded["flags"] == "SMEM" and unrecorded["failing"], unrecorded
+
+
 def test_triton_grad_rows_sm80_uses_mma_sync(tmp_path):
     # The register-resident backward compiled for sm_80: mma.sync / HMMA, no wgmma.
     proc, rows = _triton_rows(tmp_path, "--arch", "80", "--dtype", "fp16", "--kernel",
                               "grad_rows")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert {r["D"] for r in rows} == {64, 128}
+    assert {r["D"] for r in rows} == {64, 60, 128, 67}
     for r in rows:
         assert r["ptx_mma"] > 0 and r["sass_hmma"] > 0 and r["ptx_wgmma"] == 0, r
         assert r["spill_stores"] == 0, r

@@ -4,7 +4,11 @@
   device_guard(its inputs' device), so that its kernels launch on that device and its current
   stream rather than on the current device's. Checked without a GPU by replacing the guard
   factory with a recorder: the real ops on CPU tensors, and the ops on fake tensors on cuda:1
-  (the body is the ops' fake implementation too).
+  (the body is the ops' fake implementation too);
+* the divisibility hints the kernels are compiled and checked for offline
+  (configs.aligned_dim, triton_backend/offline.py, benchmarks/kernel_report.py): for inputs
+  whose D is not a multiple of 16, every D and row stride a kernel receives is one, and every
+  tensor it receives is 16-byte aligned.
 """
 import contextlib
 
@@ -101,3 +105,49 @@ def test_inputs_device_prefers_cuda_tensors():
     with FakeTensorMode():
         z = torch.empty(2, device=cuda1)
     assert device_module.inputs_device((x, z), {}) == cuda1
+
+
+# ----------------------------------------------------------------------------- divisibility
+def _interpreted_kernels():
+    """Every kernel the op modules launch (their _traceable wrappers)."""
+    from robustft_ext.triton_backend.ops import _InterpretedKernel
+
+    return {name: kernel for module in (tb.ops, tb.step_ops)
+            for name, kernel in vars(module).items() if isinstance(kernel, _InterpretedKernel)}
+
+
+@pytest.mark.skipif(not tb.interpreting(), reason="records the interpreter's launches")
+def test_every_launch_has_aligned_dims_and_pointers(monkeypatch):
+    launches = []
+
+    class Recording:
+        def __init__(self, inner, name, arg_names):
+            self.inner, self.name, self.arg_names = inner, name, arg_names
+
+        def run(self, *args, **kwargs):
+            launches.append((self.name, dict(zip(self.arg_names, args)) | kwargs))
+            return self.inner.run(*args, **kwargs)
+
+    kernels = _interpreted_kernels()
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(kernel, "_interpreted",
+                            Recording(kernel._interpreted, name, kernel.arg_names))
+    for D in (5, 33):  # the register-resident and the dS-workspace backward
+        for name, args in _op_calls(D, "cpu").items():
+            getattr(ops, name)(*args)
+    assert {name for name, _ in launches} == set(kernels)
+    for name, args in launches:
+        for arg, value in args.items():
+            if arg == "D" or arg.startswith("stride"):
+                assert value % 16 == 0, (name, arg, value)
+            if isinstance(value, torch.Tensor):
+                assert value.data_ptr() % 16 == 0, (name, arg)
+
+
+def test_kernel_input_copies_a_misaligned_view(monkeypatch):
+    monkeypatch.setattr(tb.ops, "interpreting", lambda: False)  # (the interpreter copies all)
+    base = torch.randn(100)
+    misaligned = base[3:35].view(2, 16)  # 12 bytes past a 64-byte aligned allocation
+    aligned = base[4:36].view(2, 16)
+    assert tb.ops._kernel_input(misaligned).data_ptr() % 16 == 0
+    assert tb.ops._kernel_input(aligned).data_ptr() == aligned.data_ptr()

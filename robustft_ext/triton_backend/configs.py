@@ -186,6 +186,9 @@ INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
 # Under the interpreter: None (16-wide tiles) or 80 / 90 (that architecture's table).
 interpreter_arch: int | None = None
 
+# The feature dimension and every row stride of a launch are multiples of this (aligned_dim).
+ALIGN = 16
+
 # The Triton tables are written for tensor-core MMA (mma.sync from sm_80, wgmma on sm_90).
 MIN_CAPABILITY = (8, 0)
 
@@ -201,6 +204,17 @@ def interpreting() -> bool:
     from . import kernels  # (the kernels module decides; imported late: no import cycle)
 
     return not isinstance(kernels.clip_lse_kernel, triton.runtime.jit.JITFunction)
+
+
+def aligned_dim(size: int) -> int:
+    """size rounded up to a multiple of ALIGN: the feature dimension the kernels are launched
+    with (the op bodies pad the features with zero columns, which change no dot product, and
+    cut the gradients back to D), and the row stride of the dS workspace's blocks. Why:
+    Triton specialises an integer argument that is a multiple of 16 ("tt.divisibility");
+    without that hint on D and the row strides the masked loads and stores do not vectorise,
+    and the step kernels sit at 255 registers and spill (benchmarks/kernel_report.py compiles
+    the kernels as launched; tests/test_triton_launch.py checks every launch's arguments)."""
+    return -(-size // ALIGN) * ALIGN
 
 
 def d_class(D: int) -> str:

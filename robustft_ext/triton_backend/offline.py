@@ -13,9 +13,12 @@ Argument types follow the kernels' naming convention (kernels.py, step_kernels.p
   * single upper-case feature matrices (P, Q, I, T, M, G, FI, FT, PI, PT): the input dtype;
   * the dS workspace (DS, DSA, DSB, DSC): the workspace dtype (ds_workspace.ds_dtype);
   * names ending in _ptr: float32 buffers;
-  * every other runtime argument: a 32-bit integer. D and the strides carry the 16-byte
-    divisibility hint that a launch with D a multiple of 16 gets (as Triton's JIT would
-    specialise them), every pointer too.
+  * every other runtime argument: a 32-bit integer.
+Divisibility hints are those of the launch the ops make: every pointer is 16-byte aligned,
+and D and the strides carry Triton's divisibility-by-16 hint exactly when the launched
+feature dimension (configs.aligned_dim of the inputs' D) is a multiple of 16, as Triton's JIT
+would specialise them. table_entries also compiles each D class at a D that is not a multiple
+of 16, so the report shows what such inputs launch.
 """
 from __future__ import annotations
 
@@ -62,8 +65,10 @@ KERNEL_VARIANTS = {
                     {"all_terms": dict(_ALL_STEP_TERMS, GROUP_M=8)}),
 }
 
-# The D each D class is compiled at (the one-chunk classes at their largest D).
+# The D each D class is compiled at: its largest (the one-chunk classes' widest feature
+# block), and one that is not a multiple of 16 (what the host launches for such inputs).
 REPRESENTATIVE_D = {"d64": 64, "d128": 128, "large": 768}
+UNALIGNED_D = {"d64": 60, "d128": 67, "large": 200}
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -76,7 +81,9 @@ class CompiledKernel:
     variant: str
     arch: int
     dtype: str          # "bf16", "fp16", "fp32" (ieee) or "tf32"
-    D: int
+    D: int              # the inputs' feature dimension
+    launch_D: int       # the feature dimension launched (configs.aligned_dim(D))
+    hinted: bool        # D and the strides carry the divisibility-by-16 hint
     config: configs.Config
     registers: int      # per thread (ptxas)
     spill_stores: int   # bytes (ptxas)
@@ -124,8 +131,10 @@ def cuda_tool(name: str) -> str:
     return found
 
 
-def _signature(fn, dtype: torch.dtype, constexprs: dict) -> tuple[dict, dict]:
-    """(signature, attrs) of an ASTSource per the module docstring's convention."""
+def _signature(fn, dtype: torch.dtype, constexprs: dict,
+               hinted: bool) -> tuple[dict, dict]:
+    """(signature, attrs) of an ASTSource per the module docstring's convention; hinted: D
+    and the strides are multiples of 16."""
     feat = "*" + _TRITON_TYPES[dtype]
     ws = "*" + _TRITON_TYPES[ds_dtype(dtype)]
     sig, attrs = {}, {}
@@ -141,7 +150,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict) -> tuple[dict, dict]:
             sig[name] = "*fp32"
         else:
             sig[name] = "i32"
-        if sig[name].startswith("*") or name == "D" or name.startswith("stride"):
+        feature_sized = name == "D" or name.startswith("stride")
+        if sig[name].startswith("*") or (hinted and feature_sized):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -188,8 +198,9 @@ def sass_counts(sass: str) -> dict:
 
 def compile_config(kernel: str, variant: str, arch: int, dtype_name: str, D: int,
                    config: configs.Config | None = None) -> CompiledKernel:
-    """Compile one kernel variant for sm_`arch` with `config` (default: configs.TABLE's
-    entry for this arch, dtype and D) and measure it.
+    """Compile one kernel variant for sm_`arch` as the ops launch it for inputs of feature
+    dimension D (at configs.aligned_dim(D)), with `config` (default: configs.TABLE's entry
+    for this arch, dtype and D), and measure it.
 
     dtype_name: "bf16", "fp16", "fp32" (float32 "ieee" dots) or "tf32" (float32 on TF32
     tensor cores)."""
@@ -200,22 +211,24 @@ def compile_config(kernel: str, variant: str, arch: int, dtype_name: str, D: int
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
              "tf32": torch.float32}[dtype_name]
     cls = {"bf16": "16bit", "fp16": "16bit", "fp32": "fp32", "tf32": "tf32"}[dtype_name]
-    dclass = configs.d_class(D)
+    launch_D = configs.aligned_dim(D)
+    dclass = configs.d_class(launch_D)
     if config is None:
-        config = configs.lookup(kernel, arch, dclass, cls, D)
+        config = configs.lookup(kernel, arch, dclass, cls, launch_D)
     constexprs = dict(variants[variant], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_D=config.block_d, DOT_PREC="ieee" if cls == "fp32" else "tf32",
-                      UPCAST=False)
-    if "ONE_CHUNK" in fn.arg_names:
-        constexprs["ONE_CHUNK"] = D <= config.block_d
-    sig, attrs = _signature(fn, dtype, constexprs)
+                      UPCAST=False, ONE_CHUNK=launch_D <= config.block_d)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    hinted = launch_D % 16 == 0
+    sig, attrs = _signature(fn, dtype, constexprs, hinted)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps,
                                            num_stages=config.num_stages))
     ptx = compiled.asm["ptx"]
     return CompiledKernel(
-        kernel=kernel, variant=variant, arch=arch, dtype=dtype_name, D=D, config=config,
+        kernel=kernel, variant=variant, arch=arch, dtype=dtype_name, D=D,
+        launch_D=launch_D, hinted=hinted, config=config,
         shared=int(compiled.metadata.shared),
         ptx_wgmma=_count(r"^\s*wgmma\.mma_async", ptx), ptx_mma=_count(r"^\s*mma\.sync", ptx),
         **_ptxas_usage(ptx, arch), **sass_counts(sass_text(compiled.asm["cubin"])))
@@ -224,10 +237,11 @@ def compile_config(kernel: str, variant: str, arch: int, dtype_name: str, D: int
 def table_entries(archs=configs.ARCHS, dtypes=("bf16", "fp16", "tf32", "fp32"),
                   kernels_=configs.KERNELS):
     """(kernel, variant, arch, dtype name, D) of every configuration in configs.TABLE that
-    the ops can launch, each D class at its REPRESENTATIVE_D."""
+    the ops can launch, each D class at its REPRESENTATIVE_D and its UNALIGNED_D."""
     for kernel in kernels_:
         for variant in KERNEL_VARIANTS[kernel][1]:
             for arch in archs:
                 for dtype_name in dtypes:
                     for dclass in configs.KERNEL_D_CLASSES[kernel]:
-                        yield kernel, variant, arch, dtype_name, REPRESENTATIVE_D[dclass]
+                        for D in (REPRESENTATIVE_D[dclass], UNALIGNED_D[dclass]):
+                            yield kernel, variant, arch, dtype_name, D

@@ -5,7 +5,8 @@ csrc/contrastive_ops.h): same arguments, outputs, dtypes and checks, except that
 inputs are not supported. Each op body uses only torch ops with fake-able shapes plus
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
 torch.compile(fullgraph=True) traces through to the kernels. Every body runs under its
-inputs' device guard (device.triton_op).
+inputs' device guard (device.triton_op), and the kernels receive the features padded to a
+multiple of 16 columns, 16-byte aligned (_kernel_features, _kernel_input).
 
 Note on schemas: `triton_op` infers the schema from the annotations and (torch 2.11) ignores
 its `schema=` argument, so `diag_offset: int` becomes `SymInt diag_offset` where the C++
@@ -33,6 +34,7 @@ import hashlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 from torch.library import wrap_triton
@@ -172,8 +174,12 @@ def _check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
 
 
 def _kernel_input(t: Tensor) -> Tensor:
-    """An op input as the kernels receive it: contiguous, and a private copy under the
-    interpreter.
+    """An op input as the kernels receive it: contiguous and 16-byte aligned, and a private
+    copy under the interpreter.
+
+    Why aligned: Triton specialises a pointer that is a multiple of 16 bytes (vectorised
+    loads), and the kernels are compiled and checked for that case
+    (triton_backend/offline.py); a view at an odd offset is copied instead.
 
     Why the copy: torch finds out which arguments a wrap_triton launch writes by lowering the
     kernel to TTIR, which needs a GPU driver; without one it assumes that *every* tensor
@@ -184,7 +190,24 @@ def _kernel_input(t: Tensor) -> Tensor:
     kernels' argument lists. On a GPU the analysis works and inputs are passed as they are.
     """
     t = t.contiguous()
-    return t.clone() if interpreting() else t
+    misaligned = t.storage_offset() * t.element_size() % 16 != 0
+    return t.clone() if interpreting() or misaligned else t
+
+
+def _kernel_features(t: Tensor) -> Tensor:
+    """A feature matrix [rows, D] (or vector [D]) as the kernels receive it: padded with zero
+    columns to configs.aligned_dim(D) columns when D is not a multiple of 16 (a fresh
+    contiguous copy: zero columns change no dot product, and D and the row strides then carry
+    Triton's divisibility hint), else as _kernel_input. Gradients come back through _unpad."""
+    pad = configs.aligned_dim(t.shape[-1]) - t.shape[-1]
+    return F.pad(t, (0, pad)) if pad else _kernel_input(t)
+
+
+def _unpad(x: Tensor, D: int) -> Tensor:
+    """A kernel result [..., aligned_dim(D)] cut back to the inputs' D columns."""
+    if x.shape[-1] == D:
+        return x
+    return x[..., :D].clone(memory_format=torch.contiguous_format)
 
 
 def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
@@ -238,18 +261,21 @@ def _grad_rows_fused(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tenso
 
 def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, siglip: bool,
            row_lse: Tensor | None, col_lse: Tensor | None, pos_coef: int, diag_offset: int,
-           norm: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_a, grad_b) in the inputs' dtype and (grad_scale, grad_bias) 0-d float32 of a
-    contrastive loss with dS = (g / norm) U (kernels._unit_dlogits): the row LSE of S (CLIP),
-    its column LSE (symmetric CLIP), positives at q - p == diag_offset weighted pos_coef.
+           norm: int, D: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_a, grad_b) [., D] in the inputs' dtype and (grad_scale, grad_bias) 0-d float32 of
+    a contrastive loss with dS = (g / norm) U (kernels._unit_dlogits): the row LSE of S
+    (CLIP), its column LSE (symmetric CLIP), positives at q - p == diag_offset weighted
+    pos_coef. a and b are the kernel inputs (_kernel_features), D the callers' feature
+    dimension.
 
     Small D: the register-resident kernel, once per view (rows of a against b; rows of b
     against a with the LSEs swapped and the offset negated). Large D: the dS workspace
     (_grads_workspace)."""
     if not configs.fused_backward("contrastive", a.device, a.shape[1]):
-        return _grads_workspace(a, b, scale, bias, g, siglip=siglip, row_lse=row_lse,
-                                col_lse=col_lse, pos_coef=pos_coef, diag_offset=diag_offset,
-                                norm=norm)
+        grad_a, grad_b, grad_scale, grad_bias = _grads_workspace(
+            a, b, scale, bias, g, siglip=siglip, row_lse=row_lse, col_lse=col_lse,
+            pos_coef=pos_coef, diag_offset=diag_offset, norm=norm)
+        return _unpad(grad_a, D), _unpad(grad_b, D), grad_scale, grad_bias
     grad_a, stats = _grad_rows_fused(
         a, b, scale, bias, g, siglip=siglip, row_lse=row_lse, col_lse=col_lse,
         pos_coef=pos_coef, pos_offset=diag_offset, norm=norm, want_stats=True)
@@ -257,7 +283,8 @@ def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, sigl
         b, a, scale, bias, g, siglip=siglip, row_lse=col_lse, col_lse=row_lse,
         pos_coef=pos_coef, pos_offset=-diag_offset, norm=norm, want_stats=False)
     # Separate reductions: the returned tensors must not alias one another.
-    return grad_a.to(a.dtype), grad_b.to(b.dtype), stats[0].clone(), stats[1].clone()
+    return (_unpad(grad_a.to(a.dtype), D), _unpad(grad_b.to(b.dtype), D), stats[0].clone(),
+            stats[1].clone())
 
 
 def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *,
@@ -276,8 +303,9 @@ def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tenso
     cfg = configs.select("dlogit", a.device, a.dtype, D)
     f32 = dict(device=a.device, dtype=torch.float32)
     ws_dtype = ds_workspace.ds_dtype(a.dtype)
-    rows = ds_workspace.chunk_rows(n, m * ws_dtype.itemsize, cfg.block_m)
-    ds = torch.empty((rows, m), device=a.device, dtype=ws_dtype)
+    width = configs.aligned_dim(m)  # the row stride: a multiple of 16, as D's
+    rows = ds_workspace.chunk_rows(n, width * ws_dtype.itemsize, cfg.block_m)
+    ds = torch.empty((rows, width), device=a.device, dtype=ws_dtype)
     dummy = torch.empty(0, **f32)
     grad_a = torch.empty((n, D), **f32)
     grad_b = torch.zeros((m, D), **f32)
@@ -294,7 +322,7 @@ def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tenso
             row0, chunk, n, m, D, a.stride(0), b.stride(0), ds.stride(0), diag_offset,
             SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
             POS_COEF=pos_coef, GROUP_M=8, **_launch_opts(cfg, a.dtype))
-        u = ds[:chunk]
+        u = ds[:chunk, :m]
         grad_a[row0:row0 + chunk] = ds_workspace.mm_f32(u, b)
         ds_workspace.add_mm_f32_(grad_b, u.T, a[row0:row0 + chunk])
         stats += partials.sum(0)
@@ -326,7 +354,7 @@ def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int
                      f"{diag_offset}) fall outside {m} columns")
         torch._check(diag_offset + n <= m, lambda: f"robustft_triton: positives (i, i + "
                      f"{diag_offset}) fall outside {m} columns")
-    a, b = _kernel_input(a), _kernel_input(b)
+    a, b = _kernel_features(a), _kernel_features(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
     row_lse, col_lse, pos = _launch_lse(a, b, scale, bias, diag_offset, symmetric)
     if symmetric:
@@ -349,18 +377,18 @@ def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tenso
     through the register-resident kernel or the dS workspace (_grads).
     """
     _check_features(a, b, scale, bias)
-    n, m = a.shape[0], b.shape[0]
+    (n, D), m = a.shape, b.shape[0]
     torch._check(row_lse.numel() == n and (not symmetric or col_lse.numel() == m),
                  lambda: "robustft_triton: saved log-sum-exp statistics do not match the "
                  "inputs")
-    a, b = _kernel_input(a), _kernel_input(b)
+    a, b = _kernel_features(a), _kernel_features(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
     g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
     row_lse = _kernel_input(row_lse.to(torch.float32))
     col_lse = _kernel_input(col_lse.to(torch.float32))
     return _grads(a, b, scale, bias, g, siglip=False, row_lse=row_lse,
                   col_lse=col_lse if symmetric else None, pos_coef=2 if symmetric else 1,
-                  diag_offset=diag_offset, norm=2 * n if symmetric else n)
+                  diag_offset=diag_offset, norm=2 * n if symmetric else n, D=D)
 
 
 @triton_op("robustft_triton::siglip_fwd")
@@ -369,12 +397,12 @@ def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
     """SigLIP loss (1/n) sum_ij -log sigmoid(z_ij S_ij), z = +1 on the diagonal unless
     negative_only (then b may have any number of rows). 0-d float32."""
     _check_features(a, b, scale, bias)
-    n, D = a.shape
-    m = b.shape[0]
+    n, m = a.shape[0], b.shape[0]
     torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
                  "needs as many rows in b as in a")
-    a, b = _kernel_input(a), _kernel_input(b)
+    a, b = _kernel_features(a), _kernel_features(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
+    D = a.shape[1]
     cfg = configs.select("siglip_sum", a.device, a.dtype, D)
     nprog = _persistent_programs(a.device)
     partial = torch.empty(nprog, device=a.device, dtype=torch.float32)
@@ -390,11 +418,11 @@ def siglip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Ten
                negative_only: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of siglip_fwd's loss: dS = (g / n) (sigmoid(S) - [i == j, positives])."""
     _check_features(a, b, scale, bias)
-    n, m = a.shape[0], b.shape[0]
+    (n, D), m = a.shape, b.shape[0]
     torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
                  "needs as many rows in b as in a")
-    a, b = _kernel_input(a), _kernel_input(b)
+    a, b = _kernel_features(a), _kernel_features(b)
     scale, bias = _kernel_input(scale), _kernel_input(bias)
     g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
     return _grads(a, b, scale, bias, g, siglip=True, row_lse=None, col_lse=None,
-                  pos_coef=0 if negative_only else 1, diag_offset=0, norm=n)
+                  pos_coef=0 if negative_only else 1, diag_offset=0, norm=n, D=D)

@@ -15,7 +15,9 @@ step_grad_rows_kernel (likewise) plus, with m^2 or CLIP, one of step_grad_cols_k
 
 As in ops.py, each op body uses only torch ops with fake-able shapes plus `wrap_triton` kernel
 launches, so the body is also the fake (meta) implementation and torch.compile(fullgraph=True)
-traces through to the kernels. What the op bodies do with torch ops (all O(n D), as
+traces through to the kernels. Every op body runs on its inputs' device (device.triton_op),
+and the features reach the kernels padded to a multiple of 16 columns (ops._kernel_features).
+What the op bodies do with torch ops (all O(n D), as
 csrc/step_ops.h):
   * the slerp prologue, in float64: c_p = <I_p, T_p>, the weights [4, n] from
     slerp_maths.slerp_weights (the one Python copy of maths::slerp_weights), M = w_a I + w_b T
@@ -47,8 +49,8 @@ from .. import slerp_maths as _slerp
 from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, step_kernels
 from .configs import interpreting
 from .device import triton_op
-from .ops import (_check_features, _kernel_input, _launch_opts, _persistent_programs,
-                  _traceable)
+from .ops import (_check_features, _kernel_features, _kernel_input, _launch_opts,
+                  _persistent_programs, _traceable, _unpad)
 
 _STEP_FWD = _traceable(step_kernels.step_fwd_kernel)
 _STEP_ROWS = _traceable(step_kernels.step_grad_rows_kernel)
@@ -166,10 +168,10 @@ class _Step:
             torch._check(image.size(0) == text.size(0),
                          lambda: f"robustft_triton: image and text must have one shape, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
-            self.n, self.D = image.shape
+            self.n, self.feature_dim = image.shape
             self.device, self.dtype = image.device, image.dtype
-            self.I = _kernel_input(image)
-            self.T = _kernel_input(text)
+            self.I = _kernel_features(image)
+            self.T = _kernel_features(text)
             self.m2_scale = _kernel_input(m2_scale)
             self.clip_scale = _kernel_input(clip_scale)
         if self.with_tiles:
@@ -194,8 +196,8 @@ class _Step:
                          lambda: f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
                          f"image, got {tuple(G.shape)}")
             _check_scalar(lipsum_scale, image, "lipsum_scale")
-            self.P = _kernel_input(image_pre)
-            self.G = _kernel_input(G)
+            self.P = _kernel_features(image_pre)
+            self.G = _kernel_features(G)
             self.lip_scale = _kernel_input(lipsum_scale)
             self.K = G.size(0)
         if self.with_dive:
@@ -217,7 +219,7 @@ class _Step:
                              lambda: "robustft_triton: the DiVE batch must share the "
                              "training batch's dtype, D and device")
             else:
-                self.D = fi.size(1)
+                self.feature_dim = fi.size(1)
                 self.device, self.dtype = fi.device, fi.dtype
             c = center
             if c.dim() != 1 or c.dtype != torch.float32 or c.device != fi.device:
@@ -226,12 +228,14 @@ class _Step:
             torch._check(c.size(0) == fi.size(1),
                          lambda: f"robustft_triton: center must be a [D] torch.float32 "
                          f"tensor on {fi.device}, got {tuple(c.shape)}")
-            self.FI = _kernel_input(fi)
-            self.FT = _kernel_input(ref_text_ft)
-            self.PI = _kernel_input(ref_image_pre)
-            self.PT = _kernel_input(ref_text_pre)
-            self.center = _kernel_input(center)
+            self.FI = _kernel_features(fi)
+            self.FT = _kernel_features(ref_text_ft)
+            self.PI = _kernel_features(ref_image_pre)
+            self.PT = _kernel_features(ref_text_pre)
+            self.center = _kernel_features(center)
             self.n_ref = fi.size(0)
+        # The kernels' feature dimension: feature_dim padded to a multiple of 16.
+        self.D = configs.aligned_dim(self.feature_dim)
         self.f32 = dict(device=self.device, dtype=torch.float32)
         # Placeholder for the pointers of absent parts (never dereferenced).
         none = torch.zeros(1, **self.f32)
@@ -298,7 +302,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     if s.with_dive:
         terms[K_AVL] = totals[1] / s.n_ref
         terms[K_PVL] = totals[2] / s.n_ref
-        diff_mean = diff.sum(0) / s.n_ref
+        diff_mean = _unpad(diff.sum(0) / s.n_ref, s.feature_dim)
     else:
         diff_mean = torch.empty(0, **f32)
     return terms, diff_mean, lse
@@ -359,13 +363,16 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
     out = _StepGrads(s)
     cfg = s.config("step_dlogit")
     ws_dtype = ds_workspace.ds_dtype(s.dtype)
-    per_row = ((2 * n if s.with_m2 else 0) + (n if s.with_clip else 0)) * ws_dtype.itemsize \
-        + (4 * K if s.with_lipsum else 0)
+    # The blocks' row strides are multiples of 16, as D (configs.aligned_dim).
+    width, width_x = configs.aligned_dim(n), configs.aligned_dim(max(K, 1))
+    per_row = ((2 * width if s.with_m2 else 0) + (width if s.with_clip else 0)) \
+        * ws_dtype.itemsize + (4 * width_x if s.with_lipsum else 0)
     rows = ds_workspace.chunk_rows(n, per_row, cfg.block_m) if s.batch else 0
     none = torch.empty(0, device=s.device, dtype=ws_dtype)
-    ds_ab = torch.empty((2 * rows, n), device=s.device, dtype=ws_dtype) if s.with_m2 else none
-    ds_c = torch.empty((rows, n), device=s.device, dtype=ws_dtype) if s.with_clip else none
-    x = torch.empty((rows, K), **f32) if s.with_lipsum else torch.empty(0, **f32)
+    ws = dict(device=s.device, dtype=ws_dtype)
+    ds_ab = torch.empty((2 * rows, width), **ws) if s.with_m2 else none
+    ds_c = torch.empty((rows, width), **ws) if s.with_clip else none
+    x = torch.empty((rows, width_x), **f32) if s.with_lipsum else torch.empty(0, **f32)
     g_m = grads[K_M2] / (2 * n) if s.with_m2 else None
     g_c = grads[K_CLIP] / (2 * n) if s.with_clip else None
     if s.with_lipsum:
@@ -386,7 +393,7 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
             s.I, s.T, s.M, s.P, s.G, s.FI, s.FT, s.PI, s.PT, s.center,
             grads, s.m2_scale, s.clip_scale, lse, dsa, dsb, ds_c, x, partials,
             out.grad_fi, out.grad_ft,
-            row0, chunk, n, max(K, 1), s.n_ref, D, D, D, D, n, max(K, 1), D, ntile, nlip,
+            row0, chunk, n, max(K, 1), s.n_ref, D, D, D, D, width, width_x, D, ntile, nlip,
             **s.flags(), GROUP_M=8, **_launch_opts(cfg, s.dtype))
         if not s.batch:
             break
@@ -394,18 +401,18 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
         stats = stats + partials.sum(0)
         gi = None
         if s.with_m2:
-            ab = ds_ab[:2 * chunk]
+            ab = ds_ab[:2 * chunk, :n]
             mixed = ds_workspace.mm_f32(ab, s.M) * (g_m * s.m2_scale)
             gi = mixed[:chunk]
             out.grad_T[sl] = mixed[chunk:]
             ds_workspace.add_mm_f32_(out.grad_M, ab.T, torch.cat([s.I[sl], s.T[sl]]))
         if s.with_clip:
-            uc = ds_c[:chunk]
+            uc = ds_c[:chunk, :n]
             part = ds_workspace.mm_f32(uc, s.T) * (g_c * s.clip_scale)
             gi = part if gi is None else gi + part
             ds_workspace.add_mm_f32_(out.grad_Tc, uc.T, s.I[sl])
         if s.with_lipsum:
-            part = torch.mm(x[:chunk], G32) * f_l
+            part = torch.mm(x[:chunk, :K], G32) * f_l
             gi = part if gi is None else gi + part
         out.grad_I[sl] = gi
     # Scale and upstream gradient of each present term, applied once (absent terms' values
@@ -449,8 +456,9 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
         grad_T = grad_T + mix_T
         grad_m2_scale = k.stats[0] + (g_diag * s.pair_dot).sum()
     grad_clip_scale = k.stats[1].clone()  # 0 without CLIP
-    return (grad_I.to(s.dtype), grad_T.to(s.dtype), grad_clip_scale, grad_m2_scale,
-            k.grad_fi.to(s.dtype), k.grad_ft.to(s.dtype))
+    D = s.feature_dim
+    return (_unpad(grad_I.to(s.dtype), D), _unpad(grad_T.to(s.dtype), D), grad_clip_scale,
+            grad_m2_scale, _unpad(k.grad_fi.to(s.dtype), D), _unpad(k.grad_ft.to(s.dtype), D))
 
 
 def _grads5(device: torch.device, values: dict[int, Tensor]) -> Tensor:
