@@ -9,13 +9,13 @@ architecture, from cuobjdump (--dump-resource-usage and --dump-sass): registers,
 (spills), static shared memory and the SASS counts of HGMMA / HMMA (tensor cores) and FFMA.
 
 Triton side: every configuration of robustft_ext/triton_backend/configs.py TABLE (each kernel
-variant, architecture, dtype and D class), compiled offline for sm_90 / sm_80 with Triton's
-compiler (robustft_ext/triton_backend/offline.py) as the ops launch them, each D class at its
-largest D and at a D that is not a multiple of 16 (the launch then has the padded feature
-dimension, shown in brackets): registers and spill bytes (ptxas -v), shared memory, wgmma /
-mma.sync in the PTX and HGMMA / HMMA / FFMA in the SASS.
+variant, architecture, dtype and D class) and the row kernels of the slerp, compiled offline
+for sm_90 / sm_80 with Triton's compiler (robustft_ext/triton_backend/offline.py) as the ops
+launch them, each D class at its largest D and at a D that is not a multiple of 16 (the
+launch then has the padded feature dimension, shown in brackets): registers and spill bytes
+(ptxas -v), shared memory, wgmma / mma.sync in the PTX and HGMMA / HMMA / FFMA in the SASS.
 
-Flags: NO-TC, a 16-bit kernel without a tensor-core instruction; SPILL (Triton),
+Flags: NO-TC, a 16-bit tile kernel without a tensor-core instruction; SPILL (Triton),
 register spills reported by ptxas; SMEM (Triton), more shared memory than the configs entry
 records (the selection by device trusts the record); LMEM (CUDA), local-memory traffic
 (STL/LDL or a local segment), which is how spills show in a binary, but also how local
@@ -24,7 +24,8 @@ compile. --strict exits with status 1 when a 16-bit CUDA kernel or any Triton co
 is flagged, or when a requested side has nothing to examine (a CPU-only build).
 
 The Triton compile cache (~/.triton/cache) makes reruns fast; a cold run of the whole table
-compiles about 150 kernels (minutes per core: --jobs runs them in parallel).
+compiles about 210 kernels for its 416 rows (a D that is not a multiple of 16 launches its
+class's kernel; minutes per core: --jobs runs them in parallel).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def cuda_kernels(so: str) -> tuple[list[dict], str | None]:
 
 # ----------------------------------------------------------------------------- Triton side
 def _compile_one(entry: tuple) -> dict:
-    from robustft_ext.triton_backend import offline
+    from robustft_ext.triton_backend import configs, offline
 
     kernel, variant, arch, dtype, D = entry
     try:
@@ -157,7 +158,9 @@ def _compile_one(entry: tuple) -> dict:
                     error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
                     flags="ERROR", failing=True)
     row = r.as_dict()
-    flags = [f for f, on in (("NO-TC", dtype in ("bf16", "fp16") and not r.tensor_core),
+    tile_kernel = kernel not in configs.ROW_KERNELS  # (the row kernels have no tile products)
+    flags = [f for f, on in (("NO-TC", tile_kernel and dtype in ("bf16", "fp16")
+                              and not r.tensor_core),
                              ("SPILL", r.spills), ("SMEM", r.shared_over_record)) if on]
     row["flags"] = ",".join(flags)
     row["failing"] = bool(flags)
@@ -279,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.side in ("triton", "both"):
         from robustft_ext.triton_backend import configs
 
-        kernels = tuple(args.kernel) if args.kernel else configs.KERNELS
-        unknown = set(kernels) - set(configs.KERNELS)
+        known = configs.KERNELS + configs.ROW_KERNELS
+        kernels = tuple(args.kernel) if args.kernel else known
+        unknown = set(kernels) - set(known)
         if unknown:
-            p.error(f"unknown Triton kernels {sorted(unknown)}; known: {configs.KERNELS}")
+            p.error(f"unknown Triton kernels {sorted(unknown)}; known: {known}")
         rows = triton_kernels(tuple(args.arch), tuple(args.dtype), kernels, args.jobs)
         print_triton(rows)
         problems += summary(rows, "Triton")

@@ -176,3 +176,45 @@ class CudaRules:
         for p in reversed(self._patches):
             p.stop()
         return False
+
+
+def live_bytes_mode():
+    """A TorchDispatchMode that counts the bytes of the storages the ops run under it
+    allocate while they are alive, and their peak (.live, .peak): a storage counts from the
+    op that returns it (unless it is a storage of that op's inputs: a view, an in-place
+    result) until it is freed, which a weakref finalizer on it reports. Storages allocated
+    before the mode (the inputs) do not count."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self._counted: set[int] = set()  # ids of the live storages counted
+
+        def _free(self, key: int, nbytes: int) -> None:
+            self._counted.discard(key)
+            self.live -= nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {id(x.untyped_storage()) if isinstance(x, torch.Tensor) else id(x)
+                     for x in tree_leaves((args, kwargs))
+                     if isinstance(x, (torch.Tensor, torch.UntypedStorage))}
+            for x in tree_leaves(out):
+                if not isinstance(x, torch.Tensor):
+                    continue
+                storage = x.untyped_storage()
+                key, nbytes = id(storage), storage.nbytes()
+                if key in given or key in self._counted or nbytes == 0:
+                    continue
+                self._counted.add(key)
+                self.live += nbytes
+                weakref.finalize(storage, self._free, key, nbytes)
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return LiveBytes()

@@ -20,7 +20,7 @@ pytest.importorskip("open_clip", exc_type=ImportError)  # robustft_train imports
 
 from robustft_train import checkpoint, files
 from robustft_train.cli import main
-from robustft_train.errors import CheckpointError
+from robustft_train.errors import EXIT_DIVERGED, CheckpointError, excerpt
 from robustft_train.models import EMBEDDED_MODEL_CONFIG
 from robustft_train.runner import EXIT_STOPPED
 
@@ -172,15 +172,16 @@ def test_resume_keeps_config_json_and_removes_orphan_temporary_files(stopped_run
     run_dir = _copy(stopped_run, tmp_path)
     orphans = [os.path.join(run_dir, "checkpoints", "ft", ".tmp_killed.pt"),
                os.path.join(run_dir, "checkpoints", "pretrain", ".tmp_x.pt"),
-               os.path.join(run_dir, ".tmp_config.part")]
+               os.path.join(run_dir, ".tmp_config.part"),
+               os.path.join(run_dir, "model_config", ".tmp_model.part")]
     for p in orphans:
         open(p, "wb").write(b"partial")
-    config = os.path.join(run_dir, "config.json")
-    before = (open(config, "rb").read(), os.stat(config).st_mtime_ns)
+    configs = [os.path.join(run_dir, "config.json"), os.path.join(run_dir, "model_config", "robustft-tiny-vit.json")]
+    before = [(open(c, "rb").read(), os.stat(c).st_mtime_ns) for c in configs]
     assert main(["--resume", "--run-dir", run_dir]) == 0
-    assert "removed 3 temporary file(s)" in capsys.readouterr().out
+    assert "removed 4 temporary file(s)" in capsys.readouterr().out
     assert not any(os.path.exists(p) for p in orphans)
-    assert (open(config, "rb").read(), os.stat(config).st_mtime_ns) == before  # not rewritten on resume
+    assert [(open(c, "rb").read(), os.stat(c).st_mtime_ns) for c in configs] == before  # not rewritten on resume
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
@@ -214,3 +215,182 @@ def test_checksum_and_rng_states_under_weights_only(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(CheckpointError, match="not a robustft-train checkpoint"):
         checkpoint.load(path, advice="")
+
+
+# --- a checkpoint of another run, phase, method or model (issue 19, item 1) ---------------------
+
+FINISHED = ["--embedded-fraction", "0.3", "--pretrain-epochs", "1", "--epochs", "1", "--methods", "ft,flyp,m2mix",
+            "--wise-ft-alphas", "1", "--no-plots"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished run: final.pt of pretrain, ft, flyp and flyp+m2mix."""
+    run_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    n = torch.get_num_threads()
+    assert main(FINISHED + ["--run-dir", run_dir]) == 0
+    torch.set_num_threads(n)
+    return run_dir
+
+
+@pytest.mark.parametrize("source, target, phase", [
+    ("flyp", "flyp+m2mix", "flyp"),      # loaded silently: flyp's numbers reported as flyp+m2mix's
+    ("pretrain", "flyp", "pretrain"),    # loaded silently: a pre-trained model as flyp
+    ("ft", "flyp", "ft"),                # RuntimeError: Unexpected key(s) in state_dict, exit status 1
+])
+def test_a_final_checkpoint_of_another_phase_is_refused(finished_run, tmp_path, capsys, source, target, phase):
+    run_dir = _copy(finished_run, tmp_path)
+    path = os.path.join(run_dir, "checkpoints", target, "final.pt")
+    shutil.copyfile(os.path.join(run_dir, "checkpoints", source, "final.pt"), path)
+    err = _resume_fails(run_dir, capsys)
+    assert path in err and "belongs to another run or phase" in err, err
+    assert f"phase {phase!r} (this run: {target!r})" in err and "delete it to train this phase again" in err
+    assert "Traceback" not in err
+
+
+def _rewrite(path: str, change) -> None:
+    """Save the checkpoint at `path` again (a valid checksum) after change(state)."""
+    state = checkpoint.load(path, advice="")
+    change(state)
+    checkpoint.atomic_save(state, path)
+
+
+@pytest.mark.parametrize("what, change, expected", [
+    ("phase", lambda s: s["identity"].update(phase="pretrain"), "phase 'pretrain' (this run: 'ft')"),
+    ("method", lambda s: s["identity"].update(method="flyp"), "method 'flyp' (this run: 'ft')"),
+    ("model", lambda s: s["identity"].update(model="ViT-B-32"), "model 'ViT-B-32' (this run: 'robustft-tiny-vit')"),
+    ("processes", lambda s: s["identity"].update(processes=2), "processes 2 (this run: 1)"),
+    ("settings", lambda s: s["identity"]["settings"].update(lr=0.5, seed=7), "--lr 0.5 (this run: 0.0003), --seed 7"),
+    ("no identity", lambda s: s.pop("identity"), "holds no record of the run that wrote it"),
+])
+def test_a_last_checkpoint_of_another_run_phase_method_or_model_is_refused(stopped_run, tmp_path, capsys, what,
+                                                                          change, expected):
+    run_dir = _copy(stopped_run, tmp_path)
+    path = os.path.join(run_dir, "checkpoints", "ft", "last.pt")
+    _rewrite(path, change)
+    err = _resume_fails(run_dir, capsys)
+    assert path in err and expected in err, err
+    assert "delete it to restart this phase from its first step" in err and "Traceback" not in err
+
+
+# --- a diverging run (item 4) ------------------------------------------------------------------
+
+def test_a_diverging_run_says_where_why_and_what_to_change_and_stays_resumable(tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    args = ["--embedded-fraction", "0.3", "--pretrain-epochs", "0", "--methods", "flyp", "--epochs", "2",
+            "--wise-ft-alphas", "1", "--no-plots", "--lr", "1e8", "--save-every-steps", "1"]
+    assert main(args + ["--run-dir", run_dir]) == EXIT_DIVERGED
+    err = capsys.readouterr().err
+    assert "[flyp] training diverged at step 2 of 4 (epoch 1)" in err, err
+    assert "the loss term clip = nan is not finite" in err
+    assert "Likely cause: the optimiser steps were too large" in err and "--lr" in err and "--grad-clip" in err
+    last = os.path.join(run_dir, "checkpoints", "flyp", "last.pt")
+    assert f"({last}, after step 1)" in err and "Traceback" not in err
+    assert [r["step"] for r in _log_rows(run_dir, "flyp")] == [1]  # the steps before the divergence
+    # the folder resumes from its last checkpoint (and diverges again at the same step)
+    assert main(["--resume", "--run-dir", run_dir]) == EXIT_DIVERGED
+    out, err = capsys.readouterr()
+    assert "resumed from" in out and "at step 1/4" in out and "diverged at step 2 of 4" in err
+
+
+def _log_rows(run_dir: str, phase: str) -> list[dict]:
+    with open(os.path.join(run_dir, "logs", f"{phase}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# --- a malicious pickle (item 5) ---------------------------------------------------------------
+
+class _RemovesAFile:
+    """Unpickling this calls os.remove(path): code that runs on load."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.remove, (self.path,)
+
+
+def test_a_malicious_pickle_is_refused_as_code_not_called_corrupt(stopped_run, tmp_path, capsys):
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_text("still here")
+    run_dir = _copy(stopped_run, tmp_path)
+    path = os.path.join(run_dir, "checkpoints", "ft", "last.pt")
+    torch.save({"format": checkpoint.FORMAT, "state": {"model": _RemovesAFile(str(sentinel))}}, path)
+    err = _resume_fails(run_dir, capsys)
+    assert path in err and "refused" in err and "can run code" in err and f"{os.name}.remove" in err, err
+    assert "corrupt" not in err
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"state_dict": _RemovesAFile(str(sentinel))}, evil)
+    with pytest.raises(SystemExit) as e:
+        main(FAST + ["--pretrained", evil, "--run-dir", str(tmp_path / "pretrained")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--pretrained {evil}: refused" in err and "can run code" in err, err
+    assert "do not fit" not in err
+    assert sentinel.read_text() == "still here"  # never unpickled
+
+
+# --- leftovers (item 6) --------------------------------------------------------------------------
+
+def test_a_last_checkpoint_left_beside_its_final_one_is_removed(stopped_run, tmp_path, capsys):
+    """A kill between writing final.pt and deleting last.pt."""
+    run_dir = _copy(stopped_run, tmp_path)
+    last = os.path.join(run_dir, "checkpoints", "ft", "last.pt")
+    kept = open(last, "rb").read()
+    assert main(["--resume", "--run-dir", run_dir]) == 0
+    assert not os.path.exists(last)
+    open(last, "wb").write(kept)
+    capsys.readouterr()
+    assert main(["--resume", "--run-dir", run_dir]) == 0
+    assert not os.path.exists(last)
+    assert f"removed {last}, left behind by an interruption" in capsys.readouterr().out
+
+
+def test_atomic_writes_flush_the_folder_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(os, "replace", lambda *a: (events.append("replace"), replace(*a))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), fsync(fd))[1])
+    files.atomic_write_text(str(tmp_path / "a.json"), "{}")
+    assert events == ["fsync file", "replace", "fsync folder"]
+
+
+# --- flags a resumed run would ignore (item 7) ---------------------------------------------------
+
+def test_resume_refuses_flags_that_differ_from_the_runs_settings(stopped_run, tmp_path, capsys):
+    run_dir = _copy(stopped_run, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", "--run-dir", run_dir, "--epochs", "5", "--lr", "0.5", "--methods", "flyp", "--seed", "0",
+              "--workers", "0", "--no-plots"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (f"--resume continues the run with the settings of {run_dir}/config.json; these flags differ from them "
+            "and cannot change on resume: --epochs 5 (the run's: 3), --lr 0.5 (the run's: 0.0003), --methods 'flyp' "
+            "(the run's: 'ft')") in err, err
+    assert "--seed" not in err.split("cannot change on resume")[1].split(". Drop")[0]  # the same as the run's
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "ft", "final.pt"))  # nothing trained
+
+
+def test_given_flags_are_the_command_lines_not_the_defaults():
+    from robustft_train.flags import given_flags, training_parser
+
+    given = given_flags(training_parser(), ["--lr", "0.5", "--eval-data", "a=b", "--no-plots", "--resume"])
+    assert given == {"lr": 0.5, "eval_data": ["a=b"], "no_plots": True, "resume": True}
+
+
+# --- other libraries' error text (item 8) --------------------------------------------------------
+
+def test_an_error_text_is_shortened_at_a_sentence_or_line_never_inside_one(tmp_path, monkeypatch):
+    first = "PytorchStreamReader failed reading zip archive: failed finding central directory " + "x" * 150 + "."
+    second = "Another sentence that would pass the limit " + "y" * 200 + "."
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(f"{first} {second}\nmore")))
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"something")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(str(path), advice="do this")
+    assert f"({first} ...)" in str(e.value), str(e.value)
+    assert excerpt("line one.\nline two.") == "line one. line two."
+    assert excerpt("a" * 500) == "a" * 500  # one long sentence is kept whole
+    assert excerpt("One. Two. " + "b" * 400, limit=20) == "One. Two. ..."

@@ -171,4 +171,5 @@ def test_triton_table_sm90_16bit_strict(tmp_path):
     proc, rows = _triton_rows(tmp_path, "--arch", "90", "--dtype", "bf16", "fp16", "--strict",
                               "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-6000:]
-    assert all(r["ptx_wgmma"] > 0 for r in rows)
+    row_kernels = ("pair_dots", "slerp_mix", "slerp_bwd")  # (no tile products)
+    assert all(r["ptx_wgmma"] > 0 for r in rows if r["kernel"] not in row_kernels)

@@ -266,3 +266,59 @@ def test_triton_workspace_bounded(kind):
     # limit, nothing near n x n.
     assert ((2 * rows if kind == "robust_step" else rows), n) in rec.shapes, sorted(rec.shapes)
     assert 0 < rec.largest <= limit < n * n * 4
+
+
+# The live memory of the CLIP + m^2 op bodies: every storage they allocate, from the op that
+# returns it until it is freed (helpers.live_bytes_mode), on CPU under the interpreter. The
+# bound is the CUDA test's, 12 N D float32 plus the workspace limit (the workspace at its
+# minimum of one 16-row block of the three dlogit blocks, so that several chunks run). At
+# N = 12 D an N x N float32 buffer is as large as the 12 N D 4 bytes, so one held beside what
+# the bodies hold would break the bound.
+def _m2_step_bodies(kind, tb, n, D):
+    """(forward body, its arguments, backward body, a function of the forward's outputs
+    giving the backward's arguments) of CLIP + m^2 on n x D float32 features."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(n, D, generator=g), dim=1)
+    b = F.normalize(torch.randn(n, D, generator=g) + a, dim=1)
+    s_m, s_c, lam, one = (torch.tensor(x) for x in (14.3, 10.0, 0.3, 1.0))
+    if kind == "m2mix":
+        args = (a, b, s_m, lam, s_c, True)
+        return (tb.step_ops.m2mix_fwd._init_fn, args, tb.step_ops.m2mix_bwd._init_fn,
+                lambda out: (one, one, *args[:5], out[2], True))
+    args = (a, b, s_c, s_m, lam, True, True, None, None, s_m, None, None, None, None, None)
+    return (tb.step_ops.robust_step_fwd._init_fn, args, tb.step_ops.robust_step_bwd._init_fn,
+            lambda out: (torch.ones(5), *args, out[2]))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("D", [16, 32], ids=["fused", "workspace"])  # the two backwards
+@pytest.mark.parametrize("kind", ["m2mix", "robust_step"])
+def test_triton_m2_peak_live_bytes(kind, D):
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from helpers import import_triton_backend, live_bytes_mode
+    from robustft_ext import workspace
+
+    tb = import_triton_backend()
+    if not tb.interpreting():
+        pytest.skip("records the op bodies' CPU allocations under the interpreter")
+    n = 12 * D
+    limit = 16 * 3 * n * 4
+    bound = 12 * n * D * 4 + limit
+    fwd, fwd_args, bwd, bwd_args = _m2_step_bodies(kind, tb, n, D)
+    workspace.set_workspace_limit(limit)
+    try:
+        with set_wrap_triton_enabled(False):
+            with live_bytes_mode() as forward:
+                out = fwd(*fwd_args)
+            with live_bytes_mode() as backward:
+                bwd(*bwd_args(out))
+    finally:
+        workspace.set_workspace_limit(None)
+    for name, mode in (("forward", forward), ("backward", backward)):
+        assert mode.peak + n * n * 4 > bound  # (the bound would show an N x N buffer)
+        assert mode.peak <= bound, (
+            f"{kind} {name} body, N = {n}, D = {D}: {mode.peak / 2**10:.0f} KiB live at its "
+            f"peak, above 12 N D 4 + workspace = {bound / 2**10:.0f} KiB")

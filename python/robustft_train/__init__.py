@@ -5,8 +5,8 @@ from one robustft_ext.RobustFTLoss call), evaluates in-distribution, under shift
 sweeps WiSE-FT, and writes a run folder; `robustft-train study` repeats the comparison over seeds
 and tests the papers' claims. See docs/driver.md; entry point robustft_train.cli.main.
 
-Modules, each importing only those listed before it: errors, files, methods, config, flags,
-distributed, data, embedded, models, checkpoint, losses, train, evaluate, wise_ft, report, plots,
+Modules, each importing only those listed before it: errors, files, checkpoint, methods, config,
+flags, distributed, data, embedded, models, losses, train, evaluate, wise_ft, report, plots,
 sharpness (estimators, plots, analysis), runner, sharpness.command, stats, claims, study, cli.
 """
 from .cli import main

@@ -117,6 +117,12 @@ FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 RUNTIME_FIELDS = ("resume", "stop_after_steps", "workers", "threads", "device", "no_plots")
 
 
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """The settings that make a run what it is (its checkpoints record them): every setting but
+    the runtime ones and the run folder's path."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS and k != "run_dir"}
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -309,6 +315,20 @@ def read_config(run_dir: str) -> Config:
 
 def write_config(cfg: Config, run_dir: str) -> None:
     atomic_write_text(config_path(run_dir), cfg.to_json())
+
+
+def check_resume_flags(given: dict[str, Any], saved: dict[str, Any], source: str) -> None:
+    """A resumed run keeps the settings it was started with (`saved`, read from the file `source`):
+    refuse flags given on the command line (`given`) that differ from them, naming each with both
+    values."""
+    fixed = [k for k in sorted(given) if k in saved and k not in RUNTIME_FIELDS + ("run_dir",)
+             and given[k] != saved[k]]
+    if fixed:
+        shown = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (the run's: {saved[k]!r})" for k in fixed)
+        free = ", ".join("--" + k.replace("_", "-") for k in RUNTIME_FIELDS if k != "resume")
+        raise ConfigError(f"--resume continues the run with the settings of {source}; these flags differ from "
+                          f"them and cannot change on resume: {shown}. Drop them to continue the run as it was, "
+                          f"or start a new --run-dir to use them (only {free} may change on --resume)")
 
 
 def resumed(run_dir: str, runtime: dict[str, Any]) -> Config:

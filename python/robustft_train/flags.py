@@ -15,6 +15,16 @@ STUDY_SHARPNESS_SAMPLES = 4
 _D = Config()
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The settings the command line `argv` gives explicitly (not the defaults), by dest."""
+    unset = object()
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
+    names = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    namespace = argparse.Namespace(**{d: None if d in appended else unset for d in names})
+    values = vars(parser.parse_args(argv, namespace=namespace))
+    return {k: v for k, v in values.items() if v is not unset and not (k in appended and v is None)}
+
+
 def _profile(key: str) -> str:
     return f"(default {REAL_DATA_DEFAULTS[key]}, embedded {EMBEDDED_DEFAULTS[key]})"
 

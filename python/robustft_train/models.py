@@ -8,6 +8,7 @@ import difflib
 import json
 import logging
 import os
+import pickle
 import tempfile
 
 import open_clip
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DriverError
+from . import checkpoint
+from .errors import CheckpointError, DriverError, excerpt
 from .files import atomic_write_text
 
 # The embedded default's model: a tiny ViT (32x32 images, 16 patches) with a 2-layer text tower.
@@ -32,8 +34,9 @@ def register_config(name: str, config: dict, folder: str | None = None) -> str:
     """Register a model config with open_clip under `name` (writes <folder>/<name>.json)."""
     folder = folder or tempfile.mkdtemp(prefix="robustft_model_cfg_")
     path = os.path.join(folder, f"{name}.json")
-    # atomic: the other processes of a distributed run may read it at the same time
-    atomic_write_text(path, json.dumps(config, indent=2))
+    # atomic: the other processes of a distributed run may read it at the same time; a resumed
+    # run finds the file as it was and leaves it alone
+    atomic_write_text(path, json.dumps(config, indent=2), if_changed=True)
     open_clip.add_model_config(path)
     return name
 
@@ -79,10 +82,15 @@ def build_clip(name: str, pretrained: str | None, device: torch.device) -> nn.Mo
     if pretrained is not None:
         try:
             open_clip.load_checkpoint(model, pretrained, strict=True)
+        except pickle.UnpicklingError as e:
+            refused = checkpoint.refusal(pretrained)
+            if refused is not None:
+                raise CheckpointError(f"--pretrained {refused}") from None
+            raise DriverError(f"--pretrained {pretrained}: not a readable weights file "
+                              f"({excerpt(str(e)) or type(e).__name__})") from None
         except Exception as e:
-            msg = str(e).strip().splitlines()
-            summary = " ".join(msg[:6])[:1200]
-            raise DriverError(f"--pretrained {pretrained}: the weights do not fit model {name}: {summary}") from e
+            raise DriverError(f"--pretrained {pretrained}: the weights do not fit model {name}: "
+                              f"{excerpt(str(e), 1200)}") from e
     return model.to(device)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import checkpoint, embedded, plots, report, wise_ft
 from . import distributed as dist_utils
-from .config import Config, named_paths, write_config
+from .config import Config, named_paths, run_settings, write_config
 from .data import (CsvColumns, EvalSet, TrainSource, TrainView, load_eval_set, load_train_source,
                    load_zeroshot_set, read_templates)
 from .errors import DriverError
@@ -28,7 +28,7 @@ from .methods import Method, parse_method, parse_methods
 from .models import (FrozenEncoders, TrainModule, build_clip, get_tokenizer, make_head, preprocess_cfg,
                      resolve_model_name)
 from .sharpness.analysis import Environment, TrainingHook
-from .train import LoopOptions, Phase, run_phase
+from .train import LoopOptions, Phase, remove_superseded, run_phase
 
 EXIT_STOPPED = 3  # --stop-after-steps ended the run early (a checkpoint was written)
 FINAL_ADVICE = ("delete it to train this phase again (the phases before it are kept), then run again "
@@ -173,9 +173,15 @@ def _trainable_module(clip: torch.nn.Module, method: Method, head: torch.nn.Line
     return TrainModule(clip, copy.deepcopy(head) if method.base == "ft" else None)
 
 
-def _phase(cfg: Config, name: str, *, epochs: int, lr: float, batch_size: int | None = None) -> Phase:
+def _phase(p: Prepared, name: str, method: Method, *, epochs: int, lr: float,
+           batch_size: int | None = None) -> Phase:
+    """A training phase; its checkpoints record (and must match) this run's settings, the phase,
+    the method, the model and the process count."""
+    cfg = p.cfg
+    identity = {"phase": name, "method": method.spec, "model": p.model_name, "processes": p.info.world_size,
+                "settings": run_settings(cfg)}
     return Phase(name, epochs, lr, cfg.weight_decay, cfg.warmup_steps, batch_size or cfg.batch_size,
-                 cfg.accum_steps)
+                 cfg.accum_steps, identity)
 
 
 def _train(p: Prepared, module: TrainModule, method: Method, phase: Phase, source: TrainSource,
@@ -189,8 +195,12 @@ def _train(p: Prepared, module: TrainModule, method: Method, phase: Phase, sourc
     final = os.path.join(ckpt_dir, "final.pt")
     if os.path.exists(final):  # finished before an interruption: reuse
         state = checkpoint.load(final, info.device, advice=FINAL_ADVICE)
+        checkpoint.check_identity(state, phase.identity, final, advice=FINAL_ADVICE)
         module.load_state_dict(state["model"])
         _log(info, f"[{phase.name}] finished earlier: loaded {final}")
+        last = os.path.join(ckpt_dir, "last.pt")
+        if info.is_main and remove_superseded(last):  # interrupted between writing final.pt and this
+            _log(info, f"[{phase.name}] removed {last}, left behind by an interruption (final.pt supersedes it)")
         return "done", {"steps": state["steps"], "seconds": 0.0, "history": state["history"],
                         "skipped_images": state.get("skipped_images", [])}
     opts = LoopOptions(precision=cfg.precision, grad_clip=cfg.grad_clip, seed=cfg.seed, workers=cfg.workers,
@@ -221,7 +231,7 @@ def _start(p: Prepared) -> None:
     if not p.info.is_main:
         return
     removed = 0
-    folders = [p.run_dir, os.path.join(p.run_dir, "logs"), os.path.join(p.run_dir, "sharpness")]
+    folders = [p.run_dir] + [os.path.join(p.run_dir, sub) for sub in ("logs", "sharpness", "model_config")]
     for folder in folders + glob.glob(os.path.join(p.run_dir, "checkpoints", "*", "")):
         removed += checkpoint.remove_orphans(folder)
     if removed:
@@ -236,9 +246,10 @@ def _zero_shot_model(p: Prepared, training: dict) -> tuple[torch.nn.Module | Non
     if p.pretrain is not None and cfg.pretrained is None and cfg.pretrain_epochs > 0:
         _log(p.info, f"pre-training the embedded zero-shot model on {len(p.pretrain.dataset)} captioned digits")
         module = TrainModule(clip)
-        phase = _phase(cfg, "pretrain", epochs=cfg.pretrain_epochs, lr=embedded.PRETRAIN_LR,
+        method = parse_method("flyp")
+        phase = _phase(p, "pretrain", method, epochs=cfg.pretrain_epochs, lr=embedded.PRETRAIN_LR,
                        batch_size=embedded.PRETRAIN_BATCH_SIZE)
-        status, stats = _train(p, module, parse_method("flyp"), phase, p.pretrain, None)
+        status, stats = _train(p, module, method, phase, p.pretrain, None)
         training["pretrain"] = _stats(stats)
         if status == "stopped":
             return None, _stopped(p.info, "pretrain", stats)
@@ -291,8 +302,8 @@ def _run_method(p: Prepared, s: _Session, method: Method, rows: list[dict], trai
         return 0
     _log(info, f"fine-tuning: {method.spec}")
     module = _trainable_module(s.clip, method, s.zs_head)
-    status, stats = _train(p, module, method, _phase(p.cfg, method.spec, epochs=p.cfg.epochs, lr=p.cfg.lr),
-                           p.train, s.frozen if method.needs_frozen else None)
+    phase = _phase(p, method.spec, method, epochs=p.cfg.epochs, lr=p.cfg.lr)
+    status, stats = _train(p, module, method, phase, p.train, s.frozen if method.needs_frozen else None)
     training[method.spec] = _stats(stats)
     if status == "stopped":
         return _stopped(info, method.spec, stats)

@@ -29,10 +29,10 @@ import time
 from . import claims as claims_mod
 from . import distributed as dist_utils
 from . import embedded, plots, runner
-from .config import Config, named_paths, resolve, resumed
+from .config import Config, check_resume_flags, named_paths, resolve, resumed
 from .errors import ConfigError, DriverError
 from .files import atomic_write_text
-from .flags import study_parser
+from .flags import given_flags, study_parser
 from .methods import parse_methods
 from .report import clean, r1, write_csv
 from .stats import direction, paired, t_interval
@@ -125,6 +125,9 @@ def main(argv: list[str]) -> int:
     try:
         base, seeds = _study_config(args)
         study_file = os.path.join(base.run_dir, STUDY_FILE)
+        if args.resume:
+            check_resume_flags(given_flags(parser, argv), dict(dataclasses.asdict(base), seeds=",".join(map(str, seeds))),
+                               study_file)
         if not args.resume and os.path.exists(study_file):
             raise DriverError(f"--run-dir {base.run_dir} already holds a study; pass --resume to continue it "
                               "or choose another --run-dir")

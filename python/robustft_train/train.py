@@ -1,7 +1,7 @@
 """The training loop of one phase (the embedded pre-training, or fine-tuning with one method):
 AdamW with linear warm-up and cosine decay, autocast, gradient accumulation, DDP, a progress bar
-with loss and throughput, atomic checkpoints with checksums, and resume that reaches the same
-weights as an uninterrupted run."""
+with loss and throughput, atomic checkpoints with checksums and the identity of their run, resume
+that reaches the same weights as an uninterrupted run, and a clear stop when the loss diverges."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +20,8 @@ from tqdm import tqdm
 from . import checkpoint
 from . import distributed as dist_utils
 from .data import TrainView, epoch_batches
-from .errors import DriverError
-from .files import atomic_write_text
+from .errors import DivergedError, DriverError
+from .files import atomic_write_text, fsync_folder
 from .losses import MethodLoss
 from .models import TrainModule
 
@@ -43,6 +43,7 @@ class Phase:
     warmup_steps: int
     batch_size: int
     accum_steps: int = 1
+    identity: dict = field(default_factory=dict)   # what its checkpoints must match (checkpoint.check_identity)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class PhaseRun:
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=opts.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision)
         self.step, self.history, self.skipped = 0, [], set()
+        self.saved_step: int | None = None   # the step of this phase's last.pt
         self.last_path, self.final_path = os.path.join(ckpt_dir, "last.pt"), os.path.join(ckpt_dir, "final.pt")
         self.interactive = sys.stderr.isatty()
         self.last_save = time.perf_counter()
@@ -133,6 +135,7 @@ class PhaseRun:
         if not os.path.exists(self.last_path):
             return
         state = checkpoint.load(self.last_path, self.info.device, advice=LAST_ADVICE)
+        checkpoint.check_identity(state, self.phase.identity, self.last_path, advice=LAST_ADVICE)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -140,6 +143,7 @@ class PhaseRun:
         checkpoint.set_rng_states(state["rng"])
         self.step, self.history = state["scheduler"]["step"], state["history"]
         self.skipped = set(state.get("skipped_images", []))
+        self.saved_step = self.step
         self.log(f"[{self.phase.name}] resumed from {self.last_path} at step {self.step}/{self.total}")
 
     def save(self) -> None:
@@ -150,18 +154,19 @@ class PhaseRun:
                               "lr": self.phase.lr},
                 "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_states(),
                 "method_state": self.loss_fn.state_dict(), "history": self.history, "phase": self.phase.name,
-                "skipped_images": sorted(self.skipped)}, self.last_path)
+                "identity": self.phase.identity, "skipped_images": sorted(self.skipped)}, self.last_path)
             write_log(self.history, self.log_path)
+        self.saved_step = self.step
         dist_utils.barrier(self.info)
 
     def finish(self) -> None:
         if self.info.is_main:
             checkpoint.atomic_save({"model": self.module.state_dict(), "method_state": self.loss_fn.state_dict(),
                                     "history": self.history, "phase": self.phase.name, "steps": self.step,
-                                    "skipped_images": sorted(self.skipped)}, self.final_path)
+                                    "identity": self.phase.identity, "skipped_images": sorted(self.skipped)},
+                                   self.final_path)
             write_log(self.history, self.log_path)
-            if os.path.exists(self.last_path):
-                os.unlink(self.last_path)  # the final weights supersede the training state
+            remove_superseded(self.last_path)
         dist_utils.barrier(self.info)
 
     def micro_step(self, images, labels, captions, micro: int, sync: bool) -> dict[str, float]:
@@ -175,12 +180,19 @@ class PhaseRun:
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(images, texts, inputs.extra_images, inputs.extra_texts)
             terms = self.loss_fn(out, labels, images, inputs, self.step)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{self.phase.name}: non-finite loss at step {self.step}: "
-                                         f"{ {k: float(v) for k, v in terms.items()} }")
-            self.scaler.scale(loss / micro).backward()
-        return {name: float(dist_utils.mean(v, self.info)) / micro for name, v in terms.items()}
+            averaged = {name: float(dist_utils.mean(v, self.info)) for name, v in terms.items()}
+            self.check_finite(averaged)
+            self.scaler.scale(sum(terms.values()) / micro).backward()
+        return {name: v / micro for name, v in averaged.items()}
+
+    def check_finite(self, terms: dict[str, float]) -> None:
+        """Stop with DivergedError when a loss term (averaged over processes, so that every process
+        stops together) is not finite; the log keeps the steps before, last.pt the last checkpoint."""
+        if all(math.isfinite(v) for v in terms.values()):
+            return
+        if self.info.is_main:
+            write_log(self.history, self.log_path)
+        raise DivergedError(divergence_report(self, terms))
 
     def optimizer_step(self) -> float:
         lr = lr_at(self.step, self.total, self.phase.warmup_steps, self.phase.lr)
@@ -240,6 +252,46 @@ class PhaseRun:
             self.log(f"[{self.phase.name}] epoch {epoch + 1}/{self.phase.epochs} step {self.step}/{self.total} "
                      f"loss {self.history[-1]['loss']:.4f} {self.history[-1]['images_per_s']:.3g} img/s")
         return True
+
+
+def remove_superseded(last_path: str) -> bool:
+    """Delete a phase's last.pt once its final.pt exists (the final weights supersede the training
+    state); whether there was one."""
+    if not os.path.exists(last_path):
+        return False
+    os.unlink(last_path)
+    fsync_folder(os.path.dirname(os.path.abspath(last_path)))
+    return True
+
+
+def divergence_report(run: PhaseRun, terms: dict[str, float]) -> str:
+    """What a user needs when a loss term is not finite: where, which term, the likely cause, what
+    to change, and what the run folder still holds."""
+    phase, step, opts = run.phase, run.step, run.opts
+    bad = ", ".join(f"{name} = {value}" for name, value in terms.items() if not math.isfinite(value))
+    good = ", ".join(f"{name} = {value:.4g}" for name, value in terms.items() if math.isfinite(value))
+    weights_finite = all(bool(torch.isfinite(p).all()) for p in run.module.parameters())
+    lr = lr_at(step, run.total, phase.warmup_steps, phase.lr)
+    if step > 0:
+        cause = (f"the optimiser steps were too large for this model: the learning rate of this step is {lr:.3g} "
+                 f"(peak --lr {phase.lr:g}, warm-up {phase.warmup_steps} steps)"
+                 + ("" if weights_finite else ", and the weights are no longer finite"))
+        change = ("a smaller --lr (10x smaller is a start), a longer --warmup-steps, or --grad-clip 1.0"
+                  + ("; or --precision bf16 (fp16 overflows easily)" if opts.precision == "fp16" else ""))
+    elif opts.precision == "fp16":
+        cause = "the forward pass overflows in fp16 before any optimiser step"
+        change = "--precision bf16 or fp32"
+    else:
+        cause = ("the model gives a non-finite loss before any optimiser step: its weights "
+                 + ("are not finite" if not weights_finite else "or the data give non-finite features"))
+        change = "check --pretrained and --train-data"
+    kept = (f"this phase's last checkpoint ({run.last_path}, after step {run.saved_step})"
+            if run.saved_step is not None else "no checkpoint of this phase yet (it would restart from its first step)")
+    return (f"[{phase.name}] training diverged at step {step + 1} of {run.total} (epoch {step // run.per_epoch + 1}): "
+            f"the loss term {bad} is not finite" + (f" (the other terms: {good})" if good else "")
+            + f". Likely cause: {cause}. What to change: {change}; --resume keeps a run's settings, so start a "
+            f"new --run-dir with them. The run folder is kept as it was before this step: the phases before "
+            f"this one, {kept}, and {run.log_path} with the steps so far; --resume continues from there.")
 
 
 def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: MethodLoss, tokenizer,

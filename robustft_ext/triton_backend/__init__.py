@@ -6,8 +6,9 @@ step_kernels.py: the ops of a robust fine-tuning step (m^2-mix, Lipsum-FT, DiVE 
 combination with CLIP, csrc/step_kernels.h); m2mix_ops.py re-exports the m^2-mix ones.
 maths.py holds the per-entry maths every kernel uses (the twin of csrc/robustft_maths.h),
 configs.py the tile configurations per architecture, dtype and D, ds_workspace.py the
-bounded dS workspace and the library GEMMs of the large-D backward, device.py the device
-guard of every op body and the device limits the configurations are chosen by.
+bounded dS workspace and the library GEMMs of the large-D backward, slerp_kernels.py the
+row-wise kernels of the m^2 slerp, device.py the device guard of every op body and the device
+limits the configurations are chosen by.
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
 registered and IMPORT_ERROR says why; device_unavailable_reason(device, dtype) says why the

@@ -186,6 +186,12 @@ INTERPRETER_CONFIG = Config(16, 16, 16, 1, 1)
 # Under the interpreter: None (16-wide tiles) or 80 / 90 (that architecture's table).
 interpreter_arch: int | None = None
 
+# The row-wise kernels of the slerp (slerp_kernels.py): one program per BLOCK_M rows, looping
+# over D in BLOCK_D chunks with float64 arithmetic; no tile products, so one configuration
+# serves every architecture and dtype.
+ROW_KERNELS = ("pair_dots", "slerp_mix", "slerp_bwd")
+ROW_CONFIG = Config(16, 16, 64, 4, 1, 128)
+
 # The feature dimension and every row stride of a launch are multiples of this (aligned_dim).
 ALIGN = 16
 
@@ -301,20 +307,24 @@ def narrowed(cfg: Config, dclass: str, D: int) -> Config:
 
 
 def lookup(kernel: str, arch: int, dclass: str, cls: str, D: int) -> Config:
-    """TABLE's entry for this architecture, narrowed to D."""
+    """TABLE's entry for this architecture, narrowed to D (ROW_CONFIG for the row kernels)."""
+    if kernel in ROW_KERNELS:
+        return narrowed(ROW_CONFIG, dclass, D)
     return narrowed(TABLE[arch][cls][kernel][dclass], dclass, D)
 
 
 def select(kernel: str, device: torch.device, dtype: torch.dtype, D: int) -> Config:
     """The configuration of `kernel` for inputs of this device, dtype and feature dimension:
     on a GPU, device_config's entry (RuntimeError, with limits_reason, when none fits)."""
-    if kernel not in KERNELS:
+    if kernel not in KERNELS + ROW_KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
     dclass, cls = d_class(D), dtype_class(dtype)
     if device.type != "cuda" or interpreting():
         if interpreter_arch is None:
             return INTERPRETER_CONFIG
         return lookup(kernel, interpreter_arch, dclass, cls, D)
+    if kernel in ROW_KERNELS:
+        return narrowed(ROW_CONFIG, dclass, D)
     limits = _limits(device)
     cfg = device_config(kernel, limits, cls, dclass)
     if cfg is None:

@@ -9,10 +9,12 @@ SASS (HGMMA / HMMA, through cuobjdump), the registers and spills from ptxas -v.
 
 The kernels must be JIT functions: run this in a process without TRITON_INTERPRET=1.
 
-Argument types follow the kernels' naming convention (kernels.py, step_kernels.py):
-  * single upper-case feature matrices (P, Q, I, T, M, G, FI, FT, PI, PT): the input dtype;
+Argument types follow the kernels' naming convention (kernels.py, step_kernels.py,
+slerp_kernels.py):
+  * upper-case feature matrices (P, Q, I, T, M, G, FI, FT, PI, PT, and the gradients DI, DT):
+    the input dtype;
   * the dS workspace (DS, DSA, DSB, DSC): the workspace dtype (ds_workspace.ds_dtype);
-  * names ending in _ptr: float32 buffers;
+  * names ending in _f64: float64 buffers; in _ptr: float32 buffers;
   * every other runtime argument: a 32-bit integer.
 Divisibility hints are those of the launch the ops make: every pointer is 16-byte aligned,
 and D and the strides carry Triton's divisibility-by-16 hint exactly when the launched
@@ -34,10 +36,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import configs, kernels, step_kernels
+from . import configs, kernels, slerp_kernels, step_kernels
 from .ds_workspace import ds_dtype
 
-FEATURE_ARGS = frozenset({"P", "Q", "I", "T", "M", "G", "FI", "FT", "PI", "PT"})
+FEATURE_ARGS = frozenset({"P", "Q", "I", "T", "M", "G", "FI", "FT", "PI", "PT", "DI", "DT"})
 
 _ALL_STEP_TERMS = dict(WITH_M2=True, WITH_CLIP=True, WITH_TILES=True, WITH_LIPSUM=True,
                        WITH_DIVE=True)
@@ -63,12 +65,20 @@ KERNEL_VARIANTS = {
                        {"m2_clip": dict(WITH_M2=True, WITH_CLIP=True)}),
     "step_dlogit": (step_kernels.step_dlogit_kernel,
                     {"all_terms": dict(_ALL_STEP_TERMS, GROUP_M=8)}),
+    "pair_dots": (slerp_kernels.pair_dots_kernel, {"rows": {}}),
+    "slerp_mix": (slerp_kernels.slerp_mix_kernel, {"rows": {}}),
+    "slerp_bwd": (slerp_kernels.slerp_bwd_kernel, {"step": dict(WITH_STEP=True),
+                                                   "slerp": dict(WITH_STEP=False)}),
 }
 
 # The D each D class is compiled at: its largest (the one-chunk classes' widest feature
 # block), and one that is not a multiple of 16 (what the host launches for such inputs).
 REPRESENTATIVE_D = {"d64": 64, "d128": 128, "large": 768}
 UNALIGNED_D = {"d64": 60, "d128": 67, "large": 200}
+
+# The D classes each kernel is compiled for: the row kernels' configuration does not depend
+# on the class, so they are compiled once.
+REPORT_D_CLASSES = {**configs.KERNEL_D_CLASSES, **{k: ("large",) for k in configs.ROW_KERNELS}}
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -146,6 +156,8 @@ def _signature(fn, dtype: torch.dtype, constexprs: dict,
             sig[name] = feat
         elif name.startswith("DS"):
             sig[name] = ws
+        elif name.endswith("_f64"):
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         else:
@@ -235,13 +247,14 @@ def compile_config(kernel: str, variant: str, arch: int, dtype_name: str, D: int
 
 
 def table_entries(archs=configs.ARCHS, dtypes=("bf16", "fp16", "tf32", "fp32"),
-                  kernels_=configs.KERNELS):
-    """(kernel, variant, arch, dtype name, D) of every configuration in configs.TABLE that
-    the ops can launch, each D class at its REPRESENTATIVE_D and its UNALIGNED_D."""
+                  kernels_=configs.KERNELS + configs.ROW_KERNELS):
+    """(kernel, variant, arch, dtype name, D) of every configuration in configs.TABLE (and
+    the row kernels' configs.ROW_CONFIG) that the ops can launch, each D class at its
+    REPRESENTATIVE_D and its UNALIGNED_D."""
     for kernel in kernels_:
         for variant in KERNEL_VARIANTS[kernel][1]:
             for arch in archs:
                 for dtype_name in dtypes:
-                    for dclass in configs.KERNEL_D_CLASSES[kernel]:
+                    for dclass in REPORT_D_CLASSES[kernel]:
                         for D in (REPRESENTATIVE_D[dclass], UNALIGNED_D[dclass]):
                             yield kernel, variant, arch, dtype_name, D

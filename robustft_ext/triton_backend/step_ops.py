@@ -17,24 +17,27 @@ As in ops.py, each op body uses only torch ops with fake-able shapes plus `wrap_
 launches, so the body is also the fake (meta) implementation and torch.compile(fullgraph=True)
 traces through to the kernels. Every op body runs on its inputs' device (device.triton_op),
 and the features reach the kernels padded to a multiple of 16 columns (ops._kernel_features).
-What the op bodies do with torch ops (all O(n D), as
-csrc/step_ops.h):
-  * the slerp prologue, in float64: c_p = <I_p, T_p>, the weights [4, n] from
-    slerp_maths.slerp_weights (the one Python copy of maths::slerp_weights), M = w_a I + w_b T
-    kept as one n x D buffer
-    in the input dtype, read by the kernels like I and T;
+What the op bodies do besides the tile kernels (as csrc/step_ops.h):
+  * the slerp prologue, with the row-wise kernels of slerp_kernels.py (float64 inside):
+    c_p = <I_p, T_p>, then the weights [4, n] from slerp_maths.slerp_weights on the host (the
+    one Python copy of maths::slerp_weights, O(n)), then M = w_a I + w_b T, kept as one n x D
+    buffer in the input dtype, read by the kernels like I and T;
   * for large D (configs.fused_backward), the backward's library GEMMs over the workspace
     row chunks of dlogits that step_dlogit_kernel writes (_step_grads_workspace);
-  * the true-pair diagonal of A and B (value in the forward, gradient in the backward);
-  * the backward of the slerp: dI += w_a dM + k T, dT += w_b dM + k I,
-    k = <dM, I> dw_a/dc + <dM, T> dw_b/dc;
+  * the true-pair diagonal of A and B (value in the forward, its O(n) coefficient in the
+    backward);
+  * the backward of the slerp, dI += w_a dM + k T, dT += w_b dM + k I with
+    k = <dM, I> dw_a/dc + <dM, T> dw_b/dc, and the true pair's gradient, in one row-wise
+    kernel that also adds the tile kernels' gradients and writes dI, dT in the input dtype;
   * assembling the losses from the kernels' statistics, and merging the per-program partials
     (column LSE of CLIP, the three sums, the DiVE column sums, the scale-gradient sums) with
     fixed-order torch reductions: results are bitwise deterministic.
 Nothing of size n x n or n x K exists outside the kernels, except the large-D backward's
 workspace chunks, bounded by robustft_ext.workspace's limit (ds_workspace.py). Besides the
-outputs, the memory is O(n D) (M and the float32 gradient buffers), O(B' D) for DiVE, O(P n)
-column partials of the CLIP forward (P persistent programs) and O(n / BLOCK) partial sums.
+outputs, the memory is O(n D): M and the four float32 gradient buffers of the backward (at
+most 12 n D float32 with everything else, tests/test_memory.py), O(B' D) for DiVE, O(P n)
+column partials of the CLIP forward (P persistent programs), O(n) slerp weights and
+O(n / BLOCK) partial sums.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .. import slerp_maths as _slerp
-from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, step_kernels
+from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, slerp_kernels, step_kernels
 from .configs import interpreting
 from .device import triton_op
 from .ops import (_check_features, _kernel_features, _kernel_input, _launch_opts,
@@ -56,6 +59,9 @@ _STEP_FWD = _traceable(step_kernels.step_fwd_kernel)
 _STEP_ROWS = _traceable(step_kernels.step_grad_rows_kernel)
 _STEP_COLS = _traceable(step_kernels.step_grad_cols_kernel)
 _STEP_DLOGIT = _traceable(step_kernels.step_dlogit_kernel)
+_PAIR_DOTS = _traceable(slerp_kernels.pair_dots_kernel)
+_SLERP_MIX = _traceable(slerp_kernels.slerp_mix_kernel)
+_SLERP_BWD = _traceable(slerp_kernels.slerp_bwd_kernel)
 
 # The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`
 # (csrc/step_kernels.h StepTerm).
@@ -102,30 +108,52 @@ def _check_kernel_dtype_device(t: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- slerp
-def _weights(af: Tensor, bf: Tensor, lam: Tensor) -> Tensor:
-    """[4, n] float64 = (w_a, w_b, dw_a/dc, dw_b/dc) of the matched rows (slerp_maths: the
-    prologue runs in float64)."""
-    return _slerp.slerp_weights((af.double() * bf.double()).sum(1), lam)
+def _row_launch(kernel, a: Tensor, *args, **constexprs) -> None:
+    """One launch of a row-wise slerp kernel over the rows of a ([n, D], as every matrix it
+    takes), one program per BLOCK_M rows."""
+    n, D = a.shape
+    cfg = configs.select(kernel, a.device, a.dtype, D)
+    launcher = {"pair_dots": _PAIR_DOTS, "slerp_mix": _SLERP_MIX, "slerp_bwd": _SLERP_BWD}
+    wrap_triton(launcher[kernel])[(triton.cdiv(n, cfg.block_m),)](
+        *args, n, D, a.stride(0), **constexprs, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _mix(af: Tensor, bf: Tensor, w: Tensor) -> Tensor:
-    """The mix in float64."""
-    return w[0].unsqueeze(1) * af.double() + w[1].unsqueeze(1) * bf.double()
+def _pair_cosines(a: Tensor, b: Tensor) -> Tensor:
+    """c_p = <a_p, b_p> [n] in float64 (slerp_kernels.pair_dots_kernel)."""
+    cos = torch.empty(a.size(0), device=a.device, dtype=torch.float64)
+    _row_launch("pair_dots", a, a, b, cos)
+    return cos
 
 
-def _mix_backward(dM: Tensor, af: Tensor, bf: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """slerp_maths.mix_rows_backward, returned in float32."""
-    ga, gb = _slerp.mix_rows_backward(dM, af, bf, w)
-    return ga.float(), gb.float()
+def _mix(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """The mix w_a a + w_b b [n, D] in a's dtype, formed in float64 (w: [4, n] float64 from
+    slerp_maths.slerp_weights)."""
+    out = torch.empty_like(a)
+    _row_launch("slerp_mix", a, a, b, w, out)
+    return out
+
+
+def _mix_backward(grad_m: Tensor, a: Tensor, b: Tensor, w: Tensor, *,
+                  step: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(grad_a, grad_b) [n, D] in a's dtype of the mix for its float32 upstream gradient
+    grad_m; with step = (pair [n], base_a, base_b [n, D]), all float32, plus
+    base_a + pair b and base_b + pair a (slerp_kernels.slerp_bwd_kernel)."""
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    pair, base_a, base_b = step if step is not None else (grad_m, grad_m, grad_m)
+    _row_launch("slerp_bwd", a, a, b, w, grad_m, pair, base_a, base_b, grad_a, grad_b,
+                WITH_STEP=step is not None)
+    return grad_a, grad_b
 
 
 @triton_op("robustft_triton::slerp")
 def slerp(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
     """out_p = slerp(a_p, b_p; lam) (lam weights a), in the inputs' dtype; lam is a 0-d
-    float32 tensor. O(n D) torch ops (no kernel: nothing here is n x n)."""
+    float32 tensor. Row-wise kernels (nothing here is n x n)."""
     _check_pair(a, b, lam)
-    af, bf = a.to(torch.float32), b.to(torch.float32)
-    return _mix(af, bf, _weights(af, bf, lam)).to(a.dtype)
+    ak, bk = _kernel_features(a), _kernel_features(b)
+    w = _slerp.slerp_weights(_pair_cosines(ak, bk), lam)
+    return _unpad(_mix(ak, bk, w), a.size(1))
 
 
 @triton_op("robustft_triton::slerp_bwd")
@@ -136,9 +164,11 @@ def slerp_bwd(grad_out: Tensor, a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tens
                  and grad_out.size(1) == a.size(1),
                  lambda: f"robustft_triton: slerp_bwd grad_out has shape "
                  f"{tuple(grad_out.shape)}, expected {tuple(a.shape)}")
-    af, bf = a.to(torch.float32), b.to(torch.float32)
-    ga, gb = _mix_backward(grad_out.to(torch.float32), af, bf, _weights(af, bf, lam))
-    return ga.to(a.dtype), gb.to(b.dtype)
+    ak, bk = _kernel_features(a), _kernel_features(b)
+    grad_m = _kernel_features(grad_out.to(torch.float32))
+    w = _slerp.slerp_weights(_pair_cosines(ak, bk), lam)
+    grad_a, grad_b = _mix_backward(grad_m, ak, bk, w)
+    return _unpad(grad_a, a.size(1)), _unpad(grad_b, a.size(1))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -175,13 +205,13 @@ class _Step:
             self.m2_scale = _kernel_input(m2_scale)
             self.clip_scale = _kernel_input(clip_scale)
         if self.with_tiles:
-            self.If = self.I.to(torch.float32)
-            self.Tf = self.T.to(torch.float32)
-            self.pair_dot = (self.If * self.Tf).sum(1)
+            # c_p = <I_p, T_p> in float64: the slerp's cosines, the true pairs' logits.
+            self.pair_cos = _pair_cosines(self.I, self.T)
+            self.pair_dot = self.pair_cos.to(torch.float32)
         if self.with_m2:
             _check_scalar(lam, image, "lam")
-            self.weights = _weights(self.If, self.Tf, lam)
-            self.M = _mix(self.If, self.Tf, self.weights).to(image.dtype).contiguous()
+            self.weights = _slerp.slerp_weights(self.pair_cos, lam)
+            self.M = _mix(self.I, self.T, self.weights)
             self.diag = self.pair_dot * self.m2_scale
         if self.with_lipsum:
             if image_pre is None or lipsum_texts is None:
@@ -440,25 +470,23 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
         k = _step_grads_fused(s, grads, lse)
     else:
         k = _step_grads_workspace(s, grads, lse)
-    grad_I, grad_T = k.grad_I, k.grad_T
     grad_m2_scale = torch.zeros((), **s.f32)
-    if s.with_clip:
-        grad_T = grad_T + k.grad_Tc
+    grad_T = k.grad_T.add_(k.grad_Tc) if s.with_clip else k.grad_T
     if s.with_m2:
-        # The true pair on the diagonals of A and B: d(loss)/d(diag_p) summed over both.
+        # The true pair on the diagonals of A and B: d(loss)/d(diag_p) summed over both,
+        # and its logit's scale s_m as the coefficient of T_p in dI_p and of I_p in dT_p;
+        # added, with the rest of dI and dT, by the slerp backward's pass over the rows.
         g_diag = grads[K_M2] / (2 * n) * ((s.diag - lse[0]).exp()
                                           + (s.diag - lse[1]).exp() - 2)
-        grad_I = grad_I + (s.m2_scale * g_diag).unsqueeze(1) * s.Tf
-        grad_T = grad_T + (s.m2_scale * g_diag).unsqueeze(1) * s.If
-        # Through the mix M = slerp(I, T; lam).
-        mix_I, mix_T = _mix_backward(k.grad_M, s.If, s.Tf, s.weights)
-        grad_I = grad_I + mix_I
-        grad_T = grad_T + mix_T
+        grad_I, grad_T = _mix_backward(k.grad_M, s.I, s.T, s.weights,
+                                       step=(s.m2_scale * g_diag, k.grad_I, grad_T))
         grad_m2_scale = k.stats[0] + (g_diag * s.pair_dot).sum()
+    else:
+        grad_I, grad_T = k.grad_I.to(s.dtype), grad_T.to(s.dtype)
     grad_clip_scale = k.stats[1].clone()  # 0 without CLIP
     D = s.feature_dim
-    return (_unpad(grad_I.to(s.dtype), D), _unpad(grad_T.to(s.dtype), D), grad_clip_scale,
-            grad_m2_scale, _unpad(k.grad_fi.to(s.dtype), D), _unpad(k.grad_ft.to(s.dtype), D))
+    return (_unpad(grad_I, D), _unpad(grad_T, D), grad_clip_scale, grad_m2_scale,
+            _unpad(k.grad_fi.to(s.dtype), D), _unpad(k.grad_ft.to(s.dtype), D))
 
 
 def _grads5(device: torch.device, values: dict[int, Tensor]) -> Tensor:

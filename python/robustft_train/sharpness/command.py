@@ -27,7 +27,7 @@ from ..config import (FIELDS, Config, check_evaluation, check_sharpness, config_
                       named_paths, read_config, resolve)
 from ..data import (CsvColumns, EvalSet, TrainSource, folder_classes, load_eval_set, load_zeroshot_set,
                     read_lines, read_templates)
-from ..errors import ConfigError, DriverError
+from ..errors import ConfigError, DriverError, excerpt
 from ..evaluate import class_embeddings, evaluate
 from ..flags import sharpness_parser
 from ..methods import parse_methods
@@ -226,8 +226,8 @@ def _fit(module: nn.Module, state: dict, flag: str, path: str, model_name: str) 
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        summary = " ".join(str(e).strip().splitlines()[:6])[:1200]
-        raise DriverError(f"{flag} {path}: the weights do not fit model {model_name}: {summary}") from None
+        raise DriverError(f"{flag} {path}: the weights do not fit model {model_name}: "
+                          f"{excerpt(str(e), 1200)}") from None
 
 
 def _jobs(env: Environment, model_name: str, clip, classnames: list[str], zs_path: str,
