@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "cuda/tile_plan.h"
+#include "step_args.h"
 #include "workspace.h"
 
 void robustft::define_loss_ops(torch::Library& m) {
@@ -93,34 +94,25 @@ void robustft::define_loss_ops(torch::Library& m) {
   // lipsum_texts the Lipsum-FT term at lipsum_scale, with the four ref_* and center the
   // DiVE terms. Returns (terms [5] = clip, m2, lipsum, avl, pvl (0 when absent),
   // diff_mean [D] (DiVE; [0] without), lse [4, n]).
-  m.def(
-      "robust_step_fwd(Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
-      "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, Tensor? lipsum_texts, "
-      "Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
-      "Tensor? ref_text_pre, Tensor? center) -> (Tensor, Tensor, Tensor)");
+  m.def("robust_step_fwd(" RFT_STEP_SCHEMA ") -> (Tensor, Tensor, Tensor)");
   // Gradients of sum_i grad_terms[i] * terms[i]: (grad_image, grad_text, grad_clip_scale,
   // grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft ([0, D] without DiVE)).
+  m.def("robust_step_bwd(Tensor grad_terms, " RFT_STEP_SCHEMA
+        ", Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // robust_step_fwd and m2mix_fwd that also return the tiles' dot products [V, n, n] (V = 2
+  // with m^2 + 1 with CLIP; refused when they exceed the workspace limit), and the
+  // backwards that take them instead of recomputing them and overwrite them (they are their
+  // dlogit workspace): a kept tensor serves one backward. CPU only, as the _keep ops above.
+  m.def("robust_step_fwd_keep(" RFT_STEP_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("robust_step_bwd_kept(Tensor grad_terms, " RFT_STEP_SCHEMA
+        ", Tensor lse, Tensor(a!) kept) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "robust_step_bwd(Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
-      "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
-      "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, "
-      "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // robust_step_fwd that also returns the tiles' dot products [V, n, n] (V = 2 with m^2
-  // + 1 with CLIP; refused when they exceed the workspace limit), and robust_step_bwd that
-  // takes them instead of recomputing them and overwrites them (they are its dlogit
-  // workspace): a kept tensor serves one backward. CPU only, as the _keep ops above.
+      "m2mix_fwd_keep(Tensor image, Tensor text, Tensor m2_scale, Tensor lam, "
+      "Tensor clip_scale, bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "robust_step_fwd_keep(Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
-      "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, Tensor? lipsum_texts, "
-      "Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
-      "Tensor? ref_text_pre, Tensor? center) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "robust_step_bwd_kept(Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
-      "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
-      "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, Tensor? ref_text_ft, "
-      "Tensor? ref_image_pre, Tensor? ref_text_pre, Tensor? center, Tensor lse, "
-      "Tensor(a!) kept) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "m2mix_bwd_kept(Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, "
+      "Tensor m2_scale, Tensor lam, Tensor clip_scale, Tensor lse, Tensor(a!) kept, "
+      "bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY(robustft_ext, m) {

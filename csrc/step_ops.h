@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "contrastive_ops.h"
+#include "step_args.h"
 #include "step_kernels.h"
 #include "workspace.h"
 
@@ -88,15 +89,6 @@ inline std::tuple<at::Tensor, at::Tensor> slerp_bwd_impl(const StepKernelSet& k,
                  grad_a, grad_b);
   return {grad_a.to(a.scalar_type()), grad_b.to(b.scalar_type())};
 }
-
-// The arguments of a step op, optional parts as the schema gives them.
-struct StepArgs {
-  at::Tensor image, text, clip_scale, m2_scale, lam;
-  bool with_m2 = false, with_clip = false;
-  c10::optional<at::Tensor> image_pre, lipsum_texts;
-  at::Tensor lipsum_scale;
-  c10::optional<at::Tensor> ref_image_ft, ref_text_ft, ref_image_pre, ref_text_pre, center;
-};
 
 inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -438,21 +430,25 @@ inline StepArgs m2mix_args(const at::Tensor& image, const at::Tensor& text,
   return a;
 }
 
+// m2mix_fwd (kept == nullptr) and the CPU's m2mix_fwd_keep, which also returns the tiles'
+// dot products in *kept (step_fwd_impl).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_m2mix_fwd(
     const StepKernelSet& k, const at::Tensor& image, const at::Tensor& text,
     const at::Tensor& m2_scale, const at::Tensor& lam, const at::Tensor& clip_scale,
-    bool with_clip) {
+    bool with_clip, at::Tensor* kept = nullptr) {
   auto [terms, diff_mean, lse] =
-      step_fwd_impl(k, m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip));
+      step_fwd_impl(k, m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip), kept);
   // Separate storage per output: outputs must not alias.
   return {terms[kM2].clone(), terms[kClip].clone(),
           with_clip ? lse : lse.narrow(0, 0, 2).clone()};
 }
 
+// m2mix_bwd, and m2mix_bwd_kept with the forward's dot products (which it overwrites).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_m2mix_bwd(
     const StepKernelSet& k, const at::Tensor& grad_m2, const at::Tensor& grad_clip,
     const at::Tensor& image, const at::Tensor& text, const at::Tensor& m2_scale,
-    const at::Tensor& lam, const at::Tensor& clip_scale, const at::Tensor& lse, bool with_clip) {
+    const at::Tensor& lam, const at::Tensor& clip_scale, const at::Tensor& lse, bool with_clip,
+    const at::Tensor& kept = at::Tensor()) {
   const auto a = m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip);
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == (with_clip ? 4 : 2) && lse.size(1) == image.size(0),
               "robustft_ext: saved m2mix log-sum-exp statistics do not match the inputs");
@@ -462,7 +458,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_m2mix_bwd
   const auto zero = at::zeros({}, lse4.options());
   const auto grads = at::stack({grad_clip.to(acc).reshape({}), grad_m2.to(acc).reshape({}),
                                 zero, zero, zero});
-  auto r = step_bwd_impl(k, grads, a, lse4);
+  auto r = step_bwd_impl(k, grads, a, lse4, kept);
   return {std::get<0>(r), std::get<1>(r), std::get<3>(r), std::get<2>(r)};
 }
 
@@ -492,43 +488,11 @@ inline StepArgs dive_args(const at::Tensor& image_ft, const at::Tensor& text_ft,
   return a;
 }
 
-inline StepArgs robust_args(const at::Tensor& image, const at::Tensor& text,
-                            const at::Tensor& clip_scale, const at::Tensor& m2_scale,
-                            const at::Tensor& lam, bool with_m2, bool with_clip,
-                            const c10::optional<at::Tensor>& image_pre,
-                            const c10::optional<at::Tensor>& lipsum_texts,
-                            const at::Tensor& lipsum_scale,
-                            const c10::optional<at::Tensor>& ref_image_ft,
-                            const c10::optional<at::Tensor>& ref_text_ft,
-                            const c10::optional<at::Tensor>& ref_image_pre,
-                            const c10::optional<at::Tensor>& ref_text_pre,
-                            const c10::optional<at::Tensor>& center) {
-  StepArgs a;
-  a.image = image;
-  a.text = text;
-  a.clip_scale = clip_scale;
-  a.m2_scale = m2_scale;
-  a.lam = lam;
-  a.with_m2 = with_m2;
-  a.with_clip = with_clip;
-  a.image_pre = image_pre;
-  a.lipsum_texts = lipsum_texts;
-  a.lipsum_scale = lipsum_scale;
-  a.ref_image_ft = ref_image_ft;
-  a.ref_text_ft = ref_text_ft;
-  a.ref_image_pre = ref_image_pre;
-  a.ref_text_pre = ref_text_pre;
-  a.center = center;
-  return a;
-}
-
 inline at::Tensor grads_one(const at::Tensor& g, StepTerm term, const at::Tensor& like) {
   at::Tensor grads = at::zeros({5}, like.options().dtype(acc_dtype(like.scalar_type())));
   grads[term] = g.to(grads.scalar_type()).reshape({});
   return grads;
 }
-
-#define RFT_OPT const c10::optional<at::Tensor>&
 
 // Registers every step op of namespace NS for one dispatch key with that device's launchers.
 #define RFT_REGISTER_STEP_OPS(NS, KEY, KERNELS)                                               \
@@ -576,22 +540,10 @@ inline at::Tensor grads_one(const at::Tensor& g, StepTerm term, const at::Tensor
       return std::make_tuple(std::get<4>(r), std::get<5>(r));                                 \
     });                                                                                       \
     m.impl("robust_step_fwd",                                                                 \
-           [](const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc,                 \
-              const at::Tensor& sm, const at::Tensor& lam, bool with_m2, bool with_clip,      \
-              RFT_OPT ip, RFT_OPT g, const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft,          \
-              RFT_OPT rpi, RFT_OPT rpt, RFT_OPT c) {                                          \
-             return step_fwd_impl(KERNELS, robust_args(i, t, sc, sm, lam, with_m2, with_clip, \
-                                                       ip, g, sl, rfi, rft, rpi, rpt, c));    \
-           });                                                                                \
+           [](RFT_STEP_PARAMS) { return step_fwd_impl(KERNELS, RFT_STEP_ARGS); });            \
     m.impl("robust_step_bwd",                                                                 \
-           [](const at::Tensor& gt, const at::Tensor& i, const at::Tensor& t,                 \
-              const at::Tensor& sc, const at::Tensor& sm, const at::Tensor& lam, bool with_m2, \
-              bool with_clip, RFT_OPT ip, RFT_OPT g, const at::Tensor& sl, RFT_OPT rfi,       \
-              RFT_OPT rft, RFT_OPT rpi, RFT_OPT rpt, RFT_OPT c, const at::Tensor& lse) {      \
-             return step_bwd_impl(KERNELS, gt,                                                \
-                                  robust_args(i, t, sc, sm, lam, with_m2, with_clip, ip, g,   \
-                                              sl, rfi, rft, rpi, rpt, c),                     \
-                                  lse);                                                       \
+           [](const at::Tensor& grad_terms, RFT_STEP_PARAMS, const at::Tensor& lse) {         \
+             return step_bwd_impl(KERNELS, grad_terms, RFT_STEP_ARGS, lse);                   \
            });                                                                                \
   }
 

@@ -6,15 +6,16 @@ RobustFTLoss, available_backends (a BackendReport), BackendUnavailableError, wor
 set_workspace_limit (the backward's dlogit workspace), patch_open_clip and OpenClipPatch
 (open_clip's trainer on these losses).
 """
-from . import _extension, native  # noqa: F401  (loads the compiled ops and their fakes)
+from . import _extension  # noqa: F401  (loads the compiled ops)
 from .backends import BackendReport, BackendUnavailableError, available_backends
 from .functional import (clip_loss, clip_m2mix_loss, clip_rows_loss, dive_loss, lipsum_loss,
                          m2mix_loss, siglip_loss, slerp)
-from .m2mix import M2MixLoss, sample_beta
-from .modules import ClipLoss, SigLipLoss
+from .modules.contrastive import ClipLoss, SigLipLoss
+from .modules.dive import DiVELoss
+from .modules.lipsum import LipsumLoss
+from .modules.m2mix import M2MixLoss, sample_beta
+from .modules.robust_ft import RobustFTLoss
 from .open_clip_patch import OpenClipPatch, patch_open_clip
-from .regularisers import DiVELoss, LipsumLoss
-from .robust_ft import RobustFTLoss
 from .workspace import set_workspace_limit, workspace_limit
 
 workspace_limit()  # hands $ROBUSTFT_WORKSPACE_MB to the compiled ops

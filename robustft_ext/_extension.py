@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -46,6 +47,25 @@ def _no_cuda_reason(info: dict) -> str:
     if not reason:
         return "the extension was built without CUDA kernels (CPU-only build)"
     return f"the extension was built without CUDA kernels: {reason}"
+
+
+# The op namespaces of the compiled ops: the library's, and its twin whose CPU kernels run the
+# ops' host code under CUDA's rules (a test hook, csrc/cpu/cuda_rules_cpu.cpp).
+NAMESPACES = ("robustft_ext", "robustft_cuda_rules")
+
+
+def register_fake(name: str) -> Callable[[Callable], Callable]:
+    """torch.library.register_fake for the compiled op `name` in every namespace that has it,
+    when the compiled ops are loaded (the op modules declare their fakes beside their
+    Functions with it)."""
+
+    def register(fn: Callable) -> Callable:
+        if _C is not None:
+            for namespace in NAMESPACES:
+                torch.library.register_fake(f"{namespace}::{name}")(fn)
+        return fn
+
+    return register
 
 
 def kernel_image_reason(major: int, minor: int, arch_list: str | None = None) -> str | None:

@@ -8,6 +8,9 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# A logit scale, bias or mix ratio: a Python number or a 0-d tensor.
+Scalar = float | torch.Tensor
+
 
 class PairInputs(NamedTuple):
     """Validated features in one dtype, with scale and bias (0 when absent) as 0-d
@@ -172,3 +175,10 @@ def check_positive_float(value: object, name: str, *, optional: bool = False) ->
         what = "None or a finite positive float" if optional else "a finite positive float"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """A positive int (bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value

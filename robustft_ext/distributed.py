@@ -15,7 +15,32 @@ if dist.is_available():  # builds without distributed support have no collective
     from torch.distributed import _functional_collectives as funcol
 
 
-def _require_distributed(world_size: int) -> None:
+def check_rank(rank: object, world_size: object) -> None:
+    """A module's rank and world_size arguments: a positive int and an int in [0, world_size)."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+
+
+def current_world_size() -> int:
+    """torch.distributed's world size when a process group is initialised, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the ranks of the default process group (x itself on one process)."""
+    world = current_world_size()
+    if world > 1:
+        x = x.contiguous()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x = x / world
+    return x
+
+
+def require_distributed(world_size: int) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed "
                            "process group (torch.distributed.init_process_group)")
@@ -42,7 +67,7 @@ def gather_rows(x: torch.Tensor, *, gather_with_grad: bool, put_back: bool, rank
     no gradient, except through this rank's own shard when `put_back` (the local tensor itself
     takes its place, as open_clip does for local_loss=False).
     """
-    _require_distributed(world_size)
+    require_distributed(world_size)
     if gather_with_grad:
         return torch.cat(all_gather_with_grad(x))
     shards = [torch.zeros_like(x) for _ in range(world_size)]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType, TracebackType
 
 from .backends import BACKENDS
-from .modules import ClipLoss, SigLipLoss
+from .modules.contrastive import ClipLoss, SigLipLoss
 
 LOG = logging.getLogger("robustft_ext")
 FACTORY_MODULE = "open_clip.factory"

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 
-from . import _extension, native
+import torch
+
+from . import _extension
 
 DEFAULT_WORKSPACE_BYTES = 256 * 2**20
 ENV_VAR = "ROBUSTFT_WORKSPACE_MB"
@@ -69,4 +71,4 @@ def set_workspace_limit(nbytes: int | None) -> None:
 def _push_to_native(nbytes: int) -> None:
     """The compiled ops keep their own copy of the limit (C++ cannot call back into Python)."""
     if _extension._C is not None:
-        native.set_workspace_limit(nbytes)
+        torch.ops.robustft_ext.set_workspace_limit(nbytes)

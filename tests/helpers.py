@@ -148,9 +148,9 @@ class CudaRules:
 
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        import robustft_ext.autograd as functions
+        from robustft_ext import backends
 
-        rules, fused = torch.ops.robustft_cuda_rules, functions.fused_ops
+        rules, fused = torch.ops.robustft_cuda_rules, backends.fused_ops
         self.namespaces: set[str] = set()
         record = self.namespaces
 
@@ -161,9 +161,9 @@ class CudaRules:
                 return func(*args, **(kwargs or {}))
 
         self._patches = [
-            mock.patch.object(functions, "fused_ops",
+            mock.patch.object(backends, "fused_ops",
                               lambda backend: rules if backend == "native" else fused(backend)),
-            mock.patch.object(functions, "keeps_dots", lambda *args, **kwargs: False),
+            mock.patch.object(backends, "keeps_products", lambda *args, **kwargs: False),
         ]
         for p in self._patches:
             p.start()

@@ -138,9 +138,9 @@ def test_gradcheck_float64(backend):
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_opcheck(device, backend):
     require_backend(backend, device)
-    from robustft_ext.backends import custom_ops
+    from robustft_ext.backends import fused_ops
 
-    ops = custom_ops(backend)
+    ops = fused_ops(backend)
     fi, ft, pi, pt, m = (x.detach() for x in _dive_inputs(5, 6, device=device))
     F0 = _rand((5, 6), device=device)
     G = _rand((3, 6), device=device)

@@ -522,4 +522,4 @@ def test_random_text_features_tiny_open_clip():
 
 def test_exported():
     assert "DiVELoss" in rft.__all__ and "LipsumLoss" in rft.__all__
-    assert rft.DiVELoss is rft.regularisers.DiVELoss
+    assert rft.DiVELoss is rft.modules.dive.DiVELoss

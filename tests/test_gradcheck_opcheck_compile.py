@@ -49,9 +49,9 @@ def _op_samples(device: str, dtype: torch.dtype):
 def test_opcheck_every_op(device, backend):
     dtype = torch.float32
     require_backend(backend, device, dtype)
-    from robustft_ext.backends import custom_ops
+    from robustft_ext.backends import fused_ops
 
-    ops = custom_ops(backend)
+    ops = fused_ops(backend)
     a, b, b_wide, scale, bias, g = _op_samples(device, dtype)
     _, r, c = ops.clip_fwd(a, b, scale, bias, 0, True)
     _, r2, c2 = ops.clip_fwd(a, b_wide, scale, bias, 3, False)

@@ -330,9 +330,9 @@ def test_gradcheck_float64(backend, lam):
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_opcheck_m2mix_ops(device, backend):
     require_backend(backend, device)
-    from robustft_ext.backends import custom_ops
+    from robustft_ext.backends import fused_ops
 
-    ops = custom_ops(backend)
+    ops = fused_ops(backend)
     I = features(6, 5, device=device).detach()
     T = features(6, 5, device=device).detach()
     t = lambda v: torch.tensor(v, device=device)  # noqa: E731

@@ -447,33 +447,36 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 
-// The forward that keeps its dot products for the backward (step_fwd_impl's `kept`), and
-// the backward that consumes them: CPU only, where the n x n products fit in memory that
+// The forwards that keep their dot products for the backward (step_fwd_impl's `kept`), and
+// the backwards that consume them: CPU only, where the n x n products fit in memory that
 // the workspace limit bounds, and dropping the backward's recompute removes a quarter of
 // the step's GEMM work.
 TORCH_LIBRARY_IMPL(robustft_ext, CPU, m) {
-  m.impl("robust_step_fwd_keep",
-         [](const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc, const at::Tensor& sm,
-            const at::Tensor& lam, bool with_m2, bool with_clip, RFT_OPT ip, RFT_OPT g,
-            const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft, RFT_OPT rpi, RFT_OPT rpt,
-            RFT_OPT c) {
-           at::Tensor kept;
-           auto [terms, diff_mean, lse] = step_fwd_impl(
-               kCpuStepKernels,
-               robust_args(i, t, sc, sm, lam, with_m2, with_clip, ip, g, sl, rfi, rft, rpi, rpt, c),
-               &kept);
-           return std::make_tuple(terms, diff_mean, lse, kept);
-         });
-  m.impl("robust_step_bwd_kept",
-         [](const at::Tensor& gt, const at::Tensor& i, const at::Tensor& t, const at::Tensor& sc,
-            const at::Tensor& sm, const at::Tensor& lam, bool with_m2, bool with_clip,
-            RFT_OPT ip, RFT_OPT g, const at::Tensor& sl, RFT_OPT rfi, RFT_OPT rft, RFT_OPT rpi,
-            RFT_OPT rpt, RFT_OPT c, const at::Tensor& lse, at::Tensor& kept) {
-           return step_bwd_impl(kCpuStepKernels, gt,
-                                robust_args(i, t, sc, sm, lam, with_m2, with_clip, ip, g, sl,
-                                            rfi, rft, rpi, rpt, c),
-                                lse, kept);
-         });
+  m.impl("robust_step_fwd_keep", [](RFT_STEP_PARAMS) {
+    at::Tensor kept;
+    auto [terms, diff_mean, lse] = step_fwd_impl(kCpuStepKernels, RFT_STEP_ARGS, &kept);
+    return std::make_tuple(terms, diff_mean, lse, kept);
+  });
+  m.impl("robust_step_bwd_kept", [](const at::Tensor& grad_terms, RFT_STEP_PARAMS,
+                                    const at::Tensor& lse, at::Tensor& kept) {
+    return step_bwd_impl(kCpuStepKernels, grad_terms, RFT_STEP_ARGS, lse, kept);
+  });
+  m.impl("m2mix_fwd_keep", [](const at::Tensor& image, const at::Tensor& text,
+                              const at::Tensor& m2_scale, const at::Tensor& lam,
+                              const at::Tensor& clip_scale, bool with_clip) {
+    at::Tensor kept;
+    auto [m2, clip, lse] =
+        step_m2mix_fwd(kCpuStepKernels, image, text, m2_scale, lam, clip_scale, with_clip, &kept);
+    return std::make_tuple(m2, clip, lse, kept);
+  });
+  m.impl("m2mix_bwd_kept", [](const at::Tensor& grad_m2, const at::Tensor& grad_clip,
+                              const at::Tensor& image, const at::Tensor& text,
+                              const at::Tensor& m2_scale, const at::Tensor& lam,
+                              const at::Tensor& clip_scale, const at::Tensor& lse,
+                              at::Tensor& kept, bool with_clip) {
+    return step_m2mix_bwd(kCpuStepKernels, grad_m2, grad_clip, image, text, m2_scale, lam,
+                          clip_scale, lse, with_clip, kept);
+  });
 }
 
 }  // namespace robustft

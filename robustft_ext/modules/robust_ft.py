@@ -8,16 +8,17 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import reference
-from ._validation import (PairInputs, check_dive_inputs, check_lam, check_lipsum_inputs,
-                          check_positive_float, check_scalar, check_weight, pair_inputs)
-from .autograd import RobustStepFunction, untied
-from .backends import select_backend
-from .distributed import _require_distributed, broadcast_from_rank0, gather_rows
-from .functional import Scalar, clip_rows_loss, dive_terms
+from .. import reference
+from .._validation import (PairInputs, Scalar, check_dive_inputs, check_lam, check_lipsum_inputs,
+                           check_positive_float, check_scalar, check_weight, pair_inputs)
+from ..backends import select_backend
+from ..distributed import broadcast_from_rank0, check_rank, gather_rows, require_distributed
+from ..ops.clip import clip_rows_loss
+from ..ops.dive import dive_terms
+from ..ops.m2mix import untied
+from ..ops.robust_step import RobustStepFunction, StepArgs
+from .dive import DiVELoss
 from .m2mix import LamSampler
-from .modules import _check_rank
-from .regularisers import DiVELoss
 
 TERMS = ("contrastive_loss", "m2mix_loss", "lipsum_loss", "dive_avl_loss", "dive_pvl_loss")
 
@@ -32,6 +33,10 @@ class _StepInputs(NamedTuple):
     lipsum: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (image_pre, G, s0)
     dive: tuple[torch.Tensor, ...] | None            # (4 reference features, centre)
     columns: PairInputs | None = None                # local_loss CLIP's gathered columns
+
+    def dive_args(self) -> tuple:
+        """(ref_image_ft, ref_text_ft, ref_image_pre, ref_text_pre, center), None when off."""
+        return self.dive if self.dive is not None else (None,) * 5
 
 
 class RobustFTLoss(nn.Module):
@@ -94,7 +99,7 @@ class RobustFTLoss(nn.Module):
         # The DiVE centre and its update rule; its weight is applied here.
         self.dive = DiVELoss(weight=1.0, momentum=dive_momentum, center_mode=dive_center_mode,
                              dim=dive_dim, backend=backend)
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         self.rank, self.world_size = rank, world_size
         self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
         self.backend = backend
@@ -109,7 +114,7 @@ class RobustFTLoss(nn.Module):
                 ) -> torch.Tensor | dict[str, torch.Tensor]:
         x = pair_inputs(image_features, text_features, logit_scale)
         if self.world_size > 1:
-            _require_distributed(self.world_size)
+            require_distributed(self.world_size)
         m2 = self._m2_inputs(x) if self.m2_weight > 0 else None
         lipsum = (self._lipsum_inputs(x, image_pre, random_text_features, pre_logit_scale)
                   if self.lipsum_weight > 0 else None)
@@ -227,8 +232,7 @@ class RobustFTLoss(nn.Module):
         m2_scale = zero if m2_scale is None else untied(m2_scale, clip_scale)
         lam_t = zero if lam_t is None else lam_t
         image_pre, texts, s0 = step.lipsum if step.lipsum is not None else (None, None, zero)
-        rfi, rft, rpi, rpt, center = step.dive if step.dive is not None else (None,) * 5
-        out, diff_mean = RobustStepFunction.apply(
-            x.a, x.b, clip_scale, m2_scale, lam_t, step.m2 is not None, step.clip_in_pass,
-            image_pre, texts, s0, rfi, rft, rpi, rpt, center, name, torch.is_grad_enabled())
+        args = StepArgs(x.a, x.b, clip_scale, m2_scale, lam_t, step.m2 is not None,
+                        step.clip_in_pass, image_pre, texts, s0, *step.dive_args())
+        out, diff_mean = RobustStepFunction.apply(name, torch.is_grad_enabled(), *args)
         return list(out.unbind(0)), (diff_mean if step.dive is not None else None)

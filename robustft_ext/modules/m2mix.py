@@ -6,9 +6,11 @@ import math
 import torch
 from torch import nn
 
-from ._validation import (check_features, check_positive_float, check_same_batch, check_same_dim,
-                          check_weight)
-from .functional import Scalar, clip_loss, clip_m2mix_loss, m2mix_loss, slerp
+from .._validation import (Scalar, check_features, check_positive_float, check_same_batch,
+                           check_same_dim, check_weight)
+from ..ops.clip import clip_loss
+from ..ops.m2mix import clip_m2mix_loss, m2mix_loss
+from ..ops.slerp import slerp
 
 
 def _standard_normal(generator: torch.Generator) -> float:

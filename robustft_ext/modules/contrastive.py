@@ -1,21 +1,16 @@
-"""Drop-in nn.Modules for open_clip's ClipLoss and SigLipLoss, on the fused backends."""
+"""ClipLoss and SigLipLoss: drop-in nn.Modules for open_clip's losses of the same names, on the
+fused backends (docs/api.md)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._validation import check_features, check_same_batch, check_same_dim
-from .distributed import _require_distributed, all_gather_with_grad, gather_features
-from .functional import Scalar, clip_loss, clip_rows_loss, siglip_loss
+from .._validation import Scalar, check_features, check_same_batch, check_same_dim
+from ..distributed import all_gather_with_grad, check_rank, gather_features, require_distributed
+from ..ops.clip import clip_loss, clip_rows_loss
+from ..ops.siglip import siglip_loss
 
 _SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
-
-
-def _check_rank(rank: object, world_size: object) -> None:
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
 
 
 def _check_local_pair(image_features: object, text_features: object) -> None:
@@ -38,7 +33,7 @@ class ClipLoss(nn.Module):
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  use_horovod: bool = False, backend: str | None = None) -> None:
         super().__init__()
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         if use_horovod:
             raise ValueError("use_horovod=True is not supported: robustft_ext gathers through "
                              "torch.distributed")
@@ -85,7 +80,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
                  dist_impl: str | None = None, backend: str | None = None) -> None:
         super().__init__()
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_SIGLIP_DIST_IMPLS}, got {dist_impl!r}")
@@ -101,7 +96,7 @@ class SigLipLoss(nn.Module):
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias,
                            backend=self.backend)
         if self.world_size > 1:
-            _require_distributed(self.world_size)
+            require_distributed(self.world_size)
             for other, texts in enumerate(all_gather_with_grad(text_features)):
                 if other != self.rank:
                     loss = loss + siglip_loss(image_features, texts, logit_scale, logit_bias,
