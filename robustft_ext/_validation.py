@@ -62,9 +62,24 @@ def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
     return first
 
 
+def check_value(cond: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor `cond` holds. In a compiled graph
+    (torch.compile) the check is the graph's own assertion (torch._assert_async: a
+    RuntimeError with the same message when the graph runs), so it holds there too; tensors
+    without values (the meta device) pass."""
+    if cond.device.type == "meta":
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise ValueError(message)
+
+
 def check_scalar(x: object, name: str, device: torch.device, dtype: torch.dtype,
                  *, optional: bool = False) -> torch.Tensor | None:
-    """A float or 0-d floating tensor on `device`, finite, returned as a 0-d `dtype` tensor."""
+    """A float or 0-d floating tensor on `device` whose value is finite in `dtype` (the
+    computation's: 1e39 is a finite float but overflows float32), returned as a 0-d `dtype`
+    tensor."""
     if x is None:
         if optional:
             return None
@@ -79,12 +94,19 @@ def check_scalar(x: object, name: str, device: torch.device, dtype: torch.dtype,
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.device != device:
             raise ValueError(f"{name} is on {x.device} but the features are on {device}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(x.detach())):
-            raise ValueError(f"{name} must be finite, got {x.item()}")
-        return x.to(dtype)
-    if not math.isfinite(float(x)):
+        t = x.to(dtype)
+        if torch.compiler.is_compiling() or t.device.type == "meta":
+            check_value(torch.isfinite(t.detach()), f"{name} must be finite in {dtype}")
+        elif not bool(torch.isfinite(t.detach())):
+            raise ValueError(f"{name} must be finite in {dtype}, got {x.item()}"
+                             + (f" (it overflows {dtype})" if bool(torch.isfinite(x)) else ""))
+        return t
+    value = float(x)
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {x}")
-    return torch.tensor(float(x), dtype=dtype, device=device)
+    if abs(value) > torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {x} overflows {dtype}, the dtype the loss is computed in")
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def pair_inputs(image_features: object, text_features: object, logit_scale: object,
@@ -109,12 +131,12 @@ def pair_inputs(image_features: object, text_features: object, logit_scale: obje
 
 def check_lam(lam: object, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The mixing ratio: a float or 0-d tensor in [0, 1], returned as a 0-d `dtype` tensor."""
-    t = check_scalar(lam, "lam", device, dtype)
-    if not torch.compiler.is_compiling():
-        value = float(t.detach())
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"lam must lie in [0, 1], got {value}")
-    return t.detach()
+    t = check_scalar(lam, "lam", device, dtype).detach()
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        check_value((t >= 0) & (t <= 1), "lam must lie in [0, 1]")
+    elif not 0.0 <= float(t) <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {float(t)}")
+    return t
 
 
 def check_weight(value: object, name: str) -> float:

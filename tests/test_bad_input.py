@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import robustft_ext as rft
+from conftest import require_backend
 from helpers import features
 
 LOSSES = {
@@ -122,3 +123,86 @@ def test_nothing_is_launched_for_bad_input(monkeypatch):
     monkeypatch.setattr(backends, "fused_ops", boom)
     with pytest.raises(ValueError):
         rft.clip_loss(torch.randn(4, 8), torch.randn(5, 8), 10.0, backend="native")
+
+
+# ---- Checks of tensor values inside compiled graphs ------------------------------------
+# Under torch.compile(fullgraph=True) a tensor's value is not known while tracing: the checks
+# become assertions of the graph (torch._assert_async), which raise when the graph runs.
+def _unit(n=6, d=8):
+    return torch.nn.functional.normalize(torch.randn(n, d), dim=1)
+
+
+_NAN = float("nan")
+COMPILED_VALUE_CHECKS = {
+    "clip_loss logit_scale": (lambda a, b, v: rft.clip_loss(a, b, v), _NAN, "logit_scale"),
+    "clip_loss logit_bias": (lambda a, b, v: rft.clip_loss(a, b, 10.0, v), _NAN, "logit_bias"),
+    "clip_rows_loss": (lambda a, b, v: rft.clip_rows_loss(a, b, v), _NAN, "logit_scale"),
+    "siglip_loss": (lambda a, b, v: rft.siglip_loss(a, b, 10.0, v), _NAN, "logit_bias"),
+    "m2mix_loss lam 1.5": (lambda a, b, v: rft.m2mix_loss(a, b, 10.0, v), 1.5, "lam"),
+    "m2mix_loss lam -3": (lambda a, b, v: rft.m2mix_loss(a, b, 10.0, v), -3.0, "lam"),
+    "m2mix_loss lam nan": (lambda a, b, v: rft.m2mix_loss(a, b, 10.0, v), _NAN, "lam"),
+    "clip_m2mix_loss": (lambda a, b, v: sum(rft.clip_m2mix_loss(a, b, 10.0, 0.3,
+                                                                m2_logit_scale=v)),
+                        _NAN, "m2_logit_scale"),
+    "slerp": (lambda a, b, v: rft.slerp(a, b, v).sum(), 2.0, "lam"),
+    "lipsum_loss": (lambda a, b, v: rft.lipsum_loss(a, b, b[:3], v), _NAN, "logit_scale"),
+    "ClipLoss": (lambda a, b, v: rft.ClipLoss()(a, b, v), _NAN, "logit_scale"),
+    "SigLipLoss": (lambda a, b, v: rft.SigLipLoss()(a, b, 10.0, v), _NAN, "logit_bias"),
+    "M2MixLoss": (lambda a, b, v: rft.M2MixLoss(lam=0.3)(a, b, v), _NAN, "logit_scale"),
+    "RobustFTLoss": (lambda a, b, v: rft.RobustFTLoss(1.0, lipsum_weight=1.0)(
+        a, b, 10.0, image_pre=b, random_text_features=b[:3], pre_logit_scale=v),
+        _NAN, "pre_logit_scale"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(COMPILED_VALUE_CHECKS))
+def test_value_checks_hold_under_torch_compile(case, backend, monkeypatch):
+    fn, bad, name = COMPILED_VALUE_CHECKS[case]
+    monkeypatch.setenv("ROBUSTFT_BACKEND", backend)
+    a, b = _unit(), _unit()
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert torch.isfinite(compiled(a, b, torch.tensor(0.5)))  # a good value compiles and runs
+    with pytest.raises((ValueError, RuntimeError), match=name):
+        compiled(a, b, torch.tensor(bad))
+    with pytest.raises(ValueError, match=name):  # and eager says it too
+        fn(a, b, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_scale_that_overflows_the_computation_dtype_is_refused(backend):
+    a, b = _unit(), _unit()
+    with pytest.raises(ValueError, match="logit_scale = 1e.39 overflows torch.float32"):
+        rft.clip_loss(a, b, 1e39, backend=backend)
+    with pytest.raises(ValueError, match="logit_scale must be finite in torch.float32.*overflows"):
+        rft.clip_loss(a, b, torch.tensor(1e39, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match="logit_bias = -1e.40 overflows torch.float32"):
+        rft.siglip_loss(a, b, 10.0, -1e40, backend=backend)
+    # float64 features compute in float64, where 1e39 is finite
+    assert torch.isfinite(rft.clip_loss(a.double(), b.double(), 1e39, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+@pytest.mark.parametrize("bad", [_NAN, math.inf])
+def test_non_finite_features_give_a_non_finite_loss(backend, bad):
+    """docs/api.md's contract: features are not scanned (an O(N D) pass and a host sync per
+    call); a NaN or inf in them makes the loss NaN (or inf), never a finite number."""
+    require_backend(backend, "cpu")
+    a, b = _unit(), _unit()
+    a[2, 3] = bad
+    for value in (rft.clip_loss(a, b, 10.0, backend=backend),
+                  rft.siglip_loss(a, b, 10.0, -1.0, backend=backend),
+                  rft.m2mix_loss(a, b, 10.0, 0.3, backend=backend)):
+        assert not torch.isfinite(value), value
+
+
+def test_meta_tensors_pass_the_value_checks():
+    """Tensors without values (the meta device) are checked for what they have, shape and
+    dtype; the loss is a meta tensor (the reference backend serves the meta device)."""
+    a = torch.empty(6, 8, device="meta")
+    for loss in (rft.clip_loss(a, a, torch.tensor(10.0, device="meta")),
+                 rft.m2mix_loss(a, a, 10.0, torch.tensor(0.3, device="meta"))):
+        assert loss.device.type == "meta" and loss.shape == ()
+    with pytest.raises(ValueError, match="logit_scale is on meta"):
+        rft.clip_loss(_unit(), _unit(), torch.tensor(10.0, device="meta"))
