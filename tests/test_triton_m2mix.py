@@ -244,6 +244,17 @@ def test_slerp_matches_reference(n, D, identical, lam, dtype):
         assert err <= TOLERANCE[dtype], f"slerp grad {name}: error {err:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_slerp_rounds_the_float64_mix_to_nearest(dtype):
+    # The mix is formed in float64 and rounded once to the 16-bit dtype, to nearest as
+    # torch's conversion (the kernels go through float32: they may differ from it only on a
+    # float32 value that is a tie of the 16-bit type). Truncation would miss half the values.
+    I, T, _, lam, _ = _inputs(64, 48, dtype)
+    out = ops.slerp(I, T, lam).cpu()
+    want = reference.slerp(I.double().cpu(), T.double().cpu(), lam.double().cpu()).to(dtype)
+    assert (out != want).float().mean().item() < 0.01
+
+
 # ----------------------------------------------------------------------------- contract
 def test_deterministic():
     I, T, s_m, lam, s_c = _inputs(40, 33, torch.float32)

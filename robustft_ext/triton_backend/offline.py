@@ -229,7 +229,7 @@ def compile_config(kernel: str, variant: str, arch: int, dtype_name: str, D: int
         config = configs.lookup(kernel, arch, dclass, cls, launch_D)
     constexprs = dict(variants[variant], BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                       BLOCK_D=config.block_d, DOT_PREC="ieee" if cls == "fp32" else "tf32",
-                      UPCAST=False, ONE_CHUNK=launch_D <= config.block_d)
+                      UPCAST=False, ROUND_BF16=False, ONE_CHUNK=launch_D <= config.block_d)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     hinted = launch_D % 16 == 0
     sig, attrs = _signature(fn, dtype, constexprs, hinted)

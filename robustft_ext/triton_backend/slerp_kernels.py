@@ -32,11 +32,18 @@ def _row_dots(X, Y, rows, row_ok, D, stride, BLOCK_M: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _rounded(x, dtype):
+def _rounded(x, dtype, ROUND_BF16: tl.constexpr):
     # float64 x in `dtype`, through float32: Triton's interpreter converts float64 straight to
     # bfloat16 wrongly. (Rounding twice differs from rounding once only where the float32
-    # value is a tie of the 16-bit type: by one unit in its last place.)
-    return x.to(tl.float32).to(dtype)
+    # value is a tie of the 16-bit type: by one unit in its last place.) ROUND_BF16 (set only
+    # under the interpreter, for bfloat16): round to nearest even by hand, as the GPU's
+    # conversion does; the interpreter's truncates.
+    y = x.to(tl.float32)
+    if ROUND_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return y.to(dtype)
 
 
 @triton.jit
@@ -59,7 +66,7 @@ def slerp_mix_kernel(
     weights_f64,          # [4, n] f64: w_a, w_b, dw_a/dc, dw_b/dc
     M,                    # [n, D] out: the mix, in M's dtype
     n, D, stride,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """M_p = w_a[p] I_p + w_b[p] T_p, formed in float64."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,8 +80,8 @@ def slerp_mix_kernel(
         mask = row_ok[:, None] & (d < D)[None, :]
         i = tl.load(I + base + d[None, :], mask=mask, other=0.0).to(tl.float64)
         t = tl.load(T + base + d[None, :], mask=mask, other=0.0).to(tl.float64)
-        tl.store(M + base + d[None, :], _rounded(w_a * i + w_b * t, M.dtype.element_ty),
-                 mask=mask)
+        tl.store(M + base + d[None, :],
+                 _rounded(w_a * i + w_b * t, M.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 @triton.jit
@@ -87,7 +94,8 @@ def slerp_bwd_kernel(
     base_t_ptr,           # [n, D] f32 (WITH_STEP): the rest of dT
     DI, DT,               # [n, D] out: dI, dT in their dtype
     n, D, stride,
-    WITH_STEP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_STEP: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The backward of M = slerp(I, T; lam) (docs/maths.md, section 3.1):
         k  = <dM, I> dw_a/dc + <dM, T> dw_b/dc
@@ -121,5 +129,5 @@ def slerp_bwd_kernel(
         if WITH_STEP:
             di += tl.load(base_i_ptr + off, mask=mask, other=0.0).to(tl.float64)
             dt += tl.load(base_t_ptr + off, mask=mask, other=0.0).to(tl.float64)
-        tl.store(DI + off, _rounded(di, DI.dtype.element_ty), mask=mask)
-        tl.store(DT + off, _rounded(dt, DT.dtype.element_ty), mask=mask)
+        tl.store(DI + off, _rounded(di, DI.dtype.element_ty, ROUND_BF16), mask=mask)
+        tl.store(DT + off, _rounded(dt, DT.dtype.element_ty, ROUND_BF16), mask=mask)

@@ -119,6 +119,12 @@ def _row_launch(kernel, a: Tensor, *args, **constexprs) -> None:
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _round_bf16(dtype: torch.dtype) -> bool:
+    """Do the slerp kernels round their bfloat16 results to nearest by hand (the interpreter's
+    conversion truncates; slerp_kernels._rounded)?"""
+    return interpreting() and dtype == torch.bfloat16
+
+
 def _pair_cosines(a: Tensor, b: Tensor) -> Tensor:
     """c_p = <a_p, b_p> [n] in float64 (slerp_kernels.pair_dots_kernel)."""
     cos = torch.empty(a.size(0), device=a.device, dtype=torch.float64)
@@ -130,7 +136,7 @@ def _mix(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
     """The mix w_a a + w_b b [n, D] in a's dtype, formed in float64 (w: [4, n] float64 from
     slerp_maths.slerp_weights)."""
     out = torch.empty_like(a)
-    _row_launch("slerp_mix", a, a, b, w, out)
+    _row_launch("slerp_mix", a, a, b, w, out, ROUND_BF16=_round_bf16(a.dtype))
     return out
 
 
@@ -142,7 +148,7 @@ def _mix_backward(grad_m: Tensor, a: Tensor, b: Tensor, w: Tensor, *,
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     pair, base_a, base_b = step if step is not None else (grad_m, grad_m, grad_m)
     _row_launch("slerp_bwd", a, a, b, w, grad_m, pair, base_a, base_b, grad_a, grad_b,
-                WITH_STEP=step is not None)
+                WITH_STEP=step is not None, ROUND_BF16=_round_bf16(a.dtype))
     return grad_a, grad_b
 
 
