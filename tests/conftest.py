@@ -1,4 +1,6 @@
-"""Test configuration: Triton runs under its interpreter when no GPU is visible."""
+"""pytest's configuration of the suite: Triton runs under its interpreter when no GPU is visible,
+CUDA-marked tests skip without a GPU, every test starts from one seed. The tests' shared code
+is in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -13,9 +15,7 @@ import logging  # noqa: E402
 
 import pytest  # noqa: E402
 
-import robustft_ext  # noqa: E402
-from robustft_ext.backends import unavailable_reason  # noqa: E402
-
+import robustft_ext  # noqa: E402,F401  (loads the compiled ops before any test module)
 
 
 class _DropMutationAnalysisWarning(logging.Filter):
@@ -30,30 +30,12 @@ class _DropMutationAnalysisWarning(logging.Filter):
 logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").addFilter(
     _DropMutationAnalysisWarning())
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="no CUDA device visible")
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-
-
-def require_backend(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
-    """Skip when a backend cannot serve this device (only ever for a missing GPU or build).
-
-    A backend that *should* serve (native on CPU once built, triton under the interpreter)
-    failing here is an error, not a skip.
-    """
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device visible")
-    reason = unavailable_reason(backend, torch.device(device), dtype)
-    if reason is None:
-        return
-    if device == "cpu" and backend in ("native", "triton") and dtype != torch.float64:
-        pytest.fail(f"{backend} must serve CPU tensors in the test environment: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

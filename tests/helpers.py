@@ -1,8 +1,11 @@
 """Shared test helpers: random features, error measures and the per-dtype tolerance table."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from robustft_ext.backends import unavailable_reason
 
 # Relative error bound (max |x - ref| / max |ref|) of a fused backend against the float64
 # reference on the same (already rounded) inputs. A low-precision result must also be within
@@ -15,6 +18,26 @@ TOLERANCE = {
     torch.bfloat16: 3e-2,
 }
 LOWP_FACTOR = 2.0
+
+
+# The devices a test runs on: the CPU, and CUDA where a GPU is visible (marked "cuda").
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def require_backend(backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    """Skip when a backend cannot serve this device (only ever for a missing GPU or build).
+
+    A backend that *should* serve (native on CPU once built, triton under the interpreter)
+    failing here is an error, not a skip.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    reason = unavailable_reason(backend, torch.device(device), dtype)
+    if reason is None:
+        return
+    if device == "cpu" and backend in ("native", "triton") and dtype != torch.float64:
+        pytest.fail(f"{backend} must serve CPU tensors in the test environment: {reason}")
+    pytest.skip(reason)
 
 
 def features(n: int, d: int, dtype=torch.float32, device="cpu", *,

@@ -73,8 +73,8 @@ newest_torch() {
   mkdir -p "$WORK/smoke"
   cp -r "$ROOT/tests" "$ROOT/setup.py" "$ROOT/pyproject.toml" "$WORK/smoke/"
   (cd "$WORK/smoke" && "$venv/bin/python" -m pytest -q -p no:cacheprovider -ra \
-    tests/test_build_config.py tests/test_bad_input.py tests/test_backend_selection.py \
-    tests/test_gradcheck_opcheck_compile.py -m "not triton and not cuda" -k "not triton")
+    tests/backends/test_build_config.py tests/losses/test_bad_input.py tests/backends/test_backend_selection.py \
+    tests/losses/test_gradcheck_opcheck_compile.py -m "not triton and not cuda" -k "not triton")
   echo "== install check: $spec done in $((SECONDS - start)) s"
 }
 

@@ -1,0 +1,270 @@
+"""The CPU forward that keeps its n x m dot products for the backward (native backend: CLIP,
+SigLIP, and the m^2 / robust step's two or three products): used exactly when gradients are
+wanted and the products fit the workspace limit, the same losses and gradients as the forward
+that keeps nothing, the ops' contract (opcheck, the limit, bad dot products) and a second
+backward through a retained graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robustft_ext as rft
+from helpers import require_backend
+from helpers import assert_close_rel, features
+
+LOSSES = {
+    "clip": lambda a, b, s, c: rft.clip_loss(a, b, s, backend="native"),
+    "clip_bias": lambda a, b, s, c: rft.clip_loss(a, b, s, c, backend="native"),
+    "siglip": lambda a, b, s, c: rft.siglip_loss(a, b, s, c, backend="native"),
+    "siglip_neg": lambda a, b, s, c: rft.siglip_loss(a, b, s, c, negative_only=True,
+                                                     backend="native"),
+}
+
+
+@pytest.fixture
+def calls():
+    """The names of the native ops the autograd Functions call, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "robustft_ext" and func._opname != "set_workspace_limit":
+                seen.append(func._opname)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        yield seen
+
+
+def _run(kind, n, m, dtype, grad=True):
+    a = features(n, 24, dtype).requires_grad_(grad)
+    b = features(m, 24, dtype).requires_grad_(grad)
+    s = torch.tensor(7.5, requires_grad=grad)
+    c = torch.tensor(-1.5, requires_grad=grad)
+    loss = LOSSES[kind](a, b, s, c)
+    if not grad or not torch.is_grad_enabled():
+        return loss, None
+    loss.backward()
+    return loss, [x.grad for x in (a, b, s, c)]
+
+
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kept_products_give_the_recomputed_results(kind, dtype, calls):
+    """n = 300 spans several row blocks and column tiles of neither size's multiple."""
+    require_backend("native", "cpu", dtype)
+    n, m = 300, (300 if kind != "siglip_neg" else 170)
+    torch.manual_seed(0)
+    kept_loss, kept_grads = _run(kind, n, m, dtype)
+    assert any(c.endswith("_keep") for c in calls) and any(c.endswith("_kept") for c in calls)
+    calls.clear()
+    rft.set_workspace_limit(1)  # nothing fits: the forward keeps nothing
+    try:
+        torch.manual_seed(0)
+        loss, grads = _run(kind, n, m, dtype)
+    finally:
+        rft.set_workspace_limit(None)
+    assert not any("kept" in c or "keep" in c for c in calls)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_rel(kept_loss, loss, tol, "loss")
+    for name, g_kept, g in zip("a b scale bias".split(), kept_grads, grads):
+        if kind == "clip" and name == "bias":
+            assert g_kept is None and g is None
+            continue
+        assert_close_rel(g_kept, g, tol, name)
+
+
+def test_forward_without_gradients_keeps_nothing(calls):
+    require_backend("native", "cpu")
+    with torch.no_grad():
+        _run("clip", 64, 64, torch.float32, grad=True)  # inputs require grad, no graph
+    _run("siglip", 64, 64, torch.float32, grad=False)
+    assert calls == ["clip_fwd", "siglip_fwd"]
+
+
+def test_products_over_the_limit_are_not_kept(calls):
+    """The limit is on the products' bytes: 64 x 64 floats are 16 KiB."""
+    require_backend("native", "cpu")
+    rft.set_workspace_limit(64 * 64 * 4 - 1)
+    try:
+        _run("clip", 64, 64, torch.float32)
+        rft.set_workspace_limit(64 * 64 * 4)
+        _run("clip", 64, 64, torch.float32)
+    finally:
+        rft.set_workspace_limit(None)
+    assert calls == ["clip_fwd", "clip_bwd", "clip_fwd_keep", "clip_bwd_kept"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_second_backward_through_a_retained_graph(kind, calls):
+    """The first backward turns the kept products into dlogits; the second recomputes."""
+    require_backend("native", "cpu")
+    a = features(40, 16).requires_grad_()
+    b = features(40, 16).requires_grad_()
+    s = torch.tensor(5.0, requires_grad=True)
+    loss = LOSSES[kind](a, b, s, torch.tensor(-0.5))
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    a.grad = None
+    loss.backward()
+    torch.testing.assert_close(a.grad, first, rtol=1e-5, atol=1e-7)
+    assert calls[1].endswith("_kept") and calls[2] == f"{kind}_bwd"
+
+
+def test_keep_ops_refuse_products_over_the_limit():
+    require_backend("native", "cpu")
+    a, b = features(64, 8).detach(), features(64, 8).detach()
+    one = torch.tensor(1.0)
+    rft.set_workspace_limit(1024)
+    try:
+        with pytest.raises(RuntimeError, match="more than the workspace limit"):
+            torch.ops.robustft_ext.clip_fwd_keep(a, b, one, one, 0, True)
+        with pytest.raises(RuntimeError, match="more than the workspace limit"):
+            torch.ops.robustft_ext.siglip_fwd_keep(a, b, one, one, False)
+    finally:
+        rft.set_workspace_limit(None)
+
+
+def test_kept_backward_rejects_mismatched_products():
+    require_backend("native", "cpu")
+    a, b = features(16, 8).detach(), features(16, 8).detach()
+    one, g = torch.tensor(1.0), torch.tensor(1.0)
+    _, r, c, dots = torch.ops.robustft_ext.clip_fwd_keep(a, b, one, one, 0, True)
+    for bad in (dots[:8], dots.t(), dots.double()):
+        with pytest.raises(RuntimeError, match="kept dot products must be a contiguous"):
+            torch.ops.robustft_ext.clip_bwd_kept(g, a, b, one, one, r, c, bad, 0, True)
+
+
+def test_opcheck_kept_ops():
+    require_backend("native", "cpu")
+    ops = torch.ops.robustft_ext
+    a, b, b_wide = (features(n, 7).detach() for n in (5, 5, 9))
+    scale, bias, g = torch.tensor(3.0), torch.tensor(0.2), torch.tensor(1.3)
+    _, r, c, dots = ops.clip_fwd_keep(a, b, scale, bias, 0, True)
+    _, r2, c2, dots2 = ops.clip_fwd_keep(a, b_wide, scale, bias, 3, False)
+    _, sdots = ops.siglip_fwd_keep(a, b_wide, scale, bias, True)
+    cases = [
+        (ops.clip_fwd_keep.default, (a, b, scale, bias, 0, True)),
+        (ops.clip_fwd_keep.default, (a, b_wide, scale, bias, 3, False)),
+        (ops.clip_bwd_kept.default, (g, a, b, scale, bias, r, c, dots, 0, True)),
+        (ops.clip_bwd_kept.default, (g, a, b_wide, scale, bias, r2, c2, dots2, 3, False)),
+        (ops.siglip_fwd_keep.default, (a, b, scale, bias, False)),
+        (ops.siglip_bwd_kept.default, (g, a, b_wide, scale, bias, sdots, True)),
+    ]
+    for op, args in cases:
+        # The backward overwrites its dots: each check starts from a fresh copy.
+        args = tuple(x.clone() if x is dots or x is dots2 or x is sdots else x for x in args)
+        torch.library.opcheck(op, args)
+
+
+def test_gradcheck_float64_through_kept_products():
+    require_backend("native", "cpu", torch.float64)
+    a = features(6, 5, torch.float64).requires_grad_()
+    b = features(6, 5, torch.float64).requires_grad_()
+    s = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+    for kind in ("clip_bias", "siglip"):
+        assert torch.autograd.gradcheck(LOSSES[kind], (a, b, s, c), eps=1e-6, atol=1e-7)
+
+
+# ---- The m^2 / robust step's products ---------------------------------------------------
+def _step_loss(kind, a, b, s, refs):
+    if kind == "m2mix":
+        return rft.m2mix_loss(a, b, s, 0.35, backend="native")
+    if kind == "clip_m2mix":
+        m2, clip = rft.clip_m2mix_loss(a, b, s, 0.35, backend="native")
+        return 0.3 * m2 + clip
+    loss = rft.RobustFTLoss(m2_weight=0.3, lipsum_weight=2.0, dive_weight=10.0, m2_lam=0.35,
+                            m2_logit_scale=14.3, backend="native")
+    pre, texts, rfi, rft_, rpi, rpt = refs
+    return sum(loss(a, b, s, image_pre=pre, random_text_features=texts, pre_logit_scale=20.0,
+                    ref_image_ft=rfi, ref_text_ft=rft_, ref_image_pre=rpi, ref_text_pre=rpt,
+                    output_dict=True).values())
+
+
+def _run_step(kind, n, dtype):
+    torch.manual_seed(0)
+    a, b = features(n, 24, dtype), features(n, 24, dtype)
+    refs = [features(k, 24, dtype).detach() for k in (n, 9, 6, 6, 6, 6)]
+    refs[2].requires_grad_()
+    refs[3].requires_grad_()
+    s = torch.tensor(7.5, requires_grad=True)
+    loss = _step_loss(kind, a, b, s, refs)
+    loss.backward()
+    return loss, [x.grad for x in (a, b, s, refs[2], refs[3])]
+
+
+@pytest.mark.parametrize("kind", ["m2mix", "clip_m2mix", "robust_step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_kept_products_give_the_recomputed_results(kind, dtype, calls):
+    require_backend("native", "cpu", dtype)
+    kept_loss, kept_grads = _run_step(kind, 130, dtype)
+    family = "robust_step" if kind == "robust_step" else "m2mix"
+    assert f"{family}_fwd_keep" in calls and f"{family}_bwd_kept" in calls
+    calls.clear()
+    rft.set_workspace_limit(1)
+    try:
+        loss, grads = _run_step(kind, 130, dtype)
+    finally:
+        rft.set_workspace_limit(None)
+    assert not any("kept" in c or "keep" in c for c in calls)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_rel(kept_loss, loss, tol, "loss")
+    for name, g_kept, g in zip(["a", "b", "scale", "ref image", "ref text"], kept_grads, grads):
+        if g is None:
+            assert g_kept is None, name
+            continue
+        assert_close_rel(g_kept, g, tol, name)
+
+
+def test_step_keeps_nothing_without_gradients_or_over_the_limit(calls):
+    require_backend("native", "cpu")
+    a, b = features(40, 16), features(40, 16)
+    with torch.no_grad():
+        rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native")
+    # m^2 and CLIP: three 40 x 40 float products, 19200 bytes.
+    rft.set_workspace_limit(3 * 40 * 40 * 4 - 1)
+    try:
+        sum(rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native")).backward()
+    finally:
+        rft.set_workspace_limit(None)
+    assert calls == ["m2mix_fwd", "m2mix_fwd", "m2mix_bwd"]
+
+
+def test_step_second_backward_through_a_retained_graph(calls):
+    require_backend("native", "cpu")
+    a, b = features(40, 16), features(40, 16)
+    loss = sum(rft.clip_m2mix_loss(a, b, 5.0, 0.3, backend="native"))
+    loss.backward(retain_graph=True)
+    first = a.grad.clone()
+    a.grad = None
+    loss.backward()
+    torch.testing.assert_close(a.grad, first, rtol=1e-5, atol=1e-7)
+    assert calls == ["m2mix_fwd_keep", "m2mix_bwd_kept", "m2mix_bwd"]
+
+
+def test_step_keep_op_refuses_products_over_the_limit():
+    require_backend("native", "cpu")
+    a, b = features(64, 8).detach(), features(64, 8).detach()
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    rft.set_workspace_limit(1024)
+    try:
+        with pytest.raises(RuntimeError, match="more than the workspace limit"):
+            torch.ops.robustft_ext.robust_step_fwd_keep(a, b, one, one, torch.tensor(0.3), True, True, None, None,
+                                        zero, None, None, None, None, None)
+    finally:
+        rft.set_workspace_limit(None)
+
+
+def test_opcheck_step_kept_ops():
+    require_backend("native", "cpu")
+    ops = torch.ops.robustft_ext
+    a, b = features(6, 5).detach(), features(6, 5).detach()
+    one, zero, lam = torch.tensor(2.0), torch.tensor(0.0), torch.tensor(0.3)
+    g = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0])
+    args = (a, b, one, one, lam, True, True, None, None, zero, None, None, None, None, None)
+    _, _, lse, kept = ops.robust_step_fwd_keep(*args)
+    torch.library.opcheck(ops.robust_step_fwd_keep.default, args)
+    torch.library.opcheck(ops.robust_step_bwd_kept.default, (g, *args, lse, kept.clone()))

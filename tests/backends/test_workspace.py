@@ -1,0 +1,99 @@
+"""The backward's dlogit workspace: its limit (robustft_ext.set_workspace_limit,
+$ROBUSTFT_WORKSPACE_MB) and the chunked backward it bounds, which must give the same numbers as
+one chunk. Memory bounds themselves are measured in test_memory.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import robustft_ext as rft
+from robustft_ext import workspace
+from helpers import DEVICES, require_backend
+from helpers import assert_close_rel, features
+
+
+@pytest.fixture
+def small_workspace():
+    """One byte: every chunk is a single row block (128 rows), the fewest the kernels take."""
+    rft.set_workspace_limit(1)
+    yield
+    rft.set_workspace_limit(None)
+
+
+def test_default_limit_is_256_mib():
+    assert workspace.DEFAULT_WORKSPACE_BYTES == 256 * 2**20
+    rft.set_workspace_limit(None)
+    if os.environ.get(workspace.ENV_VAR) is None:
+        assert rft.workspace_limit() == 256 * 2**20
+
+
+def test_set_and_restore():
+    rft.set_workspace_limit(12345)
+    assert rft.workspace_limit() == 12345
+    rft.set_workspace_limit(None)
+    assert rft.workspace_limit() == workspace._from_env()
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-5, ValueError), (1.5, TypeError),
+                                        (True, TypeError), ("8", TypeError)])
+def test_bad_limits_are_refused(bad, error):
+    with pytest.raises(error, match="nbytes"):
+        rft.set_workspace_limit(bad)
+
+
+@pytest.mark.parametrize("value, ok", [("64", True), ("0.5", True), ("0", False), ("-1", False),
+                                       ("lots", False)])
+def test_environment_variable(value, ok):
+    code = "import robustft_ext as r; print(r.workspace_limit())"
+    env = dict(os.environ, ROBUSTFT_WORKSPACE_MB=value)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    if ok:
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.strip().splitlines()[-1]) == int(float(value) * 2**20)
+    else:
+        assert out.returncode != 0 and "ROBUSTFT_WORKSPACE_MB" in out.stderr
+
+
+def _grads(fn, inputs):
+    out = fn(*inputs)
+    return [out.detach()] + list(torch.autograd.grad(out, inputs))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["clip", "clip_rows", "siglip", "clip_m2mix", "robust_step"])
+def test_chunked_backward_matches_one_chunk(device, dtype, kind, small_workspace):
+    """300 rows in chunks of 128 against the default (one chunk): the chunks' GEMMs add the
+    same products in another order, so results agree to rounding."""
+    require_backend("native", device, dtype)
+    n, d = 300, 24
+    I, T = features(n, d, dtype, device), features(n, d, dtype, device)
+    s = torch.tensor(9.0, device=device, dtype=torch.float64 if dtype == torch.float64 else
+                     torch.float32, requires_grad=True)
+    if kind == "clip":
+        fn = lambda I, T, s: rft.clip_loss(I, T, s, backend="native")  # noqa: E731
+    elif kind == "clip_rows":
+        Tall = features(2 * n, d, dtype, device)
+        fn = lambda I, T, s: rft.clip_rows_loss(I, torch.cat([T, Tall]), s,  # noqa: E731
+                                                 diag_offset=n, backend="native")
+    elif kind == "siglip":
+        fn = lambda I, T, s: rft.siglip_loss(I, T, s, -2.0, backend="native")  # noqa: E731
+    elif kind == "clip_m2mix":
+        fn = lambda I, T, s: sum(rft.clip_m2mix_loss(I, T, s, 0.3, backend="native"))  # noqa: E731
+    else:
+        P, G = features(n, d, dtype, device).detach(), features(80, d, dtype, device).detach()
+        loss = rft.RobustFTLoss(clip_weight=1.0, m2_weight=0.1, lipsum_weight=1.0, m2_lam=0.3,
+                                backend="native")
+        fn = lambda I, T, s: loss(I, T, s, image_pre=P, random_text_features=G,  # noqa: E731
+                                  pre_logit_scale=12.0)
+    chunked = _grads(fn, (I, T, s))
+    rft.set_workspace_limit(None)
+    whole = _grads(fn, (I, T, s))
+    bound = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, x, y in zip(("loss", "grad_image", "grad_text", "grad_scale"), chunked, whole):
+        assert_close_rel(x, y, bound, f"{kind} {name}")
