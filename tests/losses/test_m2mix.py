@@ -309,7 +309,7 @@ def test_identical_rows_gradient_matches_small_angle_limit():
     assert_close_rel(g0, g1, 1e-5, "gradient at theta = 0 vs theta ~ 1e-7")
 
 
-# ---- gradcheck, opcheck, torch.compile ---------------------------------------------------
+# ---- gradcheck, torch.compile ---------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
 def test_gradcheck_float64(backend, lam):
@@ -324,30 +324,6 @@ def test_gradcheck_float64(backend, lam):
     assert torch.autograd.gradcheck(fn, (I, T, sm, sc), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradcheck(lambda a, b: rft.slerp(a, b, lam, backend=backend), (I, T),
                                     eps=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["native", "triton"])
-def test_opcheck_m2mix_ops(device, backend):
-    require_backend(backend, device)
-    from robustft_ext.backends import fused_ops
-
-    ops = fused_ops(backend)
-    I = features(6, 5, device=device).detach()
-    T = features(6, 5, device=device).detach()
-    t = lambda v: torch.tensor(v, device=device)  # noqa: E731
-    _, _, lse4 = ops.m2mix_fwd(I, T, t(3.0), t(0.3), t(9.0), True)
-    _, _, lse2 = ops.m2mix_fwd(I, T, t(3.0), t(0.3), t(9.0), False)
-    cases = [
-        (ops.slerp.default, (I, T, t(0.3))),
-        (ops.slerp_bwd.default, (torch.randn_like(I), I, T, t(0.3))),
-        (ops.m2mix_fwd.default, (I, T, t(3.0), t(0.3), t(9.0), True)),
-        (ops.m2mix_fwd.default, (I, T, t(3.0), t(0.3), t(9.0), False)),
-        (ops.m2mix_bwd.default, (t(1.2), t(0.7), I, T, t(3.0), t(0.3), t(9.0), lse4, True)),
-        (ops.m2mix_bwd.default, (t(1.2), t(0.0), I, T, t(3.0), t(0.3), t(9.0), lse2, False)),
-    ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)

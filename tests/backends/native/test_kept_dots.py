@@ -1,7 +1,8 @@
 """The CPU forward that keeps its n x m dot products for the backward (native backend: CLIP,
 SigLIP, and the m^2 / robust step's two or three products): used exactly when gradients are
 wanted and the products fit the workspace limit, the same losses and gradients as the forward
-that keeps nothing, the ops' contract (opcheck, the limit, bad dot products) and a second
+that keeps nothing, the ops' contract (the limit, bad dot products; opcheck in
+tests/backends/test_opcheck.py) and a second
 backward through a retained graph."""
 from __future__ import annotations
 
@@ -137,28 +138,6 @@ def test_kept_backward_rejects_mismatched_products():
             torch.ops.robustft_ext.clip_bwd_kept(g, a, b, one, one, r, c, bad, 0, True)
 
 
-def test_opcheck_kept_ops():
-    require_backend("native", "cpu")
-    ops = torch.ops.robustft_ext
-    a, b, b_wide = (features(n, 7).detach() for n in (5, 5, 9))
-    scale, bias, g = torch.tensor(3.0), torch.tensor(0.2), torch.tensor(1.3)
-    _, r, c, dots = ops.clip_fwd_keep(a, b, scale, bias, 0, True)
-    _, r2, c2, dots2 = ops.clip_fwd_keep(a, b_wide, scale, bias, 3, False)
-    _, sdots = ops.siglip_fwd_keep(a, b_wide, scale, bias, True)
-    cases = [
-        (ops.clip_fwd_keep.default, (a, b, scale, bias, 0, True)),
-        (ops.clip_fwd_keep.default, (a, b_wide, scale, bias, 3, False)),
-        (ops.clip_bwd_kept.default, (g, a, b, scale, bias, r, c, dots, 0, True)),
-        (ops.clip_bwd_kept.default, (g, a, b_wide, scale, bias, r2, c2, dots2, 3, False)),
-        (ops.siglip_fwd_keep.default, (a, b, scale, bias, False)),
-        (ops.siglip_bwd_kept.default, (g, a, b_wide, scale, bias, sdots, True)),
-    ]
-    for op, args in cases:
-        # The backward overwrites its dots: each check starts from a fresh copy.
-        args = tuple(x.clone() if x is dots or x is dots2 or x is sdots else x for x in args)
-        torch.library.opcheck(op, args)
-
-
 def test_gradcheck_float64_through_kept_products():
     require_backend("native", "cpu", torch.float64)
     a = features(6, 5, torch.float64).requires_grad_()
@@ -258,13 +237,3 @@ def test_step_keep_op_refuses_products_over_the_limit():
         rft.set_workspace_limit(None)
 
 
-def test_opcheck_step_kept_ops():
-    require_backend("native", "cpu")
-    ops = torch.ops.robustft_ext
-    a, b = features(6, 5).detach(), features(6, 5).detach()
-    one, zero, lam = torch.tensor(2.0), torch.tensor(0.0), torch.tensor(0.3)
-    g = torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0])
-    args = (a, b, one, one, lam, True, True, None, None, zero, None, None, None, None, None)
-    _, _, lse, kept = ops.robust_step_fwd_keep(*args)
-    torch.library.opcheck(ops.robust_step_fwd_keep.default, args)
-    torch.library.opcheck(ops.robust_step_bwd_kept.default, (g, *args, lse, kept.clone()))

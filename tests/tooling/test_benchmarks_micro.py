@@ -4,7 +4,7 @@ N=256, D=64, float32, one thread, full mode (forward + backward, the scale's gra
 CLIP and SigLIP losses with the reference, native and open_clip providers, for m^2-mix alone,
 CLIP + m^2 (one fused pass, or two fused calls: native-separate) and a whole RobustFTLoss step
 (CLIP + m^2 + Lipsum-FT + DiVE: one fused pass, or one fused call per term). The loss functions
-and inputs are those of benchmarks/_harness.py. Each benchmark also checks that the loss it
+and inputs are those of benchmarks/harness/. Each benchmark also checks that the loss it
 timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
 
@@ -25,20 +25,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require_backend
+from helpers import require_backend
 
 ROOT = Path(__file__).resolve().parents[1]
-_HARNESS_PATH = ROOT / "benchmarks" / "_harness.py"
+BENCH = ROOT / "benchmarks"
 
 
-def _harness():
-    name = "robustft_benchmarks_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HARNESS_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def _harness(module: str):
+    """benchmarks/harness/<module>.py (benchmarks/ put on sys.path, as the scripts do)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(f"harness.{module}")
 
 
 N, D = 256, 64
@@ -63,13 +60,13 @@ CASES = ([(loss, p) for loss in ("clip", "siglip") for p in ("reference", "nativ
 
 @pytest.mark.parametrize("loss,provider", CASES)
 def test_micro_full(benchmark, one_thread, loss, provider):
-    h = _harness()
+    providers, losses = _harness("providers"), _harness("losses")
     if provider == "open_clip":
         pytest.importorskip("open_clip.loss")
     else:
         require_backend(provider.split("-")[0], "cpu")
-    fn = h.make_loss_fn(loss, provider, D)
-    a, b, scale, bias = h.make_inputs(loss, N, D, torch.float32, torch.device("cpu"))
+    fn = providers.make_loss_fn(loss, provider, D)
+    a, b, scale, bias = losses.make_inputs(loss, N, D, torch.float32, torch.device("cpu"))
     leaves = [t for t in (a, b, scale, bias) if t is not None]
 
     def step():
@@ -129,21 +126,21 @@ def test_default_output_is_a_new_file_and_plot_folder_and_leaves_the_checkout_cl
 
 
 def test_append_adds_rows_to_the_tracked_csv(tmp_path, monkeypatch, one_thread):
-    h = _harness()
+    cli, results = _harness("cli"), _harness("results")
     tracked = tmp_path / "results.csv"
-    monkeypatch.setattr(h, "TRACKED_CSV", tracked)
+    monkeypatch.setattr(results, "TRACKED_CSV", tracked)
     for _ in range(2):
-        h.main("clip", TINY + ["--providers", "reference", "--append"])
+        cli.main("clip", TINY + ["--providers", "reference", "--append"])
     with open(tracked, newline="") as f:
         lines = list(csv.reader(f))
-    assert lines[0] == h.CSV_COLUMNS and len(lines) == 3  # one header, a row per run
+    assert lines[0] == results.CSV_COLUMNS and len(lines) == 3  # one header, a row per run
     assert not any(tmp_path.glob("*_plots"))  # --append draws no plots
     with pytest.raises(SystemExit):
-        h.build_parser("clip").parse_args(["--append", "--csv", str(tmp_path / "x.csv")])
+        cli.build_parser("clip").parse_args(["--append", "--csv", str(tmp_path / "x.csv")])
 
 
 def test_plot_paths_write_tracked_plots_only_when_asked():
-    _harness()  # puts benchmarks/ on sys.path
+    _harness("results")  # puts benchmarks/ on sys.path
     import plot
     assert plot.resolve_paths(None, None, True) == (plot.TRACKED_CSV, plot.TRACKED_PLOTS)
     csv_path = Path("/somewhere/NVIDIA_H200_20261201T000000Z_clip.csv")
