@@ -8,14 +8,15 @@ plots beside it; --append adds them to the tracked benchmarks/results.csv instea
   python benchmarks/bench_clip.py --quick          # two small sizes, few repeats
   python benchmarks/bench_clip.py --n 8192 --d 512 --providers reference native --modes full
 
-See _harness.py for what is measured and how; python benchmarks/plot.py draws the CSV.
+harness/ holds what is measured and how (its __init__.py says which module holds
+what); python benchmarks/plot.py draws the CSV.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main  # noqa: E402
+from harness.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main("clip")

@@ -10,9 +10,9 @@
   python benchmarks/bench_m2mix.py --n 8192 --providers reference native --modes full
 
 Rows (loss "clip_m2mix" or "m2mix") go to a new CSV under benchmarks/results/, or with --append
-to the tracked benchmarks/results.csv (see _harness.py); compare them with the
-"clip" rows of bench_clip.py (the target: CLIP + m^2 at most 1.6x our fused CLIP alone).
-Every other flag is bench_clip.py's (see _harness.py).
+to the tracked benchmarks/results.csv (see harness/results.py); compare them with the
+"clip" rows of bench_clip.py (the targets: docs/benchmarks.md).
+Every other flag is bench_clip.py's (harness/cli.py).
 """
 import argparse
 import sys
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main  # noqa: E402
+from harness.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     pre = argparse.ArgumentParser(add_help=False)

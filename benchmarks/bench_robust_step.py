@@ -10,16 +10,15 @@
 Inputs: the training batch [N, D], its pre-trained image features, K = 80 random-text features,
 and a DiVE reference batch of N pairs (their gradients are part of the backward). Rows (loss
 "robust_step") go to a new CSV under benchmarks/results/, or with --append to the tracked
-benchmarks/results.csv (see _harness.py); compare with the "clip" rows of bench_clip.py
-(the target: the fused step at most 1.8x our fused CLIP loss alone). Every other flag is
-bench_clip.py's (see _harness.py).
+benchmarks/results.csv (see harness/results.py); compare with the "clip" rows of bench_clip.py
+(the targets: docs/benchmarks.md). Every other flag is bench_clip.py's (harness/cli.py).
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import main  # noqa: E402
+from harness.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main("robust_step")

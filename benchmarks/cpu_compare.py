@@ -6,7 +6,7 @@ happened to meet. This script times the providers of one (loss, N, D) in one pro
 round-robin: every round calls each provider once per mode, in a rotating order, and the
 reported figure is each provider's minimum over the rounds (the run least disturbed by
 other processes), with the median beside it. The load average is printed per
-configuration. The losses, inputs and providers are _harness.py's (make_loss_fn,
+configuration. The losses, inputs and providers are harness/'s (make_loss_fn,
 make_inputs), so the numbers compare with bench_*.py.
 
   python benchmarks/cpu_compare.py --threads 2 --n 256 1024 --d 512 --losses clip siglip
@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import DTYPES, make_inputs, make_loss_fn  # noqa: E402
+from harness.losses import DTYPES, make_inputs  # noqa: E402
+from harness.providers import make_loss_fn  # noqa: E402
 
 PROVIDERS = ("native", "reference", "reference+compile")
 MODES = ("forward", "full")

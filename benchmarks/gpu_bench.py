@@ -20,23 +20,21 @@ its rows, when
     left before the deadline;
   - that provider and mode ran out of memory at a smaller N.
 Rows (the harness's CSV columns) are appended to --csv as each case ends; a line per case is
-printed. Timing, memory and the providers themselves are benchmarks/_harness.py's.
+printed. The providers, timing, memory and the worker are benchmarks/harness/'s.
 """
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
-import json
-import queue
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# harness.isolation imports no torch; the modules that do are imported where they are used,
+# after main() starts the stage's clock, so that its deadline counts their import.
+from harness.isolation import WORKER_START_S, Worker  # noqa: E402
 
 LOSSES = ("clip", "siglip", "clip_m2mix", "robust_step")
 PROVIDERS = ("native", "triton", "open_clip", "reference", "inf_cl")
@@ -44,9 +42,9 @@ MODES = ("forward", "backward", "full")
 SIZES = dict(gpu=dict(ns=(4096, 16384, 65536), d=768, extra_n=16384, extra_d=(512, 1024)),
              toy=dict(ns=(64, 128), d=32, extra_n=64, extra_d=(16, 64)))
 # Toy runs use one CPU thread: the sizes are too small to share, and the dry run's machine
-# may be busy. Timed calls per case (see _harness.run_mode): the first warm-up is forward + backward, then
-# per mode `warmup_next` untimed and at least `min_reps` timed calls. SLOW_TIMING is used when
-# a full call is predicted to take longer than SLOW_CALL_S.
+# may be busy. Timed calls per case (see harness/timing.py): the first warm-up is forward +
+# backward, then per mode `warmup_next` untimed and at least `min_reps` timed calls.
+# SLOW_TIMING is used when a full call is predicted to take longer than SLOW_CALL_S.
 TIMING = dict(gpu=dict(warmup=2, warmup_next=1, min_reps=3, max_reps=20, budget_s=0.3),
               toy=dict(warmup=1, warmup_next=0, min_reps=1, max_reps=1, budget_s=0.0))
 SLOW_TIMING = dict(warmup=1, warmup_next=0, min_reps=2, max_reps=2, budget_s=0.0)
@@ -59,32 +57,23 @@ CASE_OVERHEAD_S = 2.0      # inputs, first-call set-up, one worker's share of it
 PEAK_MATRICES = {("clip", "reference"): 5.0, ("clip", "open_clip"): 4.3,
                  ("siglip", "reference"): 6.0, ("siglip", "open_clip"): 5.1,
                  ("clip_m2mix", "reference"): 7.4, ("robust_step", "reference"): 7.4}
-RESULT_TAG = "RFT_GPU_BENCH "
-READY_TAG = "RFT_GPU_BENCH_READY"
-WORKER_START_S = 120.0     # importing torch and the providers, creating the CUDA context
 
 
 def plan_cases(toy: bool) -> list[dict]:
     """Every (loss, provider, N, D) of the subset, in run order."""
+    from harness.providers import has_loss
+
     size = SIZES["toy" if toy else "gpu"]
     cases = []
     for n in size["ns"]:
         for loss in LOSSES:
             for provider in PROVIDERS:
-                if _has_loss(loss, provider):
+                if has_loss(loss, provider):
                     cases.append(dict(loss=loss, provider=provider, n=n, d=size["d"]))
     for d in size["extra_d"]:
         for provider in PROVIDERS:
             cases.append(dict(loss="clip", provider=provider, n=size["extra_n"], d=d))
     return cases
-
-
-def _has_loss(loss: str, provider: str) -> bool:
-    if provider == "open_clip":
-        return loss in ("clip", "siglip")
-    if provider == "inf_cl":
-        return loss == "clip"
-    return True
 
 
 def calls_per_case(timing: dict) -> float:
@@ -113,14 +102,16 @@ class Predictor:
         return t, f"{t0 * 1e3:.3g} ms at N={n0}, D={d0}, x (N/N0)^2 x D/D0"
 
 
-def skip_reason(h, loss: str, provider: str, device, dtype, d: int) -> str | None:
+def skip_reason(loss: str, provider: str, device, dtype, d: int) -> str | None:
     """The harness's skip_reason, except that open_clip is only looked up here: its import
     (seconds) happens once, in the worker, whose rows say so if it fails."""
+    from harness import providers
+
     if provider == "open_clip":
         if importlib.util.find_spec("open_clip") is None:
             return "open_clip not installed (pip install open_clip_torch)"
         return None
-    return h.skip_reason(loss, provider, device, dtype, d)
+    return providers.skip_reason(loss, provider, device, dtype, d)
 
 
 def memory_skip(loss: str, provider: str, n: int, total_bytes: float | None) -> str | None:
@@ -134,82 +125,110 @@ def memory_skip(loss: str, provider: str, n: int, total_bytes: float | None) -> 
     return None
 
 
-# --------------------------------------------------------------------------- the worker
+class SubsetRun:
+    """The stage's state from case to case: the predictions from the cases measured so far,
+    the smallest N at which each (loss, provider, D, mode) ran out of memory, the worker (None
+    after one was stopped, until the next case needs one) and the count of rows per status."""
 
-def worker_main() -> None:
-    """Read one case spec (JSON) per line from stdin; print its result rows, tagged."""
-    import torch
+    def __init__(self, args: argparse.Namespace, device, t_start: float):
+        import torch
 
-    from _harness import measure_config
-    # Start-up, not any case's time: the CUDA context, and open_clip's long import.
-    if torch.cuda.is_available():
-        torch.cuda.init()
-    try:
-        import open_clip.loss  # noqa: F401
-    except Exception:  # noqa: BLE001 - its rows say why when a case needs it
-        pass
-    print(READY_TAG, flush=True)
-    for line in sys.stdin:
-        spec = json.loads(line)
-        if spec.get("threads"):
-            torch.set_num_threads(spec["threads"])
-        rows = measure_config(spec)
-        print(RESULT_TAG + json.dumps(rows), flush=True)
+        from harness.environment import device_name, versions
+        self.args, self.device, self.t_start = args, device, t_start
+        self.kind = "toy" if args.toy else "gpu"
+        self.case_cap = args.case_cap_s or CASE_CAP_S[self.kind]
+        self.total_mem = (torch.cuda.get_device_properties(device).total_memory
+                          if device.type == "cuda" else None)
+        self.env = dict(device=device_name(device), **versions())
+        self.predictor = Predictor()
+        self.oom_at: dict[tuple, int] = {}
+        self.worker: Worker | None = Worker()  # starts while the first cases are planned
+        self.counts = {"ok": 0, "skipped": 0, "oom": 0, "timeout": 0, "error": 0, "nonfinite": 0}
 
+    def left_s(self) -> float:
+        return self.args.deadline_s - (time.monotonic() - self.t_start)
 
-class Worker:
-    """A worker process with a reader thread, so that a case can be waited on with a timeout.
-    The worker's start-up (imports, CUDA context) is waited for apart from any case."""
+    def timing_or_skip(self, loss: str, provider: str, n: int, d: int, left: float
+                       ) -> tuple[dict, str | None]:
+        """The case's timing policy, and why it is skipped (None: it runs)."""
+        timing = dict(TIMING[self.kind])
+        from harness.losses import DTYPES
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     bufsize=1)
-        self.lines: queue.Queue = queue.Queue()
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        reason = skip_reason(loss, provider, self.device, DTYPES[self.args.dtype], d)
+        if reason is None and self.device.type == "cuda":
+            reason = memory_skip(loss, provider, n, self.total_mem)
+        if reason is not None:
+            return timing, reason
+        pred = self.predictor.full_call_s(loss, provider, n, d)
+        if pred is not None and pred[0] > SLOW_CALL_S:
+            timing = dict(SLOW_TIMING)
+        expect = (CASE_OVERHEAD_S + pred[0] * calls_per_case(timing)) if pred else None
+        if expect is not None and expect > self.case_cap:
+            reason = (f"predicted {expect:.0f} s for the case (a full call "
+                      f"{pred[0] * 1e3:.3g} ms from {pred[1]}) exceeds the case cap "
+                      f"of {self.case_cap:.0f} s")
+        elif left < 5 or (expect is not None and expect > left):
+            reason = (f"the stage's deadline: {max(left, 0):.0f} s left"
+                      + (f", the case predicted to take {expect:.0f} s" if expect else ""))
+        return timing, reason
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith(RESULT_TAG):
-                self.lines.put(json.loads(line[len(RESULT_TAG):]))
-            elif line.strip() == READY_TAG:
-                self.ready.set()
-            else:
-                sys.stdout.write(line)
-        self.ready.set()
-        self.lines.put(None)  # the worker exited
-
-    def run(self, spec: dict, timeout_s: float, start_s: float = WORKER_START_S
-            ) -> list[dict] | str:
-        """The case's rows, or why there are none ("timeout" or the worker's exit); a worker
-        not started within start_s seconds counts as a time-out too."""
-        if not self.ready.wait(start_s):
-            return "timeout"
-        try:
-            self.proc.stdin.write(json.dumps(spec) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            return f"worker exited {self.proc.poll()} before the case"
-        try:
-            got = self.lines.get(timeout=timeout_s)
-        except queue.Empty:
-            return "timeout"
-        if got is None:
-            code = self.proc.wait()
-            return f"worker exited {code}" + (" (killed: likely out of host memory)"
-                                               if code in (-9, 137) else "")
+    def measure(self, case: dict, modes: list[str], timing: dict, left: float) -> list[dict]:
+        """The case's results from the worker; a case killed at its cap, or whose worker
+        died, gets rows that say so, and so does its worker (a fresh one takes the next)."""
+        spec = dict(loss=case["loss"], provider=case["provider"], n=case["n"], d=case["d"],
+                    dtype=self.args.dtype, device=str(self.device), modes=modes, timing=timing,
+                    seed=0, threads=1 if self.args.toy else None)
+        self.worker = self.worker or Worker()
+        t0 = time.monotonic()
+        got = self.worker.run(spec, min(self.case_cap, max(left, 5.0)),
+                              start_s=min(WORKER_START_S, max(left, 5.0)))
+        if isinstance(got, str):
+            why = (f"killed after {time.monotonic() - t0:.0f} s (the case cap "
+                   f"{self.case_cap:.0f} s or the deadline)" if got == "timeout" else got)
+            self.stop_worker()
+            return [dict(mode=m, status="timeout" if got == "timeout" else "error", note=why)
+                    for m in modes]
+        for r in got:
+            if r["status"] == "oom":
+                self.oom_at[(case["loss"], case["provider"], case["d"], r["mode"])] = case["n"]
+            if r["status"] == "ok" and r["mode"] == "full":
+                self.predictor.add(case["loss"], case["provider"], case["n"], case["d"],
+                                   r["ms_median"])
+        if any(r["status"] == "error" for r in got):
+            self.stop_worker()  # a CUDA error can poison the context: start afresh
         return got
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+    def run_case(self, case: dict) -> list[dict]:
+        """The case's rows, a row per mode: measured, or skipped with why."""
+        loss, provider, n, d = case["loss"], case["provider"], case["n"], case["d"]
+        base = dict(self.env, loss=loss, provider=provider, dtype=self.args.dtype, N=n, D=d)
+        modes = [m for m in MODES if self.oom_at.get((loss, provider, d, m), n + 1) > n]
+        rows = [dict(base, mode=m, status="skipped",
+                     note=f"not run: out of memory at N={self.oom_at[(loss, provider, d, m)]}")
+                for m in MODES if m not in modes]
+        left = self.left_s()
+        timing, reason = self.timing_or_skip(loss, provider, n, d, left)
+        if reason is not None:
+            rows += [dict(base, mode=m, status="skipped", note=reason) for m in modes]
+        elif modes:
+            rows += [dict(base, **r) for r in self.measure(case, modes, timing, left)]
+        from harness.environment import utc_iso
+
+        order = {m: j for j, m in enumerate(MODES)}
+        rows.sort(key=lambda r: order[r["mode"]])
+        stamp = utc_iso()
+        for r in rows:
+            r["timestamp"] = stamp
+            self.counts[r["status"]] = self.counts.get(r["status"], 0) + 1
+        return rows
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
 
 
-# --------------------------------------------------------------------------- the parent
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", type=Path, required=True, help="CSV to append the rows to")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -221,99 +240,37 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds one case may run (default 60, toy 20)")
     p.add_argument("--note-file", type=Path, default=None,
                    help="write a one-line outcome here (gpu_check.sh's status detail)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     t_start = time.monotonic()
 
     import torch
 
-    import _harness as h
+    from harness.results import append_rows
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    kind = "toy" if args.toy else "gpu"
-    case_cap = args.case_cap_s or CASE_CAP_S[kind]
-    total_mem = (torch.cuda.get_device_properties(device).total_memory
-                 if device.type == "cuda" else None)
-    env = dict(device=h.device_name(device), **h.versions())
-    dtype = h.DTYPES[args.dtype]
+    run = SubsetRun(args, device, t_start)
     cases = plan_cases(args.toy)
+    env = run.env
     print(f"gpu_bench: {len(cases)} cases on {env['device']} ({args.dtype}), deadline "
-          f"{args.deadline_s:.0f} s, case cap {case_cap:.0f} s; torch {env['torch']}, triton "
+          f"{args.deadline_s:.0f} s, case cap {run.case_cap:.0f} s; torch {env['torch']}, triton "
           f"{env['triton']}, robustft_ext {env['robustft_ext']}", flush=True)
-
-    predictor = Predictor()
-    oom_at: dict[tuple, int] = {}
-    worker: Worker | None = Worker()  # starts while the first cases are planned
-    counts = {"ok": 0, "skipped": 0, "oom": 0, "timeout": 0, "error": 0, "nonfinite": 0}
     try:
         for i, case in enumerate(cases, 1):
-            loss, provider, n, d = case["loss"], case["provider"], case["n"], case["d"]
-            base = dict(env, loss=loss, provider=provider, dtype=args.dtype, N=n, D=d)
-            modes = [m for m in MODES if oom_at.get((loss, provider, d, m), n + 1) > n]
-            rows = [dict(base, mode=m, status="skipped",
-                         note=f"not run: out of memory at N={oom_at[(loss, provider, d, m)]}")
-                    for m in MODES if m not in modes]
-            left = args.deadline_s - (time.monotonic() - t_start)
-            timing = dict(TIMING[kind])
-            reason = skip_reason(h, loss, provider, device, dtype, d)
-            if reason is None and device.type == "cuda":
-                reason = memory_skip(loss, provider, n, total_mem)
-            if reason is None:
-                pred = predictor.full_call_s(loss, provider, n, d)
-                if pred is not None and pred[0] > SLOW_CALL_S:
-                    timing = dict(SLOW_TIMING)
-                expect = (CASE_OVERHEAD_S + pred[0] * calls_per_case(timing)) if pred else None
-                if expect is not None and expect > case_cap:
-                    reason = (f"predicted {expect:.0f} s for the case (a full call "
-                              f"{pred[0] * 1e3:.3g} ms from {pred[1]}) exceeds the case cap "
-                              f"of {case_cap:.0f} s")
-                elif left < 5 or (expect is not None and expect > left):
-                    reason = (f"the stage's deadline: {max(left, 0):.0f} s left"
-                              + (f", the case predicted to take {expect:.0f} s" if expect else ""))
-            if reason is not None:
-                rows += [dict(base, mode=m, status="skipped", note=reason) for m in modes]
-            elif modes:
-                spec = dict(loss=loss, provider=provider, n=n, d=d, dtype=args.dtype,
-                            device=str(device), modes=modes, timing=timing, seed=0,
-                            threads=1 if args.toy else None)
-                worker = worker or Worker()
-                t0 = time.monotonic()
-                got = worker.run(spec, min(case_cap, max(left, 5.0)),
-                                 start_s=min(WORKER_START_S, max(left, 5.0)))
-                wall = time.monotonic() - t0
-                if isinstance(got, str):
-                    status = "timeout" if got == "timeout" else "error"
-                    why = (f"killed after {wall:.0f} s (the case cap {case_cap:.0f} s or the "
-                           "deadline)" if got == "timeout" else got)
-                    rows += [dict(base, mode=m, status=status, note=why) for m in modes]
-                    worker.stop()
-                    worker = None
-                else:
-                    for r in got:
-                        rows.append(dict(base, **r))
-                        if r["status"] == "oom":
-                            oom_at[(loss, provider, d, r["mode"])] = n
-                        if r["status"] == "ok" and r["mode"] == "full":
-                            predictor.add(loss, provider, n, d, r["ms_median"])
-                    if any(r["status"] == "error" for r in got):
-                        worker.stop()  # a CUDA error can poison the context: start afresh
-                        worker = None
-            order = {m: j for j, m in enumerate(MODES)}
-            rows.sort(key=lambda r: order[r["mode"]])
-            stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            for r in rows:
-                r["timestamp"] = stamp
-                counts[r["status"]] = counts.get(r["status"], 0) + 1
-            h.append_rows(args.csv, rows)
-            print(f"[{i}/{len(cases)} {time.monotonic() - t_start:5.0f} s] {loss} {provider} "
-                  f"N={n} D={d}: " + _brief(rows), flush=True)
+            rows = run.run_case(case)
+            append_rows(args.csv, rows)
+            print(f"[{i}/{len(cases)} {time.monotonic() - t_start:5.0f} s] {case['loss']} "
+                  f"{case['provider']} N={case['n']} D={case['d']}: " + _brief(rows), flush=True)
     finally:
-        if worker is not None:
-            worker.stop()
-    line = ", ".join(f"{v} {k}" for k, v in counts.items() if v) + " rows"
+        run.stop_worker()
+    line = ", ".join(f"{v} {k}" for k, v in run.counts.items() if v) + " rows"
     line += f" in {time.monotonic() - t_start:.0f} s"
     print("gpu_bench: " + line)
     if args.note_file is not None:
         args.note_file.write_text(line + "\n")
-    return 0 if counts["ok"] else 1
+    return 0 if run.counts["ok"] else 1
 
 
 def _brief(rows: list[dict]) -> str:
@@ -326,7 +283,4 @@ def _brief(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--worker"]:
-        worker_main()
-    else:
-        sys.exit(main())
+    sys.exit(main())

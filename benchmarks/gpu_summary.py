@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> str:
            "this' and 'Inf-CL / this' are speed-ups (their time over this one; > 1: this is "
            "faster). 'loss vs reference': |loss - reference loss| / |reference loss| on the same "
            "inputs (not for the RobustFTLoss step, whose DiVE centre moves with every call). "
-           "Peak MB: memory above the inputs (see benchmarks/_harness.py)."]
+           "Peak MB: memory above the inputs (see benchmarks/harness/memory.py)."]
     md += ["", "## Results"] + loss_tables(rows, idx, ceiling)
     nm = not_measured(rows)
     md += ["", "## Not measured", ""] + (nm or ["(every row was measured)"])

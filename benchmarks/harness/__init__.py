@@ -1,0 +1,22 @@
+"""The loss benchmarks' shared machinery, one concern per module.
+
+Its users: the one-script-per-loss entry points (bench_clip.py, bench_siglip.py, bench_m2mix.py,
+bench_robust_step.py, through cli.py), cpu_compare.py (the providers and inputs) and
+gpu_bench.py, the benchmark stage of gpu_check.sh (measure.py in a long-lived worker).
+
+  losses.py       the losses benchmarked, their settings, the dtypes and each call's inputs
+  providers.py    what computes each loss (reference, reference+compile, native, triton,
+                  open_clip, inf_cl, native-separate), and why one is skipped here
+  memory.py       the peak-memory probe (CUDA allocator; CPU resident set)
+  timing.py       the modes, the timing policy, one mode's timed calls
+  measure.py      every mode of one (loss, provider, N, D, dtype), a row per mode, never raising
+  isolation.py    measure.py in other processes: a fresh one per configuration, or a
+                  long-lived worker watched with a time-out
+  environment.py  the device's name, the library versions, UTC time stamps
+  results.py      the CSV columns, where a run's rows and plots go
+  tables.py       the console tables: every row, and each provider's ratios to the reference
+  cli.py          the command line of the bench_*.py scripts and the sweep it runs
+
+benchmarks/ must be on sys.path (each script puts it there): the modules import each other as
+`harness.<module>` and results.py imports plot.py.
+"""
