@@ -4,14 +4,15 @@
                                                          #   logits, as the paper's code),
                                                          #   reference+compile, native (one fused
                                                          #   pass), native-separate (two fused
-                                                         #   calls), triton
+                                                         #   calls), triton, floor (the Gram
+                                                         #   matrix's GEMMs alone)
   python benchmarks/bench_m2mix.py --objective m2        # the m^2 term alone
   python benchmarks/bench_m2mix.py --quick
   python benchmarks/bench_m2mix.py --n 8192 --providers reference native --modes full
 
 Rows (loss "clip_m2mix" or "m2mix") go to a new CSV under benchmarks/results/, or with --append
 to the tracked benchmarks/results.csv (see harness/results.py); compare them with the
-"clip" rows of bench_clip.py (the targets: docs/benchmarks.md).
+"clip" rows of bench_clip.py and with the floor's (the targets: docs/benchmarks.md).
 Every other flag is bench_clip.py's (harness/cli.py).
 """
 import argparse

@@ -3,7 +3,7 @@
   python benchmarks/bench_robust_step.py            # reference (every term eager, full logits),
                                                     #   reference+compile, native (one fused pass),
                                                     #   native-separate (one fused call per term),
-                                                    #   triton
+                                                    #   triton, floor (the GEMMs alone)
   python benchmarks/bench_robust_step.py --quick
   python benchmarks/bench_robust_step.py --n 8192 --providers reference native --modes full
 
@@ -11,7 +11,8 @@ Inputs: the training batch [N, D], its pre-trained image features, K = 80 random
 and a DiVE reference batch of N pairs (their gradients are part of the backward). Rows (loss
 "robust_step") go to a new CSV under benchmarks/results/, or with --append to the tracked
 benchmarks/results.csv (see harness/results.py); compare with the "clip" rows of bench_clip.py
-(the targets: docs/benchmarks.md). Every other flag is bench_clip.py's (harness/cli.py).
+and with the floor's (the targets: docs/benchmarks.md). Every other flag is bench_clip.py's
+(harness/cli.py).
 """
 import sys
 from pathlib import Path

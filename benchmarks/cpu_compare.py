@@ -1,12 +1,13 @@
-"""Interleaved CPU timing of native against reference and reference+compile.
+"""Interleaved CPU timing of native against reference, reference+compile and the floor.
 
 On a shared machine the time of one provider drifts with the load of the others, so the
 loss benchmarks' one-provider-after-another medians can rank providers by the load they
 happened to meet. This script times the providers of one (loss, N, D) in one process,
 round-robin: every round calls each provider once per mode, in a rotating order, and the
 reported figure is each provider's minimum over the rounds (the run least disturbed by
-other processes), with the median beside it. The load average is printed per
-configuration. The losses, inputs and providers are harness/'s (make_loss_fn,
+other processes), with the median beside it and the minimum over the floor's minimum (the
+floor: the library GEMMs an exact evaluation needs, harness/floor.py). The load average is
+printed per configuration. The losses, inputs and providers are harness/'s (make_loss_fn,
 make_inputs), so the numbers compare with bench_*.py.
 
   python benchmarks/cpu_compare.py --threads 2 --n 256 1024 --d 512 --losses clip siglip
@@ -18,7 +19,9 @@ parallel region waits for its slowest thread, which another process may hold off
 CPU); with --threads 1 --clock cpu the process CPU time is what one dedicated core would
 take, whatever the load.
 
-Prints one row per (loss, N, D, mode) and, with --csv, appends them to a CSV file.
+Prints one row per (loss, N, D, mode) and, with --csv, appends them to a CSV file (its
+columns: the configuration, then each provider's min and median ms; a file whose header
+differs is refused).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.losses import DTYPES, make_inputs  # noqa: E402
 from harness.providers import make_loss_fn  # noqa: E402
 
-PROVIDERS = ("native", "reference", "reference+compile")
+PROVIDERS = ("native", "reference", "reference+compile", "floor")
 MODES = ("forward", "full")
 MAX_WARMUP = 8
 
@@ -89,7 +92,14 @@ def compare(loss: str, n: int, d: int, dtype: str, providers: list[str], modes: 
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+CONFIG_COLUMNS = ["loss", "N", "D", "dtype", "mode", "threads", "clock", "rounds", "load1"]
+
+
+def csv_columns(providers: list[str]) -> list[str]:
+    return CONFIG_COLUMNS + [f"{p}_{stat}_ms" for p in providers for stat in ("min", "med")]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--losses", nargs="+", default=["clip", "siglip"],
                     choices=["clip", "siglip", "clip_m2mix", "robust_step", "m2mix"])
@@ -104,8 +114,49 @@ def main(argv: list[str] | None = None) -> None:
                     help="wall: elapsed time; cpu: the process's CPU time (all threads), "
                          "which other processes' load does not inflate; with --threads 1 "
                          "it is the time a dedicated core would take")
-    ap.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV")
-    args = ap.parse_args(argv)
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="append the rows to this CSV (refused when its header differs)")
+    return ap.parse_args(argv)
+
+
+def check_csv(path: Path, providers: list[str]) -> None:
+    """Refuse, before measuring, a CSV whose columns are not this run's."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header != csv_columns(providers):
+        have = [c[:-len("_min_ms")] for c in header if c.endswith("_min_ms")]
+        sys.exit(f"cpu_compare.py: {path} holds the columns of the providers {have}, this run "
+                 f"measures {providers}: pass --providers {' '.join(have)}, or another --csv")
+
+
+def print_header(providers: list[str]) -> None:
+    head = f"{'loss':<12}{'N':>6}{'D':>5} {'mode':<8}{'load':>6}"
+    for p in providers:
+        head += f"{p + ' min/med ms':>30}" + (f"{'x floor':>9}" if _has_ratio(p, providers) else "")
+    print(head, flush=True)
+
+
+def print_row(row: dict, providers: list[str]) -> None:
+    """Each provider's min / median ms, and its min over the floor's min."""
+    line = f"{row['loss']:<12}{row['N']:>6}{row['D']:>5} {row['mode']:<8}{row['load1']:>6}"
+    for p in providers:
+        line += f"{row[p + '_min_ms']:>19.2f} /{row[p + '_med_ms']:>9.2f}"
+        if _has_ratio(p, providers):
+            line += f"{row[p + '_min_ms'] / row['floor_min_ms']:>9.2f}"
+    print(line, flush=True)
+
+
+def _has_ratio(provider: str, providers: list[str]) -> bool:
+    return provider != "floor" and "floor" in providers
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    providers = list(args.providers)
+    if args.csv is not None:
+        check_csv(args.csv, providers)
     if args.threads:
         torch.set_num_threads(args.threads)
     # Inductor bakes the thread count into its kernels (omp num_threads) but its FX graph
@@ -115,23 +166,18 @@ def main(argv: list[str] | None = None) -> None:
     inductor_config.fx_graph_cache = False
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     rows = []
-    head = f"{'loss':<12}{'N':>6}{'D':>5} {'mode':<8}{'load':>6}"
-    head += "".join(f"{p + ' min/med ms':>30}" for p in args.providers)
-    print(head, flush=True)
+    print_header(providers)
     for loss in args.losses:
         for d in args.d:
             for n in args.n:
-                for row in compare(loss, n, d, args.dtype, list(args.providers), args.modes,
-                                   args.rounds, clock):
+                for row in compare(loss, n, d, args.dtype, providers, args.modes, args.rounds,
+                                   clock):
                     rows.append(row)
-                    line = (f"{loss:<12}{n:>6}{d:>5} {row['mode']:<8}{row['load1']:>6}")
-                    line += "".join(f"{row[p + '_min_ms']:>18.2f} /{row[p + '_med_ms']:>9.2f}"
-                                    for p in args.providers)
-                    print(line, flush=True)
+                    print_row(row, providers)
     if args.csv is not None and rows:
-        new = not args.csv.exists()
+        new = not args.csv.exists() or args.csv.stat().st_size == 0
         with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=csv_columns(providers))
             if new:
                 w.writeheader()
             w.writerows(rows)

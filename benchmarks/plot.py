@@ -26,7 +26,11 @@ HERE = Path(__file__).resolve().parent
 TRACKED_CSV = HERE / "results.csv"   # the committed results
 TRACKED_PLOTS = HERE / "plots"
 RESULTS_DIR = HERE / "results"   # ignored by git
-PROVIDER_ORDER = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl")
+PROVIDER_ORDER = ("reference", "reference+compile", "native", "native-separate", "triton",
+                  "open_clip", "inf_cl", "floor")
+# The floor (the library GEMMs alone, harness/floor.py) is a bound, not a competitor: a dashed
+# black line, apart from the providers' colours.
+FLOOR_STYLE = dict(color="k", linestyle="--", marker="", label="floor (library GEMMs alone)")
 
 
 def _float(s: str) -> float | None:
@@ -66,9 +70,12 @@ def plot_group(key, providers: dict, out_dir: Path) -> Path | None:
     drawn = False
     names = sorted(providers, key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER
                                              else len(PROVIDER_ORDER), p))
-    for i, provider in enumerate(names):
+    colours = iter(f"C{i}" for i in range(len(names)))
+    for provider in names:
         pts = providers[provider]
-        color = f"C{i}"
+        style = (FLOOR_STYLE if provider == "floor"
+                 else dict(color=next(colours), marker="o", label=provider))
+        color = style["color"]
         ok = sorted((n, r) for n, r in pts.items() if r["status"] == "ok")
         ns = [n for n, _ in ok]
         t = [_float(r["ms_median"]) for _, r in ok]
@@ -77,13 +84,12 @@ def plot_group(key, providers: dict, out_dir: Path) -> Path | None:
         if ns and all(v is not None and v > 0 for v in t):
             yerr = [[max(m - (l if l is not None else m), 0) for m, l in zip(t, lo)],
                     [max((h if h is not None else m) - m, 0) for m, h in zip(t, hi)]]
-            ax_t.errorbar(ns, t, yerr=yerr, marker="o", capsize=3, color=color, label=provider)
+            ax_t.errorbar(ns, t, yerr=yerr, capsize=3, **style)
             drawn = True
         mem = [(n, _float(r["peak_mb"])) for n, r in ok]
         mem = [(n, m) for n, m in mem if m is not None and m > 0]  # log axis: drop <= 0 (noise)
         if mem:
-            ax_m.plot([n for n, _ in mem], [m for _, m in mem], marker="o", color=color,
-                      label=provider)
+            ax_m.plot([n for n, _ in mem], [m for _, m in mem], **style)
             drawn = True
         ooms = sorted(n for n, r in pts.items() if r["status"] == "oom")
         if ooms:

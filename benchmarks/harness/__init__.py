@@ -6,7 +6,8 @@ gpu_bench.py, the benchmark stage of gpu_check.sh (measure.py in a long-lived wo
 
   losses.py       the losses benchmarked, their settings, the dtypes and each call's inputs
   providers.py    what computes each loss (reference, reference+compile, native, triton,
-                  open_clip, inf_cl, native-separate), and why one is skipped here
+                  open_clip, inf_cl, native-separate, floor), and why one is skipped here
+  floor.py        the floor provider: only the library GEMMs an exact evaluation needs
   memory.py       the peak-memory probe (CUDA allocator; CPU resident set)
   timing.py       the modes, the timing policy, one mode's timed calls
   measure.py      every mode of one (loss, provider, N, D, dtype), a row per mode, never raising
@@ -14,7 +15,7 @@ gpu_bench.py, the benchmark stage of gpu_check.sh (measure.py in a long-lived wo
                   long-lived worker watched with a time-out
   environment.py  the device's name, the library versions, UTC time stamps
   results.py      the CSV columns, where a run's rows and plots go
-  tables.py       the console tables: every row, and each provider's ratios to the reference
+  tables.py       the console tables: every row, and each provider's time over the floor's
   cli.py          the command line of the bench_*.py scripts and the sweep it runs
 
 benchmarks/ must be on sys.path (each script puts it there): the modules import each other as

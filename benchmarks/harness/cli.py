@@ -26,7 +26,7 @@ GPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536], d=[512, 768
 # triton and inf_cl in the CPU list: rows "skipped", with why.
 CPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192], d=[512], dtype="fp32",
                     providers=["reference", "reference+compile", "native", "native-separate",
-                               "open_clip", "triton", "inf_cl"])
+                               "open_clip", "triton", "inf_cl", "floor"])
 QUICK = dict(cuda=dict(n=[1024, 4096], d=[512]), cpu=dict(n=[256, 1024], d=[512]))
 
 
@@ -44,7 +44,9 @@ def build_parser(loss: str) -> argparse.ArgumentParser:
               f"--d {' '.join(map(str, CPU_DEFAULTS['d']))} --dtype {CPU_DEFAULTS['dtype']} "
               f"--providers {' '.join(CPU_DEFAULTS['providers'])}\n"
               "Providers that cannot run here (triton and inf_cl on CPU, inf_cl when not "
-              "installed or for SigLIP) get rows with status 'skipped' and the reason.")
+              "installed or for SigLIP) get rows with status 'skipped' and the reason.\n"
+              "floor: the library GEMMs an exact evaluation needs and nothing else; the tables "
+              "show every provider's time over it (benchmarks/README.md).")
     p = argparse.ArgumentParser(
         description=f"Benchmark the {NAMES[loss]} loss providers; rows go to a new CSV under "
                     "benchmarks/results/ (or, with --append, to the tracked results.csv).",

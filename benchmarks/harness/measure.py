@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from harness import floor
 from harness.losses import DTYPES, make_inputs
 from harness.memory import cpu_peak_supported
 from harness.providers import make_loss_fn
@@ -47,7 +48,7 @@ def measure_config(spec: dict) -> list[dict]:
                 if tensor is not None:
                     tensor.grad = None
             _release(device)
-    del fn, inputs   # the provider's own state (compiled graphs, extra inputs) too
+    del fn, inputs   # the provider's own buffers (the floor's, compiled graphs) too
     _release(device)
     return results
 
@@ -96,7 +97,10 @@ def _note(spec: dict, mode: str, r: dict, load0: float | None, device: torch.dev
     load = (f"; load1={load0:.1f}..{os.getloadavg()[0]:.1f}; "
             f"cpu_ms={r['cpu_ms_median']:.4g} ({torch.get_num_threads()} threads)"
             if load0 is not None else "")
-    note = f"loss={r['loss_value']:.6g}; reps={r['reps']}{load}"
+    if provider == "floor":
+        note = f"reps={r['reps']}{load}; " + floor.floor_note(loss, mode, n, d, r["ms_median"])
+    else:
+        note = f"loss={r['loss_value']:.6g}; reps={r['reps']}{load}"
     note += flops_note(loss, provider, mode, n, d, r["ms_median"])
     if provider == "reference+compile":
         note += "; compile time excluded"

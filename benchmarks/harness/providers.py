@@ -10,6 +10,7 @@
   inf_cl              Inf-CL's triton kernel (CUDA, CLIP only, when `import inf_cl` works):
                       (cal_inf_loss(s*img, txt) + cal_inf_loss(s*txt, img)) / 2
   native-separate     CLIP + m^2 and the robust step by one fused call per term
+  floor               the library GEMMs an exact evaluation needs, nothing else (floor.py)
 
 Every provider is a function fn(image_features, text_features, logit_scale, logit_bias) ->
 0-d tensor whose backward the harness times.
@@ -20,11 +21,12 @@ from typing import Callable
 
 import torch
 
+from harness import floor
 from harness.losses import (DIVE_WEIGHT, LIPSUM_WEIGHT, LOSSES, M2_LAM, M2_SCALE, M2_WEIGHT,
                             PRE_LOGIT_SCALE, robust_step_extras)
 
 PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl",
-             "native-separate")
+             "native-separate", "floor")
 M2_LOSSES = ("m2mix", "clip_m2mix", "robust_step")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -43,7 +45,7 @@ def has_loss(loss: str, provider: str) -> bool:
 
 def skip_reason(loss: str, provider: str, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
     """Why this provider is not benchmarked here (None: it is)."""
-    if provider in ("reference", "reference+compile"):
+    if provider in ("reference", "reference+compile", "floor"):
         return None
     if provider == "triton" and device.type != "cuda":
         return ("triton runs on CUDA only (on CPU only under TRITON_INTERPRET=1, an "
@@ -101,6 +103,8 @@ def make_loss_fn(loss: str, provider: str, d: int | None = None) -> LossFn:
     """fn(image_features, text_features, logit_scale, logit_bias) -> 0-d loss tensor."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    if provider == "floor":
+        return floor.make_floor_fn(loss)
     if provider == "reference+compile":
         torch._dynamo.reset()  # a fresh cache per configuration: static shapes, no fallback
         return torch.compile(make_loss_fn(loss, "reference", d), dynamic=False)
