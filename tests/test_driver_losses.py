@@ -99,7 +99,7 @@ def test_one_robust_ft_loss_call_gives_the_separate_terms(setup, spec, monkeypat
         inputs = loss_fn.step_inputs(step, torch.device("cpu"))
         calls.clear()
         out_a = module_a(images, texts, inputs.extra_images, inputs.extra_texts)
-        ours = loss_fn(out_a, labels, images, inputs, step)
+        ours = loss_fn(out_a, labels, loss_fn.pre_image_features(images), inputs, step)
         assert len(calls) == (0 if spec == "ft" else 1), "one RobustFTLoss call per step"
         out_b = module_b(images, texts, inputs.extra_images, inputs.extra_texts)
         theirs = _separate(method, cfg, frozen, tokenizer, out_b, labels, images, inputs, step, dive)

@@ -6,8 +6,9 @@ sweeps WiSE-FT, and writes a run folder; `robustft-train study` repeats the comp
 and tests the papers' claims. See docs/driver.md; entry point robustft_train.cli.main.
 
 Modules, each importing only those listed before it: errors, files, checkpoint, methods, config,
-flags, distributed, data, embedded, models, losses, train, evaluate, wise_ft, report, plots,
-sharpness (estimators, plots, analysis), runner, sharpness.command, stats, claims, study, cli.
+flags, distributed, data, embedded, models, losses, feature_cache, memory, train, evaluate,
+wise_ft, report, plots, sharpness (estimators, plots, analysis), runner, sharpness.command, stats,
+claims, study, cli.
 """
 from .cli import main
 

@@ -73,6 +73,7 @@ class Config:
     weight_decay: float | None = None
     warmup_steps: int | None = None
     accum_steps: int = 1
+    accum_freq: int = 1
     precision: str = "fp32"
     grad_clip: float = 0.0
     seed: int = 0
@@ -92,6 +93,7 @@ class Config:
     save_every_steps: int = 0
     stop_after_steps: int = 0
     no_plots: bool = False
+    measure_memory: bool = False
     # sharpness along WiSE-FT (docs/sharpness.md)
     analyze_sharpness: bool = False
     sharpness_methods: str | None = None
@@ -114,7 +116,7 @@ class Config:
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 # Settings a resumed run takes from the command line rather than from the saved config.json.
-RUNTIME_FIELDS = ("resume", "stop_after_steps", "workers", "threads", "device", "no_plots")
+RUNTIME_FIELDS = ("resume", "stop_after_steps", "workers", "threads", "device", "no_plots", "measure_memory")
 
 
 def run_settings(cfg: Config) -> dict[str, Any]:
@@ -219,6 +221,10 @@ def check_optimisation(cfg: Config) -> None:
            f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     _check(cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
     _check(cfg.accum_steps >= 1, f"--accum-steps must be >= 1, got {cfg.accum_steps}")
+    _check(cfg.accum_freq >= 1, f"--accum-freq must be >= 1, got {cfg.accum_freq}")
+    _check(cfg.accum_steps == 1 or cfg.accum_freq == 1,
+           f"--accum-freq {cfg.accum_freq} and --accum-steps {cfg.accum_steps}: give one of them (--accum-freq: "
+           "the micro-batches of a step are one contrastive batch; --accum-steps: each is its own)")
     _check(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     _check(cfg.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     _check(cfg.pretrain_epochs >= 0, f"--pretrain-epochs must be >= 0, got {cfg.pretrain_epochs}")

@@ -92,12 +92,21 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
 def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation (AdamW, linear warm-up then cosine decay)")
     g.add_argument("--epochs", type=int, help=f"fine-tuning epochs {_profile('epochs')}")
-    g.add_argument("--batch-size", type=int, help=f"batch size per process {_profile('batch_size')}")
+    g.add_argument("--batch-size", type=int, help="batch size per process (the micro-batch under --accum-freq "
+                   f"or --accum-steps) {_profile('batch_size')}")
     g.add_argument("--lr", type=float, help=f"peak learning rate {_profile('lr')}")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay {_profile('weight_decay')}")
     g.add_argument("--warmup-steps", type=int, help=f"linear warm-up steps {_profile('warmup_steps')}")
+    g.add_argument("--accum-freq", type=int, default=_D.accum_freq,
+                   help="feature-cached accumulation (GradCache, open_clip's --accum-freq): K micro-batches of "
+                   "--batch-size per optimiser step that together form ONE contrastive batch of batch x K x "
+                   "processes, for every method and term; the same step as --batch-size batch x K, at the "
+                   "memory of one micro-batch's activations plus the features of the whole batch, for a second "
+                   "forward pass of each micro-batch")
     g.add_argument("--accum-steps", type=int, default=_D.accum_steps,
-                   help="gradient accumulation: micro-batches per optimiser step")
+                   help="plain gradient accumulation: N micro-batches per optimiser step, each its OWN contrastive "
+                   "batch (its negatives are its batch x processes only): the mean of N smaller batches' losses, "
+                   "not the loss of one N times larger batch; one forward pass. Give --accum-freq or this, not both")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=_D.precision,
                    help="autocast precision of the forward pass (fp16 uses a gradient scaler)")
     g.add_argument("--grad-clip", type=float, default=_D.grad_clip, help="clip the gradient norm (0: off)")
@@ -128,6 +137,10 @@ def add_running_flags(g, *, training: bool = True) -> None:
     g.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     if not training:
         return
+    g.add_argument("--measure-memory", action="store_true",
+                   help="record each training phase's peak tensor memory in training.json (peak_memory_mb) on the "
+                   "CPU too, where it counts every tensor an op allocates and slows training (on CUDA it is "
+                   "always recorded, from the allocator)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last checkpoints (its config.json is used)")
     g.add_argument("--save-every-steps", type=int, default=_D.save_every_steps,

@@ -78,7 +78,12 @@ class MethodLoss:
         texts = self.tokenizer([it[2] for it in items]).to(device)
         return StepInputs(images, texts)
 
-    def _inputs(self, out: dict[str, torch.Tensor], images: torch.Tensor, inputs: StepInputs,
+    def pre_image_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The frozen pre-trained model's features of a batch's images, where a term reads them
+        (Lipsum-FT); None otherwise. A batch split into micro-batches may take them per micro-batch."""
+        return self.frozen.image_features(images) if "lipsum" in self.method.regularisers else None
+
+    def _inputs(self, out: dict[str, torch.Tensor], image_pre: torch.Tensor | None, inputs: StepInputs,
                 step: int) -> dict:
         """RobustFTLoss's keyword inputs of the enabled regularisers."""
         regs, kw = self.method.regularisers, {}
@@ -86,7 +91,7 @@ class MethodLoss:
             self.generator.manual_seed(step_seed(self.cfg.seed, step, _M2_SALT))
         if "lipsum" in regs:
             g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, _LIPSUM_SALT))
-            kw.update(image_pre=self.frozen.image_features(images), pre_logit_scale=self.frozen.logit_scale,
+            kw.update(image_pre=image_pre, pre_logit_scale=self.frozen.logit_scale,
                       random_text_features=self.lipsum_texts.random_text_features(
                           self.frozen.clip, self.tokenizer, g).float())
         if "dive" in regs:
@@ -95,9 +100,10 @@ class MethodLoss:
                       ref_text_pre=self.frozen.text_features(inputs.extra_texts))
         return kw
 
-    def __call__(self, out: dict[str, torch.Tensor], labels: torch.Tensor, images: torch.Tensor,
+    def __call__(self, out: dict[str, torch.Tensor], labels: torch.Tensor, image_pre: torch.Tensor | None,
                  inputs: StepInputs, step: int) -> dict[str, torch.Tensor]:
-        """The weighted loss terms of this step, by name (clip, m2mix, lipsum, dive, ce)."""
+        """The weighted loss terms of this step, by name (clip, m2mix, lipsum, dive, ce): `out` is
+        the model's output on the batch, `image_pre` what pre_image_features gives for its images."""
         terms: dict[str, torch.Tensor] = {}
         if self.method.base == "ft":
             terms["ce"] = F.cross_entropy(out["logits"].float(), labels)
@@ -107,7 +113,7 @@ class MethodLoss:
         # ft has no text features: its step (Lipsum only) reads none, the image rows stand in
         text = out["text_features"] if self.method.base == "flyp" else img
         parts = self.step_loss(img, text, out["logit_scale"], output_dict=True,
-                               **self._inputs(out, images, inputs, step))
+                               **self._inputs(out, image_pre, inputs, step))
         for key, value in parts.items():
             name = TERM_NAMES[key]
             terms[name] = terms[name] + value if name in terms else value

@@ -112,14 +112,15 @@ def _check_fits(cfg: Config, info, methods: list[Method], train: TrainSource, pr
                               "--train-data has none (give --csv-label-key)")
         if m.base == "flyp" and not (train.dataset.has_captions or train.dataset.has_labels):
             raise DriverError(f"--methods {m.spec}: needs captions or class labels in --train-data")
-    phases = [("fine-tuning", len(train.dataset), cfg.batch_size)]
+    phases = [_phase(cfg, "fine-tuning")]
     if pretrain is not None and cfg.pretrain_epochs > 0 and cfg.pretrained is None:
-        phases.insert(0, ("pretrain", len(pretrain.dataset), embedded.PRETRAIN_BATCH_SIZE))
+        phases.insert(0, _phase(cfg, "pretrain", pretrain=True))
     world = info.world_size
-    for phase_name, n, batch in phases:
-        if (n // (batch * world)) // cfg.accum_steps == 0 and any(m.trains for m in methods):
-            raise DriverError(f"{phase_name}: the training set has {n} images, fewer than one optimiser step "
-                              f"(--batch-size {batch} x {world} processes x --accum-steps {cfg.accum_steps})")
+    for phase in phases:
+        n = len((pretrain if phase.name == "pretrain" else train).dataset)
+        if (n // (phase.batch_size * world)) // phase.micro_batches == 0 and any(m.trains for m in methods):
+            raise DriverError(f"{phase.name}: the training set has {n} images, fewer than one optimiser step "
+                              f"(--batch-size {phase.batch_size} x {world} processes x {phase.accumulation})")
     if any("lipsum" in m.regularisers for m in methods):
         try:  # the random texts must fit the tokenizer (type, context length)
             robustft_ext.LipsumLoss(num_texts=1, text_length=cfg.lipsum_text_length).random_tokens(
@@ -173,21 +174,29 @@ def _trainable_module(clip: torch.nn.Module, method: Method, head: torch.nn.Line
     return TrainModule(clip, copy.deepcopy(head) if method.base == "ft" else None)
 
 
-def _phase(p: Prepared, name: str, method: Method, *, epochs: int, lr: float,
-           batch_size: int | None = None) -> Phase:
-    """A training phase; its checkpoints record (and must match) this run's settings, the phase,
-    the method, the model and the process count."""
-    cfg = p.cfg
-    identity = {"phase": name, "method": method.spec, "model": p.model_name, "processes": p.info.world_size,
-                "settings": run_settings(cfg)}
-    return Phase(name, epochs, lr, cfg.weight_decay, cfg.warmup_steps, batch_size or cfg.batch_size,
-                 cfg.accum_steps, identity)
+def _phase(cfg: Config, name: str, *, pretrain: bool = False) -> Phase:
+    """A training phase: fine-tuning with a method, under the batch and accumulation flags, or the
+    embedded pre-training, a fixed recipe (its own batch per process and lr, no accumulation) that
+    makes the same zero-shot model whatever the fine-tuning's batch."""
+    if pretrain:
+        return Phase(name, cfg.pretrain_epochs, embedded.PRETRAIN_LR, cfg.weight_decay, cfg.warmup_steps,
+                     embedded.PRETRAIN_BATCH_SIZE)
+    return Phase(name, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.batch_size, cfg.accum_steps,
+                 cfg.accum_freq)
+
+
+def _identity(p: Prepared, phase: Phase, method: Method) -> dict:
+    """What a phase's checkpoints record and must match: this run's settings, the phase, the
+    method, the model and the process count."""
+    return {"phase": phase.name, "method": method.spec, "model": p.model_name, "processes": p.info.world_size,
+            "settings": run_settings(p.cfg)}
 
 
 def _train(p: Prepared, module: TrainModule, method: Method, phase: Phase, source: TrainSource,
            frozen: FrozenEncoders | None) -> tuple[str, dict]:
     """Train one phase (or load its final.pt when it finished earlier); (status, its stats)."""
     cfg, info = p.cfg, p.info
+    phase.identity = _identity(p, phase, method)
     view = TrainView(source.dataset, source.classnames, p.templates, cfg.seed)
     loss_fn = MethodLoss(method, cfg, info.rank, info.world_size, frozen, p.tokenizer, view, info.device)
     ckpt_dir = os.path.join(p.run_dir, "checkpoints", phase.name)
@@ -205,17 +214,19 @@ def _train(p: Prepared, module: TrainModule, method: Method, phase: Phase, sourc
                         "skipped_images": state.get("skipped_images", [])}
     opts = LoopOptions(precision=cfg.precision, grad_clip=cfg.grad_clip, seed=cfg.seed, workers=cfg.workers,
                        save_every_steps=cfg.save_every_steps, stop_after_steps=cfg.stop_after_steps,
-                       needs_texts=method.base == "flyp")
+                       needs_texts=method.base == "flyp", measure_memory=cfg.measure_memory)
     result = run_phase(module, phase, view, loss_fn, p.tokenizer, info, ckpt_dir, log_path, opts)
     return result.status, {"steps": result.steps, "seconds": result.seconds, "history": result.history,
-                           "skipped_images": result.skipped_images}
+                           "skipped_images": result.skipped_images, "peak_memory_bytes": result.peak_memory_bytes}
 
 
 def _stats(stats: dict) -> dict:
     hist = stats["history"]
     return {"steps": stats["steps"], "seconds": round(stats["seconds"], 2),
             "first_loss": hist[0]["loss"] if hist else None, "last_loss": hist[-1]["loss"] if hist else None,
-            "term_ratios": report.term_ratios(hist), "skipped_images": len(stats["skipped_images"])}
+            "term_ratios": report.term_ratios(hist), "skipped_images": len(stats["skipped_images"]),
+            "peak_memory_mb": None if stats.get("peak_memory_bytes") is None
+            else round(stats["peak_memory_bytes"] / 2**20, 2)}
 
 
 def _stopped(info: dist_utils.DistInfo, phase: str, stats: dict) -> int:
@@ -247,9 +258,7 @@ def _zero_shot_model(p: Prepared, training: dict) -> tuple[torch.nn.Module | Non
         _log(p.info, f"pre-training the embedded zero-shot model on {len(p.pretrain.dataset)} captioned digits")
         module = TrainModule(clip)
         method = parse_method("flyp")
-        phase = _phase(p, "pretrain", method, epochs=cfg.pretrain_epochs, lr=embedded.PRETRAIN_LR,
-                       batch_size=embedded.PRETRAIN_BATCH_SIZE)
-        status, stats = _train(p, module, method, phase, p.pretrain, None)
+        status, stats = _train(p, module, method, _phase(cfg, "pretrain", pretrain=True), p.pretrain, None)
         training["pretrain"] = _stats(stats)
         if status == "stopped":
             return None, _stopped(p.info, "pretrain", stats)
@@ -302,8 +311,8 @@ def _run_method(p: Prepared, s: _Session, method: Method, rows: list[dict], trai
         return 0
     _log(info, f"fine-tuning: {method.spec}")
     module = _trainable_module(s.clip, method, s.zs_head)
-    phase = _phase(p, method.spec, method, epochs=p.cfg.epochs, lr=p.cfg.lr)
-    status, stats = _train(p, module, method, phase, p.train, s.frozen if method.needs_frozen else None)
+    status, stats = _train(p, module, method, _phase(p.cfg, method.spec), p.train,
+                           s.frozen if method.needs_frozen else None)
     training[method.spec] = _stats(stats)
     if status == "stopped":
         return _stopped(info, method.spec, stats)

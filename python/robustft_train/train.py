@@ -1,7 +1,8 @@
 """The training loop of one phase (the embedded pre-training, or fine-tuning with one method):
-AdamW with linear warm-up and cosine decay, autocast, gradient accumulation, DDP, a progress bar
-with loss and throughput, atomic checkpoints with checksums and the identity of their run, resume
-that reaches the same weights as an uninterrupted run, and a clear stop when the loss diverges."""
+AdamW with linear warm-up and cosine decay, autocast, gradient accumulation (plain, or
+feature-cached: `feature_cache`), DDP, a progress bar with loss and throughput, atomic
+checkpoints with checksums and the identity of their run, resume that reaches the same weights as
+an uninterrupted run, and a clear stop when the loss diverges."""
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,10 @@ from . import checkpoint
 from . import distributed as dist_utils
 from .data import TrainView, epoch_batches
 from .errors import DivergedError, DriverError
+from .feature_cache import MicroBatch, StepContext, cached_step
 from .files import atomic_write_text, fsync_folder
 from .losses import MethodLoss
+from .memory import PeakMemory
 from .models import TrainModule
 
 # Epoch-end checkpoints are skipped while the last one is younger than this (short epochs would
@@ -41,9 +44,20 @@ class Phase:
     lr: float
     weight_decay: float
     warmup_steps: int
-    batch_size: int
-    accum_steps: int = 1
+    batch_size: int                 # per process and micro-batch
+    accum_steps: int = 1            # micro-batches per step, each its own contrastive batch (plain accumulation)
+    accum_freq: int = 1             # micro-batches per step, together one contrastive batch (feature cache)
     identity: dict = field(default_factory=dict)   # what its checkpoints must match (checkpoint.check_identity)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimiser step (at most one of accum_steps and accum_freq exceeds 1)."""
+        return self.accum_steps * self.accum_freq
+
+    @property
+    def accumulation(self) -> str:
+        """The flag that sets micro_batches, as a user wrote it."""
+        return f"--accum-freq {self.accum_freq}" if self.accum_freq > 1 else f"--accum-steps {self.accum_steps}"
 
 
 @dataclass
@@ -57,6 +71,7 @@ class LoopOptions:
     save_every_steps: int = 0
     stop_after_steps: int = 0
     needs_texts: bool = True
+    measure_memory: bool = False    # count the peak tensor memory on the CPU too (memory.PeakMemory)
 
 
 @dataclass
@@ -67,6 +82,7 @@ class PhaseResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     skipped_images: list[str] = field(default_factory=list)   # training images that did not decode
+    peak_memory_bytes: int | None = None   # above the phase's start (memory.PeakMemory); None: not measured
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -89,7 +105,7 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def steps_per_epoch(n: int, phase: Phase, world_size: int) -> int:
-    return (n // (phase.batch_size * world_size)) // phase.accum_steps
+    return (n // (phase.batch_size * world_size)) // phase.micro_batches
 
 
 def _collate(items):
@@ -114,7 +130,7 @@ class PhaseRun:
         if self.per_epoch == 0:
             raise DriverError(f"{phase.name}: the training set has {len(view)} images, fewer than one "
                               f"optimiser step (--batch-size {phase.batch_size} x {info.world_size} processes "
-                              f"x --accum-steps {phase.accum_steps})")
+                              f"x {phase.accumulation})")
         self.total = self.per_epoch * phase.epochs
         self.model = DistributedDataParallel(module) if info.distributed else module
         self.optimizer = torch.optim.AdamW(_param_groups(module, phase.weight_decay), lr=phase.lr)
@@ -170,7 +186,8 @@ class PhaseRun:
         dist_utils.barrier(self.info)
 
     def micro_step(self, images, labels, captions, micro: int, sync: bool) -> dict[str, float]:
-        """Forward and backward of one micro-batch; its loss terms (averaged over processes)."""
+        """Forward and backward of one micro-batch as its own contrastive batch (plain accumulation
+        over `micro` of them); its loss terms (averaged over processes)."""
         device = self.info.device
         images, labels = images.to(device, non_blocking=True), labels.to(device)
         texts = self.tokenizer(captions).to(device) if self.opts.needs_texts else None
@@ -179,11 +196,39 @@ class PhaseRun:
         with no_sync:
             with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 out = self.model(images, texts, inputs.extra_images, inputs.extra_texts)
-            terms = self.loss_fn(out, labels, images, inputs, self.step)
+            terms = self.loss_fn(out, labels, self.loss_fn.pre_image_features(images), inputs, self.step)
             averaged = {name: float(dist_utils.mean(v, self.info)) for name, v in terms.items()}
             self.check_finite(averaged)
             self.scaler.scale(sum(terms.values()) / micro).backward()
         return {name: v / micro for name, v in averaged.items()}
+
+    def cached_step(self, batches: list[MicroBatch]) -> dict[str, float]:
+        """The gradient of one step whose micro-batches are one contrastive batch (feature_cache)."""
+        ctx = StepContext(self.model, self.module, self.loss_fn, self.info, self.amp_dtype, self.scaler, self.step)
+        return cached_step(batches, self.loss_fn.step_inputs(self.step, self.info.device), ctx, self.check_finite)
+
+    def gradients(self, epoch: int):
+        """For each optimiser step of the rest of `epoch`: accumulate its gradient; yield its loss
+        terms and its images (all processes)."""
+        micro, cached = self.phase.micro_batches, self.phase.accum_freq > 1
+        count, pending, terms, images = 0, [], {}, 0
+        for images_k, labels, captions, skipped in self.loader(epoch):
+            self.skipped.update(skipped)
+            images += images_k.shape[0] * self.info.world_size
+            count += 1
+            if cached:
+                texts = self.tokenizer(captions) if self.opts.needs_texts else None
+                pending.append(MicroBatch(images_k, labels, texts))
+                if count < micro:
+                    continue
+                terms, pending = self.cached_step(pending), []  # the micro-batches freed before the step
+            else:
+                for name, v in self.micro_step(images_k, labels, captions, micro, count == micro).items():
+                    terms[name] = terms.get(name, 0.0) + v
+                if count < micro:
+                    continue
+            yield terms, images
+            count, pending, terms, images = 0, [], {}, 0
 
     def check_finite(self, terms: dict[str, float]) -> None:
         """Stop with DivergedError when a loss term (averaged over processes, so that every process
@@ -210,7 +255,7 @@ class PhaseRun:
         return lr
 
     def loader(self, epoch: int) -> DataLoader:
-        micro = self.phase.accum_steps
+        micro = self.phase.micro_batches
         batches = epoch_batches(len(self.view), self.phase.batch_size, epoch, self.opts.seed, self.info.rank,
                                 self.info.world_size)
         batches = batches[: self.per_epoch * micro][(self.step - epoch * self.per_epoch) * micro:]
@@ -219,24 +264,17 @@ class PhaseRun:
 
     def epoch(self, epoch: int) -> bool:
         """Train the rest of `epoch`; False when --stop-after-steps stopped the phase."""
-        micro, opts = self.phase.accum_steps, self.opts
+        opts = self.opts
         bar = tqdm(total=self.per_epoch, initial=self.step - epoch * self.per_epoch,
                    disable=not (self.info.is_main and self.interactive), leave=False, dynamic_ncols=True,
                    desc=f"{self.phase.name} epoch {epoch + 1}/{self.phase.epochs}")
-        seen, t0, acc = 0, time.perf_counter(), {}
-        for k, (images, labels, captions, skipped) in enumerate(self.loader(epoch)):
-            self.skipped.update(skipped)
-            last_micro = (k + 1) % micro == 0
-            for name, v in self.micro_step(images, labels, captions, micro, last_micro).items():
-                acc[name] = acc.get(name, 0.0) + v
-            seen += images.shape[0] * self.info.world_size
-            if not last_micro:
-                continue
+        seen, t0 = 0, time.perf_counter()
+        for terms, images in self.gradients(epoch):
+            seen += images
             lr = self.optimizer_step()
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            self.history.append({"step": self.step, "epoch": epoch, "lr": lr, "loss": sum(acc.values()),
-                                 **{f"loss_{n}": v for n, v in acc.items()}, "images_per_s": rate})
-            acc = {}
+            self.history.append({"step": self.step, "epoch": epoch, "lr": lr, "loss": sum(terms.values()),
+                                 **{f"loss_{n}": v for n, v in terms.items()}, "images_per_s": rate})
             bar.update(1)
             bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}", img_s=f"{rate:.3g}")
             due = time.perf_counter() - self.last_save >= EPOCH_CHECKPOINT_MIN_S and self.step % self.per_epoch == 0
@@ -303,9 +341,10 @@ def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: Metho
     start = time.perf_counter()
     module.train()
     status = "done"
-    while run.step < run.total and status == "done":
-        if not run.epoch(run.step // run.per_epoch):
-            status = "stopped"
+    with PeakMemory(info.device, opts.measure_memory) as memory:
+        while run.step < run.total and status == "done":
+            if not run.epoch(run.step // run.per_epoch):
+                status = "stopped"
     if status == "done":
         run.finish()
         module.eval()
@@ -313,4 +352,5 @@ def run_phase(module: TrainModule, phase: Phase, view: TrainView, loss_fn: Metho
     if skipped:
         run.log(f"warning: [{phase.name}] skipped {len(skipped)} training image(s) that failed to decode "
                 f"(e.g. {skipped[:3]})")
-    return PhaseResult(status, run.step, run.total, run.history, time.perf_counter() - start, skipped)
+    return PhaseResult(status, run.step, run.total, run.history, time.perf_counter() - start, skipped,
+                       memory.peak_bytes)
