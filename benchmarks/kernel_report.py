@@ -17,11 +17,15 @@ launch then has the padded feature dimension, shown in brackets): registers and 
 
 Flags: NO-TC, a 16-bit tile kernel without a tensor-core instruction; SPILL (Triton),
 register spills reported by ptxas; SMEM (Triton), more shared memory than the configs entry
-records (the selection by device trusts the record); LMEM (CUDA), local-memory traffic
-(STL/LDL or a local segment), which is how spills show in a binary, but also how local
-arrays do (ptxas -v at build time tells them apart); ERROR, a configuration that does not
-compile. --strict exits with status 1 when a 16-bit CUDA kernel or any Triton configuration
-is flagged, or when a requested side has nothing to examine (a CPU-only build).
+records (the selection by device trusts the record); SMEM (CUDA), a kernel whose static
+shared memory exceeds its family's budget in csrc/cuda/tile_plan.h, or whose static plus
+dynamic shared memory exceeds the opt-in of the devices that launch its tile shape (99 KB
+for the small shapes, 163 KB on sm_80 and 227 KB on sm_90 for the large); LMEM (CUDA),
+local-memory traffic (STL/LDL or a local segment), which is how spills show in a binary, but
+also how local arrays do (ptxas -v at build time tells them apart); ERROR, a configuration
+that does not compile. --strict exits with status 1 when a 16-bit CUDA tile kernel or any
+Triton configuration is flagged, when any CUDA kernel is flagged SMEM, or when a requested
+side has nothing to examine (a CPU-only build).
 
 The Triton compile cache (~/.triton/cache) makes reruns fast; a cold run of the whole table
 compiles about 210 kernels for its 416 rows (a D that is not a multiple of 16 launches its
@@ -72,6 +76,60 @@ def _short(demangled: str) -> str:
     name = re.sub(r"\brobustft::(\w+::)*", "", name)
     name = re.sub(r"\bc10::", "", name)
     return name
+
+
+# The opt-in shared memory per block a kernel's shape must fit on every device it can run on
+# (csrc/cuda/tile_plan.h chooses the shape by it): the small tensor-core shapes must fit the
+# 99 KB GPUs of any architecture (sm_86, sm_89, sm_120), the large ones the GPUs that get
+# them (an A100's 163 KB on sm_80; 227 KB on sm_90).
+SMALLEST_OPTIN = 101376
+LARGEST_OPTIN = {"sm_80": 166912, "sm_90": 232448}
+FAMILIES = {"clip_lse_kernel": "contrastive", "softplus_sum_kernel": "contrastive",
+            "dlogits_kernel": "contrastive", "step_lse_kernel": "step",
+            "step_dlogits_kernel": "step"}
+
+
+def _tile_plan() -> dict | None:
+    """The native CUDA kernels' tile plan (csrc/cuda/tile_plan.h) from the built extension."""
+    try:
+        import torch
+
+        import robustft_ext  # noqa: F401  (loads the compiled ops)
+        return json.loads(torch.ops.robustft_ext.native_cuda_tile_plan())
+    except Exception:  # noqa: BLE001 - an extension without the plan: nothing to check
+        return None
+
+
+def _shared_memory_problem(row: dict, demangled: str, plan: dict | None) -> str | None:
+    """Why a kernel's shared memory breaks the plan, or None: its static bytes over its
+    family's budget, or static plus the dynamic bytes of its tile shape over the opt-in of
+    the devices that launch that shape."""
+    if plan is None:
+        return None
+    name = re.sub(r"<.*", "", _short(demangled)).split()[-1]
+    family = plan["families"].get(FAMILIES.get(name, ""))
+    if family is None:  # row passes and merges: static memory only, within the default 48 KB
+        return f"static {row['shared']} B > 49152 B" if row["shared"] > 49152 else None
+    if row["shared"] > family["static_budget"]:
+        return (f"static {row['shared']} B > the {FAMILIES[name]} budget "
+                f"{family['static_budget']} B (csrc/cuda/tile_plan.h)")
+    shape = re.search(r"MmaShape<(\d+), (\d+), (\d+), (\d+), (\d+)", demangled)
+    if shape is None:  # the FMA engine: a few KB of dynamic memory
+        return None
+    bm, bn, stages = int(shape[1]), int(shape[2]), int(shape[5])
+    rows, cols = family["row_slabs"], family["col_slabs"]
+    terms = re.search(r"step_\w+_kernel<.*?, (true|false), (true|false)", demangled)
+    if terms is not None:  # the step's slabs: I, T rows with m^2; M with m^2, T with CLIP
+        m2, clip = terms[1] == "true", terms[2] == "true"
+        rows, cols = (2 if m2 else 1), int(m2) + int(clip)
+    dynamic = stages * (rows * bm + cols * bn) * plan["row_bytes"]
+    small = (bm, bn, stages) == tuple(family["small"][k] for k in ("bm", "bn", "stages"))
+    limit = SMALLEST_OPTIN if small else LARGEST_OPTIN.get(row["arch"], SMALLEST_OPTIN)
+    total = row["shared"] + dynamic
+    if total > limit:
+        return (f"{row['shared']} B static + {dynamic} B dynamic = {total} B > {limit} B "
+                f"({'small' if small else 'large'} shape on {row['arch']})")
+    return None
 
 
 def cuda_kernels(so: str) -> tuple[list[dict], str | None]:
@@ -128,6 +186,7 @@ def cuda_kernels(so: str) -> tuple[list[dict], str | None]:
         elif re.search(r"\b(STL|LDL)\b", line):
             row["sass_local_ops"] += 1
     names = _demangle([r["mangled"] for r in rows.values()])
+    plan = _tile_plan()
     out = []
     for row in rows.values():
         row["kernel"] = _short(names[row["mangled"]])
@@ -137,10 +196,15 @@ def cuda_kernels(so: str) -> tuple[list[dict], str | None]:
         # does, at build time) and which is a local array (e.g. the slow path of sin/cos
         # argument reduction): flag every kernel that has any.
         lmem = row["local"] > 0 or row["sass_local_ops"] > 0
-        flags = [f for f, on in (("NO-TC", row["sixteen_bit"] and not row["tensor_core"]),
-                                 ("LMEM", lmem)) if on]
+        smem = _shared_memory_problem(row, names[row["mangled"]], plan)
+        row["smem_problem"] = smem or ""
+        # The row passes (the slerp prologue, DiVE, merges) have no tile products: tensor
+        # cores are not theirs, and their local memory is the double sin/cos slow path's.
+        tile = re.sub(r"<.*", "", row["kernel"]).split()[-1] in FAMILIES
+        flags = [f for f, on in (("NO-TC", tile and row["sixteen_bit"] and not row["tensor_core"]),
+                                 ("LMEM", lmem), ("SMEM", smem is not None)) if on]
         row["flags"] = ",".join(flags)
-        row["failing"] = row["sixteen_bit"] and bool(flags)
+        row["failing"] = (tile and row["sixteen_bit"] and bool(flags)) or smem is not None
         out.append(row)
     out.sort(key=lambda r: (r["arch"], r["kernel"]))
     return out, None

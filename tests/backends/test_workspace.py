@@ -25,10 +25,34 @@ def small_workspace():
 
 
 def test_default_limit_is_256_mib():
+    """The default reaches both sides in a fresh process: the Python decision to keep the CPU's
+    dot products (256 MiB of float32, not a byte more), and the compiled ops' own copy of the
+    limit, which refuses to keep products one row over it, naming the limit."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import types, torch, robustft_ext as rft
+        from robustft_ext import backends
+        ctx = types.SimpleNamespace(needs_input_grad=(True,))
+        a = torch.zeros(1, 1)
+        entries = 256 * 2**20 // 4
+        assert backends.keeps_products(ctx, "native", True, a, entries)
+        assert not backends.keeps_products(ctx, "native", True, a, entries + 1)
+        n = 4730  # three 4730 x 4730 float32 products: 268,474,800 bytes, over 256 MiB
+        x = torch.nn.functional.normalize(torch.randn(n, 4), dim=1)
+        s, lam = torch.tensor(1.0), torch.tensor(0.3)
+        try:
+            torch.ops.robustft_ext.m2mix_fwd_keep(x, x, s, lam, s, True)
+        except RuntimeError as exc:
+            print(str(exc).splitlines()[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != workspace.ENV_VAR}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    assert "more than the workspace limit of 268435456 bytes" in out, out
     assert workspace.DEFAULT_WORKSPACE_BYTES == 256 * 2**20
-    rft.set_workspace_limit(None)
-    if os.environ.get(workspace.ENV_VAR) is None:
-        assert rft.workspace_limit() == 256 * 2**20
 
 
 def test_set_and_restore():

@@ -120,12 +120,24 @@ def test_dive_centre_updates_and_round_trips(backend):
 
 
 def test_m2_lam_sampling_is_reproducible():
+    """One Beta(alpha, alpha) draw per call: the same sequence (and losses) from the same seed,
+    varying from call to call, another sequence from another seed."""
     x = _batch(6, 2, 2, 8)
-    a = rft.RobustFTLoss(m2_weight=0.1, generator=torch.Generator().manual_seed(5))
-    b = rft.RobustFTLoss(m2_weight=0.1, generator=torch.Generator().manual_seed(5))
-    for _ in range(3):
-        assert torch.equal(a(x["I"], x["T"], 10.0), b(x["I"], x["T"], 10.0))
-        assert a.last_lam == b.last_lam
+
+    def draws(seed: int, calls: int = 6) -> tuple[list[float], list[torch.Tensor]]:
+        loss = rft.RobustFTLoss(m2_weight=0.1, generator=torch.Generator().manual_seed(seed))
+        values, lams = [], []
+        for _ in range(calls):
+            values.append(loss(x["I"], x["T"], 10.0))
+            lams.append(loss.last_lam)
+        return lams, values
+
+    lams, values = draws(5)
+    again, values_again = draws(5)
+    assert lams == again
+    assert all(torch.equal(u, v) for u, v in zip(values, values_again))
+    assert len(set(lams)) == len(lams) and all(0.0 < lam < 1.0 for lam in lams)
+    assert draws(6)[0] != lams
 
 
 def test_bad_inputs():

@@ -19,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "benchmarks" / "kernel_report.py"
+sys.path.insert(0, str(REPORT.parent))
+import kernel_report  # noqa: E402
 
 
 def _run(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -159,10 +161,54 @@ def test_cuda_side_reads_kernels(tmp_path):
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     sixteen = [r for r in rows if r["sixteen_bit"]]
     assert sixteen and all(r["registers"] > 0 for r in rows)
-    # Each 16-bit kernel either does tensor-core work or is flagged for not doing it.
+    # Each 16-bit tile kernel either does tensor-core work or is flagged for not doing it,
+    # and every kernel's shared memory fits the tile plan.
     for r in sixteen:
-        assert r["tensor_core"] or "NO-TC" in r["flags"], r
+        tile = any(f"{name}<" in r["kernel"] for name in kernel_report.FAMILIES)
+        assert r["tensor_core"] or "NO-TC" in r["flags"] or not tile, r
+    assert not [r for r in rows if "SMEM" in r["flags"]]
     assert any("clip_lse_kernel" in r["kernel"] for r in rows)
+
+
+@pytest.mark.parametrize("kernel,shared,problem", [
+    # the large contrastive shape on sm_90: 96 KB dynamic + 7 KB static fits 227 KB
+    ("void clip_lse_kernel<MmaEngine<MmaShape<128, 128, 2, 4, 3, 1>, Bf16Mma>, BFloat16, true>",
+     7168, None),
+    # static shared memory grown past the contrastive family's budget
+    ("void clip_lse_kernel<MmaEngine<MmaShape<128, 128, 2, 4, 3, 1>, Bf16Mma>, BFloat16, true>",
+     9216, "budget"),
+    # the small step shape (64 KB dynamic with every term) plus 40 KB static: over 99 KB
+    ("void step_lse_kernel<MmaEngine<MmaShape<64, 64, 2, 2, 2, 1>, Bf16Mma>, BFloat16, true, "
+     "true, true>", 40960, "budget"),
+    ("void step_lse_kernel<MmaEngine<MmaShape<64, 64, 2, 2, 2, 1>, Bf16Mma>, BFloat16, true, "
+     "true, true>", 3072, None),
+    # a row pass: static memory only
+    ("void mix_rows_kernel<BFloat16, BFloat16>", 1024, None),
+])
+def test_cuda_shared_memory_against_the_tile_plan(kernel, shared, problem):
+    plan = kernel_report._tile_plan()
+    if plan is None:
+        pytest.skip("the extension has no native CUDA tile plan (a CPU-only build)")
+    row = {"shared": shared, "arch": "sm_90", "kernel": kernel}
+    found = kernel_report._shared_memory_problem(row, kernel, plan)
+    assert (found is None) == (problem is None), found
+    if problem is not None:
+        assert problem in found
+
+
+def test_cuda_plan_over_a_small_devices_shared_memory_is_flagged():
+    """A small shape whose dynamic memory alone exceeds 99 KB (as three stages of the step's
+    128 x 64 tiles would) is flagged, whatever its static memory."""
+    plan = kernel_report._tile_plan()
+    if plan is None:
+        pytest.skip("the extension has no native CUDA tile plan (a CPU-only build)")
+    plan = {**plan, "families": {**plan["families"]}}
+    plan["families"]["step"] = {**plan["families"]["step"],
+                                "small": {"bm": 128, "bn": 64, "stages": 3}}
+    kernel = ("void step_lse_kernel<MmaEngine<MmaShape<128, 64, 4, 2, 3, 1>, Bf16Mma>, BFloat16, "
+              "true, true, true>")
+    found = kernel_report._shared_memory_problem({"shared": 4096, "arch": "sm_90"}, kernel, plan)
+    assert found is not None and "101376" in found
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@
 #include "cuda/mma_tile.cuh"
 #include "cuda/tile_epilogue.cuh"
 #include "cuda/tile_shapes.cuh"
+#include "emu_checks.h"
 #include "harness.h"
 
 namespace {
@@ -51,93 +52,20 @@ using namespace robustft::cuda_tiles;
 using cuda_emu::launch;
 using rft_test::cat;
 
-// ---- The engines under test --------------------------------------------------------------
-// tol: error of the logits (relative to their magnitude) against a double reference of the
-// values the engine multiplies; ws_tol: of the dlogits stored in the workspace dtype.
-struct FfmaFloat {
-  using E = FfmaEngine<float>;
-  using in_t = float;
-  using ws_t = float;
-  static constexpr bool kTf32 = false;
-  static constexpr double tol = 2e-5, ws_tol = 2e-5;
-};
-struct FfmaDouble {
-  using E = FfmaEngine<double>;
-  using in_t = double;
-  using ws_t = double;
-  static constexpr bool kTf32 = false;
-  static constexpr double tol = 1e-11, ws_tol = 1e-11;
-};
-struct MmaBf16 {
-  using E = MmaEngine<ContrastiveMmaShape, Bf16Mma>;
-  using in_t = c10::BFloat16;
-  using ws_t = c10::BFloat16;
-  static constexpr bool kTf32 = false;
-  static constexpr double tol = 2e-5, ws_tol = 8e-3;
-};
-struct MmaF16 {
-  using E = MmaEngine<ContrastiveMmaShape, F16Mma>;
-  using in_t = c10::Half;
-  using ws_t = c10::Half;
-  static constexpr bool kTf32 = false;
-  static constexpr double tol = 2e-5, ws_tol = 1e-3;
-};
-// The two-stage shape of devices with 99 KB of shared memory per block (tile_plan.h).
-struct MmaBf16Small : MmaBf16 {
-  using E = MmaEngine<ContrastiveMmaShapeSmall, Bf16Mma>;
-};
-struct MmaTf32 {
-  using E = MmaEngine<ContrastiveMmaShape, Tf32Mma>;
-  using in_t = float;
-  using ws_t = float;
-  static constexpr bool kTf32 = true;
-  static constexpr double tol = 2e-5, ws_tol = 2e-5;
-};
-
-template <class C>
-constexpr bool is_mma() {
-  return !std::is_same<typename C::E, FfmaEngine<float>>::value &&
-         !std::is_same<typename C::E, FfmaEngine<double>>::value;
-}
-
-// x rounded to tf32 as cvt.rna does it: to nearest, ties away from zero (finite x).
-double round_tf32(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x1000u) & ~0x1fffu;
-  float r;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
-}
-
-// max |ref - got| / max |ref| (matching infinities count as equal).
-double rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
-  double err = 0, mag = 1e-300;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (std::isinf(ref[i]) && ref[i] == got[i]) continue;
-    err = std::max(err, std::fabs(ref[i] - got[i]));
-    mag = std::max(mag, std::fabs(ref[i]));
-  }
-  return std::isnan(err) ? INFINITY : err / mag;
-}
-
-template <typename T>
-std::vector<double> to_double(const std::vector<T>& v) {
-  std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(v[i]);
-  return out;
-}
-
-double g_worst_ratio = 0;  // largest error / tolerance of the running case
-std::string g_worst_what;
-
-void check_err(const std::string& what, double err, double tol) {
-  RFT_CHECK_MSG(err <= tol, what, ": error ", err, " > tolerance ", tol);
-  if (!(err / tol <= g_worst_ratio)) {
-    g_worst_ratio = err / tol;
-    g_worst_what = what;
-  }
-}
+// The engines under test, with the launchers' tile shapes (emu_checks.h has the tolerances).
+using FfmaFloat = rft_emu_test::FfmaFloat;
+using FfmaDouble = rft_emu_test::FfmaDouble;
+using MmaBf16 = rft_emu_test::MmaBf16<ContrastiveMmaShape>;
+using MmaF16 = rft_emu_test::MmaF16<ContrastiveMmaShape>;
+using MmaTf32 = rft_emu_test::MmaTf32<ContrastiveMmaShape>;
+// The shape of devices with 99 KB of shared memory per block (tile_plan.h).
+using MmaBf16Small = rft_emu_test::MmaBf16<ContrastiveMmaShapeSmall>;
+using rft_emu_test::check_err;
+using rft_emu_test::g_worst_ratio;
+using rft_emu_test::g_worst_what;
+using rft_emu_test::rel_err;
+using rft_emu_test::round_tf32;
+using rft_emu_test::to_double;
 
 // One problem: P [n, D], Q [m, D] of in_t (rows padded with zeros to ld elements for the
 // tensor-core engine), S = scale * P Q^T + bias.
@@ -153,7 +81,7 @@ struct Problem {
 
   Problem(int64_t n_, int64_t m_, int64_t D_, double scale_, double bias_, std::mt19937& rng)
       : n(n_), m(m_), D(D_), scale(static_cast<acc_t>(scale_)), bias(static_cast<acc_t>(bias_)) {
-    const int64_t per_chunk = is_mma<C>() ? int64_t(16 / sizeof(in_t)) : 1;
+    const int64_t per_chunk = C::kMma ? int64_t(16 / sizeof(in_t)) : 1;
     ld = (D + per_chunk - 1) / per_chunk * per_chunk;
     std::normal_distribution<double> nd(0.0, 1.0 / std::sqrt(static_cast<double>(D)));
     auto fill = [&](std::vector<in_t>& X, std::vector<double>& Xd, int64_t rows) {

@@ -42,6 +42,7 @@
 #include "cuda/step_device.cuh"
 #include "cuda/tile_epilogue.cuh"
 #include "cuda/tile_shapes.cuh"
+#include "emu_checks.h"
 #include "harness.h"
 #include "robustft_maths.h"
 
@@ -51,83 +52,20 @@ using namespace robustft::cuda_tiles;
 using cuda_emu::launch;
 using rft_test::cat;
 
-// ---- The engines under test (tol: logits and sums; ws_tol: dlogits in the workspace) ------
-struct FfmaFloat {
-  using E = FfmaEngine<float>;
-  using in_t = float;
-  using ws_t = float;
-  static constexpr bool kTf32 = false, kMma = false;
-  static constexpr double tol = 2e-5, ws_tol = 2e-5;
-};
-struct FfmaDouble {
-  using E = FfmaEngine<double>;
-  using in_t = double;
-  using ws_t = double;
-  static constexpr bool kTf32 = false, kMma = false;
-  static constexpr double tol = 1e-11, ws_tol = 1e-11;
-};
-struct MmaBf16 {
-  using E = MmaEngine<StepMmaShape, Bf16Mma>;
-  using in_t = c10::BFloat16;
-  using ws_t = c10::BFloat16;
-  static constexpr bool kTf32 = false, kMma = true;
-  static constexpr double tol = 2e-5, ws_tol = 8e-3;
-};
-// The 64 x 64, 4-warp, two-stage shape of devices with 99 KB per block (tile_plan.h).
-struct MmaBf16Small : MmaBf16 {
-  using E = MmaEngine<StepMmaShapeSmall, Bf16Mma>;
-};
-struct MmaF16 {
-  using E = MmaEngine<StepMmaShape, F16Mma>;
-  using in_t = c10::Half;
-  using ws_t = c10::Half;
-  static constexpr bool kTf32 = false, kMma = true;
-  static constexpr double tol = 2e-5, ws_tol = 1e-3;
-};
-struct MmaTf32 {
-  using E = MmaEngine<StepMmaShape, Tf32Mma>;
-  using in_t = float;
-  using ws_t = float;
-  static constexpr bool kTf32 = true, kMma = true;
-  static constexpr double tol = 2e-5, ws_tol = 2e-5;
-};
-
-double round_tf32(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x1000u) & ~0x1fffu;
-  float r;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
-}
-
-double rel_err(const std::vector<double>& ref, const std::vector<double>& got) {
-  double err = 0, mag = 1e-300;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    if (std::isinf(ref[i]) && ref[i] == got[i]) continue;
-    err = std::max(err, std::fabs(ref[i] - got[i]));
-    mag = std::max(mag, std::fabs(ref[i]));
-  }
-  return std::isnan(err) ? INFINITY : err / mag;
-}
-
-template <typename T>
-std::vector<double> to_double(const std::vector<T>& v) {
-  std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(v[i]);
-  return out;
-}
-
-double g_worst_ratio = 0;
-std::string g_worst_what;
-
-void check_err(const std::string& what, double err, double tol) {
-  RFT_CHECK_MSG(err <= tol, what, ": error ", err, " > tolerance ", tol);
-  if (!(err / tol <= g_worst_ratio)) {
-    g_worst_ratio = err / tol;
-    g_worst_what = what;
-  }
-}
+// The engines under test, with the launchers' tile shapes (emu_checks.h has the tolerances).
+using FfmaFloat = rft_emu_test::FfmaFloat;
+using FfmaDouble = rft_emu_test::FfmaDouble;
+using MmaBf16 = rft_emu_test::MmaBf16<StepMmaShape>;
+using MmaF16 = rft_emu_test::MmaF16<StepMmaShape>;
+using MmaTf32 = rft_emu_test::MmaTf32<StepMmaShape>;
+// The shape of devices with 99 KB of shared memory per block (tile_plan.h).
+using MmaBf16Small = rft_emu_test::MmaBf16<StepMmaShapeSmall>;
+using rft_emu_test::check_err;
+using rft_emu_test::g_worst_ratio;
+using rft_emu_test::g_worst_what;
+using rft_emu_test::rel_err;
+using rft_emu_test::round_tf32;
+using rft_emu_test::to_double;
 
 double lse_of(const std::vector<double>& v) {
   double mx = -INFINITY, sum = 0;
