@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPT = BENCH / "gpu_check.sh"
 STAGES = ["wheels", "env", "build", "ceiling", "nanfill", "memcheck", "racecheck", "tests",
