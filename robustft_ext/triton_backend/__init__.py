@@ -1,14 +1,28 @@
 """Triton backend of robustft_ext: the ops `torch.ops.robustft_triton.{clip_fwd, clip_bwd,
 siglip_fwd, siglip_bwd, slerp, slerp_bwd, m2mix_fwd, m2mix_bwd, lipsum_fwd, lipsum_bwd,
 dive_fwd, dive_bwd, robust_step_fwd, robust_step_bwd}`, with the schemas and semantics of
-`robustft_ext::*` (csrc/schemas.cpp). ops.py / kernels.py: CLIP and SigLIP; step_ops.py /
-step_kernels.py: the ops of a robust fine-tuning step (m^2-mix, Lipsum-FT, DiVE and their
-combination with CLIP, csrc/step_kernels.h); m2mix_ops.py re-exports the m^2-mix ones.
-maths.py holds the per-entry maths every kernel uses (the twin of csrc/robustft_maths.h),
-configs.py the tile configurations per architecture, dtype and D, ds_workspace.py the
-bounded dS workspace and the library GEMMs of the large-D backward, slerp_kernels.py the
-row-wise kernels of the m^2 slerp, device.py the device guard of every op body and the device
-limits the configurations are chosen by.
+`robustft_ext::*` (csrc/schemas.cpp). The modules mirror csrc:
+
+  contrastive_ops.py / contrastive_kernels.py   CLIP and SigLIP (csrc/contrastive_ops.h,
+                                                csrc/contrastive_kernels.h);
+  step_ops.py / step_kernels.py                 the ops of a robust fine-tuning step: slerp,
+                                                m^2-mix, Lipsum-FT, DiVE and their
+                                                combination with CLIP (csrc/step_ops.h,
+                                                csrc/step_kernels.h);
+  slerp_kernels.py                              the row-wise kernels of the m^2 slerp;
+  maths.py                                      the per-entry maths every tile kernel uses
+                                                (csrc/robustft_maths.h);
+  launch.py                                     what the op bodies share to launch kernels:
+                                                the tensors as the kernels take them, the
+                                                launch options, the interpreter shims;
+  ds_workspace.py                               the bounded dS workspace and the library GEMMs
+                                                of the large-D backward (csrc/workspace.h);
+  configs.py                                    the tile configurations per architecture,
+                                                dtype and D;
+  device.py                                     the device guard of every op body, and the
+                                                device limits the configurations are chosen by;
+  offline.py                                    the kernels compiled for sm_90 / sm_80 without
+                                                a GPU (benchmarks/kernel_report.py).
 
 Importing this package registers the ops when Triton can be imported. Otherwise nothing is
 registered and IMPORT_ERROR says why; device_unavailable_reason(device, dtype) says why the
@@ -32,13 +46,10 @@ except Exception as exc:  # ImportError, or a broken install raising something e
 
 if IMPORT_ERROR is None:
     try:
-        from . import ops  # noqa: F401  (registers the ops)
+        from . import contrastive_ops  # noqa: F401  (registers the CLIP and SigLIP ops)
         from . import step_ops  # noqa: F401  (registers the step ops, m^2-mix included)
-        from . import m2mix_ops  # noqa: F401  (the m^2-mix ops under their earlier name)
         from .configs import device_unavailable_reason, interpreting  # noqa: F401
     except Exception as exc:  # e.g. a torch without torch.library.triton_op
         IMPORT_ERROR = f"registering the Triton ops failed: {type(exc).__name__}: {exc}"
 
-AVAILABLE: bool = IMPORT_ERROR is None
-
-__all__ = ["AVAILABLE", "IMPORT_ERROR", "SUPPORTED_DTYPES"]
+__all__ = ["IMPORT_ERROR", "SUPPORTED_DTYPES"]

@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from . import contrastive_kernels
 from .device import DeviceLimits, device_limits
 
 
@@ -205,11 +206,9 @@ TRACING_LIMITS = DeviceLimits("no device (tracing)", (9, 0), 232448)
 
 # ----------------------------------------------------------------------------- selection
 def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 was set
-    before triton was imported)."""
-    from . import kernels  # (the kernels module decides; imported late: no import cycle)
-
-    return not isinstance(kernels.clip_lse_kernel, triton.runtime.jit.JITFunction)
+    """True when the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 was set
+    before triton was imported, so @triton.jit made interpreted functions, not JIT ones."""
+    return not isinstance(contrastive_kernels.clip_lse_kernel, triton.runtime.jit.JITFunction)
 
 
 def aligned_dim(size: int) -> int:
@@ -219,7 +218,8 @@ def aligned_dim(size: int) -> int:
     Triton specialises an integer argument that is a multiple of 16 ("tt.divisibility");
     without that hint on D and the row strides the masked loads and stores do not vectorise,
     and the step kernels sit at 255 registers and spill (benchmarks/kernel_report.py compiles
-    the kernels as launched; tests/test_triton_launch.py checks every launch's arguments)."""
+    the kernels as launched; tests/backends/triton/test_triton_launch.py checks every launch's
+    arguments)."""
     return -(-size // ALIGN) * ALIGN
 
 
@@ -338,12 +338,12 @@ def fused_backward(group: str, device: torch.device, D: int) -> bool:
 
     Why (the numbers: docs/backends.md, "The Triton backward: two designs"): for CLIP the
     register-resident backward recomputes the logit tiles once per gradient it forms, 8 N^2 D
-    FLOP, and moves nothing of size N^2 through HBM. The dS design makes three GEMM-shaped passes (dS, then dI = dS T and
-    dT = dS^T I), 6 N^2 D FLOP, each moving 2 N^2 bytes of 16-bit dS: a pass costs
-    max(2 N^2 D / F, 2 N^2 / B) at F FLOP/s and B bytes/s. Above the ridge point D = F / B
-    (295 on an H100, 206 on an H200) the passes are compute-bound and the dS design does 25%
-    less work; below it they are memory-bound, and the fused kernel wins for
-    D < 0.75 F / B (about 220 / 155). The fused kernel also needs register room for its
+    FLOP, and moves nothing of size N^2 through HBM. The dS design makes three GEMM-shaped
+    passes (dS, then dI = dS T and dT = dS^T I), 6 N^2 D FLOP, each moving 2 N^2 bytes of
+    16-bit dS: a pass costs max(2 N^2 D / F, 2 N^2 / B) at F FLOP/s and B bytes/s. Above the
+    ridge point D = F / B (295 on an H100, 206 on an H200) the passes are compute-bound and
+    the dS design does 25% less work; below it they are memory-bound, and the fused kernel
+    wins for D < 0.75 F / B (about 220 / 155). The fused kernel also needs register room for its
     [BLOCK_M, D] accumulators: D <= 128 for the contrastive kernels, D <= 64 for the step
     kernels (three accumulators). So the fused kernel serves those D, the dS workspace design
     every larger one.

@@ -5,8 +5,8 @@ stream, and torch.library.triton_op adds no guard of its own: with the inputs on
 the current device cuda:0 a launch would read cuda:1 memory from a cuda:0 kernel (a fault) or
 race with cuda:1's stream. `triton_op` below is the one way the backend registers an op: it
 runs the body under `device_guard(inputs_device(args))`, so every launch of every op runs on
-its inputs' device and stream. tests/test_triton_launch.py checks, op by op, that the guard
-is entered with the inputs' device.
+its inputs' device and stream. tests/backends/triton/test_triton_launch.py checks, op by op,
+that the guard is entered with the inputs' device.
 
 `DeviceLimits` are the figures of a CUDA device that decide which tile configurations can
 launch there (configs.select, configs.device_unavailable_reason).

@@ -1,8 +1,8 @@
 """The bounded dS workspace of the large-D backward passes, and its library GEMMs.
 
-The large-D backward (ops.py, step_ops.py) forms the unit dlogits U of one row chunk at a
-time into a workspace (a dlogit kernel) and multiplies the chunk into the feature gradients
-with library GEMMs. The chunk is as many rows as fit in robustft_ext.workspace's limit
+The large-D backward (contrastive_ops.py, step_ops.py) forms the unit dlogits U of one row
+chunk at a time into a workspace (a dlogit kernel) and multiplies the chunk into the feature
+gradients with library GEMMs. The chunk is as many rows as fit in robustft_ext.workspace's limit
 (default 256 MiB), never fewer than one BLOCK_M row block, so the backward's extra memory is
 bounded at any batch size.
 """

@@ -1,7 +1,8 @@
 """Per-entry maths of the Triton kernels: the twin of csrc/robustft_maths.h.
 
 Every formula that the Triton kernels evaluate per logit (or per row / column of a logit
-tile) lives here once, and every kernel of kernels.py and step_kernels.py calls it from here:
+tile) lives here once, and every kernel of contrastive_kernels.py and step_kernels.py calls
+it from here:
 
   online log-sum-exp   lse_update (one tile into a row state), lse_final (the value);
   column partials      col_partials_update (one tile into a program's partial row of

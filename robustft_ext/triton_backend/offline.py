@@ -9,8 +9,8 @@ SASS (HGMMA / HMMA, through cuobjdump), the registers and spills from ptxas -v.
 
 The kernels must be JIT functions: run this in a process without TRITON_INTERPRET=1.
 
-Argument types follow the kernels' naming convention (kernels.py, step_kernels.py,
-slerp_kernels.py):
+Argument types follow the kernels' naming convention (contrastive_kernels.py,
+step_kernels.py, slerp_kernels.py):
   * upper-case feature matrices (P, Q, I, T, M, G, FI, FT, PI, PT, and the gradients DI, DT):
     the input dtype;
   * the dS workspace (DS, DSA, DSB, DSC): the workspace dtype (ds_workspace.ds_dtype);
@@ -36,7 +36,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import configs, kernels, slerp_kernels, step_kernels
+from . import configs, contrastive_kernels, slerp_kernels, step_kernels
 from .ds_workspace import ds_dtype
 
 FEATURE_ARGS = frozenset({"P", "Q", "I", "T", "M", "G", "FI", "FT", "PI", "PT", "DI", "DT"})
@@ -51,13 +51,14 @@ _SIGLIP = dict(SIGLIP=True, HAS_ROW=False, HAS_COL=False, POS_COEF=1)
 # column partials, the heaviest CLIP code) and one-sided CLIP forward, SigLIP, and the step
 # with every term on.
 KERNEL_VARIANTS = {
-    "clip_lse": (kernels.clip_lse_kernel, {"symmetric": dict(WITH_COL=True),
-                                           "one_sided": dict(WITH_COL=False)}),
-    "siglip_sum": (kernels.siglip_softplus_sum_kernel, {"positives": dict(HAS_POS=True)}),
-    "grad_rows": (kernels.contrastive_grad_rows_kernel,
+    "clip_lse": (contrastive_kernels.clip_lse_kernel,
+                 {"symmetric": dict(WITH_COL=True), "one_sided": dict(WITH_COL=False)}),
+    "siglip_sum": (contrastive_kernels.siglip_softplus_sum_kernel,
+                   {"positives": dict(HAS_POS=True)}),
+    "grad_rows": (contrastive_kernels.contrastive_grad_rows_kernel,
                   {"clip": dict(_CLIP, WANT_STATS=True),
                    "siglip": dict(_SIGLIP, WANT_STATS=True)}),
-    "dlogit": (kernels.contrastive_dlogit_kernel,
+    "dlogit": (contrastive_kernels.contrastive_dlogit_kernel,
                {"clip": dict(_CLIP, GROUP_M=8), "siglip": dict(_SIGLIP, GROUP_M=8)}),
     "step_fwd": (step_kernels.step_fwd_kernel, {"all_terms": dict(_ALL_STEP_TERMS)}),
     "step_grad_rows": (step_kernels.step_grad_rows_kernel, {"all_terms": dict(_ALL_STEP_TERMS)}),

@@ -21,7 +21,7 @@ The four terms are compile-time switches (constexpr WITH_M2 / WITH_CLIP / WITH_L
 WITH_DIVE, and WITH_TILES = WITH_M2 or WITH_CLIP): a launch compiles only the code of the
 terms it has, so m2mix, lipsum, dive and robust_step ops are all launches of these kernels.
 
-Conventions as kernels.py: logit tiles of BLOCK_M x BLOCK_N (and Lipsum tiles of
+Conventions as contrastive_kernels.py: logit tiles of BLOCK_M x BLOCK_N (and Lipsum tiles of
 BLOCK_M x BLOCK_N random texts) live in registers and are recomputed in the backward (the
 forward and the register-resident backward write nothing of size n x n or n x K; the
 large-D backward writes bounded row chunks of the dlogits); no atomics (every buffer element

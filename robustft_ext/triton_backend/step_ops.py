@@ -13,10 +13,11 @@ step_fwd_kernel (the CLIP / m^2 tiles and the Lipsum columns of every training r
 the DiVE reference rows in extra programs of the same grid); robust_step_bwd is one launch of
 step_grad_rows_kernel (likewise) plus, with m^2 or CLIP, one of step_grad_cols_kernel.
 
-As in ops.py, each op body uses only torch ops with fake-able shapes plus `wrap_triton` kernel
-launches, so the body is also the fake (meta) implementation and torch.compile(fullgraph=True)
-traces through to the kernels. Every op body runs on its inputs' device (device.triton_op),
-and the features reach the kernels padded to a multiple of 16 columns (ops._kernel_features).
+As in contrastive_ops.py, each op body uses only torch ops with fake-able shapes plus
+`wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
+torch.compile(fullgraph=True) traces through to the kernels. Every op body runs on its inputs'
+device (device.triton_op), and the features reach the kernels padded to a multiple of 16
+columns (launch.kernel_features).
 What the op bodies do besides the tile kernels (as csrc/step_ops.h):
   * the slerp prologue, with the row-wise kernels of slerp_kernels.py (float64 inside):
     c_p = <I_p, T_p>, then the weights [4, n] from slerp_maths.slerp_weights on the host (the
@@ -35,8 +36,8 @@ What the op bodies do besides the tile kernels (as csrc/step_ops.h):
 Nothing of size n x n or n x K exists outside the kernels, except the large-D backward's
 workspace chunks, bounded by robustft_ext.workspace's limit (ds_workspace.py). Besides the
 outputs, the memory is O(n D): M and the four float32 gradient buffers of the backward (at
-most 12 n D float32 with everything else, tests/test_memory.py), O(B' D) for DiVE, O(P n)
-column partials of the CLIP forward (P persistent programs), O(n) slerp weights and
+most 12 n D float32 with everything else, tests/backends/test_memory.py), O(B' D) for DiVE,
+O(P n) column partials of the CLIP forward (P persistent programs), O(n) slerp weights and
 O(n / BLOCK) partial sums.
 """
 from __future__ import annotations
@@ -51,34 +52,35 @@ from torch.library import wrap_triton
 from .. import slerp_maths as _slerp
 from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, slerp_kernels, step_kernels
 from .configs import interpreting
+from .contrastive_ops import check_features
 from .device import triton_op
-from .ops import (_check_features, _kernel_features, _kernel_input, _launch_opts,
-                  _persistent_programs, _traceable, _unpad)
+from .launch import (kernel_features, kernel_input, launch_opts, persistent_programs,
+                     traceable, unpad)
 
-_STEP_FWD = _traceable(step_kernels.step_fwd_kernel)
-_STEP_ROWS = _traceable(step_kernels.step_grad_rows_kernel)
-_STEP_COLS = _traceable(step_kernels.step_grad_cols_kernel)
-_STEP_DLOGIT = _traceable(step_kernels.step_dlogit_kernel)
-_PAIR_DOTS = _traceable(slerp_kernels.pair_dots_kernel)
-_SLERP_MIX = _traceable(slerp_kernels.slerp_mix_kernel)
-_SLERP_BWD = _traceable(slerp_kernels.slerp_bwd_kernel)
+_STEP_FWD = traceable(step_kernels.step_fwd_kernel)
+_STEP_ROWS = traceable(step_kernels.step_grad_rows_kernel)
+_STEP_COLS = traceable(step_kernels.step_grad_cols_kernel)
+_STEP_DLOGIT = traceable(step_kernels.step_dlogit_kernel)
+_PAIR_DOTS = traceable(slerp_kernels.pair_dots_kernel)
+_SLERP_MIX = traceable(slerp_kernels.slerp_mix_kernel)
+_SLERP_BWD = traceable(slerp_kernels.slerp_bwd_kernel)
 
 # The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`
-# (csrc/step_kernels.h StepTerm).
+# (csrc/step_ops.h StepTerm).
 K_CLIP, K_M2, K_LIPSUM, K_AVL, K_PVL = range(5)
 
 
 # ----------------------------------------------------------------------------- checks
 def _check_pair(a: Tensor, b: Tensor, lam: Tensor) -> None:
-    # csrc/m2mix_ops.h::check_m2_pair: check_features(a, b, lam, lam) and one shape.
-    _check_features(a, b, lam, lam)
+    # csrc/step_ops.h::check_m2_pair: check_features(a, b, lam, lam) and one shape.
+    check_features(a, b, lam, lam)
     torch._check(a.size(0) == b.size(0),
                  lambda: f"robustft_triton: the mixed pair must have one shape, got "
                  f"{tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def _check_scalar(t: Tensor, a: Tensor, name: str) -> None:
-    # csrc/m2mix_ops.h::check_m2_scalar.
+    # csrc/step_ops.h::check_m2_scalar.
     if t.dim() != 0 or t.dtype != torch.float32 or t.device != a.device:
         raise RuntimeError(f"robustft_triton: {name} must be a 0-d torch.float32 tensor on "
                            f"{a.device}")
@@ -157,9 +159,9 @@ def slerp(a: Tensor, b: Tensor, lam: Tensor) -> Tensor:
     """out_p = slerp(a_p, b_p; lam) (lam weights a), in the inputs' dtype; lam is a 0-d
     float32 tensor. Row-wise kernels (nothing here is n x n)."""
     _check_pair(a, b, lam)
-    ak, bk = _kernel_features(a), _kernel_features(b)
+    ak, bk = kernel_features(a), kernel_features(b)
     w = _slerp.slerp_weights(_pair_cosines(ak, bk), lam)
-    return _unpad(_mix(ak, bk, w), a.size(1))
+    return unpad(_mix(ak, bk, w), a.size(1))
 
 
 @triton_op("robustft_triton::slerp_bwd")
@@ -170,11 +172,11 @@ def slerp_bwd(grad_out: Tensor, a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tens
                  and grad_out.size(1) == a.size(1),
                  lambda: f"robustft_triton: slerp_bwd grad_out has shape "
                  f"{tuple(grad_out.shape)}, expected {tuple(a.shape)}")
-    ak, bk = _kernel_features(a), _kernel_features(b)
-    grad_m = _kernel_features(grad_out.to(torch.float32))
+    ak, bk = kernel_features(a), kernel_features(b)
+    grad_m = kernel_features(grad_out.to(torch.float32))
     w = _slerp.slerp_weights(_pair_cosines(ak, bk), lam)
     grad_a, grad_b = _mix_backward(grad_m, ak, bk, w)
-    return _unpad(grad_a, a.size(1)), _unpad(grad_b, a.size(1))
+    return unpad(grad_a, a.size(1)), unpad(grad_b, a.size(1))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -200,16 +202,16 @@ class _Step:
             raise RuntimeError("robustft_triton: a step with no term")
         self.n, self.K, self.n_ref = 0, 0, 0
         if self.batch:
-            _check_features(image, text, clip_scale, m2_scale)
+            check_features(image, text, clip_scale, m2_scale)
             torch._check(image.size(0) == text.size(0),
                          lambda: f"robustft_triton: image and text must have one shape, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
             self.n, self.feature_dim = image.shape
             self.device, self.dtype = image.device, image.dtype
-            self.I = _kernel_features(image)
-            self.T = _kernel_features(text)
-            self.m2_scale = _kernel_input(m2_scale)
-            self.clip_scale = _kernel_input(clip_scale)
+            self.I = kernel_features(image)
+            self.T = kernel_features(text)
+            self.m2_scale = kernel_input(m2_scale)
+            self.clip_scale = kernel_input(clip_scale)
         if self.with_tiles:
             # c_p = <I_p, T_p> in float64: the slerp's cosines, the true pairs' logits.
             self.pair_cos = _pair_cosines(self.I, self.T)
@@ -232,9 +234,9 @@ class _Step:
                          lambda: f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
                          f"image, got {tuple(G.shape)}")
             _check_scalar(lipsum_scale, image, "lipsum_scale")
-            self.P = _kernel_features(image_pre)
-            self.G = _kernel_features(G)
-            self.lip_scale = _kernel_input(lipsum_scale)
+            self.P = kernel_features(image_pre)
+            self.G = kernel_features(G)
+            self.lip_scale = kernel_input(lipsum_scale)
             self.K = G.size(0)
         if self.with_dive:
             if any(t is None for t in refs):
@@ -264,11 +266,11 @@ class _Step:
             torch._check(c.size(0) == fi.size(1),
                          lambda: f"robustft_triton: center must be a [D] torch.float32 "
                          f"tensor on {fi.device}, got {tuple(c.shape)}")
-            self.FI = _kernel_features(fi)
-            self.FT = _kernel_features(ref_text_ft)
-            self.PI = _kernel_features(ref_image_pre)
-            self.PT = _kernel_features(ref_text_pre)
-            self.center = _kernel_features(center)
+            self.FI = kernel_features(fi)
+            self.FT = kernel_features(ref_text_ft)
+            self.PI = kernel_features(ref_image_pre)
+            self.PT = kernel_features(ref_text_pre)
+            self.center = kernel_features(center)
             self.n_ref = fi.size(0)
         # The kernels' feature dimension: feature_dim padded to a multiple of 16.
         self.D = configs.aligned_dim(self.feature_dim)
@@ -304,7 +306,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     num_rb = triton.cdiv(n, cfg.block_m) if s.batch else 0
     # Training-row programs: persistent with CLIP (column partials per program), else one
     # per row block.
-    nrow = min(_persistent_programs(s.device), num_rb) if s.with_clip else num_rb
+    nrow = min(persistent_programs(s.device), num_rb) if s.with_clip else num_rb
     ndive = s.dive_programs(cfg)
     lse_rows = torch.zeros((3, n), **f32)
     if s.with_clip:
@@ -319,7 +321,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
         s.FI, s.FT, s.PI, s.PT, s.center,
         lse_rows, col_max, col_sum, sums, diff,
         n, max(s.K, 1), s.n_ref, D, D, D, D, nrow,
-        **s.flags(), ONE_CHUNK=D <= cfg.block_d, **_launch_opts(cfg, s.dtype))
+        **s.flags(), ONE_CHUNK=D <= cfg.block_d, **launch_opts(cfg, s.dtype))
     terms = [torch.zeros((), **f32) for _ in range(5)]
     if s.with_clip:
         col_lse = maths.merge_col_partials(col_max, col_sum).unsqueeze(0)
@@ -338,7 +340,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     if s.with_dive:
         terms[K_AVL] = totals[1] / s.n_ref
         terms[K_PVL] = totals[2] / s.n_ref
-        diff_mean = _unpad(diff.sum(0) / s.n_ref, s.feature_dim)
+        diff_mean = unpad(diff.sum(0) / s.n_ref, s.feature_dim)
     else:
         diff_mean = torch.empty(0, **f32)
     return terms, diff_mean, lse
@@ -374,14 +376,14 @@ def _step_grads_fused(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
         grads, s.m2_scale, s.clip_scale, s.lip_scale, lse,
         out.grad_I, out.grad_T, stats, out.grad_fi, out.grad_ft,
         n, max(s.K, 1), s.n_ref, D, D, D, D, D, D, nrow,
-        **s.flags(), **_launch_opts(cfg, s.dtype))
+        **s.flags(), **launch_opts(cfg, s.dtype))
     out.stats = stats.sum(0)
     if s.with_tiles:
         cfg = s.config("step_grad_cols")
         wrap_triton(_STEP_COLS)[(triton.cdiv(n, cfg.block_m),)](
             s.I, s.T, s.M, grads, s.m2_scale, s.clip_scale, lse, out.grad_M, out.grad_Tc,
             n, D, D, D, WITH_M2=s.with_m2, WITH_CLIP=s.with_clip,
-            **_launch_opts(cfg, s.dtype))
+            **launch_opts(cfg, s.dtype))
     return out
 
 
@@ -430,7 +432,7 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
             grads, s.m2_scale, s.clip_scale, lse, dsa, dsb, ds_c, x, partials,
             out.grad_fi, out.grad_ft,
             row0, chunk, n, max(K, 1), s.n_ref, D, D, D, D, width, width_x, D, ntile, nlip,
-            **s.flags(), GROUP_M=8, **_launch_opts(cfg, s.dtype))
+            **s.flags(), GROUP_M=8, **launch_opts(cfg, s.dtype))
         if not s.batch:
             break
         sl = slice(row0, row0 + chunk)
@@ -470,8 +472,8 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
     torch._check(lse.dim() == 2 and lse.size(0) == 4 and lse.size(1) == n,
                  lambda: "robustft_triton: saved log-sum-exp statistics do not match the "
                  "inputs")
-    grads = _kernel_input(grads)
-    lse = _kernel_input(lse.to(torch.float32))
+    grads = kernel_input(grads)
+    lse = kernel_input(lse.to(torch.float32))
     if s.fused_bwd:
         k = _step_grads_fused(s, grads, lse)
     else:
@@ -491,8 +493,8 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
         grad_I, grad_T = k.grad_I.to(s.dtype), grad_T.to(s.dtype)
     grad_clip_scale = k.stats[1].clone()  # 0 without CLIP
     D = s.feature_dim
-    return (_unpad(grad_I, D), _unpad(grad_T, D), grad_clip_scale, grad_m2_scale,
-            _unpad(k.grad_fi.to(s.dtype), D), _unpad(k.grad_ft.to(s.dtype), D))
+    return (unpad(grad_I, D), unpad(grad_T, D), grad_clip_scale, grad_m2_scale,
+            unpad(k.grad_fi.to(s.dtype), D), unpad(k.grad_ft.to(s.dtype), D))
 
 
 def _grads5(device: torch.device, values: dict[int, Tensor]) -> Tensor:

@@ -1,6 +1,7 @@
 """The Triton tile configurations (robustft_ext/triton_backend/configs.py): the table's shape
 and invariants, and how a launch selects from it. (Whether each entry compiles for its
-architecture without spills and with tensor-core instructions: tests/test_kernel_report.py.)
+architecture without spills and with tensor-core instructions:
+tests/tooling/test_kernel_report.py.)
 """
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Tests of the Triton backend (robustft_ext/triton_backend): torch.ops.robustft_triton.*.
+"""Tests of the Triton contrastive ops: torch.ops.robustft_triton.{clip_fwd, clip_bwd, siglip_fwd,
+siglip_bwd} (robustft_ext/triton_backend/contrastive_ops.py, contrastive_kernels.py).
 
 Without a CUDA device the kernels run in Triton's CPU interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports triton). The interpreter is slow, so most shapes
@@ -284,10 +285,10 @@ def test_no_n_by_m_buffers():
     a, b, s, t = _inputs(n, m, 5, torch.float32, 14.3, -10.0)
     g = torch.tensor(1.0, device=DEVICE)
     with Record(), set_wrap_triton_enabled(False):
-        _, r, c = tb.ops.clip_fwd._init_fn(a, b, s, t, 0, True)
-        tb.ops.clip_bwd._init_fn(g, a, b, s, t, r, c, 0, True)
-        tb.ops.siglip_fwd._init_fn(a, b, s, t, False)
-        tb.ops.siglip_bwd._init_fn(g, a, b, s, t, False)
+        _, r, c = tb.contrastive_ops.clip_fwd._init_fn(a, b, s, t, 0, True)
+        tb.contrastive_ops.clip_bwd._init_fn(g, a, b, s, t, r, c, 0, True)
+        tb.contrastive_ops.siglip_fwd._init_fn(a, b, s, t, False)
+        tb.contrastive_ops.siglip_bwd._init_fn(g, a, b, s, t, False)
     assert 0 < Record.largest < n * m // 2
 
 
@@ -359,6 +360,8 @@ def _compile_smoke(backend, D=7):
             torch.testing.assert_close(x, y)
         # The ops must not write their inputs (in traced graphs too).
         assert [x._version for x in (a, b, s, t)] == versions
+
+
 @pytest.mark.parametrize("D", [7, 33], ids=["fused", "workspace"])
 def test_compile_fullgraph_aot_eager(D):
     # Dynamo + AOTAutograd functionalisation of the triton_op (the kernel becomes a

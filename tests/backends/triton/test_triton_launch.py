@@ -8,9 +8,13 @@
 * the divisibility hints the kernels are compiled and checked for offline
   (configs.aligned_dim, triton_backend/offline.py, benchmarks/kernel_report.py): for inputs
   whose D is not a multiple of 16, every D and row stride a kernel receives is one, and every
-  tensor it receives is 16-byte aligned.
+  tensor it receives is 16-byte aligned (triton_backend/launch.py);
+* the op modules share that launch code through public names only: no module of the backend
+  imports another's private name.
 """
+import ast
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,11 +113,10 @@ def test_inputs_device_prefers_cuda_tensors():
 
 # ----------------------------------------------------------------------------- divisibility
 def _interpreted_kernels():
-    """Every kernel the op modules launch (their _traceable wrappers)."""
-    from robustft_ext.triton_backend.ops import _InterpretedKernel
-
-    return {name: kernel for module in (tb.ops, tb.step_ops)
-            for name, kernel in vars(module).items() if isinstance(kernel, _InterpretedKernel)}
+    """Every kernel the op modules launch (their launch.traceable wrappers)."""
+    return {name: kernel for module in (tb.contrastive_ops, tb.step_ops)
+            for name, kernel in vars(module).items()
+            if isinstance(kernel, tb.launch.InterpretedKernel)}
 
 
 @pytest.mark.skipif(not tb.interpreting(), reason="records the interpreter's launches")
@@ -145,9 +148,20 @@ def test_every_launch_has_aligned_dims_and_pointers(monkeypatch):
 
 
 def test_kernel_input_copies_a_misaligned_view(monkeypatch):
-    monkeypatch.setattr(tb.ops, "interpreting", lambda: False)  # (the interpreter copies all)
+    monkeypatch.setattr(tb.launch, "interpreting", lambda: False)  # (the interpreter copies all)
     base = torch.randn(100)
     misaligned = base[3:35].view(2, 16)  # 12 bytes past a 64-byte aligned allocation
     aligned = base[4:36].view(2, 16)
-    assert tb.ops._kernel_input(misaligned).data_ptr() % 16 == 0
-    assert tb.ops._kernel_input(aligned).data_ptr() == aligned.data_ptr()
+    assert tb.launch.kernel_input(misaligned).data_ptr() % 16 == 0
+    assert tb.launch.kernel_input(aligned).data_ptr() == aligned.data_ptr()
+
+
+# ----------------------------------------------------------------------------- shared code
+def test_modules_share_only_public_names():
+    # What one module of the backend uses of another is public (launch.py's launch code,
+    # contrastive_ops.check_features): no module imports another's private name.
+    for path in sorted(Path(tb.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from .{node.module or ''}"

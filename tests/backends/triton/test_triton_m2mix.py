@@ -134,7 +134,7 @@ def _check_against_reference(n, D, lam, with_clip, dtype, identical=False):
         lp_vals = [l_m2, l_clip if with_clip else None, *l_grads]
     # Identical rows saturate the m^2-mix loss (the true pair outweighs every mixed
     # negative), and the gradient of the true-pair diagonal, which the contract
-    # (csrc/m2mix_ops.h, shared by the native op) forms as exp(diag - lse) - 1 from the
+    # (csrc/step_ops.h, shared by the native op) forms as exp(diag - lse) - 1 from the
     # float32 lse, carries an absolute error of about an ulp of the logits (eps32 * s_m),
     # times g_m / (2n) and, through I and T, s_m. Allow that on top of the relative bound
     # (test_m2mix_matches_native checks that the native op has the same error).
@@ -142,7 +142,7 @@ def _check_against_reference(n, D, lam, with_clip, dtype, identical=False):
     if identical:
         abs_slack = 4 * G_M2 / (2 * n) * torch.finfo(torch.float32).eps * M2_SCALE ** 2
 
-    # Contract: dtypes and shapes as csrc/m2mix_ops.h.
+    # Contract: dtypes and shapes as csrc/step_ops.h.
     assert m2.dtype == clip.dtype == lse.dtype == torch.float32
     assert m2.shape == clip.shape == ()
     assert lse.shape == (4 if with_clip else 2, n)
@@ -302,8 +302,8 @@ def test_no_n_by_n_buffers(n, D):
     try:
         with Record(), set_wrap_triton_enabled(False):
             for with_clip in (False, True):
-                _, _, lse = tb.m2mix_ops.m2mix_fwd._init_fn(I, T, s_m, lam, s_c, with_clip)
-                tb.m2mix_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
+                _, _, lse = tb.step_ops.m2mix_fwd._init_fn(I, T, s_m, lam, s_c, with_clip)
+                tb.step_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
     finally:
         workspace.set_workspace_limit(None)
     # (The kernels see D padded to a multiple of 16: configs.aligned_dim.)

@@ -138,7 +138,7 @@ def _step_args(with_m2, with_clip, with_lipsum, with_dive, batch, refs):
 
 def _close_loss(x, ref, bound, what):
     # Losses are compared relative to max(|loss|, 1): the lse - positive-logit terms carry an
-    # absolute rounding error of a few ulp of the logits (tests/test_triton_m2mix.py).
+    # absolute rounding error of a few ulp of the logits (test_triton_m2mix.py).
     assert torch.isfinite(x).all(), f"{what}: non-finite values"
     err = rel_err(x, ref, floor=1.0)
     assert err <= bound, f"{what}: error {err:.3g} (relative to max(|ref|, 1)) > {bound:.3g}"
@@ -154,7 +154,7 @@ def _check_step(flags, n, D, K, B, dtype, seed=0):
     grads = ops.robust_step_bwd(g, *args, lse)
     r_terms, r_lse, r_diff, r_grads = _step_formula(*flags, batch, refs)
     # The bound of each output: the dtype's tolerance, or LOWP_FACTOR times the error of the
-    # plain float32 eager computation where that is larger (as tests/test_triton_m2mix.py:
+    # plain float32 eager computation where that is larger (as test_triton_m2mix.py:
     # the m^2 gradients are ill-conditioned at these scales, eager float32 misses 5e-5 too).
     e_terms, _, _, e_grads = _step_formula(*flags, batch, refs, dd=torch.float32)
     tag = f"flags={flags} n={n} D={D} K={K} B'={B} {dtype}"
@@ -392,8 +392,6 @@ def test_one_launch_per_pass(monkeypatch):
     # one launch whatever its terms; its register-resident backward one row launch (plus the
     # column launch with m^2 or CLIP), its large-D backward one dS launch per workspace chunk
     # (the DiVE rows riding on the first). No other kernel of the backend runs.
-    from robustft_ext.triton_backend import ops as contrastive_ops
-
     counts = {}
 
     class Counting:
@@ -406,8 +404,8 @@ def test_one_launch_per_pass(monkeypatch):
 
     for mod, name in [(tb.step_ops, "_STEP_FWD"), (tb.step_ops, "_STEP_ROWS"),
                       (tb.step_ops, "_STEP_COLS"), (tb.step_ops, "_STEP_DLOGIT"),
-                      (contrastive_ops, "_CLIP_LSE"), (contrastive_ops, "_SIGLIP_SUM"),
-                      (contrastive_ops, "_GRAD_ROWS"), (contrastive_ops, "_DLOGIT")]:
+                      (tb.contrastive_ops, "_CLIP_LSE"), (tb.contrastive_ops, "_SIGLIP_SUM"),
+                      (tb.contrastive_ops, "_GRAD_ROWS"), (tb.contrastive_ops, "_DLOGIT")]:
         kernel = getattr(mod, name)
         monkeypatch.setattr(kernel, "_interpreted", Counting(kernel._interpreted, name))
     g = torch.tensor(GRADS, device=DEVICE)

@@ -1,4 +1,5 @@
-"""Triton-backed contrastive ops, registered as `robustft_triton::*` with torch.library.triton_op.
+"""Triton-backed contrastive ops, registered as `robustft_triton::{clip_fwd, clip_bwd,
+siglip_fwd, siglip_bwd}` with torch.library.triton_op: the twin of csrc/contrastive_ops.h.
 
 The four ops have the semantics of the C++ ops `robustft_ext::*` (csrc/schemas.cpp,
 csrc/contrastive_ops.h): same arguments, outputs, dtypes and checks, except that float64
@@ -6,15 +7,13 @@ inputs are not supported. Each op body uses only torch ops with fake-able shapes
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
 torch.compile(fullgraph=True) traces through to the kernels. Every body runs under its
 inputs' device guard (device.triton_op), and the kernels receive the features padded to a
-multiple of 16 columns, 16-byte aligned (_kernel_features, _kernel_input).
+multiple of 16 columns, 16-byte aligned (launch.kernel_features, launch.kernel_input).
+check_features, the op-level checks of a feature pair, serves the step ops too (as
+csrc/step_ops.h uses contrastive_ops.h's).
 
-Note on schemas: `triton_op` infers the schema from the annotations and (torch 2.11) ignores
-its `schema=` argument, so `diag_offset: int` becomes `SymInt diag_offset` where the C++
-schema says `int`. SymInt accepts every int, so calls are interchangeable.
-
-Interpreter support (TRITON_INTERPRET=1, CPU): two shims, active only in that mode, make
-wrap_triton and Triton 3.6's interpreter work here: see _InterpretedKernel and
-_fix_interpreter_index.
+Note on schemas: the schema comes from the body's signature (device.triton_op), in which
+`diag_offset: int` becomes `SymInt diag_offset` where the C++ schema says `int`. SymInt
+accepts every int, so calls are interchangeable.
 
 Memory: besides the outputs, O(P * m) for the column partials of the symmetric CLIP forward
 (P = number of persistent programs, the SM count on GPU), O(n * D) float32 gradient buffers
@@ -23,132 +22,34 @@ workspace of ds_workspace.py (bounded by robustft_ext.workspace's limit). Nothin
 n x m.
 
 Backward designs (configs.fused_backward decides): small D keeps each gradient row block in
-registers (kernels.contrastive_grad_rows_kernel, once per view); large D writes the unit
-dlogits of one row chunk at a time into the workspace (kernels.contrastive_dlogit_kernel) and
-forms both gradients with library GEMMs (_grads_workspace).
+registers (contrastive_kernels.contrastive_grad_rows_kernel, once per view); large D writes
+the unit dlogits of one row chunk at a time into the workspace
+(contrastive_kernels.contrastive_dlogit_kernel) and forms both gradients with library GEMMs
+(_grads_workspace).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 from torch.library import wrap_triton
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
 
-from . import SUPPORTED_DTYPES, configs, ds_workspace, kernels, maths
+from . import SUPPORTED_DTYPES, configs, contrastive_kernels, ds_workspace, maths
 from .configs import interpreting
 from .device import triton_op
+from .launch import (kernel_features, kernel_input, launch_opts, persistent_programs,
+                     traceable, unpad)
+
+_CLIP_LSE = traceable(contrastive_kernels.clip_lse_kernel)
+_SIGLIP_SUM = traceable(contrastive_kernels.siglip_softplus_sum_kernel)
+_GRAD_ROWS = traceable(contrastive_kernels.contrastive_grad_rows_kernel)
+_DLOGIT = traceable(contrastive_kernels.contrastive_dlogit_kernel)
 
 
-def _fix_interpreter_index() -> None:
-    """Make Triton 3.6's interpreter work with numpy >= 2.4 (interpreter mode only).
-
-    The interpreter implements `tensor.__index__` (used by `for i in range(lo, hi, step)` with
-    runtime bounds) as int() of a 1-element 1-d numpy array, which numpy 2.4 turned into a
-    TypeError ("only 0-dimensional arrays can be converted to Python scalars";
-    triton-lang/triton#9171). Every kernel here loops over runtime bounds, so we re-patch
-    __index__ after Triton's own patching, reading the single element explicitly. No effect
-    on compiled (GPU) kernels.
-    """
-    from triton.runtime import interpreter as interp
-
-    orig = getattr(interp, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_robustft_index_fix", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__",
-                       lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    patched._robustft_index_fix = True
-    interp._patch_lang_tensor = patched
-
-
-class _InterpretedKernel(JITFunction):
-    """A JITFunction whose launches run in Triton's interpreter.
-
-    Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction, which
-    torch.library.wrap_triton rejects ("wrap_triton only works on functions annotated with
-    triton.jit or triton.autotune", pytorch/pytorch#152868, open for torch 2.11). This
-    subclass carries the JIT metadata that wrap_triton and its tracing need (arg_names,
-    params, fn) and forwards every launch to the interpreter, so the same op bodies work in
-    eager mode, under fake tensors / opcheck and in traced graphs that run the kernel eagerly.
-    """
-
-    def __init__(self, interpreted) -> None:
-        super().__init__(interpreted.fn)
-        self._interpreted = interpreted
-
-    @property
-    def cache_key(self) -> str:
-        # JITFunction's key walks the kernel's dependencies and rejects the interpreted
-        # helper functions it calls; the interpreter compiles nothing, so the source suffices.
-        return hashlib.sha256(f"{self.fn.__module__}.{self.fn.__qualname__}\n{self.src}"
-                              .encode()).hexdigest()
-
-    def run(self, *args, grid, warmup, **kwargs):
-        return self._interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self._interpreted.run(*args, grid=grid, warmup=False,
-                                                             **kwargs)
-
-
-def _traceable(kernel):
-    """The kernel in a form wrap_triton accepts (see _InterpretedKernel)."""
-    if isinstance(kernel, (JITFunction, Autotuner)):
-        return kernel
-    return _InterpretedKernel(kernel)
-
-
-if interpreting():
-    _fix_interpreter_index()
-
-_CLIP_LSE = _traceable(kernels.clip_lse_kernel)
-_SIGLIP_SUM = _traceable(kernels.siglip_softplus_sum_kernel)
-_GRAD_ROWS = _traceable(kernels.contrastive_grad_rows_kernel)
-_DLOGIT = _traceable(kernels.contrastive_dlogit_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _persistent_programs(device: torch.device) -> int:
-    """Programs of the persistent forward kernels: one per SM (2 under the interpreter, so
-    that small tests cover the merge of several programs' partials)."""
-    if device.type == "cuda" and not interpreting():
-        try:
-            return _sm_count(device.index if device.index is not None
-                             else torch.cuda.current_device())
-        except Exception:  # e.g. tracing with fake CUDA tensors and no device
-            return 132
-    return 2
-
-
-def _dot_flags(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast) for tl.dot, see maths.mma."""
-    return configs.dot_precision(dtype), interpreting() and dtype == torch.bfloat16
-
-
-def _launch_opts(cfg: configs.Config, dtype: torch.dtype) -> dict:
-    """The launch arguments every kernel takes: tiles, dot flags, warps and stages."""
-    prec, upcast = _dot_flags(dtype)
-    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                DOT_PREC=prec, UPCAST=upcast, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages)
-
-
-def _check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
-    # The op-level contract of csrc/contrastive_ops.h::check_features.
+def check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
+    """The op-level contract of a feature pair and its two scalars
+    (csrc/contrastive_ops.h::check_features), plus what the Triton kernels can run: the
+    dtype, and a GPU or the interpreter."""
     if a.dim() != 2 or b.dim() != 2:
         raise RuntimeError(
             f"robustft_triton: a and b must be 2-D, got {a.dim()}-D and {b.dim()}-D")
@@ -173,43 +74,6 @@ def _check_features(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> None:
             "before triton is imported")
 
 
-def _kernel_input(t: Tensor) -> Tensor:
-    """An op input as the kernels receive it: contiguous and 16-byte aligned, and a private
-    copy under the interpreter.
-
-    Why aligned: Triton specialises a pointer that is a multiple of 16 bytes (vectorised
-    loads), and the kernels are compiled and checked for that case
-    (triton_backend/offline.py); a view at an odd offset is copied instead.
-
-    Why the copy: torch finds out which arguments a wrap_triton launch writes by lowering the
-    kernel to TTIR, which needs a GPU driver; without one it assumes that *every* tensor
-    argument is written (torch/_higher_order_ops/triton_kernel_wrap.py,
-    identify_mutated_tensors). Traced graphs (torch.compile, AOTAutograd) then copy the
-    "written" values back into the op's inputs, bumping their version counters and breaking
-    autograd of anything that saved them. Private copies keep the op's inputs out of the
-    kernels' argument lists. On a GPU the analysis works and inputs are passed as they are.
-    """
-    t = t.contiguous()
-    misaligned = t.storage_offset() * t.element_size() % 16 != 0
-    return t.clone() if interpreting() or misaligned else t
-
-
-def _kernel_features(t: Tensor) -> Tensor:
-    """A feature matrix [rows, D] (or vector [D]) as the kernels receive it: padded with zero
-    columns to configs.aligned_dim(D) columns when D is not a multiple of 16 (a fresh
-    contiguous copy: zero columns change no dot product, and D and the row strides then carry
-    Triton's divisibility hint), else as _kernel_input. Gradients come back through _unpad."""
-    pad = configs.aligned_dim(t.shape[-1]) - t.shape[-1]
-    return F.pad(t, (0, pad)) if pad else _kernel_input(t)
-
-
-def _unpad(x: Tensor, D: int) -> Tensor:
-    """A kernel result [..., aligned_dim(D)] cut back to the inputs' D columns."""
-    if x.shape[-1] == D:
-        return x
-    return x[..., :D].clone(memory_format=torch.contiguous_format)
-
-
 def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int,
                 with_col: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """row_lse [n], col_lse [m] (with_col) and the sum of the positive logits (0-d)."""
@@ -219,7 +83,7 @@ def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: 
     f32 = dict(device=a.device, dtype=torch.float32)
     row_lse = torch.empty(n, **f32)
     if with_col:
-        nprog = _persistent_programs(a.device)
+        nprog = persistent_programs(a.device)
         col_max = torch.full((nprog, m), float("-inf"), **f32)
         col_sum = torch.zeros((nprog, m), **f32)
     else:  # no column partials: one program per row block
@@ -229,7 +93,7 @@ def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: 
     wrap_triton(_CLIP_LSE)[(nprog,)](
         a, b, scale, bias, row_lse, col_max, col_sum, pos,
         n, m, D, a.stride(0), b.stride(0), diag_offset, nprog,
-        WITH_COL=with_col, ONE_CHUNK=D <= cfg.block_d, **_launch_opts(cfg, a.dtype))
+        WITH_COL=with_col, ONE_CHUNK=D <= cfg.block_d, **launch_opts(cfg, a.dtype))
     col_lse = maths.merge_col_partials(col_max, col_sum) if with_col else None
     return row_lse, col_lse, pos.sum()
 
@@ -255,7 +119,7 @@ def _grad_rows_fused(p: Tensor, q: Tensor, scale: Tensor, bias: Tensor, g: Tenso
         grad, stats,
         n, m, D, p.stride(0), q.stride(0), grad.stride(0), pos_offset, norm,
         SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
-        POS_COEF=pos_coef, WANT_STATS=want_stats, **_launch_opts(cfg, p.dtype))
+        POS_COEF=pos_coef, WANT_STATS=want_stats, **launch_opts(cfg, p.dtype))
     return grad, (stats.sum(0) if want_stats else None)
 
 
@@ -263,10 +127,10 @@ def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, sigl
            row_lse: Tensor | None, col_lse: Tensor | None, pos_coef: int, diag_offset: int,
            norm: int, D: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_a, grad_b) [., D] in the inputs' dtype and (grad_scale, grad_bias) 0-d float32 of
-    a contrastive loss with dS = (g / norm) U (kernels._unit_dlogits): the row LSE of S
-    (CLIP), its column LSE (symmetric CLIP), positives at q - p == diag_offset weighted
-    pos_coef. a and b are the kernel inputs (_kernel_features), D the callers' feature
-    dimension.
+    a contrastive loss with dS = (g / norm) U (contrastive_kernels._unit_dlogits): the row
+    LSE of S (CLIP), its column LSE (symmetric CLIP), positives at q - p == diag_offset
+    weighted pos_coef. a and b are the kernel inputs (kernel_features), D the callers'
+    feature dimension.
 
     Small D: the register-resident kernel, once per view (rows of a against b; rows of b
     against a with the LSEs swapped and the offset negated). Large D: the dS workspace
@@ -275,7 +139,7 @@ def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, sigl
         grad_a, grad_b, grad_scale, grad_bias = _grads_workspace(
             a, b, scale, bias, g, siglip=siglip, row_lse=row_lse, col_lse=col_lse,
             pos_coef=pos_coef, diag_offset=diag_offset, norm=norm)
-        return _unpad(grad_a, D), _unpad(grad_b, D), grad_scale, grad_bias
+        return unpad(grad_a, D), unpad(grad_b, D), grad_scale, grad_bias
     grad_a, stats = _grad_rows_fused(
         a, b, scale, bias, g, siglip=siglip, row_lse=row_lse, col_lse=col_lse,
         pos_coef=pos_coef, pos_offset=diag_offset, norm=norm, want_stats=True)
@@ -283,7 +147,7 @@ def _grads(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tensor, *, sigl
         b, a, scale, bias, g, siglip=siglip, row_lse=col_lse, col_lse=row_lse,
         pos_coef=pos_coef, pos_offset=-diag_offset, norm=norm, want_stats=False)
     # Separate reductions: the returned tensors must not alias one another.
-    return (_unpad(grad_a.to(a.dtype), D), _unpad(grad_b.to(b.dtype), D), stats[0].clone(),
+    return (unpad(grad_a.to(a.dtype), D), unpad(grad_b.to(b.dtype), D), stats[0].clone(),
             stats[1].clone())
 
 
@@ -321,7 +185,7 @@ def _grads_workspace(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, g: Tenso
             ds, partials,
             row0, chunk, n, m, D, a.stride(0), b.stride(0), ds.stride(0), diag_offset,
             SIGLIP=siglip, HAS_ROW=row_lse is not None, HAS_COL=col_lse is not None,
-            POS_COEF=pos_coef, GROUP_M=8, **_launch_opts(cfg, a.dtype))
+            POS_COEF=pos_coef, GROUP_M=8, **launch_opts(cfg, a.dtype))
         u = ds[:chunk, :m]
         grad_a[row0:row0 + chunk] = ds_workspace.mm_f32(u, b)
         ds_workspace.add_mm_f32_(grad_b, u.T, a[row0:row0 + chunk])
@@ -342,7 +206,7 @@ def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int
     (loss, row_lse [n], col_lse [n]); otherwise loss = CE_rows(S) with positives at
     (i, i + diag_offset), returns (loss, row_lse [n], col_lse [0]). All float32.
     """
-    _check_features(a, b, scale, bias)
+    check_features(a, b, scale, bias)
     n, m = a.shape[0], b.shape[0]
     if symmetric:
         torch._check(n == m, lambda: "robustft_triton: symmetric clip loss needs a square "
@@ -354,8 +218,8 @@ def clip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: int
                      f"{diag_offset}) fall outside {m} columns")
         torch._check(diag_offset + n <= m, lambda: f"robustft_triton: positives (i, i + "
                      f"{diag_offset}) fall outside {m} columns")
-    a, b = _kernel_features(a), _kernel_features(b)
-    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    a, b = kernel_features(a), kernel_features(b)
+    scale, bias = kernel_input(scale), kernel_input(bias)
     row_lse, col_lse, pos = _launch_lse(a, b, scale, bias, diag_offset, symmetric)
     if symmetric:
         loss = (row_lse.sum() + col_lse.sum() - 2 * pos) / (2 * n)
@@ -376,16 +240,16 @@ def clip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tenso
     pos_coef 1. grad_a = s dS b, grad_b = s dS^T a (as csrc/contrastive_ops.h::clip_bwd_impl),
     through the register-resident kernel or the dS workspace (_grads).
     """
-    _check_features(a, b, scale, bias)
+    check_features(a, b, scale, bias)
     (n, D), m = a.shape, b.shape[0]
     torch._check(row_lse.numel() == n and (not symmetric or col_lse.numel() == m),
                  lambda: "robustft_triton: saved log-sum-exp statistics do not match the "
                  "inputs")
-    a, b = _kernel_features(a), _kernel_features(b)
-    scale, bias = _kernel_input(scale), _kernel_input(bias)
-    g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
-    row_lse = _kernel_input(row_lse.to(torch.float32))
-    col_lse = _kernel_input(col_lse.to(torch.float32))
+    a, b = kernel_features(a), kernel_features(b)
+    scale, bias = kernel_input(scale), kernel_input(bias)
+    g = kernel_input(grad_loss.to(torch.float32).reshape(()))
+    row_lse = kernel_input(row_lse.to(torch.float32))
+    col_lse = kernel_input(col_lse.to(torch.float32))
     return _grads(a, b, scale, bias, g, siglip=False, row_lse=row_lse,
                   col_lse=col_lse if symmetric else None, pos_coef=2 if symmetric else 1,
                   diag_offset=diag_offset, norm=2 * n if symmetric else n, D=D)
@@ -396,20 +260,20 @@ def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
                negative_only: bool) -> Tensor:
     """SigLIP loss (1/n) sum_ij -log sigmoid(z_ij S_ij), z = +1 on the diagonal unless
     negative_only (then b may have any number of rows). 0-d float32."""
-    _check_features(a, b, scale, bias)
+    check_features(a, b, scale, bias)
     n, m = a.shape[0], b.shape[0]
     torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
                  "needs as many rows in b as in a")
-    a, b = _kernel_features(a), _kernel_features(b)
-    scale, bias = _kernel_input(scale), _kernel_input(bias)
+    a, b = kernel_features(a), kernel_features(b)
+    scale, bias = kernel_input(scale), kernel_input(bias)
     D = a.shape[1]
     cfg = configs.select("siglip_sum", a.device, a.dtype, D)
-    nprog = _persistent_programs(a.device)
+    nprog = persistent_programs(a.device)
     partial = torch.empty(nprog, device=a.device, dtype=torch.float32)
     wrap_triton(_SIGLIP_SUM)[(nprog,)](
         a, b, scale, bias, partial, n, m, D, a.stride(0), b.stride(0), nprog,
         HAS_POS=not negative_only, ONE_CHUNK=D <= cfg.block_d,
-        **_launch_opts(cfg, a.dtype))
+        **launch_opts(cfg, a.dtype))
     return partial.sum() / n
 
 
@@ -417,12 +281,12 @@ def siglip_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
 def siglip_bwd(grad_loss: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor,
                negative_only: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of siglip_fwd's loss: dS = (g / n) (sigmoid(S) - [i == j, positives])."""
-    _check_features(a, b, scale, bias)
+    check_features(a, b, scale, bias)
     (n, D), m = a.shape, b.shape[0]
     torch._check(negative_only or m == n, lambda: "robustft_triton: siglip with positives "
                  "needs as many rows in b as in a")
-    a, b = _kernel_features(a), _kernel_features(b)
-    scale, bias = _kernel_input(scale), _kernel_input(bias)
-    g = _kernel_input(grad_loss.to(torch.float32).reshape(()))
+    a, b = kernel_features(a), kernel_features(b)
+    scale, bias = kernel_input(scale), kernel_input(bias)
+    g = kernel_input(grad_loss.to(torch.float32).reshape(()))
     return _grads(a, b, scale, bias, g, siglip=True, row_lse=None, col_lse=None,
                   pos_coef=0 if negative_only else 1, diag_offset=0, norm=n, D=D)

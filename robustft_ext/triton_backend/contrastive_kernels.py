@@ -1,7 +1,8 @@
 """Triton kernels of the fused contrastive losses (docs/maths.md, sections 1-2).
 
-Only @triton.jit code lives here; the launch code and the op registrations are in ops.py, the
-per-entry maths in maths.py. Conventions (the Triton counterpart of csrc/contrastive_kernels.h):
+Only @triton.jit code lives here; the op bodies that launch these kernels are in
+contrastive_ops.py, the per-entry maths in maths.py. Conventions (the Triton counterpart of
+csrc/contrastive_kernels.h):
 
 * One "view" of a loss has rows P [n, D] and columns Q [m, D], both contiguous in the
   feature dimension with row strides stride_p / stride_q and one dtype (float32, bfloat16 or
@@ -256,7 +257,8 @@ def contrastive_dlogit_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The dS pass of the large-D backward: one row chunk of the unit dlogits into the
-    workspace, for library GEMMs (ops.py: dP = s (g / norm) U Q, dQ += s (g / norm) U^T P).
+    workspace, for library GEMMs (contrastive_ops.py: dP = s (g / norm) U Q,
+    dQ += s (g / norm) U^T P).
 
     Grid: one program per BLOCK_M x BLOCK_N tile of the chunk's [chunk, m] block, in grouped
     order (GROUP_M row blocks share their column tiles in L2, as in Triton's matmul tutorial).
