@@ -25,7 +25,8 @@ def _unit(n: int, d: int, device: str, dtype=torch.float32, seed: int = 0) -> to
 
 def _samples(ops, device: str) -> dict[str, list[tuple]]:
     """op name -> argument tuples: square and offset CLIP, SigLIP with and without positives,
-    the m^2 ops with and without CLIP, a whole step, one with absent (None) terms, DiVE alone."""
+    the m^2 ops with and without CLIP, a whole step, one with absent (None) terms, DiVE alone;
+    the step ops with bfloat16 features too."""
     t = lambda v: torch.tensor(v, device=device)  # noqa: E731
     a, b, b_wide = _unit(5, 7, device), _unit(5, 7, device, seed=1), _unit(9, 7, device, seed=2)
     s, bias, g = t(3.0), t(0.2), t(1.3)
@@ -41,25 +42,34 @@ def _samples(ops, device: str) -> dict[str, list[tuple]]:
     part = tuple(StepArgs(a, b, s, m2s, lam, False, True, pre, texts, t(2.0), *[None] * 5))
     dive = tuple(StepArgs(a, b, s, m2s, lam, False, False, None, None, t(2.0), *refs, center))
     grads = t([1.0, 0.1, 0.5, 2.0, 3.0])
+    # bfloat16 features (the scalars and DiVE's centre stay float32).
+    ah, bh, preh, textsh = (x.to(torch.bfloat16) for x in (a, b, pre, texts))
+    refsh = [x.to(torch.bfloat16) for x in refs]
+    _, _, lse2h = ops.m2mix_fwd(ah, bh, s, lam, m2s, False)
+    parth = tuple(StepArgs(ah, bh, s, m2s, lam, False, True, preh, textsh, t(2.0), *[None] * 5))
+    diveh = tuple(StepArgs(ah, bh, s, m2s, lam, False, False, None, None, t(2.0), *refsh, center))
     lse = {name: ops.robust_step_fwd(*args)[2] for name, args in
-           (("full", full), ("part", part), ("dive", dive))}
+           (("full", full), ("part", part), ("dive", dive), ("parth", parth), ("diveh", diveh))}
     samples = {
         "clip_fwd": [(a, b, s, bias, 0, True), (a, b_wide, s, bias, 3, False)],
         "clip_bwd": [(g, a, b, s, bias, r, c, 0, True), (g, a, b_wide, s, bias, r2, c2, 3, False)],
         "siglip_fwd": [(a, b, s, bias, False), (a, b_wide, s, bias, True)],
         "siglip_bwd": [(g, a, b, s, bias, False), (g, a, b_wide, s, bias, True)],
-        "slerp": [(a, b, lam)],
+        "slerp": [(a, b, lam), (ah, bh, lam)],
         "slerp_bwd": [(torch.randn_like(a), a, b, lam)],
-        "m2mix_fwd": [(a, b, s, lam, m2s, True), (a, b, s, lam, m2s, False)],
+        "m2mix_fwd": [(a, b, s, lam, m2s, True), (a, b, s, lam, m2s, False),
+                      (ah, bh, s, lam, m2s, False)],
         "m2mix_bwd": [(g, t(0.7), a, b, s, lam, m2s, lse4, True),
-                      (g, t(0.0), a, b, s, lam, m2s, lse2, False)],
-        "lipsum_fwd": [(a, pre, texts, t(2.0))],
+                      (g, t(0.0), a, b, s, lam, m2s, lse2, False),
+                      (g, g, ah, bh, s, lam, m2s, lse2h, False)],
+        "lipsum_fwd": [(a, pre, texts, t(2.0)), (ah, preh, textsh, t(2.0))],
         "lipsum_bwd": [(t(0.7), a, pre, texts, t(2.0))],
-        "dive_fwd": [(*refs, center)],
-        "dive_bwd": [(t(1.2), t(0.4), *refs, center)],
-        "robust_step_fwd": [full, part, dive],
+        "dive_fwd": [(*refs, center), (*refsh, center)],
+        "dive_bwd": [(t(1.2), t(0.4), *refs, center), (t(1.2), t(0.4), *refsh, center)],
+        "robust_step_fwd": [full, part, dive, parth, diveh],
         "robust_step_bwd": [(grads, *full, lse["full"]), (grads, *part, lse["part"]),
-                            (grads, *dive, lse["dive"])],
+                            (grads, *dive, lse["dive"]), (grads, *parth, lse["parth"]),
+                            (grads, *diveh, lse["diveh"])],
     }
     if device == "cpu" and ops is torch.ops.robustft_ext:
         _, r, c, dots = ops.clip_fwd_keep(a, b, s, bias, 0, True)
@@ -117,5 +127,6 @@ def test_every_op_is_checked():
     require_backend("native", "cpu")
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("robustft_ext::")}
-    registered -= {"set_workspace_limit", "native_cuda_tiles", "native_cuda_tile_plan"}
+    registered -= {"set_workspace_limit", "set_step_design", "native_cuda_tiles",
+                   "native_cuda_tile_plan", "gram_strips"}
     assert registered == set(OP_NAMES), registered ^ set(OP_NAMES)

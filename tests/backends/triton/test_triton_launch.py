@@ -1,5 +1,8 @@
-"""What every launch of the Triton backend gets, for every registered robustft_triton op:
+"""What every registered robustft_triton op and every launch of the Triton backend get:
 
+* the native op's schema (robustft_ext/triton_backend/device.py registers each op from its
+  body's signature): every robustft_triton op has the schema of the robustft_ext op of its
+  name, where the native ops are built;
 * the device guard (robustft_ext/triton_backend/device.py): each op body runs under
   device_guard(its inputs' device), so that its kernels launch on that device and its current
   stream rather than on the current device's. Checked without a GPU by replacing the guard
@@ -14,6 +17,7 @@
 """
 import ast
 import contextlib
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +68,22 @@ def _op_calls(D: int, device: str) -> dict[str, tuple]:
     lse = ops.robust_step_fwd(*calls["robust_step_fwd"])[2]
     calls["robust_step_bwd"] = (torch.ones(5, device=device), *calls["robust_step_fwd"], lse)
     return calls
+
+
+# ----------------------------------------------------------------------------- registration
+def _schema_text(op, namespace: str) -> str:
+    return str(op.default._schema).replace(f"{namespace}::", "", 1)
+
+
+@pytest.mark.parametrize("name", sorted(_registered_ops()))
+def test_every_op_has_the_native_ops_schema(name):
+    native = getattr(torch.ops.robustft_ext, name, None)
+    if native is None:
+        pytest.skip(f"robustft_ext::{name} is not registered: the native extension is not built")
+    # triton_op can only spell an int argument SymInt (torch.library.infer_schema); SymInt
+    # accepts every int, so the ops are called alike.
+    want = re.sub(r"\bint\b", "SymInt", _schema_text(native, "robustft_ext"))
+    assert _schema_text(getattr(ops, name), "robustft_triton") == want
 
 
 # ----------------------------------------------------------------------------- device guard

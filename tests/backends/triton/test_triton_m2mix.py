@@ -336,45 +336,6 @@ def test_argument_checks():
         ops.m2mix_bwd(g, g, I, T, s_m, lam, s_c, lse, True)
 
 
-def test_schemas_match_native():
-    expected = {
-        "slerp": "Tensor a, Tensor b, Tensor lam) -> Tensor",
-        "slerp_bwd": "Tensor grad_out, Tensor a, Tensor b, Tensor lam) -> (Tensor, Tensor)",
-        "m2mix_fwd": "Tensor image, Tensor text, Tensor m2_scale, Tensor lam, "
-                     "Tensor clip_scale, bool with_clip) -> (Tensor, Tensor, Tensor)",
-        "m2mix_bwd": "Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, "
-                     "Tensor m2_scale, Tensor lam, Tensor clip_scale, Tensor lse, "
-                     "bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)",
-    }
-    for name, args in expected.items():
-        assert str(getattr(ops, name).default._schema) == f"robustft_triton::{name}({args}"
-        native = getattr(torch.ops.robustft_ext, name, None)
-        if native is not None:
-            assert str(native.default._schema) == f"robustft_ext::{name}({args}"
-
-
-def _opcheck_args():
-    I, T, s_m, lam, s_c = _inputs(5, 7, torch.float32)
-    I2, T2, _, _, _ = _inputs(3, 5, torch.bfloat16, seed=1)
-    g = torch.tensor(1.0, device=DEVICE)
-    _, _, lse = ops.m2mix_fwd(I, T, s_m, lam, s_c, True)
-    _, _, lse2 = ops.m2mix_fwd(I2, T2, s_m, lam, s_c, False)
-    grad = torch.randn(5, 7, device=DEVICE)
-    return {
-        "slerp": [(I, T, lam), (I2, T2, lam)],
-        "slerp_bwd": [(grad, I, T, lam)],
-        "m2mix_fwd": [(I, T, s_m, lam, s_c, True), (I2, T2, s_m, lam, s_c, False)],
-        "m2mix_bwd": [(g, g * 0.5, I, T, s_m, lam, s_c, lse, True),
-                      (g, g, I2, T2, s_m, lam, s_c, lse2, False)],
-    }
-
-
-@pytest.mark.parametrize("name", ["slerp", "slerp_bwd", "m2mix_fwd", "m2mix_bwd"])
-def test_opcheck(name):
-    for args in _opcheck_args()[name]:
-        torch.library.opcheck(getattr(ops, name).default, args)
-
-
 def test_compile_fullgraph_aot_eager():
     # Dynamo + AOTAutograd functionalisation of the triton_ops, executed eagerly.
     def f(I, T, s_m, lam, s_c):

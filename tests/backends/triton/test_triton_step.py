@@ -583,67 +583,6 @@ def test_argument_checks():
         ops.robust_step_bwd(g, *args, lse[:2])
 
 
-SCHEMAS = {
-    "dive_fwd": "Tensor image_ft, Tensor text_ft, Tensor image_pre, Tensor text_pre, "
-                "Tensor center) -> (Tensor, Tensor, Tensor)",
-    "dive_bwd": "Tensor grad_avl, Tensor grad_pvl, Tensor image_ft, Tensor text_ft, "
-                "Tensor image_pre, Tensor text_pre, Tensor center) -> (Tensor, Tensor)",
-    "lipsum_fwd": "Tensor image_ft, Tensor image_pre, Tensor texts, Tensor scale) -> Tensor",
-    "lipsum_bwd": "Tensor grad_loss, Tensor image_ft, Tensor image_pre, Tensor texts, "
-                  "Tensor scale) -> Tensor",
-    "robust_step_fwd": "Tensor image, Tensor text, Tensor clip_scale, Tensor m2_scale, "
-                       "Tensor lam, bool with_m2, bool with_clip, Tensor? image_pre, "
-                       "Tensor? lipsum_texts, Tensor lipsum_scale, Tensor? ref_image_ft, "
-                       "Tensor? ref_text_ft, Tensor? ref_image_pre, Tensor? ref_text_pre, "
-                       "Tensor? center) -> (Tensor, Tensor, Tensor)",
-    "robust_step_bwd": "Tensor grad_terms, Tensor image, Tensor text, Tensor clip_scale, "
-                       "Tensor m2_scale, Tensor lam, bool with_m2, bool with_clip, "
-                       "Tensor? image_pre, Tensor? lipsum_texts, Tensor lipsum_scale, "
-                       "Tensor? ref_image_ft, Tensor? ref_text_ft, Tensor? ref_image_pre, "
-                       "Tensor? ref_text_pre, Tensor? center, Tensor lse) "
-                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-}
-
-
-def test_schemas_match_native():
-    # The schemas of csrc/schemas.cpp, written out; and the native ones where built.
-    for name, args in SCHEMAS.items():
-        assert str(getattr(ops, name).default._schema) == f"robustft_triton::{name}({args}"
-        native = getattr(torch.ops.robustft_ext, name, None)
-        if native is not None:
-            assert str(native.default._schema) == f"robustft_ext::{name}({args}"
-
-
-def _opcheck_args():
-    batch = _batch(5, 7, 3, torch.float32)
-    refs = _ref_batch(3, 7, torch.float32)
-    lbatch = _batch(3, 5, 2, torch.bfloat16, seed=1)
-    lrefs = _ref_batch(2, 5, torch.bfloat16, seed=2)
-    I, T, P, G = batch
-    g = torch.tensor(GRADS, device=DEVICE)
-    full = _step_args(True, True, True, True, batch, refs)
-    _, _, lse_full = ops.robust_step_fwd(*full)
-    part = _step_args(False, True, True, False, lbatch, lrefs)  # None arguments
-    _, _, lse_part = ops.robust_step_fwd(*part)
-    dive = _step_args(False, False, False, True, lbatch, lrefs)
-    _, _, lse_dive = ops.robust_step_fwd(*dive)
-    s = _f32(LIP_SCALE)
-    return {
-        "dive_fwd": [tuple(refs), tuple(lrefs)],
-        "dive_bwd": [(g[3], g[4], *refs), (g[3], g[4], *lrefs)],
-        "lipsum_fwd": [(I, P, G, s), (lbatch[0], lbatch[2], lbatch[3], s)],
-        "lipsum_bwd": [(g[2], I, P, G, s)],
-        "robust_step_fwd": [full, part, dive],
-        "robust_step_bwd": [(g, *full, lse_full), (g, *part, lse_part), (g, *dive, lse_dive)],
-    }
-
-
-@pytest.mark.parametrize("name", list(SCHEMAS))
-def test_opcheck(name):
-    for args in _opcheck_args()[name]:
-        torch.library.opcheck(getattr(ops, name).default, args)
-
-
 def test_compile_fullgraph_aot_eager():
     # Dynamo + AOTAutograd functionalisation of the triton_ops (None arguments included),
     # executed eagerly.
