@@ -12,6 +12,10 @@ The terms that share inputs share one launch: robust_step_fwd is one launch of
 step_fwd_kernel (the CLIP / m^2 tiles and the Lipsum columns of every training row block, and
 the DiVE reference rows in extra programs of the same grid); robust_step_bwd is one launch of
 step_grad_rows_kernel (likewise) plus, with m^2 or CLIP, one of step_grad_cols_kernel.
+robust_step_fwd / _bwd take the step's arguments as one StepArgs (robustft_ext.ops.robust_step,
+the twin of csrc/step_args.h), whose fields device.triton_op lists in the registered schema;
+m2mix_*, lipsum_* and dive_* build one with only their terms' fields, as csrc/step_ops.h's
+m2mix_args, lipsum_args and dive_args do.
 
 As in contrastive_ops.py, each op body uses only torch ops with fake-able shapes plus
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
@@ -42,14 +46,13 @@ O(n / BLOCK) partial sums.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
 from .. import slerp_maths as _slerp
+from ..ops.robust_step import StepArgs
 from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, slerp_kernels, step_kernels
 from .configs import interpreting
 from .contrastive_ops import check_features
@@ -182,100 +185,115 @@ def slerp_bwd(grad_out: Tensor, a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tens
 # ----------------------------------------------------------------------------- the step
 class _Step:
     """The inputs of one step as the kernels read them: csrc/step_ops.h step_setup (the same
-    checks in the same order), with the m^2 mix when m^2 is on (its weights kept for the
-    backward). Absent parts are passed to the kernels as a placeholder tensor that the
-    disabled (constexpr) code never reads."""
+    checks in the same order, Lipsum's in _setup_lipsum and DiVE's in _setup_dive as there),
+    with the m^2 mix when m^2 is on (its weights kept for the backward). Absent parts are
+    passed to the kernels as a placeholder tensor that the disabled (constexpr) code never
+    reads."""
 
-    def __init__(self, image: Tensor, text: Tensor, clip_scale: Tensor, m2_scale: Tensor,
-                 lam: Tensor, with_m2: bool, with_clip: bool,
-                 image_pre: Optional[Tensor] = None, lipsum_texts: Optional[Tensor] = None,
-                 lipsum_scale: Optional[Tensor] = None, ref_image_ft: Optional[Tensor] = None,
-                 ref_text_ft: Optional[Tensor] = None, ref_image_pre: Optional[Tensor] = None,
-                 ref_text_pre: Optional[Tensor] = None, center: Optional[Tensor] = None):
-        self.with_m2, self.with_clip = bool(with_m2), bool(with_clip)
+    def __init__(self, a: StepArgs):
+        self.with_m2, self.with_clip = bool(a.with_m2), bool(a.with_clip)
         self.with_tiles = self.with_m2 or self.with_clip
-        self.with_lipsum = image_pre is not None or lipsum_texts is not None
-        refs = (ref_image_ft, ref_text_ft, ref_image_pre, ref_text_pre, center)
+        self.with_lipsum = a.image_pre is not None or a.lipsum_texts is not None
+        refs = (a.ref_image_ft, a.ref_text_ft, a.ref_image_pre, a.ref_text_pre, a.center)
         self.with_dive = any(t is not None for t in refs)
         self.batch = self.with_tiles or self.with_lipsum
         if not (self.batch or self.with_dive):
             raise RuntimeError("robustft_triton: a step with no term")
         self.n, self.K, self.n_ref = 0, 0, 0
         if self.batch:
-            check_features(image, text, clip_scale, m2_scale)
-            torch._check(image.size(0) == text.size(0),
-                         lambda: f"robustft_triton: image and text must have one shape, got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
-            self.n, self.feature_dim = image.shape
-            self.device, self.dtype = image.device, image.dtype
-            self.I = kernel_features(image)
-            self.T = kernel_features(text)
-            self.m2_scale = kernel_input(m2_scale)
-            self.clip_scale = kernel_input(clip_scale)
+            self._setup_batch(a)
         if self.with_tiles:
             # c_p = <I_p, T_p> in float64: the slerp's cosines, the true pairs' logits.
             self.pair_cos = _pair_cosines(self.I, self.T)
             self.pair_dot = self.pair_cos.to(torch.float32)
         if self.with_m2:
-            _check_scalar(lam, image, "lam")
-            self.weights = _slerp.slerp_weights(self.pair_cos, lam)
+            _check_scalar(a.lam, a.image, "lam")
+            self.weights = _slerp.slerp_weights(self.pair_cos, a.lam)
             self.M = _mix(self.I, self.T, self.weights)
             self.diag = self.pair_dot * self.m2_scale
         if self.with_lipsum:
-            if image_pre is None or lipsum_texts is None:
-                raise RuntimeError("robustft_triton: Lipsum needs both image_pre and "
-                                   "lipsum_texts")
-            _check_same_shape(image, image_pre, "image and image_pre")
-            G = lipsum_texts
-            if (G.dim() != 2 or G.dtype != image.dtype or G.device != image.device):
-                raise RuntimeError(f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
-                                   f"image, got {tuple(G.shape)} {G.dtype}")
-            torch._check(G.size(0) > 0 and G.size(1) == image.size(1),
-                         lambda: f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
-                         f"image, got {tuple(G.shape)}")
-            _check_scalar(lipsum_scale, image, "lipsum_scale")
-            self.P = kernel_features(image_pre)
-            self.G = kernel_features(G)
-            self.lip_scale = kernel_input(lipsum_scale)
-            self.K = G.size(0)
+            self._setup_lipsum(a)
         if self.with_dive:
-            if any(t is None for t in refs):
-                raise RuntimeError("robustft_triton: DiVE needs ref_image_ft, ref_text_ft, "
-                                   "ref_image_pre, ref_text_pre and center")
-            fi = ref_image_ft
-            _check_same_shape(fi, ref_text_ft, "ref_image_ft and ref_text_ft")
-            _check_same_shape(fi, ref_image_pre, "ref_image_ft and ref_image_pre")
-            _check_same_shape(fi, ref_text_pre, "ref_image_ft and ref_text_pre")
-            torch._check(fi.size(0) > 0 and fi.size(1) > 0,
-                         lambda: "robustft_triton: empty DiVE batch")
-            _check_kernel_dtype_device(fi)
-            if self.batch:
-                if fi.dtype != image.dtype or fi.device != image.device:
-                    raise RuntimeError("robustft_triton: the DiVE batch must share the "
-                                       "training batch's dtype, D and device")
-                torch._check(fi.size(1) == image.size(1),
-                             lambda: "robustft_triton: the DiVE batch must share the "
-                             "training batch's dtype, D and device")
-            else:
-                self.feature_dim = fi.size(1)
-                self.device, self.dtype = fi.device, fi.dtype
-            c = center
-            if c.dim() != 1 or c.dtype != torch.float32 or c.device != fi.device:
-                raise RuntimeError(f"robustft_triton: center must be a [D] torch.float32 "
-                                   f"tensor on {fi.device}, got {tuple(c.shape)} {c.dtype}")
-            torch._check(c.size(0) == fi.size(1),
-                         lambda: f"robustft_triton: center must be a [D] torch.float32 "
-                         f"tensor on {fi.device}, got {tuple(c.shape)}")
-            self.FI = kernel_features(fi)
-            self.FT = kernel_features(ref_text_ft)
-            self.PI = kernel_features(ref_image_pre)
-            self.PT = kernel_features(ref_text_pre)
-            self.center = kernel_features(center)
-            self.n_ref = fi.size(0)
+            self._setup_dive(a)
         # The kernels' feature dimension: feature_dim padded to a multiple of 16.
         self.D = configs.aligned_dim(self.feature_dim)
         self.f32 = dict(device=self.device, dtype=torch.float32)
-        # Placeholder for the pointers of absent parts (never dereferenced).
+        self._fill_absent()
+        self.fused_bwd = configs.fused_backward("step", self.device, self.D)
+
+    def _setup_batch(self, a: StepArgs) -> None:
+        """The training batch: image and text rows and the tiles' two scales."""
+        check_features(a.image, a.text, a.clip_scale, a.m2_scale)
+        torch._check(a.image.size(0) == a.text.size(0),
+                     lambda: f"robustft_triton: image and text must have one shape, got "
+                     f"{tuple(a.image.shape)} and {tuple(a.text.shape)}")
+        self.n, self.feature_dim = a.image.shape
+        self.device, self.dtype = a.image.device, a.image.dtype
+        self.I = kernel_features(a.image)
+        self.T = kernel_features(a.text)
+        self.m2_scale = kernel_input(a.m2_scale)
+        self.clip_scale = kernel_input(a.clip_scale)
+
+    def _setup_lipsum(self, a: StepArgs) -> None:
+        """Lipsum-FT's inputs (csrc/step_ops.h setup_lipsum): the pre-trained image features
+        P, the K random texts' features G and the scale s_0."""
+        if a.image_pre is None or a.lipsum_texts is None:
+            raise RuntimeError("robustft_triton: Lipsum needs both image_pre and lipsum_texts")
+        _check_same_shape(a.image, a.image_pre, "image and image_pre")
+        G = a.lipsum_texts
+        if (G.dim() != 2 or G.dtype != a.image.dtype or G.device != a.image.device):
+            raise RuntimeError(f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
+                               f"image, got {tuple(G.shape)} {G.dtype}")
+        torch._check(G.size(0) > 0 and G.size(1) == a.image.size(1),
+                     lambda: f"robustft_triton: lipsum_texts must be [K >= 1, D] like "
+                     f"image, got {tuple(G.shape)}")
+        _check_scalar(a.lipsum_scale, a.image, "lipsum_scale")
+        self.P = kernel_features(a.image_pre)
+        self.G = kernel_features(G)
+        self.lip_scale = kernel_input(a.lipsum_scale)
+        self.K = G.size(0)
+
+    def _setup_dive(self, a: StepArgs) -> None:
+        """DiVE's reference batch (csrc/step_ops.h setup_dive): the fine-tuned and pre-trained
+        features of B' reference pairs and the centre; without a training batch it sets the
+        step's D, dtype and device."""
+        if any(t is None for t in (a.ref_image_ft, a.ref_text_ft, a.ref_image_pre,
+                                   a.ref_text_pre, a.center)):
+            raise RuntimeError("robustft_triton: DiVE needs ref_image_ft, ref_text_ft, "
+                               "ref_image_pre, ref_text_pre and center")
+        fi = a.ref_image_ft
+        _check_same_shape(fi, a.ref_text_ft, "ref_image_ft and ref_text_ft")
+        _check_same_shape(fi, a.ref_image_pre, "ref_image_ft and ref_image_pre")
+        _check_same_shape(fi, a.ref_text_pre, "ref_image_ft and ref_text_pre")
+        torch._check(fi.size(0) > 0 and fi.size(1) > 0,
+                     lambda: "robustft_triton: empty DiVE batch")
+        _check_kernel_dtype_device(fi)
+        if self.batch:
+            if fi.dtype != a.image.dtype or fi.device != a.image.device:
+                raise RuntimeError("robustft_triton: the DiVE batch must share the "
+                                   "training batch's dtype, D and device")
+            torch._check(fi.size(1) == a.image.size(1),
+                         lambda: "robustft_triton: the DiVE batch must share the "
+                         "training batch's dtype, D and device")
+        else:
+            self.feature_dim = fi.size(1)
+            self.device, self.dtype = fi.device, fi.dtype
+        c = a.center
+        if c.dim() != 1 or c.dtype != torch.float32 or c.device != fi.device:
+            raise RuntimeError(f"robustft_triton: center must be a [D] torch.float32 "
+                               f"tensor on {fi.device}, got {tuple(c.shape)} {c.dtype}")
+        torch._check(c.size(0) == fi.size(1),
+                     lambda: f"robustft_triton: center must be a [D] torch.float32 "
+                     f"tensor on {fi.device}, got {tuple(c.shape)}")
+        self.FI = kernel_features(fi)
+        self.FT = kernel_features(a.ref_text_ft)
+        self.PI = kernel_features(a.ref_image_pre)
+        self.PT = kernel_features(a.ref_text_pre)
+        self.center = kernel_features(c)
+        self.n_ref = fi.size(0)
+
+    def _fill_absent(self) -> None:
+        """The placeholders of the absent parts' pointers (never dereferenced)."""
         none = torch.zeros(1, **self.f32)
         none_feat = self.I if self.batch else self.FI
         for name in ("I", "T", "M", "P", "G", "FI", "FT", "PI", "PT"):
@@ -284,7 +302,6 @@ class _Step:
         for name in ("diag", "m2_scale", "clip_scale", "lip_scale", "center"):
             if not hasattr(self, name):
                 setattr(self, name, none)
-        self.fused_bwd = configs.fused_backward("step", self.device, self.D)
 
     def flags(self) -> dict:
         return dict(WITH_M2=self.with_m2, WITH_CLIP=self.with_clip, WITH_TILES=self.with_tiles,
@@ -505,14 +522,22 @@ def _grads5(device: torch.device, values: dict[int, Tensor]) -> Tensor:
     return torch.stack(parts)
 
 
+def _step_args(**given) -> StepArgs:
+    """A StepArgs with the given fields, every other one absent (None; the terms' flags
+    False), as csrc/step_ops.h's m2mix_args, lipsum_args and dive_args fill an empty one."""
+    return StepArgs(**{**dict.fromkeys(StepArgs._fields), "with_m2": False, "with_clip": False,
+                       **given})
+
+
 # ----------------------------------------------------------------------------- m^2-mix
-def _m2mix_step(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor,
-                clip_scale: Tensor, with_clip: bool) -> _Step:
+def _m2mix_args(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor,
+                clip_scale: Tensor, with_clip: bool) -> StepArgs:
     # csrc/step_ops.h m2mix_args: the m^2-mix checks first, then the step's.
     _check_pair(image, text, lam)
     _check_scalar(m2_scale, image, "m2_scale")
     _check_scalar(clip_scale, image, "clip_scale")
-    return _Step(image, text, clip_scale, m2_scale, lam, True, with_clip)
+    return _step_args(image=image, text=text, clip_scale=clip_scale, m2_scale=m2_scale,
+                      lam=lam, with_m2=True, with_clip=with_clip)
 
 
 @triton_op("robustft_triton::m2mix_fwd")
@@ -520,7 +545,7 @@ def m2mix_fwd(image: Tensor, text: Tensor, m2_scale: Tensor, lam: Tensor, clip_s
               with_clip: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(m2_loss, clip_loss (0 without clip), lse [4 or 2, n]), all float32; see
     csrc/step_kernels.h for the lse layout."""
-    s = _m2mix_step(image, text, m2_scale, lam, clip_scale, with_clip)
+    s = _Step(_m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip))
     terms, _, lse = _step_fwd(s)
     return terms[K_M2], terms[K_CLIP], lse if with_clip else lse[:2].clone()
 
@@ -531,7 +556,7 @@ def m2mix_bwd(grad_m2: Tensor, grad_clip: Tensor, image: Tensor, text: Tensor,
               with_clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of grad_m2 * m2_loss + grad_clip * clip_loss: (grad_image, grad_text,
     grad_m2_scale, grad_clip_scale); the scale gradients are 0-d float32."""
-    s = _m2mix_step(image, text, m2_scale, lam, clip_scale, with_clip)
+    s = _Step(_m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip))
     torch._check(lse.dim() == 2 and lse.size(0) == (4 if with_clip else 2)
                  and lse.size(1) == image.size(0),
                  lambda: "robustft_triton: saved m2mix log-sum-exp statistics do not match "
@@ -545,15 +570,16 @@ def m2mix_bwd(grad_m2: Tensor, grad_clip: Tensor, image: Tensor, text: Tensor,
 
 
 # ----------------------------------------------------------------------------- Lipsum-FT
-def _lipsum_step(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tensor) -> _Step:
+def _lipsum_args(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tensor) -> StepArgs:
     # csrc/step_ops.h lipsum_args: text = image_ft and every scale = scale (no tiles).
-    return _Step(image_ft, image_ft, scale, scale, scale, False, False, image_pre, texts, scale)
+    return _step_args(image=image_ft, text=image_ft, clip_scale=scale, m2_scale=scale,
+                      lam=scale, image_pre=image_pre, lipsum_texts=texts, lipsum_scale=scale)
 
 
 @triton_op("robustft_triton::lipsum_fwd")
 def lipsum_fwd(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tensor) -> Tensor:
     """Lipsum-FT regulariser |s0 (F - F0) G^T|_F^2 / (2 K B) (0-d float32), scale = s0."""
-    terms, _, _ = _step_fwd(_lipsum_step(image_ft, image_pre, texts, scale))
+    terms, _, _ = _step_fwd(_Step(_lipsum_args(image_ft, image_pre, texts, scale)))
     return terms[K_LIPSUM]
 
 
@@ -561,18 +587,17 @@ def lipsum_fwd(image_ft: Tensor, image_pre: Tensor, texts: Tensor, scale: Tensor
 def lipsum_bwd(grad_loss: Tensor, image_ft: Tensor, image_pre: Tensor, texts: Tensor,
                scale: Tensor) -> Tensor:
     """Gradient of grad_loss * lipsum_fwd with respect to image_ft (in its dtype)."""
-    s = _lipsum_step(image_ft, image_pre, texts, scale)
+    s = _Step(_lipsum_args(image_ft, image_pre, texts, scale))
     grads = _grads5(image_ft.device, {K_LIPSUM: grad_loss})
     return _step_bwd(s, grads, torch.zeros((4, s.n), **s.f32))[0]
 
 
 # ----------------------------------------------------------------------------- DiVE
-def _dive_step(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: Tensor,
-               center: Tensor) -> _Step:
+def _dive_args(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: Tensor,
+               center: Tensor) -> StepArgs:
     # csrc/step_ops.h dive_args: no training batch.
-    return _Step(image_ft, image_ft, center, center, center, False, False,
-                 ref_image_ft=image_ft, ref_text_ft=text_ft, ref_image_pre=image_pre,
-                 ref_text_pre=text_pre, center=center)
+    return _step_args(ref_image_ft=image_ft, ref_text_ft=text_ft, ref_image_pre=image_pre,
+                      ref_text_pre=text_pre, center=center)
 
 
 @triton_op("robustft_triton::dive_fwd")
@@ -580,7 +605,8 @@ def dive_fwd(image_ft: Tensor, text_ft: Tensor, image_pre: Tensor, text_pre: Ten
              center: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """DiVE on B' reference pairs: (AVL, PVL, diff_mean [D] = mean_j (u_j + v_j) / 2), all
     float32."""
-    terms, diff_mean, _ = _step_fwd(_dive_step(image_ft, text_ft, image_pre, text_pre, center))
+    terms, diff_mean, _ = _step_fwd(_Step(_dive_args(image_ft, text_ft, image_pre, text_pre,
+                                                     center)))
     return terms[K_AVL], terms[K_PVL], diff_mean
 
 
@@ -589,7 +615,7 @@ def dive_bwd(grad_avl: Tensor, grad_pvl: Tensor, image_ft: Tensor, text_ft: Tens
              image_pre: Tensor, text_pre: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of grad_avl * AVL + grad_pvl * PVL: (grad_image_ft, grad_text_ft), in the
     features' dtype (the centre and the pre-trained features get none)."""
-    s = _dive_step(image_ft, text_ft, image_pre, text_pre, center)
+    s = _Step(_dive_args(image_ft, text_ft, image_pre, text_pre, center))
     grads = _grads5(image_ft.device, {K_AVL: grad_avl, K_PVL: grad_pvl})
     r = _step_bwd(s, grads, torch.zeros((4, 0), **s.f32))
     return r[4], r[5]
@@ -597,37 +623,22 @@ def dive_bwd(grad_avl: Tensor, grad_pvl: Tensor, image_ft: Tensor, text_ft: Tens
 
 # ----------------------------------------------------------------------------- robust step
 @triton_op("robustft_triton::robust_step_fwd")
-def robust_step_fwd(image: Tensor, text: Tensor, clip_scale: Tensor, m2_scale: Tensor,
-                    lam: Tensor, with_m2: bool, with_clip: bool, image_pre: Optional[Tensor],
-                    lipsum_texts: Optional[Tensor], lipsum_scale: Tensor,
-                    ref_image_ft: Optional[Tensor], ref_text_ft: Optional[Tensor],
-                    ref_image_pre: Optional[Tensor], ref_text_pre: Optional[Tensor],
-                    center: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def robust_step_fwd(args: StepArgs) -> tuple[Tensor, Tensor, Tensor]:
     """A robust fine-tuning step in one pass (csrc/schemas.cpp): (terms [5] = clip, m2,
     lipsum, avl, pvl (0 when absent), diff_mean [D] (DiVE; [0] without), lse [4, n]), all
     float32. Lipsum is on when image_pre / lipsum_texts are given, DiVE when the ref_* and
     center are."""
-    s = _Step(image, text, clip_scale, m2_scale, lam, with_m2, with_clip, image_pre,
-              lipsum_texts, lipsum_scale, ref_image_ft, ref_text_ft, ref_image_pre,
-              ref_text_pre, center)
-    terms, diff_mean, lse = _step_fwd(s)
+    terms, diff_mean, lse = _step_fwd(_Step(args))
     return torch.stack(terms), diff_mean, lse
 
 
 @triton_op("robustft_triton::robust_step_bwd")
-def robust_step_bwd(grad_terms: Tensor, image: Tensor, text: Tensor, clip_scale: Tensor,
-                    m2_scale: Tensor, lam: Tensor, with_m2: bool, with_clip: bool,
-                    image_pre: Optional[Tensor], lipsum_texts: Optional[Tensor],
-                    lipsum_scale: Tensor, ref_image_ft: Optional[Tensor],
-                    ref_text_ft: Optional[Tensor], ref_image_pre: Optional[Tensor],
-                    ref_text_pre: Optional[Tensor], center: Optional[Tensor],
+def robust_step_bwd(grad_terms: Tensor, args: StepArgs,
                     lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_terms[i] * terms[i]: (grad_image, grad_text, grad_clip_scale,
     grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft ([0, D] without DiVE)); the feature
     gradients in the features' dtype ([0, D] for image / text without a training batch)."""
-    s = _Step(image, text, clip_scale, m2_scale, lam, with_m2, with_clip, image_pre,
-              lipsum_texts, lipsum_scale, ref_image_ft, ref_text_ft, ref_image_pre,
-              ref_text_pre, center)
+    s = _Step(args)
     torch._check(grad_terms.numel() == 5,
                  lambda: "robustft_triton: grad_terms must hold 5 values")
     grads = grad_terms.to(torch.float32).reshape(5).contiguous()

@@ -1,8 +1,8 @@
 """What every registered robustft_triton op and every launch of the Triton backend get:
 
 * the native op's schema (robustft_ext/triton_backend/device.py registers each op from its
-  body's signature): every robustft_triton op has the schema of the robustft_ext op of its
-  name, where the native ops are built;
+  body's signature, the step ops' arguments from StepArgs): every robustft_triton op has the
+  schema of the robustft_ext op of its name, where the native ops are built;
 * the device guard (robustft_ext/triton_backend/device.py): each op body runs under
   device_guard(its inputs' device), so that its kernels launch on that device and its current
   stream rather than on the current device's. Checked without a GPU by replacing the guard
@@ -84,6 +84,30 @@ def test_every_op_has_the_native_ops_schema(name):
     # accepts every int, so the ops are called alike.
     want = re.sub(r"\bint\b", "SymInt", _schema_text(native, "robustft_ext"))
     assert _schema_text(getattr(ops, name), "robustft_triton") == want
+
+
+def test_the_step_ops_schemas_list_step_args_fields():
+    # device.triton_op lists StepArgs's fields where robust_step_fwd / _bwd's bodies take one
+    # StepArgs.
+    from robustft_ext.ops.robust_step import StepArgs
+
+    fields = list(StepArgs._fields)
+    assert [a.name for a in ops.robust_step_fwd.default._schema.arguments] == fields
+    assert [a.name for a in ops.robust_step_bwd.default._schema.arguments] == \
+        ["grad_terms", *fields, "lse"]
+
+
+def test_the_step_ops_regroup_keyword_arguments():
+    # The fields given by name (to the op, or to the registered function itself) reach the
+    # body as the same StepArgs as given by position.
+    from robustft_ext.ops.robust_step import StepArgs
+
+    args = _op_calls(5, "cpu")["robust_step_fwd"]
+    named = dict(zip(StepArgs._fields, args))
+    want = ops.robust_step_fwd(*args)
+    for got in (ops.robust_step_fwd(**named), tb.step_ops.robust_step_fwd._init_fn(**named)):
+        for x, y in zip(got, want):
+            assert torch.equal(x, y)
 
 
 # ----------------------------------------------------------------------------- device guard
