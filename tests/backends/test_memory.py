@@ -208,10 +208,10 @@ def _triton_backward(kind, tb, lam):
     a, b, p, G = (F.normalize(torch.randn(r, D, generator=g), dim=1) for r in (n, n, n, K))
     s, t, one = torch.tensor(14.3), torch.tensor(-1.0), torch.tensor(1.0)
     if kind == "clip":
-        _, r, c = tb.ops.clip_fwd._init_fn(a, b, s, t, 0, True)
-        return tb.ops.clip_bwd._init_fn, (one, a, b, s, t, r, c, 0, True), 4 * n
+        _, r, c = tb.contrastive_ops.clip_fwd._init_fn(a, b, s, t, 0, True)
+        return tb.contrastive_ops.clip_bwd._init_fn, (one, a, b, s, t, r, c, 0, True), 4 * n
     if kind == "siglip":
-        return tb.ops.siglip_bwd._init_fn, (one, a, b, s, t, False), 4 * n
+        return tb.contrastive_ops.siglip_bwd._init_fn, (one, a, b, s, t, False), 4 * n
     args = (a, b, s, s, lam, True, True, p, G, s, None, None, None, None, None)
     _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
     return (tb.step_ops.robust_step_bwd._init_fn, (torch.ones(5), *args, lse),
