@@ -58,7 +58,8 @@ struct DlogitSpec {
                                  const at::Tensor& bias, int64_t r0,            \
                                  at::Tensor& ds, at::Tensor& stats);            \
   /* out [r, c] (acc dtype, contiguous) = alpha * op(A) @ op(B) + beta * out,    \
-     op(X) = X or X^T; A and B are contiguous 2-D of ONE dtype (the workspace     \
+     op(X) = X or X^T; A and B are 2-D of unit column stride (rows may be a       \
+     column slice of a wider matrix) and of ONE dtype (the workspace             \
      dtype or the accumulation dtype: library GEMMs take one operand type),       \
      alpha is a 0-d acc-dtype tensor on the device, beta 0 or 1                   \
      (launcher_contract.h, check_gemm_acc). */                                     \

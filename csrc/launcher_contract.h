@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <initializer_list>
 
 #include "contrastive_kernels.h"
@@ -89,7 +90,8 @@ inline void check_dlogits(const DlogitSpec& spec, const at::Tensor& P, const at:
   if (!spec.siglip && spec.w_col != 0.0) check_acc_vector(spec.col_lse, Q.size(0), P, "col_lse");
 }
 
-// gemm_acc (contrastive_kernels.h): out [r, c] = alpha op(A) op(B) + beta out. The two
+// gemm_acc (contrastive_kernels.h): out [r, c] = alpha op(A) op(B) + beta out. The operands'
+// rows are contiguous (their row stride may exceed their width: a column slice); the two
 // operands share one dtype (a library GEMM, cuBLAS's included, takes one type for both):
 // the workspace dtype of the features or the accumulation dtype. out and alpha are of the
 // operands' accumulation dtype. Returns (r, k, c).
@@ -102,9 +104,12 @@ inline GemmShape check_gemm_acc(const at::Tensor& A, bool transpose_a, const at:
                                 const at::Tensor& out, c10::DeviceType dev) {
   check_on(A, dev, A, "gemm_acc's A");
   for (const at::Tensor* t : {&B, &out, &alpha}) check_on(*t, dev, A, "gemm_acc's operands");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && out.dim() == 2 && A.is_contiguous() &&
-                  B.is_contiguous() && out.is_contiguous(),
-              "robustft_ext: gemm_acc takes contiguous 2-D tensors");
+  auto rows_of = [](const at::Tensor& t) {  // row-major rows, possibly a column slice
+    return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+  };
+  TORCH_CHECK(rows_of(A) && rows_of(B) && out.dim() == 2 && out.is_contiguous(),
+              "robustft_ext: gemm_acc takes 2-D operands of unit column stride (rows may be a "
+              "column slice of a wider matrix) and a contiguous output");
   TORCH_CHECK(A.scalar_type() == B.scalar_type(),
               "robustft_ext: gemm_acc operands must share a dtype, got ", A.scalar_type(), " and ",
               B.scalar_type());
@@ -241,6 +246,20 @@ inline void check_mix_backward(const at::Tensor& dM, const at::Tensor& I, const 
   }
   check_acc_vector(g_pair, I.size(0), I, "g_pair");
   check_slerp_weight_rows(weights, I);
+}
+
+// pair_backward: coef [n] and the gradients [n, D] of the accumulation dtype.
+inline void check_pair_backward(const at::Tensor& coef, const at::Tensor& I, const at::Tensor& T,
+                                const at::Tensor& grad_I, const at::Tensor& grad_T,
+                                c10::DeviceType dev) {
+  check_mix_pair(I, T, dev);
+  const auto acc = acc_dtype(I.scalar_type());
+  check_acc_vector(coef, I.size(0), I, "coef");
+  for (const at::Tensor* t : {&grad_I, &grad_T}) {
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == I.sizes() && t->scalar_type() == acc &&
+                    t->device() == I.device(),
+                "robustft_ext: pair_backward adds to contiguous [n, D] ", acc, " gradients");
+  }
 }
 
 // DiVE's launchers: fi, ft, pi, pt contiguous [B', D] of one dtype, center [D] accumulation.

@@ -18,6 +18,7 @@
 
 #include "cuda/tile_plan.h"
 #include "step_args.h"
+#include "step_ops.h"
 #include "workspace.h"
 
 void robustft::define_loss_ops(torch::Library& m) {
@@ -135,5 +136,20 @@ TORCH_LIBRARY(robustft_ext, m) {
         });
   // The whole plan (cuda/tile_plan.h) as JSON: shapes, dynamic bytes, static budgets.
   m.def("native_cuda_tile_plan() -> str", [] { return robustft::cuda_plan::plan_json(); });
+  // "gram" (the default) or "products": how CLIP + m^2 and the step are evaluated
+  // (workspace.h, StepDesign).
+  m.def("set_step_design(str design) -> ()", [](std::string design) {
+    TORCH_CHECK(design == "gram" || design == "products",
+                "robustft_ext: the step design is 'gram' or 'products', got '", design, "'");
+    robustft::step_design_setting().store(
+        int(design == "gram" ? robustft::StepDesign::kGram : robustft::StepDesign::kProducts));
+  });
+  // (rows per strip R, kept strips K) of the Gram formulation's CPU passes for n rows of
+  // `element_size` bytes under the current workspace limit (step_ops.h, gram_strips): the
+  // kept Gram strips of m2mix_fwd_keep / robust_step_fwd_keep are [K, 4 R n].
+  m.def("gram_strips(int n, int element_size) -> (int, int)", [](int64_t n, int64_t elem) {
+    const auto [R, K] = robustft::gram_strips(n, elem);
+    return std::make_tuple(R, K);
+  });
   robustft::define_loss_ops(m);
 }

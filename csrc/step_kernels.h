@@ -62,6 +62,30 @@ struct DiveInputs {
   at::Tensor center;          // [D] acc dtype
 };
 
+// The symmetric Gram formulation of CLIP + m^2-mix (docs/maths.md, section 9.4): every logit
+// from the Gram entries of [I; T] and the slerp weights, one triangle of block pairs forward
+// and one per backward (no M buffer). m^2 is always on; CLIP with with_clip.
+struct GramProblem {
+  int64_t n = 0;
+  bool with_clip = false;
+  at::Tensor I, T;                  // [n, D] contiguous, one dtype
+  at::Tensor weights;               // [4, n] double: w_a, w_b, dw_a/dc, dw_b/dc (mix_rows)
+  at::Tensor diag;                  // [n] acc: the true pair s_m <I_p, T_p>
+  at::Tensor m2_scale, clip_scale;  // 0-d acc (clip_scale defined with CLIP)
+  // The CPU forward's strips: rows [j R, (j + 1) R) against the columns [j R, n), R =
+  // strip_rows (the backward's chunk); with keep [K, 4 R n] (acc), the Gram blocks of the
+  // first K strips are kept there (strip j in keep[j][: 4 R (n - j R)] as [4, R, n - j R])
+  // for the backward, which then recomputes nothing for them. Devices that recompute ignore
+  // both.
+  int64_t strip_rows = 0;
+  at::Tensor keep;
+};
+
+// The largest slerp weight the Gram formulation takes (section 9.4, "near-opposite pairs"):
+// above it the weights amplify the Gram entries' rounding, and the three-product design,
+// which forms M in double, evaluates the batch.
+constexpr double kGramWeightLimit = 4.0;
+
 // The O(n D) launchers (mix, mix_backward, dive_sums, dive_grads) are one pass over the rows
 // each, on the device: the slerp prologue's and DiVE's maths as a dozen whole-tensor ATen
 // passes would cost as much as the tile work at small n and hold several n x D double
@@ -87,7 +111,26 @@ struct DiveInputs {
   void dive_sums_##DEV(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean);        \
   /* The [B', D] gradients of w_a AVL_sum + w_p PVL_sum (w_a, w_p 0-d, m constant). */   \
   void dive_grads_##DEV(const DiveInputs& d, const at::Tensor& w_a, const at::Tensor& w_p, \
-                        at::Tensor& grad_fi, at::Tensor& grad_ft);
+                        at::Tensor& grad_fi, at::Tensor& grad_ft);                      \
+  /* grad_I_p += coef_p T_p, grad_T_p += coef_p I_p (coef [n] and the gradients of the   \
+     accumulation dtype): the true pair's and the slerp weights' terms of the Gram       \
+     backward. */                                                                       \
+  void pair_backward_##DEV(const at::Tensor& coef, const at::Tensor& I, const at::Tensor& T, \
+                           at::Tensor& grad_I, at::Tensor& grad_T);                     \
+  /* Gram forward: lse [4, n] (acc) as step_lse, from the triangle of block pairs. */   \
+  void gram_lse_##DEV(const GramProblem& p, at::Tensor& lse);                           \
+  /* Gram backward, the strip of rows [r0, r0 + R) against the columns [r0, n), R =     \
+     S.size(1): S [4, R, n - r0] (workspace dtype, contiguous) = the blocks S_II, S_IT,   \
+     S_TI, S_TT of section 9.4 with a_m, a_c replaced by the 0-d acc factors f_m2, f_clip \
+     (the op passes a / (|a_m| + |a_c|)); stats [2] (acc) += (sum over the strip's ordered \
+     pairs of dA' A + dB' B, over s_m; of dC' C, over s_c); u [2, n] (acc) += the strip's \
+     u_I, u_T terms (unscaled). Each ordered pair counted once: entries with q >= r0 + R  \
+     serve both orientations, the others the direct one only. S holds the strip's Gram   \
+     blocks on entry when it is a strip the forward kept (p.keep), and is formed from     \
+     them in place. */                                                                  \
+  void gram_strip_##DEV(const GramProblem& p, const at::Tensor& lse, int64_t r0,         \
+                        const at::Tensor& f_m2, const at::Tensor& f_clip, at::Tensor& S, \
+                        at::Tensor& stats, at::Tensor& u);
 
 RFT_DECLARE_STEP_KERNELS(cpu)
 RFT_DECLARE_STEP_KERNELS(cuda)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <tuple>
 
 #include "contrastive_ops.h"
@@ -39,6 +40,15 @@ struct StepKernelSet {
   void (*dive_sums)(const DiveInputs&, at::Tensor&, at::Tensor&);
   void (*dive_grads)(const DiveInputs&, const at::Tensor&, const at::Tensor&, at::Tensor&,
                      at::Tensor&);
+  // The symmetric Gram formulation (step_kernels.h); a device without these launchers (null)
+  // evaluates every step with the three tile products. gram_serves (null: every dtype) says
+  // whether the device's Gram launchers serve a dtype under the current settings.
+  void (*pair_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                        at::Tensor&) = nullptr;
+  void (*gram_lse)(const GramProblem&, at::Tensor&) = nullptr;
+  void (*gram_strip)(const GramProblem&, const at::Tensor&, int64_t, const at::Tensor&,
+                     const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
+  bool (*gram_serves)(at::ScalarType) = nullptr;
 };
 
 // The input checks of the mixed pair and its scalars (the op-level contract).
@@ -108,6 +118,8 @@ struct LipsumInputs {
 // The launchers' problem, with the mix when m^2 is on (its weights kept for the backward).
 struct StepSetup {
   StepProblem p;
+  bool gram = false;  // the tile work by the Gram formulation (g), else by p's three products
+  GramProblem g;
   bool with_lipsum = false, with_dive = false;
   LipsumInputs lip;
   DiveInputs dive;
@@ -152,7 +164,33 @@ inline void setup_dive(const StepArgs& a, bool batch, StepSetup& s) {
                       a.ref_text_pre->contiguous(), c.contiguous()};
 }
 
-inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
+// Whether a step with m^2 is evaluated by the Gram formulation: the design asks for it and
+// the device has its launchers for this dtype.
+inline bool gram_wanted(const StepKernelSet& k, at::ScalarType dtype) {
+  return step_design() == StepDesign::kGram && k.gram_lse != nullptr &&
+         (k.gram_serves == nullptr || k.gram_serves(dtype));
+}
+
+// The strips of the Gram formulation's CPU passes for n rows of element size `elem` in the
+// workspace: (rows per strip R, strips K of them that a forward keeps within the workspace
+// limit, each in a slot of 4 R n elements). The backward's chunk is a strip.
+inline std::pair<int64_t, int64_t> gram_strips(int64_t n, int64_t elem) {
+  const int64_t slot = 4 * n * elem;
+  const int64_t R = workspace_chunk_rows(n, slot, kChunkAlign);
+  const int64_t strips = (n + R - 1) / R;
+  return {R, std::min(strips, workspace_limit_bytes().load() / std::max<int64_t>(1, slot * R))};
+}
+
+// Whether the slerp weights stay within the Gram formulation's limit (docs/maths.md, section
+// 9.4): a batch with a near-opposite pair takes the three products, whose M is formed in
+// double. (One host synchronisation, on the weights' maximum.)
+inline bool weights_suit_gram(const at::Tensor& weights) {
+  return weights.narrow(0, 0, 2).abs().max().item<double>() <= kGramWeightLimit;
+}
+
+// allow_gram false: the three products whatever the design (the backward of kept three-view
+// dot products).
+inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allow_gram = true) {
   StepSetup s;
   StepProblem& p = s.p;
   p.with_m2 = a.with_m2;
@@ -180,11 +218,26 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a) {
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
-    // The tile operand: rounded once to the dtype the device's tile products take.
-    p.M = at::empty(p.I.sizes(), p.I.options().dtype(k.gemm.workspace_dtype(a.image.scalar_type())));
+    const auto lam = a.lam.to(at::kDouble);
     s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
-    k.mix(p.I, p.T, a.lam.to(at::kDouble), p.M, s.weights);
+    s.gram = allow_gram && gram_wanted(k, a.image.scalar_type());
+    if (s.gram) {
+      at::Tensor no_mix;
+      k.mix(p.I, p.T, lam, no_mix, s.weights);
+      s.gram = weights_suit_gram(s.weights);
+    }
+    if (!s.gram) {
+      // The tile operand: rounded once to the dtype the device's tile products take.
+      p.M = at::empty(p.I.sizes(), p.I.options().dtype(k.gemm.workspace_dtype(a.image.scalar_type())));
+      k.mix(p.I, p.T, lam, p.M, s.weights);
+    }
     p.diag = s.pair_dot * a.m2_scale;
+    if (s.gram) {
+      const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+      s.g = GramProblem{p.n, p.with_clip, p.I, p.T, s.weights, p.diag, a.m2_scale,
+                        p.with_clip ? a.clip_scale : at::Tensor(),
+                        gram_strips(p.n, at::elementSize(ws_dtype)).first};
+    }
   }
   if (s.with_lipsum) setup_lipsum(a, s);
   if (s.with_dive) setup_dive(a, batch, s);
@@ -263,7 +316,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   auto s = step_setup(k, a);
   auto& p = s.p;
   const auto& opts = s.acc_options;
-  if (kept != nullptr) {
+  if (kept != nullptr && p.with_m2 && gram_wanted(k, a.image.scalar_type())) {
+    // The Gram blocks of the strips that fit the limit ([K, 4 R n]); a batch that the
+    // weights' limit sends to the three products keeps nothing (the slots stay unused).
+    const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+    const auto [R, K] = gram_strips(p.n, at::elementSize(ws_dtype));
+    TORCH_CHECK(K > 0, "robustft_ext: not one Gram strip of ", R, " rows fits the workspace "
+                "limit of ", workspace_limit_bytes().load(), " bytes (use the forward that "
+                "keeps nothing)");
+    *kept = at::empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
+    if (s.gram) s.g.keep = *kept;
+  } else if (kept != nullptr) {
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
     const int64_t views = step_views(p);
     const int64_t bytes = views * p.n * p.n * int64_t(at::elementSize(ws_dtype));
@@ -276,7 +339,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     *kept = p.keep;
   }
   at::Tensor lse = at::zeros({4, p.n}, opts);
-  if (p.with_m2 || p.with_clip) k.lse(p, lse);
+  if (s.gram) {
+    k.gram_lse(s.g, lse);
+  } else if (p.with_m2 || p.with_clip) {
+    k.lse(p, lse);
+  }
   std::array<at::Tensor, 5> t;
   for (auto& x : t) x = at::zeros({}, opts);
   at::Tensor diff_mean = at::zeros({s.with_dive ? s.dive.fi.size(1) : 0}, opts);
@@ -354,13 +421,79 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
   return out;
 }
 
+// The tile terms' gradients by the Gram formulation (docs/maths.md, section 9.4): strips of
+// rows [r0, r1) against the columns [r0, n), each formed by the device into the four blocks
+// of S / (|a_m| + |a_c|) in the workspace, from which eight GEMMs take every gradient; then
+// the true pair's and the slerp weights' terms per row. grad_I, grad_T are written; the
+// scale statistics returned in stats as tile_backward's.
+inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const at::Tensor& grads,
+                               const at::Tensor& lse) {
+  const auto& g = s.g;
+  const int64_t n = g.n, D = g.I.size(1);
+  const auto& opts = s.acc_options;
+  TileGrads out{at::zeros({n, D}, opts), at::zeros({n, D}, opts), at::Tensor(), at::zeros({2}, opts)};
+  const auto zero = at::zeros({}, opts);
+  const auto f_m2 = grads[kM2] / (2.0 * n), f_clip = grads[kClip] / double(n);
+  const auto a_m = g.m2_scale * f_m2;
+  const auto a_c = g.with_clip ? g.clip_scale * f_clip : zero;
+  // S is stored divided by norm, so that 16-bit workspaces hold entries of order one; the
+  // GEMMs multiply it back. (No gradient at all: S = 0, any norm.)
+  const auto norm = (a_m.abs() + a_c.abs()).clamp_min(std::numeric_limits<float>::min());
+  const auto r_m = a_m / norm, r_c = a_c / norm;
+  const auto ws_dtype = k.gemm.workspace_dtype(g.I.scalar_type());
+  const int64_t rows = g.strip_rows;
+  // The kept strips are formed in place; the later strips reuse the first slot (every strip
+  // fits a slot of 4 R n), else a workspace of one slot.
+  const int64_t kept = g.keep.defined() ? g.keep.size(0) : 0;
+  const at::Tensor ws = kept > 0 ? g.keep[0] : at::empty({4 * rows * n}, g.I.options().dtype(ws_dtype));
+  at::Tensor u = at::zeros({2, n}, opts), stats = at::zeros({2}, opts);
+  const auto I = gemm_operand(k.gemm, g.I), T = gemm_operand(k.gemm, g.T);
+  for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
+    const int64_t R = std::min(rows, n - r0), W = n - r0;
+    at::Tensor S = (j < kept ? g.keep[j] : ws).narrow(0, 0, 4 * R * W).view({4, R, W});
+    k.gram_strip(g, lse, r0, r_m, r_c, S, stats, u);
+    at::Tensor gI = out.grad_I.narrow(0, r0, R), gT = out.grad_T.narrow(0, r0, R);
+    const auto Ic = I.narrow(0, r0, W), Tc = T.narrow(0, r0, W);
+    k.gemm.gemm_acc(S[0], false, Ic, false, norm, 1.0, gI);
+    k.gemm.gemm_acc(S[1], false, Tc, false, norm, 1.0, gI);
+    k.gemm.gemm_acc(S[2], false, Ic, false, norm, 1.0, gT);
+    k.gemm.gemm_acc(S[3], false, Tc, false, norm, 1.0, gT);
+    if (W > R) {  // the columns past the strip's own rows, transposed onto their rows
+      at::Tensor gIq = out.grad_I.narrow(0, r0 + R, W - R), gTq = out.grad_T.narrow(0, r0 + R, W - R);
+      const auto Ir = I.narrow(0, r0, R), Tr = T.narrow(0, r0, R);
+      auto beyond = [&](int64_t b) { return S[b].narrow(1, R, W - R); };
+      k.gemm.gemm_acc(beyond(0), true, Ir, false, norm, 1.0, gIq);
+      k.gemm.gemm_acc(beyond(2), true, Tr, false, norm, 1.0, gIq);
+      k.gemm.gemm_acc(beyond(1), true, Ir, false, norm, 1.0, gTq);
+      k.gemm.gemm_acc(beyond(3), true, Tr, false, norm, 1.0, gTq);
+    }
+  }
+  // The slerp weights' derivatives (k_p = a_m (dw_a/dc u_I + dw_b/dc u_T)) and the true pair.
+  const auto w = g.weights.to(s.acc);
+  const auto g_diag = f_m2 * ((g.diag - lse[0]).exp() + (g.diag - lse[1]).exp() - 2);
+  const auto coef = (a_m * (w[2] * u[0] + w[3] * u[1]) + g.m2_scale * g_diag).contiguous();
+  k.pair_backward(coef, g.I, g.T, out.grad_I, out.grad_T);
+  out.stats = at::stack({stats[0] * f_m2 + (g_diag * s.pair_dot).sum(),
+                         g.with_clip ? stats[1] * f_clip : zero});
+  return out;
+}
+
 // (grad_image, grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepArgs& a,
               const at::Tensor& lse, const at::Tensor& kept = at::Tensor()) {
   RFT_KERNEL_GUARDS();
-  auto s = step_setup(k, a);
-  if (kept.defined()) {
+  // Kept Gram strips are [K, 4 R n]; kept three-view products [V, n, n].
+  const bool kept_strips = kept.defined() && kept.dim() == 2;
+  auto s = step_setup(k, a, /*allow_gram=*/!kept.defined() || kept_strips);
+  if (kept_strips && s.gram) {
+    TORCH_CHECK(kept.is_contiguous() && kept.size(1) == 4 * s.g.strip_rows * s.g.n &&
+                    kept.scalar_type() == k.gemm.workspace_dtype(a.image.scalar_type()) &&
+                    kept.device() == a.image.device(),
+                "robustft_ext: the kept Gram strips must be the forward's contiguous [K, 4 R n] "
+                "tensor of the workspace dtype, got ", kept.sizes(), " ", kept.scalar_type());
+    s.g.keep = kept;
+  } else if (kept.defined() && !kept_strips) {
     // The forward's dot products (step_fwd_impl), overwritten here by the dlogits.
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
     TORCH_CHECK(kept.dim() == 3 && kept.size(0) == step_views(s.p) && kept.size(1) == s.p.n &&
@@ -381,7 +514,13 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   const int64_t D = p.n > 0 ? a.image.size(1) : a.ref_image_ft->size(1);
   at::Tensor grad_I = at::zeros({p.n, D}, opts), grad_T = at::zeros({p.n, D}, opts);
   at::Tensor grad_clip_scale = at::zeros({}, opts), grad_m2_scale = at::zeros({}, opts);
-  if (p.with_m2 || p.with_clip) {
+  if (s.gram) {
+    TileGrads tg = gram_backward(k, s, grads, lse_c);
+    grad_I = tg.grad_I;
+    grad_T = tg.grad_T;
+    grad_m2_scale = tg.stats[0].clone();
+    grad_clip_scale = tg.stats[1].clone();
+  } else if (p.with_m2 || p.with_clip) {
     TileGrads tg = tile_backward(k, s, grads, lse_c);
     grad_I = tg.grad_I;
     grad_T = tg.grad_T;

@@ -1,4 +1,5 @@
-// The bounded workspace of the fused backward passes (docs/backends.md, "Workspace").
+// The bounded workspace of the fused backward passes (docs/backends.md, "Workspace"), and the
+// other process-wide settings of the ops (the step's design).
 //
 // A backward forms its dlogits one chunk of rows at a time (every column of the chunk's
 // rows) and multiplies the chunk into the feature gradients with library GEMMs. The
@@ -30,5 +31,18 @@ inline int64_t workspace_chunk_rows(int64_t n, int64_t bytes_per_row, int64_t al
   const int64_t rows = std::max(align, std::min(fit / align * align, half));
   return std::min(n, rows);
 }
+
+// How the ops evaluate CLIP + m^2-mix (and the robust step): the symmetric Gram formulation
+// (docs/maths.md, section 9.4; the default) or the three tile products of section 9.3 (for
+// comparison). Set by robustft_ext.set_step_design through the op
+// robustft_ext::set_step_design.
+enum class StepDesign : int { kGram = 0, kProducts = 1 };
+
+inline std::atomic<int>& step_design_setting() {
+  static std::atomic<int> design{int(StepDesign::kGram)};
+  return design;
+}
+
+inline StepDesign step_design() { return StepDesign(step_design_setting().load()); }
 
 }  // namespace robustft

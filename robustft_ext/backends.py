@@ -132,15 +132,19 @@ def dispatch(requested: str | None, like: torch.Tensor, *, reference: Callable[[
     return reference() if name == "reference" else fused(name)
 
 
-def keeps_products(ctx, backend: str, grad_enabled: bool, a: torch.Tensor, entries: int) -> bool:
-    """Whether a fused forward keeps its dot products (`entries` of them) for the backward:
-    the native backend on the CPU (the only one with _keep ops), when some gradient will be
-    wanted (grad mode was on at the call, which forward cannot see, and an input requires
-    grad) and they fit the workspace limit. The CPU then runs no second GEMM over the same
-    operands: CLIP 6 n m D FLOPs instead of 8."""
-    return (backend == "native" and a.device.type == "cpu" and grad_enabled
-            and any(ctx.needs_input_grad)
-            and entries * acc_dtype(a.dtype).itemsize <= workspace_limit())
+def keeps_products(ctx, backend: str, grad_enabled: bool, a: torch.Tensor,
+                   entries: int | Callable[[], int]) -> bool:
+    """Whether a fused forward keeps its dot products (`entries` of them, or a function that
+    counts them, asked only when the rest holds) for the backward: the native backend on the
+    CPU (the only one with _keep ops), when some gradient will be wanted (grad mode was on at
+    the call, which forward cannot see, and an input requires grad) and they fit the
+    workspace limit. The CPU then runs no second GEMM over the same operands: CLIP 6 n m D
+    FLOPs instead of 8."""
+    if not (backend == "native" and a.device.type == "cpu" and grad_enabled
+            and any(ctx.needs_input_grad)):
+        return False
+    count = entries() if callable(entries) else entries
+    return 0 < count and count * acc_dtype(a.dtype).itemsize <= workspace_limit()
 
 
 class BackendReport(dict):

@@ -6,7 +6,8 @@
 //    dlogit chunks and mixed negatives);
 //  * every launcher checks its arguments as the CUDA launcher does (launcher_contract.h),
 //    gemm_acc as cuBLAS would take them (one operand dtype);
-//  * the launchers CUDA has, and only those: no kept dot products.
+//  * the launchers CUDA has, and only those: no kept dot products; the Gram formulation's
+//    (section 9.4 of docs/maths.md) with 16-bit strips.
 // So a call the host code gets wrong for CUDA (a 16-bit operand beside a float one, a chunk
 // of the wrong dtype) fails in the CPU tests, and the op bodies' memory under CUDA's choices
 // can be measured on the CPU (tests/). The results are the CPU kernels' (16-bit chunks
@@ -156,6 +157,30 @@ void dive_grads_cuda_rules(const DiveInputs& d, const at::Tensor& w_a, const at:
   dive_grads_cpu(d, w_a, w_p, grad_fi, grad_ft);
 }
 
+void pair_backward_cuda_rules(const at::Tensor& coef, const at::Tensor& I, const at::Tensor& T,
+                              at::Tensor& grad_I, at::Tensor& grad_T) {
+  pair_backward_cpu(coef, I, T, grad_I, grad_T);
+}
+
+void gram_lse_cuda_rules(const GramProblem& p, at::Tensor& lse) { gram_lse_cpu(p, lse); }
+
+void gram_strip_cuda_rules(const GramProblem& p, const at::Tensor& lse, int64_t r0,
+                           const at::Tensor& f_m2, const at::Tensor& f_clip, at::Tensor& S,
+                           at::Tensor& stats, at::Tensor& u) {
+  const auto ws = workspace_dtype_cuda_rules(p.I.scalar_type());
+  TORCH_CHECK(S.is_contiguous() && S.dim() == 3 && S.size(0) == 4 && S.scalar_type() == ws,
+              "robustft_ext: the Gram strip must be a contiguous [4, rows, n - r0] ", ws,
+              " tensor (the workspace dtype)");
+  if (S.scalar_type() == acc_dtype(p.I.scalar_type())) {
+    gram_strip_cpu(p, lse, r0, f_m2, f_clip, S, stats, u);
+    return;
+  }
+  // A 16-bit strip: the CPU kernel's float strip, rounded into it.
+  at::Tensor strip = at::empty(S.sizes(), S.options().dtype(acc_dtype(p.I.scalar_type())));
+  gram_strip_cpu(p, lse, r0, f_m2, f_clip, strip, stats, u);
+  S.copy_(strip);
+}
+
 static const KernelSet kCudaRulesKernels{
     &clip_lse_cuda_rules, &siglip_softplus_sum_cuda_rules, &contrastive_dlogits_cuda_rules,
     GemmKernels{&gemm_acc_cuda_rules, &workspace_dtype_cuda_rules}};
@@ -164,7 +189,8 @@ static const StepKernelSet kCudaRulesStepKernels{
     &step_lse_cuda_rules, &step_dlogits_cuda_rules,
     GemmKernels{&gemm_acc_cuda_rules, &workspace_dtype_cuda_rules},
     &mix_rows_cuda_rules, &mix_backward_cuda_rules, &dive_sums_cuda_rules,
-    &dive_grads_cuda_rules};
+    &dive_grads_cuda_rules, &pair_backward_cuda_rules, &gram_lse_cuda_rules,
+    &gram_strip_cuda_rules};
 
 TORCH_LIBRARY(robustft_cuda_rules, m) { define_loss_ops(m); }
 

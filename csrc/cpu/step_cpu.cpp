@@ -443,7 +443,10 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            &mix_rows_cpu,
                                            &mix_backward_cpu,
                                            &dive_sums_cpu,
-                                           &dive_grads_cpu};
+                                           &dive_grads_cpu,
+                                           &pair_backward_cpu,
+                                           &gram_lse_cpu,
+                                           &gram_strip_cpu};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 

@@ -54,7 +54,7 @@ at::ScalarType workspace_dtype_cuda(at::ScalarType t) { return tensor_core_works
 
 // Row-major out [r, c] = alpha op(A) op(B) + beta out is, in cuBLAS's column-major terms,
 // out^T [c, r] = op(B)^T op(A)^T, where a row-major X [x0, x1] is the column-major X^T with
-// leading dimension x1.
+// leading dimension its row stride (x1, or more for a column slice).
 void gemm_acc_cuda(const at::Tensor& A, bool transpose_a, const at::Tensor& B, bool transpose_b,
                    const at::Tensor& alpha, double beta, at::Tensor& out) {
   const GemmShape shape = check_gemm_acc(A, transpose_a, B, transpose_b, alpha, beta, out,
@@ -66,7 +66,8 @@ void gemm_acc_cuda(const at::Tensor& A, bool transpose_a, const at::Tensor& B, b
     if (beta == 0.0) out.zero_();
     return;
   }
-  TORCH_CHECK(r <= INT32_MAX && c <= INT32_MAX && k <= INT32_MAX,
+  TORCH_CHECK(r <= INT32_MAX && c <= INT32_MAX && k <= INT32_MAX && A.stride(0) <= INT32_MAX &&
+                  B.stride(0) <= INT32_MAX,
               "robustft_ext: gemm_acc dimensions exceed cuBLAS's int range");
   const c10::cuda::CUDAGuard guard(A.device());
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
@@ -83,8 +84,8 @@ void gemm_acc_cuda(const at::Tensor& A, bool transpose_a, const at::Tensor& B, b
   const auto opB = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasStatus_t st = cublasGemmEx(
       handle, opB, opA, static_cast<int>(c), static_cast<int>(r), static_cast<int>(k),
-      alpha.data_ptr(), B.data_ptr(), cuda_type(B.scalar_type()), static_cast<int>(B.size(1)),
-      A.data_ptr(), cuda_type(A.scalar_type()), static_cast<int>(A.size(1)), beta_t.data_ptr(),
+      alpha.data_ptr(), B.data_ptr(), cuda_type(B.scalar_type()), static_cast<int>(B.stride(0)),
+      A.data_ptr(), cuda_type(A.scalar_type()), static_cast<int>(A.stride(0)), beta_t.data_ptr(),
       out.data_ptr(), cuda_type(acc), static_cast<int>(c), compute, CUBLAS_GEMM_DEFAULT);
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "robustft_ext: cublasGemmEx failed: ",
               cublas_message(st));

@@ -3,11 +3,14 @@ m2mix ops, and the fakes of those ops (csrc/step_ops.h holds their C++ bodies; d
 section 3)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _extension, backends, reference
-from .._validation import PairInputs, Scalar, check_lam, check_scalar, pair_inputs
+from .._validation import PairInputs, Scalar, acc_dtype, check_lam, check_scalar, pair_inputs
+from ..step_design import step_design
 from ._fake import acc_empty, like, scalar
 
 
@@ -26,6 +29,24 @@ def step_views(with_m2: bool, with_clip: bool) -> int:
     return 2 * with_m2 + with_clip
 
 
+def kept_shape(n: int, dtype: torch.dtype, with_m2: bool, with_clip: bool) -> tuple[int, ...]:
+    """The shape of what the native CPU's m2mix / robust_step _keep ops keep for their
+    backward: with m^2 under the Gram design (robustft_ext.step_design) the Gram blocks of
+    the K strips of R rows that fit the workspace limit, [K, 4 R n] (K may be 0: nothing
+    fits); otherwise the views' dot products [V, n, n]."""
+    if with_m2 and step_design() == "gram":
+        rows, strips = torch.ops.robustft_ext.gram_strips(n, acc_dtype(dtype).itemsize)
+        return (strips, 4 * rows * n)
+    n_views = step_views(with_m2, with_clip)
+    return (n_views, n, n)
+
+
+def kept_entries(n: int, dtype: torch.dtype, with_m2: bool, with_clip: bool) -> int:
+    """How many values the _keep ops would keep (0: nothing the limit allows)."""
+    shape = kept_shape(n, dtype, with_m2, with_clip)
+    return math.prod(shape)
+
+
 class M2MixFunction(torch.autograd.Function):
     """m^2-mix loss, and with_clip the CLIP loss of the same batch, from one fused pass.
 
@@ -41,10 +62,10 @@ class M2MixFunction(torch.autograd.Function):
                 grad_enabled: bool):
         image, text = image.contiguous(), text.contiguous()
         ops = backends.fused_ops(backend)
-        n = image.shape[0]
         ctx.kept = None
         if not torch.compiler.is_compiling() and backends.keeps_products(
-                ctx, backend, grad_enabled, image, step_views(True, with_clip) * n * n):
+                ctx, backend, grad_enabled, image,
+                lambda: kept_entries(image.shape[0], image.dtype, True, with_clip)):
             m2, clip, lse, ctx.kept = ops.m2mix_fwd_keep(image, text, m2_scale, lam, clip_scale,
                                                          with_clip)
         else:
@@ -141,9 +162,8 @@ def _m2mix_bwd_fake(grad_m2, grad_clip, image, text, m2_scale, lam, clip_scale, 
 # The native CPU's forward that keeps the tiles' dot products [V, n, n], and its backward.
 @_extension.register_fake("m2mix_fwd_keep")
 def _m2mix_fwd_keep_fake(image, text, m2_scale, lam, clip_scale, with_clip):
-    n = image.shape[0]
     return (*_m2mix_fwd_fake(image, text, m2_scale, lam, clip_scale, with_clip),
-            acc_empty(image, step_views(True, with_clip), n, n))
+            acc_empty(image, *kept_shape(image.shape[0], image.dtype, True, with_clip)))
 
 
 @_extension.register_fake("m2mix_bwd_kept")

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _extension, backends
 from ._fake import acc_empty, scalar
-from .m2mix import step_views
+from .m2mix import kept_entries, kept_shape, step_views
 
 
 class StepArgs(NamedTuple):
@@ -68,10 +68,11 @@ class RobustStepFunction(torch.autograd.Function):
     def forward(ctx, backend: str, grad_enabled: bool, *fields):
         args = StepArgs(*fields).contiguous()
         ops = backends.fused_ops(backend)
-        n = args.image.shape[0]
         ctx.kept = None
         if args.views and not torch.compiler.is_compiling() and backends.keeps_products(
-                ctx, backend, grad_enabled, args.image, args.views * n * n):
+                ctx, backend, grad_enabled, args.image,
+                lambda: kept_entries(args.image.shape[0], args.image.dtype, args.with_m2,
+                                     args.with_clip)):
             terms, diff_mean, lse, ctx.kept = ops.robust_step_fwd_keep(*args)
         else:
             terms, diff_mean, lse = ops.robust_step_fwd(*args)
@@ -131,8 +132,8 @@ def _robust_step_bwd_fake(grad_terms, *fields_and_lse):
 @_extension.register_fake("robust_step_fwd_keep")
 def _robust_step_fwd_keep_fake(*fields):
     args = StepArgs(*fields)
-    n = args.image.shape[0]
-    return (*_robust_step_fwd_fake(*fields), acc_empty(args.image, args.views, n, n))
+    shape = kept_shape(args.image.shape[0], args.image.dtype, args.with_m2, args.with_clip)
+    return (*_robust_step_fwd_fake(*fields), acc_empty(args.image, *shape))
 
 
 @_extension.register_fake("robust_step_bwd_kept")

@@ -35,6 +35,7 @@ def test_default_limit_is_256_mib():
     script = textwrap.dedent("""
         import types, torch, robustft_ext as rft
         from robustft_ext import backends
+        rft.set_step_design("products")  # whose kept products take the limit whole
         ctx = types.SimpleNamespace(needs_input_grad=(True,))
         a = torch.zeros(1, 1)
         entries = 256 * 2**20 // 4

@@ -22,6 +22,10 @@ LOSSES = {
 }
 
 
+# The extension's ops that compute no loss (settings and the Gram strips' plan).
+SETTINGS_OPS = {"set_workspace_limit", "set_step_design", "gram_strips"}
+
+
 @pytest.fixture
 def calls():
     """The names of the native ops the autograd Functions call, in order."""
@@ -31,7 +35,7 @@ def calls():
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "robustft_ext" and func._opname != "set_workspace_limit":
+            if func.namespace == "robustft_ext" and func._opname not in SETTINGS_OPS:
                 seen.append(func._opname)
             return func(*args, **(kwargs or {}))
 
@@ -224,16 +228,45 @@ def test_step_second_backward_through_a_retained_graph(calls):
     assert calls == ["m2mix_fwd_keep", "m2mix_bwd_kept", "m2mix_bwd"]
 
 
-def test_step_keep_op_refuses_products_over_the_limit():
+@pytest.mark.parametrize("design,message", [("products", "more than the workspace limit"),
+                                            ("gram", "not one Gram strip of 64 rows fits")])
+def test_step_keep_op_refuses_products_over_the_limit(design, message):
     require_backend("native", "cpu")
     a, b = features(64, 8).detach(), features(64, 8).detach()
     one, zero = torch.tensor(1.0), torch.tensor(0.0)
     rft.set_workspace_limit(1024)
+    rft.set_step_design(design)
     try:
-        with pytest.raises(RuntimeError, match="more than the workspace limit"):
-            torch.ops.robustft_ext.robust_step_fwd_keep(a, b, one, one, torch.tensor(0.3), True, True, None, None,
-                                        zero, None, None, None, None, None)
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.robustft_ext.robust_step_fwd_keep(a, b, one, one, torch.tensor(0.3), True,
+                                                        True, None, None, zero, None, None, None,
+                                                        None, None)
     finally:
         rft.set_workspace_limit(None)
+        rft.set_step_design(None)
 
 
+@pytest.mark.parametrize("kind", ["m2mix", "clip_m2mix", "robust_step"])
+def test_gram_keeps_the_strips_that_fit(kind):
+    """The Gram design keeps the Gram blocks of as many backward strips as fit the limit: all
+    of them, the first of two, or none (a limit below one strip of 128 rows), the numbers those
+    strips' backward would recompute otherwise."""
+    require_backend("native", "cpu")
+    n, slot = 300, 4 * 300 * 4  # a strip row's four Gram entries per column, float32
+    cases = {"all": (None, (256, 2)), "first": (256 * slot, (256, 1)), "none": (128 * slot - 1, (128, 0))}
+    results = {}
+    for name, (limit, expected) in cases.items():
+        if limit is not None:
+            rft.set_workspace_limit(limit)
+        try:
+            assert tuple(torch.ops.robustft_ext.gram_strips(n, 4)) == expected, name
+            results[name] = _run_step(kind, n, torch.float32)
+        finally:
+            rft.set_workspace_limit(None)
+    loss, grads = results["none"]
+    for name in ("all", "first"):
+        other_loss, other_grads = results[name]
+        assert_close_rel(other_loss, loss, 1e-6, f"{name} loss")
+        for x, y in zip(other_grads, grads):
+            if y is not None:
+                assert_close_rel(x, y, 1e-5, f"{name} gradient")
