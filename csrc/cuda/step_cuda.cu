@@ -1,10 +1,11 @@
 // Fused CUDA kernels of a robust fine-tuning step (docs/maths.md, sections 1, 3, 4 and 9):
 // the CUDA launchers of step_kernels.h (step_lse_cuda, step_dlogits_cuda and the row passes
-// mix_rows_cuda, mix_backward_cuda, dive_sums_cuda, dive_grads_cuda), on which step_ops.h
-// builds the ops slerp*, m2mix_*, lipsum_*, dive_* and robust_step_*, registered here for the
-// CUDA dispatch key (RFT_REGISTER_STEP_OPS, as cpu/step_cpu.cpp does for the CPU). This file
-// holds the host side; step_device.cuh the tile kernels, row_device.cuh the row kernels;
-// contrastive_cuda.cu explains the tiling they share.
+// mix_rows_cuda, mix_backward_cuda, dive_sums_cuda, dive_grads_cuda, pair_backward_cuda), on
+// which step_ops.h builds the ops slerp*, m2mix_*, lipsum_*, dive_* and robust_step_*,
+// registered here for the CUDA dispatch key (RFT_REGISTER_STEP_OPS, as cpu/step_cpu.cpp does
+// for the CPU) with the Gram launchers of gram_cuda.cu. This file holds the host side;
+// step_device.cuh the tile kernels, row_device.cuh (and gram_device.cuh's pair_backward) the
+// row kernels; contrastive_cuda.cu explains the tiling they share.
 //
 // Design
 // ------
@@ -40,6 +41,7 @@
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
 #include "cuda/contrastive_device.cuh"
+#include "cuda/gram_device.cuh"
 #include "cuda/row_device.cuh"
 #include "cuda/step_device.cuh"
 #include "cuda/tile_dispatch.h"
@@ -315,13 +317,46 @@ void dive_grads_cuda(const DiveInputs& d, const at::Tensor& w_a, const at::Tenso
   });
 }
 
+void pair_backward_cuda(const at::Tensor& coef, const at::Tensor& I, const at::Tensor& T,
+                        at::Tensor& grad_I, at::Tensor& grad_T) {
+  check_mix_pair(I, T, c10::kCUDA);
+  const auto acc = acc_dtype(I.scalar_type());
+  check_acc_vector(coef, I.size(0), I, "coef");
+  for (const at::Tensor* t : {&grad_I, &grad_T}) {
+    TORCH_CHECK(t->is_contiguous() && t->sizes() == I.sizes() && t->scalar_type() == acc &&
+                    t->device() == I.device(),
+                "robustft_ext: pair_backward takes contiguous [n, D] ", acc, " gradients on ",
+                I.device());
+  }
+  const c10::cuda::CUDAGuard guard(I.device());
+  const int64_t n = I.size(0), D = I.size(1);
+  if (n == 0) return;
+  dispatch_features(I.scalar_type(), [&](auto in) {
+    using in_t = decltype(in);
+    using acc_t = std::conditional_t<std::is_same<in_t, double>::value, double, float>;
+    pair_backward_kernel<in_t, acc_t><<<row_blocks(n), kRowThreads, 0,
+                                        at::cuda::getCurrentCUDAStream()>>>(
+        coef.data_ptr<acc_t>(), I.data_ptr<in_t>(), T.data_ptr<in_t>(), n, D,
+        grad_I.data_ptr<acc_t>(), grad_T.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// gram_cuda.cu: whether gram_lse_cuda / gram_strip_cuda serve a dtype under the current
+// settings (not double, not under torch.use_deterministic_algorithms(True)).
+bool gram_supported_cuda(at::ScalarType t);
+
 static const StepKernelSet kCudaStepKernels{&step_lse_cuda,
                                             &step_dlogits_cuda,
                                             GemmKernels{&gemm_acc_cuda, &workspace_dtype_cuda},
                                             &mix_rows_cuda,
                                             &mix_backward_cuda,
                                             &dive_sums_cuda,
-                                            &dive_grads_cuda};
+                                            &dive_grads_cuda,
+                                            &pair_backward_cuda,
+                                            &gram_lse_cuda,
+                                            &gram_strip_cuda,
+                                            &gram_supported_cuda};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CUDA, kCudaStepKernels)
 
