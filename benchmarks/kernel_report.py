@@ -86,7 +86,7 @@ SMALLEST_OPTIN = 101376
 LARGEST_OPTIN = {"sm_80": 166912, "sm_90": 232448}
 FAMILIES = {"clip_lse_kernel": "contrastive", "softplus_sum_kernel": "contrastive",
             "dlogits_kernel": "contrastive", "step_lse_kernel": "step",
-            "step_dlogits_kernel": "step"}
+            "step_dlogits_kernel": "step", "gram_lse_kernel": "step", "gram_strip_kernel": "step"}
 
 
 def _tile_plan() -> dict | None:
