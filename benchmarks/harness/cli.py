@@ -25,8 +25,8 @@ GPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536], d=[512, 768
                     dtype="bf16", providers=list(PROVIDERS))
 # triton and inf_cl in the CPU list: rows "skipped", with why.
 CPU_DEFAULTS = dict(n=[1024, 2048, 4096, 8192], d=[512], dtype="fp32",
-                    providers=["reference", "reference+compile", "native", "native-separate",
-                               "open_clip", "triton", "inf_cl", "floor"])
+                    providers=["reference", "reference+compile", "native", "native-products",
+                               "native-separate", "open_clip", "triton", "inf_cl", "floor"])
 QUICK = dict(cuda=dict(n=[1024, 4096], d=[512]), cpu=dict(n=[256, 1024], d=[512]))
 
 

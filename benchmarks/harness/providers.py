@@ -3,17 +3,30 @@
   reference           rft.<loss>(backend="reference"): eager PyTorch, materialises N x N logits
                       (for m^2 the full mixed logit matrices, as the paper's code does)
   reference+compile   torch.compile of that same call (compile time is not timed)
-  native              rft.<loss>(backend="native"): the compiled C++/CUDA extension
+  native              rft.<loss>(backend="native"): the compiled C++/CUDA extension; CLIP + m^2,
+                      m^2 and the robust step under the "gram" step design (the default:
+                      the symmetric Gram formulation, docs/maths.md 9.4)
+  native-products     the same calls under the "products" step design (the three tile
+                      products, docs/maths.md 9.3): the old design beside the new in one run
+                      (m^2, CLIP + m^2 and the robust step only; the design changes nothing
+                      else)
   triton              rft.<loss>(backend="triton"): CUDA only (on CPU only under
                       TRITON_INTERPRET=1, far too slow to benchmark: skipped)
   open_clip           open_clip.loss.ClipLoss / SigLipLoss, eager (CLIP and SigLIP)
   inf_cl              Inf-CL's triton kernel (CUDA, CLIP only, when `import inf_cl` works):
                       (cal_inf_loss(s*img, txt) + cal_inf_loss(s*txt, img)) / 2
-  native-separate     CLIP + m^2 and the robust step by one fused call per term
+  native-separate     CLIP + m^2 and the robust step by one fused call per term (gram design)
   floor               the library GEMMs an exact evaluation needs, nothing else (floor.py)
 
 Every provider is a function fn(image_features, text_features, logit_scale, logit_bias) ->
 0-d tensor whose backward the harness times.
+
+The step design (robustft_ext.set_step_design) is one setting of the process, read by the
+fused backends' forward and backward, so every provider that runs them pins its own design:
+each call sets it (when it differs) before the forward, and the harness runs the backward
+before any other provider's call. Providers of different designs can then take turns in one
+process (cpu_compare.py's rounds, gpu_bench.py's long-lived worker) whatever the environment's
+ROBUSTFT_STEP_DESIGN says.
 """
 from __future__ import annotations
 
@@ -25,9 +38,13 @@ from harness import floor
 from harness.losses import (DIVE_WEIGHT, LIPSUM_WEIGHT, LOSSES, M2_LAM, M2_SCALE, M2_WEIGHT,
                             PRE_LOGIT_SCALE, robust_step_extras)
 
-PROVIDERS = ("reference", "reference+compile", "native", "triton", "open_clip", "inf_cl",
-             "native-separate", "floor")
+PROVIDERS = ("reference", "reference+compile", "native", "native-products", "triton",
+             "open_clip", "inf_cl", "native-separate", "floor")
 M2_LOSSES = ("m2mix", "clip_m2mix", "robust_step")
+# The step design each provider that runs the fused backends pins (module docstring); the
+# others do not read it.
+STEP_DESIGN = {"native": "gram", "native-products": "products", "native-separate": "gram",
+               "triton": "gram"}
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -36,6 +53,8 @@ def has_loss(loss: str, provider: str) -> bool:
     """Whether the provider computes this loss at all (else its rows would only say it does not)."""
     if provider == "native-separate":
         return loss in ("clip_m2mix", "robust_step")
+    if provider == "native-products":
+        return loss in M2_LOSSES
     if provider == "open_clip":
         return loss in ("clip", "siglip")
     if provider == "inf_cl":
@@ -56,6 +75,11 @@ def skip_reason(loss: str, provider: str, device: torch.device, dtype: torch.dty
         if not has_loss(loss, provider):
             return ("native-separate (the terms by separate fused calls) is for clip_m2mix and "
                     "robust_step")
+        return _backend_unavailable("native", device, dtype)
+    if provider == "native-products":
+        if not has_loss(loss, provider):
+            return ("native-products (the three-products step design) differs from native only "
+                    "for m2mix, clip_m2mix and robust_step")
         return _backend_unavailable("native", device, dtype)
     if loss in M2_LOSSES and provider in ("open_clip", "inf_cl"):
         return f"{provider} has no m^2-mix loss"
@@ -99,14 +123,43 @@ def _inf_cl_head_dim(d: int) -> int | None:
     return None
 
 
-def make_loss_fn(loss: str, provider: str, d: int | None = None) -> LossFn:
-    """fn(image_features, text_features, logit_scale, logit_bias) -> 0-d loss tensor."""
+def make_loss_fn(loss: str, provider: str, d: int | None = None, *,
+                 fresh_compile: bool = True) -> LossFn:
+    """fn(image_features, text_features, logit_scale, logit_bias) -> 0-d loss tensor.
+
+    fresh_compile (reference+compile): reset torch.compile's caches first, so that each
+    configuration of a long-lived process compiles for its own shapes (and never meets the
+    recompile limit). A caller that keeps several compiled providers alive at once
+    (cpu_compare.py) passes False and resets once before making them: a reset drops the graphs
+    of every provider made before it."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    if provider in STEP_DESIGN and loss in M2_LOSSES:
+        backend = "native" if provider == "native-products" else provider
+        return _pinned(_make_loss_fn(loss, backend, d, fresh_compile), STEP_DESIGN[provider])
+    if provider == "native-products":
+        raise ValueError(f"native-products has no {loss} loss (only {M2_LOSSES})")
+    return _make_loss_fn(loss, provider, d, fresh_compile)
+
+
+def _pinned(fn: LossFn, design: str) -> LossFn:
+    """fn under one step design: set before each call when the process's setting differs (a
+    Python read; the set is one op call, microseconds against the milliseconds timed)."""
+    import robustft_ext as rft
+
+    def pinned(a, b, s, bias):
+        if rft.step_design() != design:
+            rft.set_step_design(design)
+        return fn(a, b, s, bias)
+    return pinned
+
+
+def _make_loss_fn(loss: str, provider: str, d: int | None, fresh_compile: bool) -> LossFn:
     if provider == "floor":
         return floor.make_floor_fn(loss)
     if provider == "reference+compile":
-        torch._dynamo.reset()  # a fresh cache per configuration: static shapes, no fallback
+        if fresh_compile:
+            torch._dynamo.reset()  # a fresh cache per configuration: static shapes, no fallback
         return torch.compile(make_loss_fn(loss, "reference", d), dynamic=False)
     if loss in ("m2mix", "clip_m2mix"):
         return _m2mix_loss_fn(loss, provider)

@@ -3,8 +3,9 @@
 N=256, D=64, float32, one thread, full mode (forward + backward, the scale's gradient included), for the
 CLIP and SigLIP losses with the reference, native and open_clip providers, for m^2-mix alone,
 CLIP + m^2 (one fused pass, or two fused calls: native-separate) and a whole RobustFTLoss step
-(CLIP + m^2 + Lipsum-FT + DiVE: one fused pass, or one fused call per term). The loss functions
-and inputs are those of benchmarks/harness/. Each benchmark also checks that the loss it
+(CLIP + m^2 + Lipsum-FT + DiVE: one fused pass, or one fused call per term), the fused ones
+under both step designs (native: gram, native-products: products). The loss functions and
+inputs are those of benchmarks/harness/. Each benchmark also checks that the loss it
 timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
 
@@ -52,10 +53,9 @@ def one_thread():
 
 
 CASES = ([(loss, p) for loss in ("clip", "siglip") for p in ("reference", "native", "open_clip")]
-         + [("m2mix", "reference"), ("m2mix", "native"), ("clip_m2mix", "reference"),
-            ("clip_m2mix", "native"), ("clip_m2mix", "native-separate"),
-            ("robust_step", "reference"), ("robust_step", "native"),
-            ("robust_step", "native-separate")])
+         + [(loss, p) for loss in ("m2mix", "clip_m2mix", "robust_step")
+            for p in ("reference", "native", "native-products")]
+         + [("clip_m2mix", "native-separate"), ("robust_step", "native-separate")])
 
 
 @pytest.mark.parametrize("loss,provider", CASES)
@@ -81,6 +81,59 @@ def test_micro_full(benchmark, one_thread, loss, provider):
     assert value.dim() == 0
     assert math.isfinite(float(value)), f"{provider} {loss} loss is {float(value)}"
     assert all(t.grad is not None and bool(torch.isfinite(t.grad).all()) for t in leaves)
+
+
+# --------------------------------------------------------------------------- step designs
+
+@pytest.fixture
+def default_design():
+    """The process's step design restored after the test (the providers pin theirs)."""
+    import robustft_ext as rft
+    yield
+    rft.set_step_design(None)
+
+
+@pytest.mark.parametrize("loss", ["m2mix", "clip_m2mix", "robust_step"])
+def test_design_providers_pin_their_design_per_call(one_thread, default_design, loss):
+    """native and native-products take turns in one process, each call under its own design,
+    and give the same loss and gradients (to rounding)."""
+    import robustft_ext as rft
+    require_backend("native", "cpu")
+    providers, losses = _harness("providers"), _harness("losses")
+    inputs = losses.make_inputs(loss, 32, 16, torch.float32, torch.device("cpu"))
+    got = {}
+    for provider, design in [("native-products", "products"), ("native", "gram"),
+                             ("native-products", "products")]:
+        fn = providers.make_loss_fn(loss, provider, 16)
+        for t in inputs:
+            if t is not None:
+                t.grad = None
+        rft.set_step_design("gram" if design == "products" else "products")  # the other one
+        out = fn(*inputs)
+        assert rft.step_design() == design
+        out.backward()
+        got[provider] = (out.detach(), inputs[0].grad.clone(), inputs[1].grad.clone())
+    for a, b in zip(got["native"], got["native-products"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_native_products_is_for_the_m2_losses_only():
+    providers = _harness("providers")
+    cpu = torch.device("cpu")
+    for loss in ("clip", "siglip"):
+        assert not providers.has_loss(loss, "native-products")
+        assert "native-products" in providers.skip_reason(loss, "native-products", cpu,
+                                                          torch.float32, 16)
+        with pytest.raises(ValueError, match="native-products"):
+            providers.make_loss_fn(loss, "native-products", 16)
+    for loss in providers.M2_LOSSES:
+        assert providers.has_loss(loss, "native-products")
+    cli = _harness("cli")
+    assert "native-products" in cli.CPU_DEFAULTS["providers"]
+    args = cli.build_parser("clip_m2mix").parse_args(["--device", "cpu"])
+    assert "native-products" in cli.sweep_from_args("clip_m2mix", args).providers
+    args = cli.build_parser("clip").parse_args(["--device", "cpu"])
+    assert "native-products" not in cli.sweep_from_args("clip", args).providers
 
 
 # --------------------------------------------------------------------------- output paths
