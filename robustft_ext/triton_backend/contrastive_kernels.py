@@ -90,7 +90,7 @@ def clip_lse_kernel(
     For each of its row blocks it streams the column tiles (BLOCK_N wide) of S and keeps an
     online log-sum-exp per row (maths.lse_update); at the end of the row block it writes
     row_lse. With WITH_COL it also folds each tile into its own row of the [NPROG, m] column
-    partials (maths.col_partials_update); the host merges them (maths.merge_col_partials).
+    partials (maths.lse_partials_update); the host merges them (maths.merge_lse_partials).
     It also sums each row block's positive logits S_{p, p + pos_offset} into pos_ptr[rb]
     (per row block rather than per program: nothing stays live across row blocks).
     """
@@ -119,7 +119,7 @@ def clip_lse_kernel(
             pos_acc += tl.sum(tl.where(is_pos, s, 0.0), axis=1)
             m_i, l_i = maths.lse_update(m_i, l_i, s)
             if WITH_COL:
-                maths.col_partials_update(col_max_ptr, col_sum_ptr, col_base + cols, col_ok, s)
+                maths.lse_partials_update(col_max_ptr, col_sum_ptr, col_base + cols, col_ok, s, 0)
         tl.store(row_lse_ptr + rows, maths.lse_final(m_i, l_i, row_ok), mask=row_ok)
         tl.store(pos_ptr + rb, tl.sum(pos_acc, axis=0))
 

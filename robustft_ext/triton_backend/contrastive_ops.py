@@ -94,7 +94,7 @@ def _launch_lse(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, diag_offset: 
         a, b, scale, bias, row_lse, col_max, col_sum, pos,
         n, m, D, a.stride(0), b.stride(0), diag_offset, nprog,
         WITH_COL=with_col, ONE_CHUNK=D <= cfg.block_d, **launch_opts(cfg, a.dtype))
-    col_lse = maths.merge_col_partials(col_max, col_sum) if with_col else None
+    col_lse = maths.merge_lse_partials(col_max, col_sum) if with_col else None
     return row_lse, col_lse, pos.sum()
 
 

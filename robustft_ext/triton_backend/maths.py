@@ -5,9 +5,10 @@ tile) lives here once, and every kernel of contrastive_kernels.py and step_kerne
 it from here:
 
   online log-sum-exp   lse_update (one tile into a row state), lse_final (the value);
-  column partials      col_partials_update (one tile into a program's partial row of
-                       column statistics) and, on the host, merge_col_partials (the
-                       fixed-order merge of the per-program partials);
+  partial statistics   lse_partials_update (one tile's columns, or rows, into a
+                       program's partial log-sum-exp states) and, on the host,
+                       merge_lse_partials (the fixed-order merge of the per-program
+                       partials);
   dlogits (dS)         clip_dlogit, siglip_dlogit: per unit of the loss weight, so that they
                        lie in [-2, 2] and survive a cast to 16 bits (ds_operand);
   SigLIP loss          siglip_term (softplus without cancellation);
@@ -112,30 +113,32 @@ def lse_final(m_i, l_i, row_ok):
 
 
 @triton.jit
-def col_partials_update(col_max_ptr, col_sum_ptr, offs, col_ok, s):
-    """Merge the columns of tile s [rows, cols] into this program's partial column statistics
-    (max and sum of exp(s - max)) at col_max_ptr / col_sum_ptr + offs: load, merge, store.
+def lse_partials_update(max_ptr, sum_ptr, offs, ok, s, AXIS: tl.constexpr):
+    """Merge tile s [rows, cols] into this program's partial log-sum-exp states (max and sum
+    of exp(s - max)) at max_ptr / sum_ptr + offs: AXIS = 0 folds each column of s (offs
+    along the columns), AXIS = 1 each row (offs along the rows). Load, merge, store.
 
     Only the calling program touches those entries (so no atomics); the barrier orders the
     stores before the next tile's loads, which other threads of the program may issue (the
     load and store layouts may differ). The host merges the programs' partials with
-    merge_col_partials."""
-    pm = tl.load(col_max_ptr + offs, mask=col_ok, other=float("-inf"))
-    ps = tl.load(col_sum_ptr + offs, mask=col_ok, other=0.0)
-    cm = tl.maximum(pm, tl.max(s, axis=0))
+    merge_lse_partials."""
+    pm = tl.load(max_ptr + offs, mask=ok, other=float("-inf"))
+    ps = tl.load(sum_ptr + offs, mask=ok, other=0.0)
+    cm = tl.maximum(pm, tl.max(s, axis=AXIS))
     cm_safe = tl.where(cm == float("-inf"), 0.0, cm)
-    ps = ps * tl.exp(pm - cm_safe) + tl.sum(tl.exp(s - cm_safe[None, :]), axis=0)
-    tl.store(col_max_ptr + offs, cm, mask=col_ok)
-    tl.store(col_sum_ptr + offs, ps, mask=col_ok)
+    ps = ps * tl.exp(pm - cm_safe) + tl.sum(tl.exp(s - tl.expand_dims(cm_safe, AXIS)),
+                                            axis=AXIS)
+    tl.store(max_ptr + offs, cm, mask=ok)
+    tl.store(sum_ptr + offs, ps, mask=ok)
     tl.debug_barrier()
 
 
-def merge_col_partials(col_max: Tensor, col_sum: Tensor) -> Tensor:
-    """Host side: the column log-sum-exp [m] from P programs' partials [P, m] (max, sum of
+def merge_lse_partials(part_max: Tensor, part_sum: Tensor) -> Tensor:
+    """Host side: the log-sum-exp [...] from P programs' partials [P, ...] (max, sum of
     exp(x - max)), merged in a fixed order (bitwise deterministic). O(P m) torch ops."""
-    cmax = col_max.amax(0)
+    cmax = part_max.amax(0)
     cmax = torch.where(torch.isinf(cmax), torch.zeros_like(cmax), cmax)
-    return cmax + torch.log((col_sum * torch.exp(col_max - cmax)).sum(0))
+    return cmax + torch.log((part_sum * torch.exp(part_max - cmax)).sum(0))
 
 
 # ----------------------------------------------------------------------------- dlogits

@@ -261,8 +261,8 @@ def _fwd_rows(I, T, M, P, G, diag_ptr, m2_scale_ptr, clip_scale_ptr, lip_scale_p
                 if WITH_CLIP:
                     c = tl.where(valid, s_c * x_it, float("-inf"))
                     mc, lc = maths.lse_update(mc, lc, c)
-                    maths.col_partials_update(col_max_ptr, col_sum_ptr, col_base + cols,
-                                              col_ok, c)
+                    maths.lse_partials_update(col_max_ptr, col_sum_ptr, col_base + cols,
+                                              col_ok, c, 0)
             if WITH_M2:
                 tl.store(lse_ptr + rows, maths.lse_final(ma, la, row_ok), mask=row_ok)
                 tl.store(lse_ptr + n + rows, maths.lse_final(mb, lb, row_ok), mask=row_ok)

@@ -341,7 +341,7 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
         **s.flags(), ONE_CHUNK=D <= cfg.block_d, **launch_opts(cfg, s.dtype))
     terms = [torch.zeros((), **f32) for _ in range(5)]
     if s.with_clip:
-        col_lse = maths.merge_col_partials(col_max, col_sum).unsqueeze(0)
+        col_lse = maths.merge_lse_partials(col_max, col_sum).unsqueeze(0)
     else:
         col_lse = torch.zeros((1, n), **f32)
     lse = torch.cat([lse_rows, col_lse])
