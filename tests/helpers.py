@@ -52,6 +52,25 @@ def features(n: int, d: int, dtype=torch.float32, device="cpu", *,
     return x.requires_grad_()
 
 
+def m2mix_eager_lowp(I, T, s_m, lam, s_c):
+    """m^2-mix and CLIP with the logits in the inputs' (16-bit) dtype, open_clip-style (the
+    per-row slerp weights in float32, the mixed rows rounded to the inputs' dtype)."""
+    c = (I.float() * T.float()).sum(1).clamp(-1 + 1e-6, 1 - 1e-6)
+    theta = torch.acos(c)
+    w_a = torch.sin(lam.float() * theta) / torch.sin(theta)
+    w_b = torch.sin((1 - lam.float()) * theta) / torch.sin(theta)
+    M = (w_a[:, None] * I.float() + w_b[:, None] * T.float()).to(I.dtype)
+    eye = torch.eye(I.shape[0], dtype=torch.bool)
+    diag = (s_m * (I * T).sum(1))[:, None]
+    A = torch.where(eye, diag, s_m * I @ M.T)
+    B = torch.where(eye, diag, s_m * T @ M.T)
+    labels = torch.arange(I.shape[0])
+    m2 = (F.cross_entropy(A.float(), labels) + F.cross_entropy(B.float(), labels)) / 2
+    C = s_c * I @ T.T
+    clip = (F.cross_entropy(C.float(), labels) + F.cross_entropy(C.T.float(), labels)) / 2
+    return m2, clip
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor, floor: float = 1e-3) -> float:
     """max |x - ref| / max |ref|, the denominator floored so exact zeros compare absolutely."""
     x, ref = x.detach().double(), ref.detach().double()

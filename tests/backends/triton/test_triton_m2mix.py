@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
+from helpers import (LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend,
+                     m2mix_eager_lowp, rel_err)
 from robustft_ext import reference
 
 pytestmark = pytest.mark.triton
@@ -55,7 +56,7 @@ def _reference(I, T, m2_scale, lam, clip_scale, with_clip, lowp=False):
     if lowp and I.dtype != torch.float32:
         Il, Tl = (x.detach().cpu().requires_grad_() for x in (I, T))
         s_m, s_c = (x.detach().cpu().to(I.dtype).requires_grad_() for x in (m2_scale, clip_scale))
-        m2, clip = _eager_lowp(Il, Tl, s_m, lam.detach().cpu().to(I.dtype), s_c)
+        m2, clip = m2mix_eager_lowp(Il, Tl, s_m, lam.detach().cpu().to(I.dtype), s_c)
         lse = None
     else:
         # float64, or (lowp with float32 inputs) the reference itself in float32.
@@ -79,25 +80,6 @@ def _reference(I, T, m2_scale, lam, clip_scale, with_clip, lowp=False):
     grads = torch.autograd.grad(total, [Il, Tl, s_m, s_c], allow_unused=True)
     grads = [torch.zeros((), dtype=Il.dtype) if g is None else g for g in grads]
     return (m2.detach(), clip.detach(), lse), grads
-
-
-def _eager_lowp(I, T, s_m, lam, s_c):
-    """m^2-mix and CLIP with the logits in the inputs' (16-bit) dtype, open_clip-style (the
-    per-row slerp weights in float32, the mixed rows rounded to the inputs' dtype)."""
-    c = (I.float() * T.float()).sum(1).clamp(-1 + 1e-6, 1 - 1e-6)
-    theta = torch.acos(c)
-    w_a = torch.sin(lam.float() * theta) / torch.sin(theta)
-    w_b = torch.sin((1 - lam.float()) * theta) / torch.sin(theta)
-    M = (w_a[:, None] * I.float() + w_b[:, None] * T.float()).to(I.dtype)
-    eye = torch.eye(I.shape[0], dtype=torch.bool)
-    diag = (s_m * (I * T).sum(1))[:, None]
-    A = torch.where(eye, diag, s_m * I @ M.T)
-    B = torch.where(eye, diag, s_m * T @ M.T)
-    labels = torch.arange(I.shape[0])
-    m2 = (F.cross_entropy(A.float(), labels) + F.cross_entropy(B.float(), labels)) / 2
-    C = s_c * I @ T.T
-    clip = (F.cross_entropy(C.float(), labels) + F.cross_entropy(C.T.float(), labels)) / 2
-    return m2, clip
 
 
 def _bound(dtype, lp, ref):
