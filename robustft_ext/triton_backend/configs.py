@@ -21,7 +21,9 @@ Keys:
                 contrastive backward, small D), dlogit (the dS pass of the large-D contrastive
                 backward), step_fwd, step_grad_rows, step_grad_cols (the register-resident
                 step backward, D <= 64), step_dlogit (the dS pass of the large-D step
-                backward).
+                backward), gram_lse (the Gram formulation's forward over the triangle of
+                tiles; square tiles, BLOCK_M == BLOCK_N), gram_strip (its backward strips,
+                where the step's backward takes the dS workspace: D > 64).
 
 How the sizes were chosen (the numbers behind them: docs/backends.md, "Tile configurations"):
   * 16-bit on sm_90: BLOCK_M a multiple of 64 with 4 warps per 64 rows (one warpgroup per
@@ -29,7 +31,10 @@ How the sizes were chosen (the numbers behind them: docs/backends.md, "Tile conf
     (BLOCK_M + BLOCK_N) x 64 x 2 bytes in shared memory. The GEMM-like passes (the forward
     statistics and the dS pass at large D) use 128 x 128 tiles with 8 warps, the step kernels
     (three logit tiles at once) 128 x 64 or 64-row tiles. The register-resident backward keeps
-    [BLOCK_M, D] accumulators, so its tiles shrink with D.
+    [BLOCK_M, D] accumulators, so its tiles shrink with D. The Gram kernels hold four Gram
+    blocks of a tile pair at once (one 2 BLOCK_M x 2 BLOCK_N product of [I; T] slabs), hence
+    64 x 64 tiles forward and 64 x 32 in the backward strips, whose epilogue (both
+    orientations' dlogits, S and the column sums u) needs the most registers.
   * 16-bit on sm_80 (mma.sync m16n8k16, fragments in registers): BLOCK_K = 32, at most
     97 KiB of shared memory (within the 99 KiB per block of sm_86 / sm_89), and smaller
     tiles for the register-bound kernels.
@@ -67,7 +72,8 @@ class Config(NamedTuple):
 
 
 KERNELS = ("clip_lse", "siglip_sum", "grad_rows", "dlogit",
-           "step_fwd", "step_grad_rows", "step_grad_cols", "step_dlogit")
+           "step_fwd", "step_grad_rows", "step_grad_cols", "step_dlogit",
+           "gram_lse", "gram_strip")
 ARCHS = (90, 80)
 DTYPE_CLASSES = ("16bit", "tf32", "fp32")
 D_CLASSES = ("d64", "d128", "large")
@@ -82,6 +88,7 @@ KERNEL_D_CLASSES = {
     "clip_lse": D_CLASSES, "siglip_sum": D_CLASSES, "step_fwd": D_CLASSES,
     "grad_rows": ("d64", "d128"), "dlogit": ("large",),
     "step_grad_rows": ("d64",), "step_grad_cols": ("d64",), "step_dlogit": ("d128", "large"),
+    "gram_lse": D_CLASSES, "gram_strip": ("d128", "large"),
 }
 
 
@@ -107,6 +114,8 @@ _SM90_16BIT = {
     "step_grad_cols": {"d64": C(64, 64, 64, 4, 3, 67072)},
     "step_dlogit": {"d128": C(128, 64, 64, 8, 3, 147456),
                     "large": C(128, 64, 64, 8, 3, 147456)},
+    "gram_lse": {d: C(64, 64, 64, 8, 3, 98304) for d in D_CLASSES},
+    "gram_strip": {d: C(64, 32, 64, 8, 3, 73728) for d in ("d128", "large")},
 }
 
 # 16-bit inputs on sm_80 - sm_89 (mma.sync m16n8k16): 32-wide feature chunks and at most
@@ -127,6 +136,8 @@ _SM80_16BIT = {
     "step_grad_cols": {"d64": C(32, 64, 64, 4, 2, 27392)},
     "step_dlogit": {"d128": C(128, 64, 32, 8, 3, 49152),
                     "large": C(128, 64, 32, 8, 3, 49152)},
+    "gram_lse": {d: C(32, 32, 64, 4, 3, 32768) for d in D_CLASSES},
+    "gram_strip": {d: C(64, 32, 32, 8, 3, 24576) for d in ("d128", "large")},
 }
 
 # float32 on TF32 tensor cores: fp32 operands take twice the shared memory and (sm_80)
@@ -145,6 +156,8 @@ _SM90_TF32 = {
     "step_grad_cols": {"d64": C(64, 32, 64, 4, 3, 66304)},
     "step_dlogit": {"d128": C(128, 64, 32, 8, 3, 147456),
                     "large": C(128, 64, 32, 8, 3, 147456)},
+    "gram_lse": {d: C(64, 64, 32, 8, 3, 98304) for d in D_CLASSES},
+    "gram_strip": {d: C(64, 32, 32, 8, 3, 73728) for d in ("d128", "large")},
 }
 
 _SM80_TF32 = {
@@ -160,6 +173,8 @@ _SM80_TF32 = {
     "step_grad_rows": {"d64": C(16, 32, 64, 4, 2, 32896)},
     "step_grad_cols": {"d64": C(16, 32, 64, 4, 2, 33152)},
     "step_dlogit": {"d128": C(64, 32, 16, 4, 3, 24576), "large": C(64, 32, 16, 4, 3, 24576)},
+    "gram_lse": {d: C(32, 32, 32, 4, 3, 32768) for d in D_CLASSES},
+    "gram_strip": {d: C(32, 64, 16, 4, 3, 24576) for d in ("d128", "large")},
 }
 
 # float32 "ieee" dots run on the FMA units with their operands in registers: 8 warps, and the
@@ -175,6 +190,8 @@ _FP32_IEEE = {
     "step_grad_rows": {"d64": C(16, 32, 64, 8, 2, 30848)},
     "step_grad_cols": {"d64": C(16, 32, 64, 8, 2, 31104)},
     "step_dlogit": {"d128": C(32, 32, 16, 8, 2, 8192), "large": C(32, 32, 16, 8, 2, 8192)},
+    "gram_lse": {d: C(32, 32, 16, 8, 2, 8192) for d in D_CLASSES},
+    "gram_strip": {d: C(32, 32, 16, 8, 2, 8192) for d in ("d128", "large")},
 }
 
 TABLE: dict[int, dict[str, dict[str, dict[str, Config]]]] = {

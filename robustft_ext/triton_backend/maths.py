@@ -13,7 +13,13 @@ it from here:
                        lie in [-2, 2] and survive a cast to 16 bits (ds_operand);
   SigLIP loss          siglip_term (softplus without cancellation);
   tile products        mma (tl.dot with float32 accumulation, and the interpreter's bfloat16
-                       workaround).
+                       workaround);
+  tile orders          grouped_tile (L2-friendly order of a rectangle of tiles),
+                       triangle_tile / triangle_next (the upper triangle of tiles of the
+                       Gram formulation, row block by row block);
+  Gram formulation     gram_mixed_dot (a mixed logit from two Gram entries), gram_s_blocks
+                       (the four blocks of S = dG + dG^T at one entry): docs/maths.md,
+                       section 9.4.
 
 Notation (docs/maths.md, sections 1-2): S = scale <p, q> + bias is one logit, r / c the row /
 column log-sum-exp, E the positive pairs (q - p == offset). Masked (invalid) entries of a
@@ -91,6 +97,28 @@ def grouped_tile(pid, num_pm, num_pn, GROUP_M: tl.constexpr):
     pm = first_m + (pid % group) % group_rows
     pn = (pid % group) // group_rows
     return pm, pn
+
+
+@triton.jit
+def triangle_tile(t, nb):
+    """Row block i and column block j (i <= j < nb) of tile number t < nb (nb + 1) / 2 of the
+    upper triangle of an nb x nb grid of square tiles, numbered row block by row block (row
+    block i holds the nb - i tiles j = i .. nb - 1): the Gram formulation's forward schedule
+    (docs/maths.md, section 9.4). A scalar loop over the row blocks before t, once per
+    program."""
+    i = t * 0
+    first = t * 0  # the tiles of the row blocks before i
+    while (i < nb) & (first + (nb - i) <= t):
+        first += nb - i
+        i += 1
+    return i, i + (t - first)
+
+
+@triton.jit
+def triangle_next(i, j, nb):
+    """The tile after (i, j) in triangle_tile's order."""
+    last = j + 1 == nb
+    return tl.where(last, i + 1, i), tl.where(last, i + 1, j + 1)
 
 
 # ----------------------------------------------------------------------------- log-sum-exp
@@ -178,6 +206,37 @@ def ds_operand(u, dtype):
     dtype for the tensor cores (as flash-attention does; U is O(1), so nothing underflows),
     kept in float32 for float32 inputs."""
     return u.to(dtype)
+
+
+# ----------------------------------------------------------------------------- Gram formulation
+@triton.jit
+def gram_mixed_dot(w_a, w_b, g_i, g_t):
+    """<X_x, M_y> = w_a[y] <X_x, I_y> + w_b[y] <X_x, T_y>: a row's dot product with the mixed
+    negative M_y = w_a I_y + w_b T_y from two Gram entries, without M (docs/maths.md, section
+    9.4). s_m times it is A_xy (X = I) or B_xy (X = T), for y != x."""
+    return w_a * g_i + w_b * g_t
+
+
+@triton.jit
+def gram_s_blocks(da, da_t, db, db_t, dc, dc_t, wa_p, wb_p, wa_q, wb_q, f_m, f_c,
+                  WITH_CLIP: tl.constexpr):
+    """The four blocks of S = dG + dG^T at the Gram entry [p, q] (docs/maths.md, section 9.4)
+    from the unit dlogits of both orientations (da = dA'_pq, da_t = dA'_qp, db = dB'_pq,
+    db_t = dB'_qp, dc = dC'_pq, dc_t = dC'_qp), the slerp weights of p and q, and the factors
+    f_m, f_c of the m^2 and CLIP terms:
+        S_II = f_m (da w_a[q] + da_t w_a[p])
+        S_IT = f_m (da w_b[q] + db_t w_a[p]) + f_c dc
+        S_TI = f_m (db w_a[q] + da_t w_b[p]) + f_c dc_t
+        S_TT = f_m (db w_b[q] + db_t w_b[p])
+    (without CLIP, dc and dc_t are not read)."""
+    s_ii = f_m * (da * wa_q + da_t * wa_p)
+    s_it = f_m * (da * wb_q + db_t * wa_p)
+    s_ti = f_m * (db * wa_q + da_t * wb_p)
+    s_tt = f_m * (db * wb_q + db_t * wb_p)
+    if WITH_CLIP:
+        s_it += f_c * dc
+        s_ti += f_c * dc_t
+    return s_ii, s_it, s_ti, s_tt
 
 
 # ----------------------------------------------------------------------------- DiVE

@@ -36,7 +36,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import configs, contrastive_kernels, slerp_kernels, step_kernels
+from . import configs, contrastive_kernels, gram_kernels, slerp_kernels, step_kernels
 from .ds_workspace import ds_dtype
 
 FEATURE_ARGS = frozenset({"P", "Q", "I", "T", "M", "G", "FI", "FT", "PI", "PT", "DI", "DT"})
@@ -48,8 +48,8 @@ _SIGLIP = dict(SIGLIP=True, HAS_ROW=False, HAS_COL=False, POS_COEF=1)
 
 # kernel name -> (JIT function, {variant name: its compile-time flags}). The variants are
 # the launches the ops make that differ most in code: symmetric CLIP (both LSE terms and the
-# column partials, the heaviest CLIP code) and one-sided CLIP forward, SigLIP, and the step
-# with every term on.
+# column partials, the heaviest CLIP code) and one-sided CLIP forward, SigLIP, the step
+# with every term on, and the Gram formulation's kernels with CLIP (its heaviest epilogue).
 KERNEL_VARIANTS = {
     "clip_lse": (contrastive_kernels.clip_lse_kernel,
                  {"symmetric": dict(WITH_COL=True), "one_sided": dict(WITH_COL=False)}),
@@ -66,10 +66,14 @@ KERNEL_VARIANTS = {
                        {"m2_clip": dict(WITH_M2=True, WITH_CLIP=True)}),
     "step_dlogit": (step_kernels.step_dlogit_kernel,
                     {"all_terms": dict(_ALL_STEP_TERMS, GROUP_M=8)}),
+    "gram_lse": (gram_kernels.gram_lse_kernel, {"m2_clip": dict(WITH_CLIP=True)}),
+    "gram_strip": (gram_kernels.gram_strip_kernel, {"m2_clip": dict(WITH_CLIP=True, GROUP_M=8)}),
     "pair_dots": (slerp_kernels.pair_dots_kernel, {"rows": {}}),
     "slerp_mix": (slerp_kernels.slerp_mix_kernel, {"rows": {}}),
-    "slerp_bwd": (slerp_kernels.slerp_bwd_kernel, {"step": dict(WITH_STEP=True),
-                                                   "slerp": dict(WITH_STEP=False)}),
+    "slerp_bwd": (slerp_kernels.slerp_bwd_kernel,
+                  {"step": dict(WITH_MIX=True, WITH_STEP=True),
+                   "slerp": dict(WITH_MIX=True, WITH_STEP=False),
+                   "pair": dict(WITH_MIX=False, WITH_STEP=True)}),
 }
 
 # The D each D class is compiled at: its largest (the one-chunk classes' widest feature

@@ -1,5 +1,6 @@
 """Row-wise Triton kernels of the m^2 slerp (docs/maths.md, section 3): the prologue's row dots
-and mix, and the slerp backward together with the step's other gradients of I and T.
+and mix, and the slerp backward together with the step's other gradients of I and T (without
+a mix: the Gram formulation's pair pass, section 9.4).
 
 Each program owns BLOCK_M rows and loops over D in BLOCK_D chunks; nothing is written but the
 outputs, so the prologue and the backward allocate no n x D temporaries (the ATen form of the
@@ -92,9 +93,10 @@ def slerp_bwd_kernel(
     pair_ptr,             # [n] f32 (WITH_STEP): the coefficient of T in dI and of I in dT
     base_i_ptr,           # [n, D] f32 (WITH_STEP): the rest of dI
     base_t_ptr,           # [n, D] f32 (WITH_STEP): the rest of dT
+    stride_base,          # the row stride of base_i_ptr and base_t_ptr
     DI, DT,               # [n, D] out: dI, dT in their dtype
     n, D, stride,
-    WITH_STEP: tl.constexpr, ROUND_BF16: tl.constexpr,
+    WITH_MIX: tl.constexpr, WITH_STEP: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The backward of M = slerp(I, T; lam) (docs/maths.md, section 3.1):
@@ -103,15 +105,21 @@ def slerp_bwd_kernel(
     and, WITH_STEP (the m^2 step backward), the step's other gradients of I and T added in
     the same pass: dI += base_I + pair T, dT += base_T + pair I, with pair_p the true pair's
     coefficient s_m (dA_pp + dB_pp) (its logit is s_m <I_p, T_p>). Two passes over the row
-    block's features: the row dots, then the gradients."""
+    block's features: the row dots, then the gradients.
+
+    Without WITH_MIX (the Gram formulation's pair pass, csrc/step_kernels.h pair_backward:
+    its slerp weights' terms are in pair, docs/maths.md, section 9.4) there is no dM:
+    dI = base_I + pair T, dT = base_T + pair I, and weights_f64 / grad_m_ptr are not read."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    w_a = tl.load(weights_f64 + rows, mask=row_ok, other=0.0)[:, None]
-    w_b = tl.load(weights_f64 + n + rows, mask=row_ok, other=0.0)[:, None]
-    dw_a = tl.load(weights_f64 + 2 * n + rows, mask=row_ok, other=0.0)
-    dw_b = tl.load(weights_f64 + 3 * n + rows, mask=row_ok, other=0.0)
-    k = (_row_dots(grad_m_ptr, I, rows, row_ok, D, stride, BLOCK_M, BLOCK_D) * dw_a
-         + _row_dots(grad_m_ptr, T, rows, row_ok, D, stride, BLOCK_M, BLOCK_D) * dw_b)
+    k = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    if WITH_MIX:
+        w_a = tl.load(weights_f64 + rows, mask=row_ok, other=0.0)[:, None]
+        w_b = tl.load(weights_f64 + n + rows, mask=row_ok, other=0.0)[:, None]
+        dw_a = tl.load(weights_f64 + 2 * n + rows, mask=row_ok, other=0.0)
+        dw_b = tl.load(weights_f64 + 3 * n + rows, mask=row_ok, other=0.0)
+        k = (_row_dots(grad_m_ptr, I, rows, row_ok, D, stride, BLOCK_M, BLOCK_D) * dw_a
+             + _row_dots(grad_m_ptr, T, rows, row_ok, D, stride, BLOCK_M, BLOCK_D) * dw_b)
     if WITH_STEP:
         k += tl.load(pair_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     k = k[:, None]
@@ -121,13 +129,17 @@ def slerp_bwd_kernel(
         d = c + offs_d
         mask = row_ok[:, None] & (d < D)[None, :]
         off = base + d[None, :]
-        dm = tl.load(grad_m_ptr + off, mask=mask, other=0.0).to(tl.float64)
         i = tl.load(I + off, mask=mask, other=0.0).to(tl.float64)
         t = tl.load(T + off, mask=mask, other=0.0).to(tl.float64)
-        di = w_a * dm + k * t
-        dt = w_b * dm + k * i
+        di = k * t
+        dt = k * i
+        if WITH_MIX:
+            dm = tl.load(grad_m_ptr + off, mask=mask, other=0.0).to(tl.float64)
+            di += w_a * dm
+            dt += w_b * dm
         if WITH_STEP:
-            di += tl.load(base_i_ptr + off, mask=mask, other=0.0).to(tl.float64)
-            dt += tl.load(base_t_ptr + off, mask=mask, other=0.0).to(tl.float64)
+            b_off = rows.to(tl.int64)[:, None] * stride_base + d[None, :]
+            di += tl.load(base_i_ptr + b_off, mask=mask, other=0.0).to(tl.float64)
+            dt += tl.load(base_t_ptr + b_off, mask=mask, other=0.0).to(tl.float64)
         tl.store(DI + off, _rounded(di, DI.dtype.element_ty, ROUND_BF16), mask=mask)
         tl.store(DT + off, _rounded(dt, DT.dtype.element_ty, ROUND_BF16), mask=mask)

@@ -17,6 +17,14 @@ the twin of csrc/step_args.h), whose fields device.triton_op lists in the regist
 m2mix_*, lipsum_* and dive_* build one with only their terms' fields, as csrc/step_ops.h's
 m2mix_args, lipsum_args and dive_args do.
 
+With m^2 under the Gram design (robustft_ext.step_design, docs/maths.md section 9.4), the
+CLIP and m^2 tiles are the Gram kernels' (gram_kernels.py): one launch of gram_lse_kernel
+over the triangle of tiles forward (_gram_lse) and, where the backward takes the dS workspace,
+one launch of gram_strip_kernel per strip with its library GEMMs and the pair pass
+(_gram_grads, _gram_step_bwd); Lipsum-FT and DiVE are then launches of the same step kernels
+with the tile terms switched off (_Step.without_tiles). A batch with a near-opposite pair,
+and a traced body, take the three products (_gram_serves).
+
 As in contrastive_ops.py, each op body uses only torch ops with fake-able shapes plus
 `wrap_triton` kernel launches, so the body is also the fake (meta) implementation and
 torch.compile(fullgraph=True) traces through to the kernels. Every op body runs on its inputs'
@@ -25,35 +33,44 @@ columns (launch.kernel_features).
 What the op bodies do besides the tile kernels (as csrc/step_ops.h):
   * the slerp prologue, with the row-wise kernels of slerp_kernels.py (float64 inside):
     c_p = <I_p, T_p>, then the weights [4, n] from slerp_maths.slerp_weights on the host (the
-    one Python copy of maths::slerp_weights, O(n)), then M = w_a I + w_b T, kept as one n x D
-    buffer in the input dtype, read by the kernels like I and T;
+    one Python copy of maths::slerp_weights, O(n)), then (three products) M = w_a I + w_b T,
+    kept as one n x D buffer in the input dtype, read by the kernels like I and T;
   * for large D (configs.fused_backward), the backward's library GEMMs over the workspace
     row chunks of dlogits that step_dlogit_kernel writes (_step_grads_workspace);
   * the true-pair diagonal of A and B (value in the forward, its O(n) coefficient in the
     backward);
   * the backward of the slerp, dI += w_a dM + k T, dT += w_b dM + k I with
     k = <dM, I> dw_a/dc + <dM, T> dw_b/dc, and the true pair's gradient, in one row-wise
-    kernel that also adds the tile kernels' gradients and writes dI, dT in the input dtype;
+    kernel that also adds the tile kernels' gradients and writes dI, dT in the input dtype
+    (the Gram formulation: the same kernel without dM, k = its pair coefficient);
   * assembling the losses from the kernels' statistics, and merging the per-program partials
     (column LSE of CLIP, the three sums, the DiVE column sums, the scale-gradient sums) with
     fixed-order torch reductions: results are bitwise deterministic.
 Nothing of size n x n or n x K exists outside the kernels, except the large-D backward's
-workspace chunks, bounded by robustft_ext.workspace's limit (ds_workspace.py). Besides the
-outputs, the memory is O(n D): M and the four float32 gradient buffers of the backward (at
-most 12 n D float32 with everything else, tests/backends/test_memory.py), O(B' D) for DiVE,
-O(P n) column partials of the CLIP forward (P persistent programs), O(n) slerp weights and
-O(n / BLOCK) partial sums.
+workspace chunks (the Gram formulation's strips of S), bounded by robustft_ext.workspace's
+limit (ds_workspace.py). Besides the outputs, the memory is O(n D): M and the four float32
+gradient buffers of the backward (the Gram backward: the rows [I; T] interleaved and their
+float32 gradients; at most 12 n D float32 with everything else, tests/backends/test_memory.py),
+O(B' D) for DiVE, O(P n) partial statistics of the persistent forward programs (the CLIP
+column LSE; the Gram forward's four statistics, within the workspace limit), O(n) slerp
+weights and O(n / BLOCK) partial sums.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import triton
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from .. import slerp_maths as _slerp
+from .. import workspace
 from ..ops.robust_step import StepArgs
-from . import SUPPORTED_DTYPES, configs, ds_workspace, maths, slerp_kernels, step_kernels
+from ..step_design import GRAM_WEIGHT_LIMIT, step_design
+from . import (SUPPORTED_DTYPES, configs, ds_workspace, gram_kernels, maths, slerp_kernels,
+               step_kernels)
 from .configs import interpreting
 from .contrastive_ops import check_features
 from .device import triton_op
@@ -64,6 +81,8 @@ _STEP_FWD = traceable(step_kernels.step_fwd_kernel)
 _STEP_ROWS = traceable(step_kernels.step_grad_rows_kernel)
 _STEP_COLS = traceable(step_kernels.step_grad_cols_kernel)
 _STEP_DLOGIT = traceable(step_kernels.step_dlogit_kernel)
+_GRAM_LSE = traceable(gram_kernels.gram_lse_kernel)
+_GRAM_STRIP = traceable(gram_kernels.gram_strip_kernel)
 _PAIR_DOTS = traceable(slerp_kernels.pair_dots_kernel)
 _SLERP_MIX = traceable(slerp_kernels.slerp_mix_kernel)
 _SLERP_BWD = traceable(slerp_kernels.slerp_bwd_kernel)
@@ -152,8 +171,21 @@ def _mix_backward(grad_m: Tensor, a: Tensor, b: Tensor, w: Tensor, *,
     base_a + pair b and base_b + pair a (slerp_kernels.slerp_bwd_kernel)."""
     grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
     pair, base_a, base_b = step if step is not None else (grad_m, grad_m, grad_m)
-    _row_launch("slerp_bwd", a, a, b, w, grad_m, pair, base_a, base_b, grad_a, grad_b,
-                WITH_STEP=step is not None, ROUND_BF16=_round_bf16(a.dtype))
+    _row_launch("slerp_bwd", a, a, b, w, grad_m, pair, base_a, base_b, base_a.stride(0),
+                grad_a, grad_b, WITH_MIX=True, WITH_STEP=step is not None,
+                ROUND_BF16=_round_bf16(a.dtype))
+    return grad_a, grad_b
+
+
+def _pair_backward(coef: Tensor, a: Tensor, b: Tensor, base_a: Tensor,
+                   base_b: Tensor) -> tuple[Tensor, Tensor]:
+    """(base_a + coef b, base_b + coef a) [n, D] in a's dtype, for coef [n] and the bases
+    [n, D] float32 (rows of one stride, unit column stride): the Gram formulation's pair
+    pass (csrc/step_kernels.h pair_backward; slerp_kernels.slerp_bwd_kernel without a mix)."""
+    grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+    _row_launch("slerp_bwd", a, a, b, coef, coef, coef, base_a, base_b, base_a.stride(0),
+                grad_a, grad_b, WITH_MIX=False, WITH_STEP=True,
+                ROUND_BF16=_round_bf16(a.dtype))
     return grad_a, grad_b
 
 
@@ -183,14 +215,35 @@ def slerp_bwd(grad_out: Tensor, a: Tensor, b: Tensor, lam: Tensor) -> tuple[Tens
 
 
 # ----------------------------------------------------------------------------- the step
+def _gram_serves(weights: Tensor) -> bool:
+    """Whether a step with m^2 takes its tile work by the Gram formulation (docs/maths.md,
+    section 9.4): csrc/step_ops.h's gram_wanted and weights_suit_gram. The design asks for it
+    (step_design() == "gram") and no slerp weight of the batch exceeds GRAM_WEIGHT_LIMIT (one
+    host synchronisation, on the weights' maximum): a near-opposite pair sends the batch to
+    the three products, whose M is formed in float64. A traced body (fake tensors: the ops'
+    fake implementation, torch.compile, export) has no weights to read, so it takes the three
+    products, which serve every batch. Deterministic mode changes nothing: the Gram kernels
+    merge their partial statistics in a fixed order, as every kernel here does."""
+    if step_design() != "gram" or weights.numel() == 0:
+        return False
+    if is_fake(weights) or torch.compiler.is_compiling():
+        return False
+    return weights[:2].abs().max().item() <= GRAM_WEIGHT_LIMIT
+
+
 class _Step:
     """The inputs of one step as the kernels read them: csrc/step_ops.h step_setup (the same
     checks in the same order, Lipsum's in _setup_lipsum and DiVE's in _setup_dive as there),
-    with the m^2 mix when m^2 is on (its weights kept for the backward). Absent parts are
-    passed to the kernels as a placeholder tensor that the disabled (constexpr) code never
-    reads."""
+    with the slerp weights when m^2 is on, and the m^2 mix where the three products take the
+    tiles (`gram` false). Absent parts are passed to the kernels as a placeholder tensor that
+    the disabled (constexpr) code never reads.
 
-    def __init__(self, a: StepArgs):
+    `gram`: the tile work by the Gram formulation (_gram_serves). A backward takes it where
+    it takes the dS workspace (configs.fused_backward false, large D); at small D the
+    register-resident three-product kernels, which move nothing of size n x n, serve it
+    instead (the forward's statistics are the same whichever design made them)."""
+
+    def __init__(self, a: StepArgs, backward: bool = False):
         self.with_m2, self.with_clip = bool(a.with_m2), bool(a.with_clip)
         self.with_tiles = self.with_m2 or self.with_clip
         self.with_lipsum = a.image_pre is not None or a.lipsum_texts is not None
@@ -209,7 +262,6 @@ class _Step:
         if self.with_m2:
             _check_scalar(a.lam, a.image, "lam")
             self.weights = _slerp.slerp_weights(self.pair_cos, a.lam)
-            self.M = _mix(self.I, self.T, self.weights)
             self.diag = self.pair_dot * self.m2_scale
         if self.with_lipsum:
             self._setup_lipsum(a)
@@ -218,8 +270,12 @@ class _Step:
         # The kernels' feature dimension: feature_dim padded to a multiple of 16.
         self.D = configs.aligned_dim(self.feature_dim)
         self.f32 = dict(device=self.device, dtype=torch.float32)
-        self._fill_absent()
         self.fused_bwd = configs.fused_backward("step", self.device, self.D)
+        self.gram = (self.with_m2 and not (backward and self.fused_bwd)
+                     and _gram_serves(self.weights) and self._triangle_fits())
+        if self.with_m2 and not self.gram:
+            self.M = _mix(self.I, self.T, self.weights)
+        self._fill_absent()
 
     def _setup_batch(self, a: StepArgs) -> None:
         """The training batch: image and text rows and the tiles' two scales."""
@@ -314,10 +370,78 @@ class _Step:
         """DiVE programs of a launch with this configuration (one per BLOCK_M reference rows)."""
         return triton.cdiv(self.n_ref, cfg.block_m) if self.with_dive else 0
 
+    def _triangle_fits(self) -> bool:
+        """The Gram forward numbers its tiles with 32-bit integers: beyond 2^31 tiles (two
+        million rows and more) the three products serve."""
+        row_blocks = triton.cdiv(self.n, self.config("gram_lse").block_m)
+        return row_blocks * (row_blocks + 1) // 2 < 2**31
+
+    def without_tiles(self) -> "_Step":
+        """This step with its tile terms (m^2, CLIP) switched off: what the step kernels
+        compute beside the Gram formulation's kernels (Lipsum-FT, DiVE)."""
+        small = copy.copy(self)
+        small.with_m2 = small.with_clip = small.with_tiles = small.gram = False
+        if not small.with_lipsum:  # no other term reads the training rows
+            small.batch, small.n = False, 0
+        return small
+
 
 def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     """csrc/step_ops.h step_fwd_impl: ([clip, m2, lipsum, avl, pvl] as five separate 0-d
-    float32 tensors (0 when absent), diff_mean [D] (DiVE; [0] without), lse [4, n])."""
+    float32 tensors (0 when absent), diff_mean [D] (DiVE; [0] without), lse [4, n]). The
+    tiles' statistics from the Gram kernel (s.gram) or from the step kernel's launch, which
+    takes the other terms in either case."""
+    n, f32 = s.n, s.f32
+    if s.gram:
+        lse = _gram_lse(s)
+        small = s.without_tiles()
+        if small.with_lipsum or small.with_dive:
+            terms, diff_mean, _ = _step_fwd_launch(small)
+        else:
+            terms, diff_mean = [torch.zeros((), **f32) for _ in range(5)], torch.empty(0, **f32)
+    else:
+        terms, diff_mean, lse = _step_fwd_launch(s)
+    if s.with_m2:
+        # CE_rows(A) + CE_rows(B), both with the true pair diag on the diagonal, halved.
+        terms[K_M2] = (lse[0].sum() + lse[1].sum() - 2 * s.diag.sum()) / (2 * n)
+    if s.with_clip:
+        terms[K_CLIP] = (lse[2].sum() + lse[3].sum()
+                         - 2 * s.clip_scale * s.pair_dot.sum()) / (2 * n)
+    return terms, diff_mean, lse
+
+
+def _gram_programs(s: _Step, tiles: int, nstat: int) -> int:
+    """Programs of the Gram forward: one per SM (launch.persistent_programs), as many as the
+    workspace limit allows partial states for ([P, nstat, n] maxima and sums, float32), at
+    least one, at most one per tile."""
+    fit = workspace.workspace_limit() // max(1, 2 * nstat * s.n * 4)
+    return max(1, min(persistent_programs(s.device), fit, tiles))
+
+
+def _gram_lse(s: _Step) -> Tensor:
+    """lse [4, n] (rows of CLIP's statistics 0 without CLIP) from one launch of
+    gram_kernels.gram_lse_kernel over the triangle of tiles: csrc/step_kernels.h gram_lse."""
+    n, f32 = s.n, s.f32
+    cfg = s.config("gram_lse")
+    nb = triton.cdiv(n, cfg.block_m)
+    tiles = nb * (nb + 1) // 2
+    nstat = 4 if s.with_clip else 2
+    per_program = triton.cdiv(tiles, _gram_programs(s, tiles, nstat))
+    programs = triton.cdiv(tiles, per_program)
+    part_max = torch.full((programs, nstat, n), float("-inf"), **f32)
+    part_sum = torch.zeros((programs, nstat, n), **f32)
+    wrap_triton(_GRAM_LSE)[(programs,)](
+        s.I, s.T, s.weights, s.diag, s.m2_scale, s.clip_scale, part_max, part_sum,
+        n, s.D, s.D, per_program, WITH_CLIP=s.with_clip, **launch_opts(cfg, s.dtype))
+    lse = maths.merge_lse_partials(part_max, part_sum)
+    if not s.with_clip:
+        lse = torch.cat([lse, torch.zeros((2, n), **f32)])
+    return lse
+
+
+def _step_fwd_launch(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One launch of step_kernels.step_fwd_kernel: (the terms without m^2 and CLIP, which
+    _step_fwd adds from lse; diff_mean; lse [4, n], 0 for absent tiles)."""
     n, D, f32 = s.n, s.D, s.f32
     cfg = s.config("step_fwd")
     num_rb = triton.cdiv(n, cfg.block_m) if s.batch else 0
@@ -345,12 +469,6 @@ def _step_fwd(s: _Step) -> tuple[list[Tensor], Tensor, Tensor]:
     else:
         col_lse = torch.zeros((1, n), **f32)
     lse = torch.cat([lse_rows, col_lse])
-    if s.with_m2:
-        # CE_rows(A) + CE_rows(B), both with the true pair diag on the diagonal, halved.
-        terms[K_M2] = (lse[0].sum() + lse[1].sum() - 2 * s.diag.sum()) / (2 * n)
-    if s.with_clip:
-        terms[K_CLIP] = (lse[2].sum() + lse[3].sum()
-                         - 2 * s.clip_scale * s.pair_dot.sum()) / (2 * n)
     totals = sums.sum(0)  # fixed-order reduction of the per-row-block / DiVE partials
     if s.with_lipsum:
         terms[K_LIPSUM] = totals[0] / (2 * s.K * n)
@@ -482,6 +600,105 @@ def _step_grads_workspace(s: _Step, grads: Tensor, lse: Tensor) -> _StepGrads:
     return out
 
 
+def _true_pair_dlogit(s: _Step, grads: Tensor, lse: Tensor) -> Tensor:
+    """d(loss)/d(diag_p) [n]: the true pair on the diagonals of A and B, summed over both
+    (its logit diag_p = s_m <I_p, T_p>)."""
+    return grads[K_M2] / (2 * s.n) * ((s.diag - lse[0]).exp() + (s.diag - lse[1]).exp() - 2)
+
+
+def gram_strip_row_bytes(n: int, ws_dtype: torch.dtype, cfg: configs.Config) -> int:
+    """The workspace bytes per batch row of a Gram backward strip of n rows: its two rows of
+    S (the row stride configs.aligned_dim(2 n), the workspace dtype) and its share of the
+    float32 partial sums of u (a pair per column tile; per row tile, a pair per column)."""
+    return (2 * configs.aligned_dim(2 * n) * ws_dtype.itemsize
+            + 8 * triton.cdiv(n, cfg.block_n) + triton.cdiv(8 * configs.aligned_dim(n),
+                                                            cfg.block_m))
+
+
+def _gram_grads(s: _Step, grads: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The tile terms' gradients by the Gram formulation, csrc/step_ops.h gram_backward up
+    to its pair pass: (grad_X [2 n, D] float32, the gradients of the rows [I_0; T_0; I_1; ...],
+    stats [2] = the m^2 and CLIP scale gradients without the true pair's share, u [2, n]).
+
+    Strips of rows [r0, r1) against the columns [r0, n), as many rows as the workspace limit
+    allows (ds_workspace.chunk_rows): one launch of gram_kernels.gram_strip_kernel forms
+    S[r0:r1, r0:] / norm in the workspace (interleaved: S is a [2 R, 2 (n - r0)] block of
+    dG + dG^T over the rows X = [I_0; T_0; I_1; T_1; ...]), norm = |a_m| + |a_c| so that
+    16-bit workspaces hold entries of order one, and two float32-output library GEMMs take
+    the strip's gradients from it:
+        grad_X[r0:r1] += S X[r0:],   grad_X[r1:] += S[:, r1:]^T X[r0:r1]
+    (the strip's own columns enter through the first only); grad_X is multiplied by norm
+    once at the end."""
+    n, D, f32 = s.n, s.D, s.f32
+    cfg = s.config("gram_strip")
+    ws_dtype = ds_workspace.ds_dtype(s.dtype)
+    rows = ds_workspace.chunk_rows(n, gram_strip_row_bytes(n, ws_dtype, cfg), cfg.block_m)
+    width, width_r, width_n = (configs.aligned_dim(2 * n), configs.aligned_dim(rows),
+                               configs.aligned_dim(n))
+    zero = torch.zeros((), **f32)
+    # The dlogits' true factors times the logit scales (section 9.4's a_m, a_c). Absent
+    # terms' upstream gradients are never multiplied in, even by 0: they may be anything.
+    a_m = s.m2_scale * (grads[K_M2] / (2 * n))
+    a_c = s.clip_scale * (grads[K_CLIP] / n) if s.with_clip else zero
+    norm = (a_m.abs() + a_c.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+    factors = torch.stack([a_m / norm, a_c / norm])
+    ws = torch.empty((2 * rows, width), device=s.device, dtype=ws_dtype)
+    u_row = torch.empty((triton.cdiv(n, cfg.block_n), 2, width_r), **f32)
+    u_col = torch.empty((triton.cdiv(rows, cfg.block_m), 2, width_n), **f32)
+    X = torch.stack([s.I, s.T], 1).reshape(2 * n, D)
+    grad_X = torch.zeros((2 * n, D), **f32)
+    stats, u = torch.zeros(2, **f32), torch.zeros((2, n), **f32)
+    for r0 in range(0, n, rows):
+        R, W = min(rows, n - r0), n - r0
+        row_tiles, col_tiles = triton.cdiv(R, cfg.block_m), triton.cdiv(W, cfg.block_n)
+        partials = torch.empty((row_tiles * col_tiles, 2), **f32)
+        wrap_triton(_GRAM_STRIP)[(row_tiles * col_tiles,)](
+            s.I, s.T, s.weights, s.m2_scale, s.clip_scale, lse, factors, ws, partials,
+            u_row, u_col, r0, R, n, D, D, width, width_r, width_n,
+            WITH_CLIP=s.with_clip, GROUP_M=8, **launch_opts(cfg, s.dtype))
+        S = ws[:2 * R, :2 * W]
+        ds_workspace.add_mm_f32_(grad_X[2 * r0:2 * (r0 + R)], S, X[2 * r0:])
+        if W > R:
+            ds_workspace.add_mm_f32_(grad_X[2 * (r0 + R):], S[:, 2 * R:].T,
+                                     X[2 * r0:2 * (r0 + R)])
+        # Fixed-order sums of the per-tile partials.
+        stats += partials.sum(0)
+        u[:, r0:r0 + R] += u_row[:col_tiles, :, :R].sum(0)
+        u[:, r0:] += u_col[:row_tiles, :, :W].sum(0)
+    return grad_X.mul_(norm), stats, u
+
+
+def _gram_step_bwd(s: _Step, grads: Tensor, lse: Tensor):
+    """_step_bwd by the Gram formulation (csrc/step_ops.h step_bwd_impl's Gram branch): the
+    tiles' gradients from _gram_grads, Lipsum-FT's and DiVE's from the step kernels beside
+    them, then the pair pass, which adds the slerp weights' and the true pair's terms and
+    writes dI, dT in the inputs' dtype:
+        grad_I_p += coef_p T_p,  grad_T_p += coef_p I_p,
+        coef_p = a_m (dw_a/dc[p] u_I[p] + dw_b/dc[p] u_T[p]) + s_m g_diag[p],
+    g_diag the true pair's dlogit, as the three products' op body has it."""
+    n, D, f32 = s.n, s.D, s.f32
+    grad_X, stats, u = _gram_grads(s, grads, lse)
+    grad_X = grad_X.view(n, 2, D)
+    small = s.without_tiles()
+    grad_fi = grad_ft = torch.empty((0, D), **f32)
+    if small.with_lipsum or small.with_dive:
+        k = _step_grads_workspace(small, grads, lse)
+        if small.with_lipsum:
+            grad_X[:, 0] += k.grad_I
+        grad_fi, grad_ft = k.grad_fi, k.grad_ft
+        del k
+    f_m2 = grads[K_M2] / (2 * n)
+    g_diag = _true_pair_dlogit(s, grads, lse)
+    dw = s.weights[2:].to(torch.float32)
+    coef = s.m2_scale * f_m2 * (dw[0] * u[0] + dw[1] * u[1]) + s.m2_scale * g_diag
+    grad_I, grad_T = _pair_backward(coef, s.I, s.T, grad_X[:, 0], grad_X[:, 1])
+    grad_m2_scale = stats[0] * f_m2 + (g_diag * s.pair_dot).sum()
+    grad_clip_scale = stats[1] * (grads[K_CLIP] / n) if s.with_clip else torch.zeros((), **f32)
+    D = s.feature_dim
+    return (unpad(grad_I, D), unpad(grad_T, D), grad_clip_scale, grad_m2_scale,
+            unpad(grad_fi.to(s.dtype), D), unpad(grad_ft.to(s.dtype), D))
+
+
 def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
     """csrc/step_ops.h step_bwd_impl, with grads [5] float32 and lse [4, n]: (grad_image,
     grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)."""
@@ -491,6 +708,8 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
                  "inputs")
     grads = kernel_input(grads)
     lse = kernel_input(lse.to(torch.float32))
+    if s.gram:
+        return _gram_step_bwd(s, grads, lse)
     if s.fused_bwd:
         k = _step_grads_fused(s, grads, lse)
     else:
@@ -498,11 +717,10 @@ def _step_bwd(s: _Step, grads: Tensor, lse: Tensor):
     grad_m2_scale = torch.zeros((), **s.f32)
     grad_T = k.grad_T.add_(k.grad_Tc) if s.with_clip else k.grad_T
     if s.with_m2:
-        # The true pair on the diagonals of A and B: d(loss)/d(diag_p) summed over both,
-        # and its logit's scale s_m as the coefficient of T_p in dI_p and of I_p in dT_p;
-        # added, with the rest of dI and dT, by the slerp backward's pass over the rows.
-        g_diag = grads[K_M2] / (2 * n) * ((s.diag - lse[0]).exp()
-                                          + (s.diag - lse[1]).exp() - 2)
+        # The true pair's dlogit, and its logit's scale s_m as the coefficient of T_p in
+        # dI_p and of I_p in dT_p; added, with the rest of dI and dT, by the slerp
+        # backward's pass over the rows.
+        g_diag = _true_pair_dlogit(s, grads, lse)
         grad_I, grad_T = _mix_backward(k.grad_M, s.I, s.T, s.weights,
                                        step=(s.m2_scale * g_diag, k.grad_I, grad_T))
         grad_m2_scale = k.stats[0] + (g_diag * s.pair_dot).sum()
@@ -556,7 +774,7 @@ def m2mix_bwd(grad_m2: Tensor, grad_clip: Tensor, image: Tensor, text: Tensor,
               with_clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of grad_m2 * m2_loss + grad_clip * clip_loss: (grad_image, grad_text,
     grad_m2_scale, grad_clip_scale); the scale gradients are 0-d float32."""
-    s = _Step(_m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip))
+    s = _Step(_m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip), backward=True)
     torch._check(lse.dim() == 2 and lse.size(0) == (4 if with_clip else 2)
                  and lse.size(1) == image.size(0),
                  lambda: "robustft_triton: saved m2mix log-sum-exp statistics do not match "
@@ -638,7 +856,7 @@ def robust_step_bwd(grad_terms: Tensor, args: StepArgs,
     """Gradients of sum_i grad_terms[i] * terms[i]: (grad_image, grad_text, grad_clip_scale,
     grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft ([0, D] without DiVE)); the feature
     gradients in the features' dtype ([0, D] for image / text without a training batch)."""
-    s = _Step(args)
+    s = _Step(args, backward=True)
     torch._check(grad_terms.numel() == 5,
                  lambda: "robustft_triton: grad_terms must hold 5 values")
     grads = grad_terms.to(torch.float32).reshape(5).contiguous()

@@ -20,6 +20,8 @@ import textwrap
 import pytest
 import torch
 
+import robustft_ext
+
 from helpers import require_backend
 
 N, D = 8192, 64
@@ -193,14 +195,15 @@ def test_cuda_peak_allocated_has_no_nxn(backend, kind):
 # The large-D backward of the Triton backend writes its dlogits into a workspace of row
 # chunks bounded by robustft_ext.workspace's limit. On CPU (Triton's interpreter) the
 # allocations of the op bodies are recorded: with the limit set to two row blocks (32 rows;
-# one, 16 rows, for the step, whose rows are three times as wide) the backward works in
-# several chunks, no tensor it allocates exceeds the limit, and the gradients equal the
-# one-chunk ones.
+# one, 16 rows, for the step, whose rows are three times as wide, and for the Gram
+# formulation's strips of S, four times) the backward works in several chunks, no tensor it
+# allocates exceeds the limit, and the gradients equal the one-chunk ones.
 TRITON_N, TRITON_D, TRITON_K = 96, 24, 8  # D > 16: the dS design under the interpreter
 
 
 def _triton_backward(kind, tb, lam):
-    """(backward op body, its arguments, bytes per workspace row) of a forward run."""
+    """(backward op body, its arguments, bytes per workspace row) of a forward run (kind
+    robust_step: under the current step design)."""
     import torch.nn.functional as F
 
     n, D, K = TRITON_N, TRITON_D, TRITON_K
@@ -214,12 +217,15 @@ def _triton_backward(kind, tb, lam):
         return tb.contrastive_ops.siglip_bwd._init_fn, (one, a, b, s, t, False), 4 * n
     args = (a, b, s, s, lam, True, True, p, G, s, None, None, None, None, None)
     _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
-    return (tb.step_ops.robust_step_bwd._init_fn, (torch.ones(5), *args, lse),
-            4 * (3 * n + K))
+    row_bytes = 4 * (3 * n + K)
+    if robustft_ext.step_design() == "gram":
+        cfg = tb.configs.select("gram_strip", a.device, a.dtype, tb.configs.aligned_dim(D))
+        row_bytes = tb.step_ops.gram_strip_row_bytes(n, torch.float32, cfg)
+    return tb.step_ops.robust_step_bwd._init_fn, (torch.ones(5), *args, lse), row_bytes
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kind", ["clip", "siglip", "robust_step"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "robust_step-products", "robust_step-gram"])
 def test_triton_workspace_bounded(kind):
     from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -248,23 +254,29 @@ def test_triton_workspace_bounded(kind):
             return out
 
     n = TRITON_N
-    with set_wrap_triton_enabled(False):
-        bwd, args, row_bytes = _triton_backward(kind, tb, torch.tensor(0.3))
-        whole = bwd(*args)
-        rows = 16 if kind == "robust_step" else 32
-        limit = rows * row_bytes
-        workspace.set_workspace_limit(limit)
-        try:
-            rec = Record()
-            with rec:
-                chunked = bwd(*args)
-        finally:
-            workspace.set_workspace_limit(None)
+    kind, _, design = kind.partition("-")
+    robustft_ext.set_step_design(design or None)
+    try:
+        with set_wrap_triton_enabled(False):
+            bwd, args, row_bytes = _triton_backward(kind, tb, torch.tensor(0.3))
+            whole = bwd(*args)
+            rows = 16 if kind == "robust_step" else 32
+            limit = rows * row_bytes
+            workspace.set_workspace_limit(limit)
+            try:
+                rec = Record()
+                with rec:
+                    chunked = bwd(*args)
+            finally:
+                workspace.set_workspace_limit(None)
+    finally:
+        robustft_ext.set_step_design(None)
     for x, y in zip(chunked, whole):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
-    # Chunks of `rows` rows (m^2: the [UA; UB] block of 2 x 16 rows), nothing above the
-    # limit, nothing near n x n.
-    assert ((2 * rows if kind == "robust_step" else rows), n) in rec.shapes, sorted(rec.shapes)
+    # Chunks of `rows` rows (m^2: the [UA; UB] block of 2 x 16 rows; the Gram formulation:
+    # the strip of S, 2 x 16 rows of 2 n), nothing above the limit, nothing near n x n.
+    chunk = {"products": (2 * rows, n), "gram": (2 * rows, 2 * n)}.get(design, (rows, n))
+    assert chunk in rec.shapes, sorted(rec.shapes)
     assert 0 < rec.largest <= limit < n * n * 4
 
 

@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICES, require_backend
+from robustft_ext import set_step_design
 from robustft_ext.backends import fused_ops
 from robustft_ext.ops.robust_step import StepArgs
 
+# opcheck's checks, the last of them the comparison of eager and traced outputs.
+DEFAULT_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                  "test_aot_dispatch_dynamic")
 KEPT_OPS = {"clip_fwd_keep", "clip_bwd_kept", "siglip_fwd_keep", "siglip_bwd_kept",
             "m2mix_fwd_keep", "m2mix_bwd_kept", "robust_step_fwd_keep", "robust_step_bwd_kept"}
 
@@ -118,8 +122,21 @@ def test_opcheck(backend, device, name):
     if name not in samples:
         assert name in KEPT_OPS  # the kept-product ops exist for the native CPU only
         pytest.skip(f"{name} is the native CPU's alone")
+    op = getattr(ops, name).default
     for args in samples[name]:
-        torch.library.opcheck(getattr(ops, name).default, _kept_copy(name, args))
+        if backend != "triton":
+            torch.library.opcheck(op, _kept_copy(name, args))
+            continue
+        # A traced Triton body cannot read the slerp weights, so it takes the three products
+        # (triton_backend/step_ops.py, _gram_serves): the comparison of eager and traced
+        # outputs runs under that design, the other checks under the Gram formulation too.
+        for design, checks in (("products", DEFAULT_CHECKS),
+                               ("gram", DEFAULT_CHECKS[:-1])):
+            set_step_design(design)
+            try:
+                torch.library.opcheck(op, _kept_copy(name, args), test_utils=checks)
+            finally:
+                set_step_design(None)
 
 
 def test_every_op_is_checked():

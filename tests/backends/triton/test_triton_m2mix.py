@@ -254,16 +254,19 @@ def test_inputs_not_written():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("n,D", [(48, 5), (80, 17)])  # fused and dS-workspace backward
-def test_no_n_by_n_buffers(n, D):
+@pytest.mark.parametrize("design", ["gram", "products"])
+@pytest.mark.parametrize("n,D", [(48, 5), (144, 17)])  # fused and dS-workspace backward
+def test_no_n_by_n_buffers(n, D, design):
     # Record every float tensor the op bodies create (kernels launched directly, as in eager
     # mode): nothing may approach n x n. (n > 4 D, so that the O(n D) buffers stay below.)
     # The dS workspace of the large-D backward is bounded by the workspace limit, here 16
-    # rows (one BLOCK_M): [2 * 16, n] for the m^2 dlogits.
+    # rows (one BLOCK_M): [2 * 16, n] for the three products' m^2 dlogits, [2 * 16, 2 n]
+    # (its row stride rounded up to 16) for the Gram formulation's strip of S.
     from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
+    import robustft_ext as rft
     from robustft_ext import workspace
 
     class Record(TorchDispatchMode):
@@ -281,6 +284,7 @@ def test_no_n_by_n_buffers(n, D):
     I, T, s_m, lam, s_c = _inputs(n, D, torch.float32)
     g = torch.tensor(1.0, device=DEVICE)
     workspace.set_workspace_limit(16 * 3 * n * 4)
+    rft.set_step_design(design)
     try:
         with Record(), set_wrap_triton_enabled(False):
             for with_clip in (False, True):
@@ -288,9 +292,12 @@ def test_no_n_by_n_buffers(n, D):
                 tb.step_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
     finally:
         workspace.set_workspace_limit(None)
+        rft.set_step_design(None)
     # (The kernels see D padded to a multiple of 16: configs.aligned_dim.)
-    ws = 2 * 16 * n if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D else 0
     Dk = tb.configs.aligned_dim(D)
+    ws = 0
+    if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D:
+        ws = 2 * 16 * (tb.configs.aligned_dim(2 * n) if design == "gram" else n)
     assert 0 < Record.largest <= max(4 * n, n * Dk, ws) < n * n // 2
 
 

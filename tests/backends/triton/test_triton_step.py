@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import robustft_ext as rft
 from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
 from robustft_ext import reference, workspace
 
@@ -387,11 +388,16 @@ def test_robust_step_dive_only_ignores_batch():
 
 # ----------------------------------------------------------------------------- contract
 @pytest.mark.skipif(not tb.interpreting(), reason="counts the interpreter's kernel launches")
-def test_one_launch_per_pass(monkeypatch):
-    # The fusion contract: the terms that share inputs share one pass. A step's forward is
-    # one launch whatever its terms; its register-resident backward one row launch (plus the
-    # column launch with m^2 or CLIP), its large-D backward one dS launch per workspace chunk
-    # (the DiVE rows riding on the first). No other kernel of the backend runs.
+@pytest.mark.parametrize("design", ["products", "gram"])
+def test_one_launch_per_pass(monkeypatch, design):
+    # The fusion contract: the terms that share inputs share one pass. With the three
+    # products a step's forward is one launch whatever its terms; its register-resident
+    # backward one row launch (plus the column launch with m^2 or CLIP), its large-D backward
+    # one dS launch per workspace chunk (the DiVE rows riding on the first). With the Gram
+    # formulation the tiles of a step with m^2 take its own kernels instead (one forward
+    # launch over the triangle, one per backward strip where the backward takes the dS
+    # workspace), the other terms the same step kernels with the tiles switched off. No other
+    # kernel of the backend runs.
     counts = {}
 
     class Counting:
@@ -404,30 +410,43 @@ def test_one_launch_per_pass(monkeypatch):
 
     for mod, name in [(tb.step_ops, "_STEP_FWD"), (tb.step_ops, "_STEP_ROWS"),
                       (tb.step_ops, "_STEP_COLS"), (tb.step_ops, "_STEP_DLOGIT"),
+                      (tb.step_ops, "_GRAM_LSE"), (tb.step_ops, "_GRAM_STRIP"),
                       (tb.contrastive_ops, "_CLIP_LSE"), (tb.contrastive_ops, "_SIGLIP_SUM"),
                       (tb.contrastive_ops, "_GRAD_ROWS"), (tb.contrastive_ops, "_DLOGIT")]:
         kernel = getattr(mod, name)
         monkeypatch.setattr(kernel, "_interpreted", Counting(kernel._interpreted, name))
     g = torch.tensor(GRADS, device=DEVICE)
-    for D in (5, 33):  # register-resident backward; dS workspace
-        batch = _batch(17, D, 7, torch.float32)
-        refs = _ref_batch(5, D, torch.float32)
-        for flags, cols in [((True, True, True, True), 1), ((False, False, True, True), 0),
-                            ((False, False, False, True), 0)]:
-            counts.clear()
-            args = _step_args(*flags, batch, refs)
-            _, _, lse = ops.robust_step_fwd(*args)
-            assert counts == {"_STEP_FWD": 1}, flags
-            counts.clear()
-            ops.robust_step_bwd(g, *args, lse)
-            if D == 5:
-                want = {"_STEP_ROWS": 1, **({"_STEP_COLS": 1} if cols else {})}
-            else:
-                # 17 batch rows: two chunks, as chunk_rows never lets one chunk hold more
-                # than half the rows (rounded up to BLOCK_M); DiVE alone has no batch rows
-                # and its rows take one launch.
-                want = {"_STEP_DLOGIT": 2 if any(flags[:3]) else 1}
-            assert counts == want, (D, flags)
+    gram = design == "gram"
+    rft.set_step_design(design)
+    try:
+        for D in (5, 33):  # register-resident backward; dS workspace
+            batch = _batch(17, D, 7, torch.float32)
+            refs = _ref_batch(5, D, torch.float32)
+            for flags, cols in [((True, True, True, True), 1), ((True, False, False, False), 1),
+                                ((False, False, True, True), 0), ((False, False, False, True), 0)]:
+                counts.clear()
+                args = _step_args(*flags, batch, refs)
+                _, _, lse = ops.robust_step_fwd(*args)
+                small = any(flags[2:])  # Lipsum-FT or DiVE
+                if gram and flags[0]:
+                    assert counts == {"_GRAM_LSE": 1, **({"_STEP_FWD": 1} if small else {})}
+                else:
+                    assert counts == {"_STEP_FWD": 1}, flags
+                counts.clear()
+                ops.robust_step_bwd(g, *args, lse)
+                if D == 5:
+                    want = {"_STEP_ROWS": 1, **({"_STEP_COLS": 1} if cols else {})}
+                elif gram and flags[0]:
+                    # 17 batch rows: two strips (chunk_rows never lets one hold more than
+                    # half the rows, rounded up to BLOCK_M), and two Lipsum chunks.
+                    want = {"_GRAM_STRIP": 2, **({"_STEP_DLOGIT": 2} if small else {})}
+                else:
+                    # Two chunks likewise; DiVE alone has no batch rows and its rows take
+                    # one launch.
+                    want = {"_STEP_DLOGIT": 2 if any(flags[:3]) else 1}
+                assert counts == want, (D, flags)
+    finally:
+        rft.set_step_design(None)
 
 
 @pytest.mark.parametrize("flags", [(False, False, True, True), (True, False, False, False),
@@ -494,11 +513,13 @@ def test_noncontiguous_inputs():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("n,D,K", [(48, 5, 64), (96, 17, 100)])  # fused and dS workspace
-def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K):
+@pytest.mark.parametrize("design", ["gram", "products"])
+@pytest.mark.parametrize("n,D,K", [(48, 5, 64), (144, 17, 150)])  # fused and dS workspace
+def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K, design):
     # Record every float tensor the op bodies create (kernels launched directly, as in eager
     # mode): nothing may approach n x n or n x K. The dS workspace of the large-D backward is
-    # bounded by the workspace limit, here 16 rows (one BLOCK_M): [2 * 16, n] for UA and UB.
+    # bounded by the workspace limit, here 16 rows (one BLOCK_M): [2 * 16, n] for UA and UB,
+    # [2 * 16, 2 n] (its row stride rounded up to 16) for the Gram formulation's strip of S.
     from torch._library.triton import set_wrap_triton_enabled
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
@@ -520,12 +541,18 @@ def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K):
     refs = _ref_batch(5, D, torch.float32)
     args = _step_args(True, True, True, True, batch, refs)
     g = torch.tensor(GRADS, device=DEVICE)
-    with Record(), set_wrap_triton_enabled(False):
-        _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
-        tb.step_ops.robust_step_bwd._init_fn(g, *args, lse)
+    rft.set_step_design(design)
+    try:
+        with Record(), set_wrap_triton_enabled(False):
+            _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
+            tb.step_ops.robust_step_bwd._init_fn(g, *args, lse)
+    finally:
+        rft.set_step_design(None)
     # Inputs themselves are K x D (G); the largest buffer may be that, n x D, or (large D)
     # the workspace. (The kernels see D padded to a multiple of 16: configs.aligned_dim.)
-    ws = 2 * 16 * n if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D else 0
+    ws = 0
+    if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D:
+        ws = 2 * 16 * (tb.configs.aligned_dim(2 * n) if design == "gram" else n)
     Dk = tb.configs.aligned_dim(D)
     assert 0 < Record.largest <= max(4 * n, n * Dk, K * Dk, ws) < min(n * n, n * K) // 2
 
