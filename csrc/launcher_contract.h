@@ -191,13 +191,19 @@ inline int64_t check_step_chunks(const StepProblem& p, int64_t r0, const at::Ten
   return rows;
 }
 
-inline void check_step_lse(const StepProblem& p, const at::Tensor& lse) {
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == p.n &&
-                  lse.scalar_type() == acc_dtype(p.I.scalar_type()) &&
-                  lse.device() == p.I.device(),
-              "robustft_ext: lse must be a contiguous [4, n] ", acc_dtype(p.I.scalar_type()),
-              " tensor on ", p.I.device());
+// The step's statistics: lse [4, n] contiguous of the accumulation dtype on I's device.
+inline void check_lse_rows(const at::Tensor& lse, int64_t n, const at::Tensor& I) {
+  TORCH_CHECK(lse.defined() && lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 4 &&
+                  lse.size(1) == n && lse.scalar_type() == acc_dtype(I.scalar_type()) &&
+                  lse.device() == I.device(),
+              "robustft_ext: lse must be a contiguous [4, n] ", acc_dtype(I.scalar_type()),
+              " tensor on ", I.device());
 }
+
+inline void check_step_lse(const StepProblem& p, const at::Tensor& lse) {
+  check_lse_rows(lse, p.n, p.I);
+}
+
 
 // The mixed pair of mix / mix_backward: I, T contiguous [n, D] of one dtype.
 inline void check_mix_pair(const at::Tensor& I, const at::Tensor& T, c10::DeviceType dev) {
@@ -288,6 +294,50 @@ inline void check_dive_grads(const DiveInputs& d, const at::Tensor& w_a, const a
                     t->device() == d.fi.device(),
                 "robustft_ext: dive_grads writes contiguous [B', D] ", acc, " gradients");
   }
+}
+
+// ---- The Gram formulation's launchers (step_kernels.h) ---------------------------------
+// Whether a device whose Gram forward merges its statistics by atomics (CUDA: gram_lse
+// folds every tile's columns with 64-bit compare-and-swap) serves a dtype under the current
+// settings: not double (its tile engines accumulate in float), not under
+// torch.use_deterministic_algorithms(True). Otherwise the step takes the three products.
+inline bool atomic_gram_serves(at::ScalarType t) {
+  return t != at::kDouble && !at::globalContext().deterministicAlgorithms();
+}
+
+// The Gram problem (step_kernels.h, GramProblem): I, T non-empty [n, D] contiguous of one
+// dtype, the slerp weights [4, n] double, diag [n] and each present term's scale 0-d of the
+// accumulation dtype.
+inline void check_gram_problem(const GramProblem& p, c10::DeviceType dev) {
+  check_mix_pair(p.I, p.T, dev);
+  TORCH_CHECK(p.I.size(0) == p.n && p.n > 0 && p.I.size(1) > 0,
+              "robustft_ext: the Gram problem's I and T must be non-empty [n, D] tensors with "
+              "n = ", p.n, ", got ", p.I.sizes());
+  check_slerp_weight_rows(p.weights, p.I);
+  check_acc_vector(p.diag, p.n, p.I, "diag");
+  check_acc_vector(p.m2_scale, 1, p.I, "m2_scale");
+  if (p.with_clip) check_acc_vector(p.clip_scale, 1, p.I, "clip_scale");
+}
+
+// gram_strip: S [4, R, n - r0] contiguous of the workspace dtype with rows [r0, r0 + R)
+// inside the problem, the factors 0-d (f_clip with CLIP only), stats [2] and u [2, n] of
+// the accumulation dtype.
+inline void check_gram_strip(const GramProblem& p, const at::Tensor& lse, int64_t r0,
+                             const at::Tensor& f_m2, const at::Tensor& f_clip,
+                             const at::Tensor& S, const at::Tensor& stats, const at::Tensor& u,
+                             at::ScalarType ws_dtype, c10::DeviceType dev) {
+  check_gram_problem(p, dev);
+  check_lse_rows(lse, p.n, p.I);
+  TORCH_CHECK(S.defined() && S.device() == p.I.device() && S.is_contiguous() && S.dim() == 3 &&
+                  S.size(0) == 4 && S.size(1) > 0 && S.scalar_type() == ws_dtype && r0 >= 0 &&
+                  r0 + S.size(1) <= p.n && S.size(2) == p.n - r0,
+              "robustft_ext: the Gram strip S must be a contiguous [4, R, n - r0] ", ws_dtype,
+              " tensor on ", p.I.device(), " with rows [r0, r0 + R) inside the problem's ", p.n,
+              ", got ", S.sizes(), " ", S.scalar_type(), " at r0 = ", r0);
+  check_acc_vector(f_m2, 1, p.I, "f_m2");
+  if (p.with_clip) check_acc_vector(f_clip, 1, p.I, "f_clip");
+  check_acc_vector(stats, 2, p.I, "stats");
+  check_acc_vector(u, 2 * p.n, p.I, "u");
 }
 
 }  // namespace robustft

@@ -199,6 +199,33 @@ RFT_HD SlerpWeights<T> slerp_weights(T c, T lam) {
   return out;
 }
 
+// The Gram formulation of CLIP + m^2 (docs/maths.md, section 9.4). A mixed logit is its
+// scale times a combination of two Gram entries of its row with the mixed pair's endpoints,
+//   A_pq = s_m dot(w_a[q], G_II, w_b[q], G_IT),   B_pq = s_m dot(w_a[q], G_TI, w_b[q], G_TT),
+// and the same tile read transposed gives
+//   A_qp = s_m dot(w_a[p], G_II, w_b[p], G_TI),   B_qp = s_m dot(w_a[p], G_IT, w_b[p], G_TT);
+// the backward's column sums u take the same combination with softmax weights in place of
+// the slerp weights.
+template <typename T>
+RFT_HD T gram_mixed_dot(T w_a, T g_a, T w_b, T g_b) {
+  return w_a * g_a + w_b * g_b;
+}
+
+// The backward's four S entries at (p, q) of a strip, from the dlogits dA', dB', dC' of both
+// orientations: each Gram entry collects every logit that reads it. f_m and f_c are the
+// factors a_m and a_c of maths.md (times the strip's workspace scale).
+template <typename T>
+struct GramGrads {
+  T ii, it, ti, tt;
+};
+
+template <typename T>
+RFT_HD GramGrads<T> gram_grads(T f_m, T f_c, T dA_pq, T dA_qp, T dB_pq, T dB_qp, T dC_pq,
+                               T dC_qp, T wa_p, T wb_p, T wa_q, T wb_q) {
+  return {f_m * (dA_pq * wa_q + dA_qp * wa_p), f_m * (dA_pq * wb_q + dB_qp * wa_p) + f_c * dC_pq,
+          f_m * (dB_pq * wa_q + dA_qp * wb_p) + f_c * dC_qp, f_m * (dB_pq * wb_q + dB_qp * wb_p)};
+}
+
 // DiVE (docs/maths.md, section 4) at one entry of a reference pair's difference vectors
 // u = fi - pi and v = ft - pt, against the centre's entry m: its terms of |u - m|^2 + |v - m|^2
 // (AVL) and |u - v|^2 (PVL), and the gradients of w_a AVL + w_p PVL,

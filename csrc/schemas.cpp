@@ -146,9 +146,9 @@ TORCH_LIBRARY(robustft_ext, m) {
   });
   // (rows per strip R, kept strips K) of the Gram formulation's CPU passes for n rows of
   // `element_size` bytes under the current workspace limit (step_ops.h, gram_strips): the
-  // kept Gram strips of m2mix_fwd_keep / robust_step_fwd_keep are [K, 4 R n].
+  // kept Gram strips of m2mix_fwd_keep / robust_step_fwd_keep (the CPU's) are [K, 4 R n].
   m.def("gram_strips(int n, int element_size) -> (int, int)", [](int64_t n, int64_t elem) {
-    const auto [R, K] = robustft::gram_strips(n, elem);
+    const auto [R, K] = robustft::gram_strips(n, elem, robustft::kCpuGramStripRows);
     return std::make_tuple(R, K);
   });
   robustft::define_loss_ops(m);

@@ -86,6 +86,13 @@ struct GramProblem {
 // which forms M in double, evaluates the batch.
 constexpr double kGramWeightLimit = 4.0;
 
+// The most rows of the CPU's Gram strips. Its forward takes the Gram blocks strip by strip
+// (the backward's strips, so that it can keep them for it) and computes each strip's own
+// square block whole: its products cover n^2 / 2 + n R / 2 entries of each block, against
+// the triangle's n^2 / 2 (1.06 times at n = 2048). The CUDA forward schedules the triangle
+// by tiles and takes the workspace's strips.
+constexpr int64_t kCpuGramStripRows = 256;
+
 // The O(n D) launchers (mix, mix_backward, dive_sums, dive_grads) are one pass over the rows
 // each, on the device: the slerp prologue's and DiVE's maths as a dozen whole-tensor ATen
 // passes would cost as much as the tile work at small n and hold several n x D double

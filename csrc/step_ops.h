@@ -49,6 +49,7 @@ struct StepKernelSet {
   void (*gram_strip)(const GramProblem&, const at::Tensor&, int64_t, const at::Tensor&,
                      const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
   bool (*gram_serves)(at::ScalarType) = nullptr;
+  int64_t gram_strip_rows_max = 0;  // 0: as many rows as the workspace allows
 };
 
 // The input checks of the mixed pair and its scalars (the op-level contract).
@@ -171,12 +172,13 @@ inline bool gram_wanted(const StepKernelSet& k, at::ScalarType dtype) {
          (k.gram_serves == nullptr || k.gram_serves(dtype));
 }
 
-// The strips of the Gram formulation's CPU passes for n rows of element size `elem` in the
-// workspace: (rows per strip R, strips K of them that a forward keeps within the workspace
-// limit, each in a slot of 4 R n elements). The backward's chunk is a strip.
-inline std::pair<int64_t, int64_t> gram_strips(int64_t n, int64_t elem) {
+// The strips of the Gram formulation for n rows of element size `elem` in the workspace:
+// (rows per strip R, at most max_rows unless 0, strips K of them that a forward keeps within
+// the workspace limit, each in a slot of 4 R n elements). The backward's chunk is a strip.
+inline std::pair<int64_t, int64_t> gram_strips(int64_t n, int64_t elem, int64_t max_rows) {
   const int64_t slot = 4 * n * elem;
-  const int64_t R = workspace_chunk_rows(n, slot, kChunkAlign);
+  int64_t R = workspace_chunk_rows(n, slot, kChunkAlign);
+  if (max_rows > 0) R = std::min(R, max_rows);
   const int64_t strips = (n + R - 1) / R;
   return {R, std::min(strips, workspace_limit_bytes().load() / std::max<int64_t>(1, slot * R))};
 }
@@ -236,7 +238,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
       const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
       s.g = GramProblem{p.n, p.with_clip, p.I, p.T, s.weights, p.diag, a.m2_scale,
                         p.with_clip ? a.clip_scale : at::Tensor(),
-                        gram_strips(p.n, at::elementSize(ws_dtype)).first};
+                        gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max).first};
     }
   }
   if (s.with_lipsum) setup_lipsum(a, s);
@@ -320,7 +322,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     // The Gram blocks of the strips that fit the limit ([K, 4 R n]); a batch that the
     // weights' limit sends to the three products keeps nothing (the slots stay unused).
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
-    const auto [R, K] = gram_strips(p.n, at::elementSize(ws_dtype));
+    const auto [R, K] = gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max);
     TORCH_CHECK(K > 0, "robustft_ext: not one Gram strip of ", R, " rows fits the workspace "
                 "limit of ", workspace_limit_bytes().load(), " bytes (use the forward that "
                 "keeps nothing)");
@@ -512,7 +514,7 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   const auto grads = grad_terms.to(s.acc).reshape({5}).contiguous();
   const auto lse_c = lse.to(s.acc).contiguous();
   const int64_t D = p.n > 0 ? a.image.size(1) : a.ref_image_ft->size(1);
-  at::Tensor grad_I = at::zeros({p.n, D}, opts), grad_T = at::zeros({p.n, D}, opts);
+  at::Tensor grad_I, grad_T;  // the tile terms' (written whole), else zeros
   at::Tensor grad_clip_scale = at::zeros({}, opts), grad_m2_scale = at::zeros({}, opts);
   if (s.gram) {
     TileGrads tg = gram_backward(k, s, grads, lse_c);
@@ -533,6 +535,10 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
       k.mix_backward(tg.grad_M, p.I, p.T, s.weights, g_pair, grad_I, grad_T);
       grad_m2_scale = tg.stats[0] + (g_diag * s.pair_dot).sum();
     }
+  }
+  if (!grad_I.defined()) {
+    grad_I = at::zeros({p.n, D}, opts);
+    grad_T = at::zeros({p.n, D}, opts);
   }
   if (s.with_lipsum) {
     const auto w = grads[kLipsum] / (double(s.lip.G.size(0)) * double(p.n));

@@ -238,6 +238,52 @@ void tile_fold(const Tile<T>& t, int64_t i0, int64_t j0, TileScratch<T>& s,
   }
 }
 
+// The Gram formulation's mixed logits (gram_rows.h) into tile t, with the tile's row maxima
+// into s.row_max (by_rows) or its column maxima into s.col_max (otherwise).
+inline void tile_mixed_logits(const Tile<float>& t, const gram::MixArgs<float>& a,
+                              TileScratch<float>& s, bool by_rows) {
+  if (!by_rows) {
+    std::fill(s.col_max.begin(), s.col_max.begin() + t.cols,
+              -std::numeric_limits<float>::infinity());
+  }
+  vec::kernels().gram_logits_max(t.d, t.rows, t.cols, t.ld, a, by_rows ? s.row_max.data() : nullptr,
+                                 by_rows ? nullptr : s.col_max.data());
+}
+
+inline void tile_mixed_logits(const Tile<double>& t, const gram::MixArgs<double>& a,
+                              TileScratch<double>& s, bool by_rows) {
+  if (!by_rows) {
+    std::fill(s.col_max.begin(), s.col_max.begin() + t.cols,
+              -std::numeric_limits<double>::infinity());
+  }
+  gram::mixed_logits_max(t.d, t.rows, t.cols, t.ld, a, by_rows ? s.row_max.data() : nullptr,
+                         by_rows ? nullptr : s.col_max.data());
+}
+
+// Each column's (max, sum exp) of a logit tile whose column maxima s.col_max holds joins
+// col_states[j0 + c]; the rows are not folded.
+inline void tile_fold_columns(const Tile<float>& t, int64_t j0, TileScratch<float>& s,
+                              std::vector<mx::LseState<float>>& col_states) {
+  std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0f);
+  vec::kernels().exp_sums(t.d, t.rows, t.cols, t.ld, nullptr, nullptr, s.col_max.data(),
+                          s.col_sum.data());
+  for (int64_t c = 0; c < t.cols; ++c) {
+    col_states[j0 + c] = mx::lse_push_block(col_states[j0 + c], s.col_max[c], s.col_sum[c]);
+  }
+}
+
+inline void tile_fold_columns(const Tile<double>& t, int64_t j0, TileScratch<double>& s,
+                              std::vector<mx::LseState<double>>& col_states) {
+  std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const double* row = t.row(r);
+    for (int64_t c = 0; c < t.cols; ++c) s.col_sum[c] += std::exp(row[c] - s.col_max[c]);
+  }
+  for (int64_t c = 0; c < t.cols; ++c) {
+    col_states[j0 + c] = mx::lse_push_block(col_states[j0 + c], s.col_max[c], s.col_sum[c]);
+  }
+}
+
 // tile_fold over a tile of dot products that stays as it is (the forward that keeps the
 // dot products for its backward): the logits scale d + bias are formed on the fly.
 inline void tile_fold_dots(const Tile<float>& t, float scale, float bias, int64_t i0, int64_t j0,

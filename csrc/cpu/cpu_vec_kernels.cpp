@@ -89,6 +89,14 @@ RFT_VEC_BODY void exp_sum_rows(const float* t, int64_t rows, int64_t cols, int64
                                const float* col_max, float* col_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = t + r * ld;
+    if (row_sum == nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float s = kAffine ? scale * row[c] + bias : row[c];
+        col_sum[c] += exp_f(s - col_max[c]);
+      }
+      continue;
+    }
     const float mr = row_max[r];
     float sum = 0.0f;
     if (col_sum != nullptr) {
@@ -245,6 +253,22 @@ RFT_VEC_BODY void siglip_dlogits_body(float* d, int64_t rows, int64_t m, int64_t
   }
 }
 
+// exp_f as the value a gram_rows.h loop takes.
+struct ExpF {
+  RFT_VEC_INLINE float operator()(float x) const { return exp_f(x); }
+};
+
+RFT_VEC_BODY void gram_logits_max_body(float* out, int64_t rows, int64_t cols, int64_t ld,
+                                       const gram::MixArgs<float>& a, float* row_max,
+                                       float* col_max) {
+  gram::mixed_logits_max(out, rows, cols, ld, a, row_max, col_max);
+}
+
+RFT_VEC_BODY void gram_strip_rows_body(const gram::StripArgs<float>& a, int64_t rb, int64_t re,
+                                       double* stats, float* u) {
+  gram::strip_rows(a, rb, re, stats, u, ExpF{});
+}
+
 RFT_VEC_BODY void exp_n_body(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = exp_f(x[i]);
 }
@@ -295,12 +319,21 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
     siglip_dlogits_body(d, rows, m, p0, scale, bias, w, has_positives, offset, stat_dot,    \
                         stat_sum);                                                          \
   }                                                                                         \
+  ATTR void gram_logits_max(float* out, int64_t rows, int64_t cols, int64_t ld,             \
+                            const gram::MixArgs<float>& a, float* row_max, float* col_max) {  \
+    gram_logits_max_body(out, rows, cols, ld, a, row_max, col_max);                         \
+  }                                                                                         \
+  ATTR void gram_strip_rows(const gram::StripArgs<float>& a, int64_t rb, int64_t re,        \
+                            double* stats, float* u) {                                      \
+    gram_strip_rows_body(a, rb, re, stats, u);                                              \
+  }                                                                                         \
   ATTR void exp_n(const float* x, float* y, int64_t n) { exp_n_body(x, y, n); }             \
   ATTR void log1p_n(const float* x, float* y, int64_t n) { log1p_n_body(x, y, n); }         \
   ATTR void softplus_n(const float* x, float* y, int64_t n) { softplus_n_body(x, y, n); }   \
   ATTR void sigmoid_n(const float* x, float* y, int64_t n) { sigmoid_n_body(x, y, n); }     \
   const Kernels kSet{NAME,           &logits_max,     &exp_sums, &dot_logit_max,         \
                      &dot_exp_sums,  &softplus_sums,  &clip_dlogits, &siglip_dlogits,     \
+                     &gram_logits_max, &gram_strip_rows,                                  \
                      &exp_n,         &log1p_n,        &softplus_n,   &sigmoid_n};         \
   }
 

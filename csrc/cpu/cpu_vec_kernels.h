@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/gram_rows.h"
+
 namespace robustft {
 namespace cpu {
 namespace vec {
@@ -50,8 +52,8 @@ struct Kernels {
   // max of column c's logits).
   void (*logits_max)(float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
                      float bias, float* row_max, float* col_max);
-  // row_sum[r] = sum_c exp(t[r, c] - row_max[r]); col_sum[c] += sum_r exp(t[r, c] -
-  // col_max[c]) when col_max and col_sum are non-null.
+  // row_sum[r] = sum_c exp(t[r, c] - row_max[r]) when row_max and row_sum are non-null;
+  // col_sum[c] += sum_r exp(t[r, c] - col_max[c]) when col_max and col_sum are.
   void (*exp_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld,
                    const float* row_max, float* row_sum, const float* col_max, float* col_sum);
   // dot_logit_max / dot_exp_sums: the same over a tile of dot products t that stays as it is
@@ -73,6 +75,13 @@ struct Kernels {
   void (*siglip_dlogits)(float* d, int64_t rows, int64_t m, int64_t p0, float scale,
                          float bias, float w, bool has_positives, int64_t offset,
                          float* stat_dot, float* stat_sum);
+  // The Gram formulation (gram_rows.h): a tile of mixed logits with its maxima, and rows
+  // [rb, re) of a backward strip with their scale sums (added to stats[0], stats[1]) and
+  // column sums (added to u [2, n]).
+  void (*gram_logits_max)(float* out, int64_t rows, int64_t cols, int64_t ld,
+                          const gram::MixArgs<float>& a, float* row_max, float* col_max);
+  void (*gram_strip_rows)(const gram::StripArgs<float>& a, int64_t rb, int64_t re,
+                          double* stats, float* u);
   // Elementwise y = f(x) over n floats (for the unit tests of the vectorised maths).
   void (*exp_n)(const float* x, float* y, int64_t n);
   void (*log1p_n)(const float* x, float* y, int64_t n);

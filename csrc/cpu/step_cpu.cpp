@@ -446,7 +446,9 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            &dive_grads_cpu,
                                            &pair_backward_cpu,
                                            &gram_lse_cpu,
-                                           &gram_strip_cpu};
+                                           &gram_strip_cpu,
+                                           /*gram_serves=*/nullptr,
+                                           kCpuGramStripRows};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 

@@ -1,6 +1,6 @@
 // The CUDA launchers of the symmetric Gram formulation of CLIP + m^2-mix (docs/maths.md,
-// section 9.4; step_kernels.h: gram_lse_cuda, gram_strip_cuda, and gram_supported_cuda, which
-// says when the op body may take them). The kernels are gram_device.cuh's; step_cuda.cu
+// section 9.4; step_kernels.h: gram_lse_cuda and gram_strip_cuda; launcher_contract.h's
+// atomic_gram_serves says when the op body may take them). The kernels are gram_device.cuh's; step_cuda.cu
 // registers these launchers with the step's others (and holds pair_backward_cuda, a row pass).
 //
 // Design
@@ -22,7 +22,7 @@
 //    the row sums) partials added in a fixed order by gram_u_merge_kernel: no atomics, so
 //    the strip is deterministic.
 // Not taken: double inputs (no packed pair of doubles fits a 64-bit CAS) and
-// torch.use_deterministic_algorithms(True) (the forward's atomics); gram_supported_cuda
+// torch.use_deterministic_algorithms(True) (the forward's atomics); atomic_gram_serves
 // answers false for them and the op body takes the three-product design.
 //
 // Partial buffers of a strip of R rows (acc dtype unless said): stats [CTAs, 2] double;
@@ -50,10 +50,6 @@
 
 namespace robustft {
 
-bool gram_supported_cuda(at::ScalarType t) {
-  return t != at::kDouble && !at::globalContext().deterministicAlgorithms();
-}
-
 namespace {
 
 using namespace cuda_tiles;
@@ -65,28 +61,12 @@ static_assert(MmaEngine<StepMmaShape, Bf16Mma>::smem_bytes<GramPairs>() ==
                       cuda_plan::dynamic_bytes(cuda_plan::kStep, cuda_plan::kStep.small),
               "tile_plan.h's step shared memory differs from the Gram tile's");
 
-// The launchers' contract (step_kernels.h, GramProblem).
-void check_gram_problem(const GramProblem& p) {
-  check_on(p.I, c10::kCUDA, p.I, "the Gram problem's I");
-  check_on(p.T, c10::kCUDA, p.I, "the Gram problem's T");
-  TORCH_CHECK(p.I.dim() == 2 && p.I.sizes() == p.T.sizes() && p.I.size(0) == p.n && p.n > 0 &&
-                  p.I.size(1) > 0 && p.I.is_contiguous() && p.T.is_contiguous() &&
-                  p.I.scalar_type() == p.T.scalar_type(),
-              "robustft_ext: the Gram problem's I and T must be contiguous non-empty [n, D] "
-              "tensors of one dtype");
+// The launchers' contract is launcher_contract.h's, with cuBLAS's and the tile
+// schedule's int range.
+void check_gram_problem_cuda(const GramProblem& p) {
+  check_gram_problem(p, c10::kCUDA);
   TORCH_CHECK(p.n <= INT32_MAX, "robustft_ext: too many rows for the Gram kernels: ", p.n);
-  check_slerp_weight_rows(p.weights, p.I);
-  const auto acc = acc_dtype(p.I.scalar_type());
-  auto scalar = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.defined() && t.numel() == 1 && t.scalar_type() == acc &&
-                    t.device() == p.I.device(),
-                "robustft_ext: ", name, " must be a one-element ", acc, " tensor on ",
-                p.I.device());
-  };
-  scalar(p.m2_scale, "m2_scale");
-  if (p.with_clip) scalar(p.clip_scale, "clip_scale");
 }
-
 
 // The engine's inputs: row and column operands are both {I, T} (padded once if needed).
 template <class E, typename in_t>
@@ -194,14 +174,11 @@ void launch_gram_strip(const GramProblem& p, const at::Tensor& lse, int64_t r0,
 // The launchers (step_kernels.h)
 
 void gram_lse_cuda(const GramProblem& p, at::Tensor& lse) {
-  check_gram_problem(p);
-  TORCH_CHECK(gram_supported_cuda(p.I.scalar_type()), "robustft_ext: gram_lse_cuda takes no "
+  check_gram_problem_cuda(p);
+  TORCH_CHECK(atomic_gram_serves(p.I.scalar_type()), "robustft_ext: gram_lse_cuda takes no "
               "double inputs and does not run under torch.use_deterministic_algorithms(True) "
-              "(it merges by atomics); ask gram_supported_cuda and take the three-product design");
-  check_acc_vector(p.diag, p.n, p.I, "diag");
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == p.n &&
-                  lse.scalar_type() == at::kFloat && lse.device() == p.I.device(),
-              "robustft_ext: lse must be a contiguous [4, n] float tensor on ", p.I.device());
+              "(it merges by atomics); ask atomic_gram_serves and take the three-product design");
+  check_lse_rows(lse, p.n, p.I);
   const c10::cuda::CUDAGuard guard(p.I.device());
   dispatch_engine<StepShapes>(p.I.scalar_type(), [&](auto e, auto in, auto) {
     using E = typename decltype(e)::type;
@@ -213,23 +190,11 @@ void gram_lse_cuda(const GramProblem& p, at::Tensor& lse) {
 void gram_strip_cuda(const GramProblem& p, const at::Tensor& lse, int64_t r0,
                      const at::Tensor& f_m2, const at::Tensor& f_clip, at::Tensor& S,
                      at::Tensor& stats, at::Tensor& u) {
-  check_gram_problem(p);
+  check_gram_problem_cuda(p);
   TORCH_CHECK(p.I.scalar_type() != at::kDouble, "robustft_ext: gram_strip_cuda takes no "
-              "double inputs (neither does gram_lse_cuda: see gram_supported_cuda)");
-  const auto ws_dtype = workspace_dtype_cuda(p.I.scalar_type());
-  TORCH_CHECK(lse.is_contiguous() && lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == p.n &&
-                  lse.scalar_type() == at::kFloat && lse.device() == p.I.device(),
-              "robustft_ext: lse must be a contiguous [4, n] float tensor on ", p.I.device());
-  TORCH_CHECK(S.defined() && S.device() == p.I.device() && S.is_contiguous() && S.dim() == 3 &&
-                  S.size(0) == 4 && S.size(1) > 0 && S.scalar_type() == ws_dtype &&
-                  r0 >= 0 && r0 + S.size(1) <= p.n && S.size(2) == p.n - r0,
-              "robustft_ext: the Gram strip S must be a contiguous [4, R, n - r0] ", ws_dtype,
-              " tensor on ", p.I.device(), " with rows [r0, r0 + R) inside the problem's ", p.n,
-              ", got ", S.sizes(), " ", S.scalar_type(), " at r0 = ", r0);
-  check_acc_vector(f_m2, 1, p.I, "f_m2");
-  if (p.with_clip) check_acc_vector(f_clip, 1, p.I, "f_clip");
-  check_acc_vector(stats, 2, p.I, "stats");
-  check_acc_vector(u, 2 * p.n, p.I, "u");
+              "double inputs (neither does gram_lse_cuda: see atomic_gram_serves)");
+  check_gram_strip(p, lse, r0, f_m2, f_clip, S, stats, u, workspace_dtype_cuda(p.I.scalar_type()),
+                   c10::kCUDA);
   const c10::cuda::CUDAGuard guard(p.I.device());
   dispatch_engine<StepShapes>(p.I.scalar_type(), [&](auto e, auto in, auto ws) {
     using E = typename decltype(e)::type;

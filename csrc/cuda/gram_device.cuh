@@ -233,10 +233,12 @@ __global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
       switch (s) {
         case 0:
           return true_pair ? sc.diag[row0 + L::row(r)]
-                           : s_m * (wa_q * g[GramPairs::kII][r][c] + wb_q * g[GramPairs::kIT][r][c]);
+                           : s_m * maths::gram_mixed_dot(wa_q, g[GramPairs::kII][r][c], wb_q,
+                                                         g[GramPairs::kIT][r][c]);
         case 1:
           return true_pair ? sc.diag[row0 + L::row(r)]
-                           : s_m * (wa_q * g[GramPairs::kTI][r][c] + wb_q * g_tt(r, c));
+                           : s_m * maths::gram_mixed_dot(wa_q, g[GramPairs::kTI][r][c], wb_q,
+                                                         g_tt(r, c));
         case 2:
           return s_c * g[GramPairs::kIT][r][c];
         default:  // C_qp
@@ -250,9 +252,10 @@ __global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
       const float wa_p = w_rows[0][L::row(r)], wb_p = w_rows[1][L::row(r)];
       switch (s) {
         case 0:
-          return s_m * (wa_p * g[GramPairs::kII][r][c] + wb_p * g[GramPairs::kTI][r][c]);
+          return s_m * maths::gram_mixed_dot(wa_p, g[GramPairs::kII][r][c], wb_p,
+                                             g[GramPairs::kTI][r][c]);
         case 1:
-          return s_m * (wa_p * g[GramPairs::kIT][r][c] + wb_p * g_tt(r, c));
+          return s_m * maths::gram_mixed_dot(wa_p, g[GramPairs::kIT][r][c], wb_p, g_tt(r, c));
         default:  // C_qp
           return s_c * g[GramPairs::kTI][r][c];
       }
@@ -413,8 +416,10 @@ __global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
         acc_t s_ii = acc_t(0), s_it = acc_t(0), s_ti = acc_t(0), s_tt = acc_t(0);
         if (row_ok[r] && col_ok[c]) {
           const bool pair = p == q;
-          const acc_t dot_a = wa_q * gii + wb_q * git, dot_at = wa_p * gii + wb_p * gti;
-          const acc_t dot_b = wa_q * gti + wb_q * gtt, dot_bt = wa_p * git + wb_p * gtt;
+          const acc_t dot_a = maths::gram_mixed_dot(wa_q, gii, wb_q, git);
+          const acc_t dot_at = maths::gram_mixed_dot(wa_p, gii, wb_p, gti);
+          const acc_t dot_b = maths::gram_mixed_dot(wa_q, gti, wb_q, gtt);
+          const acc_t dot_bt = maths::gram_mixed_dot(wa_p, git, wb_p, gtt);
           auto row_softmax = [&](acc_t dot, acc_t l) {
             return pair ? acc_t(0)
                         : maths::clip_dlogit(maths::logit(dot, s_m, acc_t(0)), l, acc_t(0),
@@ -422,28 +427,29 @@ __global__ void __launch_bounds__(E::kThreads, E::kMinBlocks)
           };
           const acc_t da = row_softmax(dot_a, la_p), da_t = row_softmax(dot_at, la_q);
           const acc_t db = row_softmax(dot_b, lb_p), db_t = row_softmax(dot_bt, lb_q);
-          s_ii = f_m * (da * wa_q + da_t * wa_p);
-          s_it = f_m * (da * wb_q + db_t * wa_p);
-          s_ti = f_m * (db * wa_q + da_t * wb_p);
-          s_tt = f_m * (db * wb_q + db_t * wb_p);
-          tile_m += da * dot_a + db * dot_b;
+          acc_t dc = acc_t(0), dc_t = acc_t(0);
           if constexpr (kClip) {
-            const acc_t dc = maths::clip_dlogit(maths::logit(git, s_c, acc_t(0)), lr_p, lc_q,
-                                                acc_t(0.5), acc_t(0.5), acc_t(1), pair);
-            const acc_t dc_t = maths::clip_dlogit(maths::logit(gti, s_c, acc_t(0)), lr_q,
-                                                  lc_p, acc_t(0.5), acc_t(0.5), acc_t(1), pair);
-            s_it += f_c * dc;
-            s_ti += f_c * dc_t;
+            dc = maths::clip_dlogit(maths::logit(git, s_c, acc_t(0)), lr_p, lc_q, acc_t(0.5),
+                                    acc_t(0.5), acc_t(1), pair);
+            dc_t = maths::clip_dlogit(maths::logit(gti, s_c, acc_t(0)), lr_q, lc_p, acc_t(0.5),
+                                      acc_t(0.5), acc_t(1), pair);
             tile_c += dc * git;
             if (q_beyond) tile_c += dc_t * gti;
           }
+          const maths::GramGrads<acc_t> sg =
+              maths::gram_grads(f_m, f_c, da, da_t, db, db_t, dc, dc_t, wa_p, wb_p, wa_q, wb_q);
+          s_ii = sg.ii;
+          s_it = sg.it;
+          s_ti = sg.ti;
+          s_tt = sg.tt;
+          tile_m += da * dot_a + db * dot_b;
           if (q_beyond) {
             tile_m += da_t * dot_at + db_t * dot_bt;
-            u_col[0] += da * gii + db * gti;
-            u_col[1] += da * git + db * gtt;
+            u_col[0] += maths::gram_mixed_dot(da, gii, db, gti);
+            u_col[1] += maths::gram_mixed_dot(da, git, db, gtt);
           }
-          u_row[0][r] += da_t * gii + db_t * git;
-          u_row[1][r] += da_t * gti + db_t * gtt;
+          u_row[0][r] += maths::gram_mixed_dot(da_t, gii, db_t, git);
+          u_row[1][r] += maths::gram_mixed_dot(da_t, gti, db_t, gtt);
         }
         g[GramPairs::kII][r][c] = s_ii;
         g[GramPairs::kIT][r][c] = s_it;

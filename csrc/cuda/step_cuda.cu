@@ -342,10 +342,6 @@ void pair_backward_cuda(const at::Tensor& coef, const at::Tensor& I, const at::T
   });
 }
 
-// gram_cuda.cu: whether gram_lse_cuda / gram_strip_cuda serve a dtype under the current
-// settings (not double, not under torch.use_deterministic_algorithms(True)).
-bool gram_supported_cuda(at::ScalarType t);
-
 static const StepKernelSet kCudaStepKernels{&step_lse_cuda,
                                             &step_dlogits_cuda,
                                             GemmKernels{&gemm_acc_cuda, &workspace_dtype_cuda},
@@ -356,7 +352,7 @@ static const StepKernelSet kCudaStepKernels{&step_lse_cuda,
                                             &pair_backward_cuda,
                                             &gram_lse_cuda,
                                             &gram_strip_cuda,
-                                            &gram_supported_cuda};
+                                            &atomic_gram_serves};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CUDA, kCudaStepKernels)
 

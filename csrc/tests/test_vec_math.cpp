@@ -7,7 +7,8 @@
 //    at most 2 ulp for exp and log1p, 3 for softplus and sigmoid, the exact special
 //    values elsewhere;
 //  * the tile and row loops against the scalar double maths of robustft_maths.h on
-//    random tiles whose widths leave SIMD remainders.
+//    random tiles whose widths leave SIMD remainders, the Gram loops (cpu/gram_rows.h)
+//    against their own double instantiation.
 // Cases belong to the "maths" group.
 #include <cmath>
 #include <cstdint>
@@ -301,6 +302,118 @@ void check_dlogit_loops(const vec::Kernels& k) {
   }
 }
 
+std::vector<double> widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+struct StdExp {
+  double operator()(double x) const { return std::exp(x); }
+};
+
+// The Gram loops (cpu/gram_rows.h) against their double instantiation with std::exp on the
+// same float inputs: the mixed logits of both orientations with the true pairs' entries and
+// their maxima, the column-only exp sums, and a backward strip's S entries, scale sums and
+// u, on widths that leave SIMD remainders and a strip whose columns run past its rows.
+void check_gram_loops(const vec::Kernels& k) {
+  namespace gram = ::robustft::cpu::gram;
+  for (const int64_t cols : {1, 7, 33}) {
+    const int64_t rows = 6, ld = cols + 3;
+    const auto ga = random_floats(size_t(rows * ld), -1.0f, 1.0f, uint32_t(cols));
+    const auto gb = random_floats(size_t(rows * ld), -1.0f, 1.0f, uint32_t(cols + 1));
+    const auto wa = random_floats(size_t(std::max(rows, cols)), 0.2f, 1.3f, 7);
+    const auto wb = random_floats(size_t(std::max(rows, cols)), 0.2f, 1.3f, 8);
+    const auto special = random_floats(size_t(rows), 5.0f, 9.0f, 9);
+    const auto gad = widen(ga), gbd = widen(gb), wad = widen(wa), wbd = widen(wb),
+               spd = widen(special);
+    for (const bool per_row : {false, true}) {
+      gram::MixArgs<float> a;
+      a.g_a = ga.data();
+      a.g_b = gb.data();
+      a.ld_g = ld;
+      a.w_a = wa.data();
+      a.w_b = wb.data();
+      a.per_row = per_row;
+      a.scale = 14.285714f;
+      a.special = per_row ? nullptr : special.data();
+      a.offset = -2;
+      gram::MixArgs<double> d{gad.data(), gbd.data(), ld, wad.data(), wbd.data(), per_row,
+                              double(a.scale), per_row ? nullptr : spd.data(), -2};
+      std::vector<float> out(size_t(rows * cols)), row_max(rows), col_max(cols, -kInf);
+      std::vector<double> want(size_t(rows * cols)), want_row(rows), want_col(cols, -INFINITY);
+      k.gram_logits_max(out.data(), rows, cols, cols, a, per_row ? nullptr : row_max.data(),
+                        per_row ? col_max.data() : nullptr);
+      gram::mixed_logits_max(want.data(), rows, cols, cols, d, want_row.data(), want_col.data());
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        RFT_CHECK_MSG(near(out[i], want[i], 1e-6, 1e-5), "gram logit ", i, ": ", out[i], " vs ",
+                      want[i]);
+      }
+      for (int64_t r = 0; r < rows && !per_row; ++r) {
+        RFT_CHECK_MSG(near(row_max[r], want_row[r], 1e-6, 1e-5), "gram row max ", row_max[r]);
+        if (r - 2 >= 0 && r - 2 < cols) RFT_CHECK(out[r * cols + r - 2] == special[r]);
+      }
+      if (!per_row) continue;
+      for (int64_t c = 0; c < cols; ++c) {
+        RFT_CHECK_MSG(near(col_max[c], want_col[c], 1e-6, 1e-5), "gram col max ", col_max[c]);
+      }
+      // Column sums only (no row statistics).
+      std::vector<float> col_sum(cols, 1.0f);
+      k.exp_sums(out.data(), rows, cols, cols, nullptr, nullptr, col_max.data(), col_sum.data());
+      for (int64_t c = 0; c < cols; ++c) {
+        double want_sum = 1.0;
+        for (int64_t r = 0; r < rows; ++r) want_sum += std::exp(double(out[r * cols + c]) - col_max[c]);
+        RFT_CHECK_MSG(near(col_sum[c], want_sum, 1e-5, 0), "column-only sum ", col_sum[c], " vs ",
+                      want_sum);
+      }
+    }
+  }
+  for (const bool clip : {false, true}) {
+    const int64_t n = 45, r0 = 4, R = 7, W = n - r0;
+    const auto g = random_floats(size_t(4 * R * W), -1.0f, 1.0f, 11);
+    const auto wa = random_floats(size_t(n), 0.2f, 1.3f, 12);
+    const auto wb = random_floats(size_t(n), 0.2f, 1.3f, 13);
+    const auto lse = random_floats(size_t(4 * n), 1.0f, 3.0f, 14);
+    std::vector<float> s = g;
+    std::vector<double> sd = widen(g);
+    const auto wad = widen(wa), wbd = widen(wb), lsed = widen(lse);
+    gram::StripArgs<float> a;
+    a.s = s.data();
+    a.rows = R;
+    a.width = W;
+    a.r0 = r0;
+    a.n = n;
+    a.w_a = wa.data();
+    a.w_b = wb.data();
+    a.lse = lse.data();
+    a.m2_scale = 2.5f;
+    a.clip_scale = 3.0f;
+    a.f_m = 0.3f;
+    a.f_c = 0.7f;
+    a.with_clip = clip;
+    gram::StripArgs<double> d{sd.data(), R, W, r0, n, wad.data(), wbd.data(), lsed.data(),
+                              2.5, 3.0, 0.3, 0.7, clip};
+    double stats[2] = {0.5, 0.25}, want_stats[2] = {0.5, 0.25};
+    std::vector<float> u(size_t(2 * n), 0.125f);
+    std::vector<double> want_u(size_t(2 * n), 0.125);
+    // In two row ranges, as two tasks would.
+    k.gram_strip_rows(a, 0, 3, stats, u.data());
+    k.gram_strip_rows(a, 3, R, stats, u.data());
+    gram::strip_rows(d, 0, R, want_stats, want_u.data(), StdExp{});
+    for (size_t i = 0; i < s.size(); ++i) {
+      RFT_CHECK_MSG(near(s[i], sd[i], 2e-5, 1e-6), "gram S ", i, ": ", s[i], " vs ", sd[i]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      RFT_CHECK_MSG(near(stats[i], want_stats[i], 2e-5, 1e-6), "gram stat ", i, ": ", stats[i],
+                    " vs ", want_stats[i]);
+    }
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      RFT_CHECK_MSG(near(u[i], want_u[i], 2e-5, 1e-6), "gram u ", i, ": ", u[i], " vs ",
+                    want_u[i]);
+    }
+    // The true pairs carry no m^2 dlogit: without CLIP their S entries are 0.
+    if (!clip) {
+      for (int64_t r = 0; r < R; ++r) RFT_CHECK(s[r * W + r] == 0.0f);
+    }
+  }
+}
+
 RFT_CASES(vec_math) {
   add_case("maths/vec_kernels_best_is_first", [] {
     const auto sets = vec::supported_kernels();
@@ -327,6 +440,7 @@ RFT_CASES(vec_math) {
     });
     add_case("maths/vec_tile_loops_" + isa, [k] { check_tile_loops(*k); });
     add_case("maths/vec_dlogit_loops_" + isa, [k] { check_dlogit_loops(*k); });
+    add_case("maths/vec_gram_loops_" + isa, [k] { check_gram_loops(*k); });
   }
 }
 

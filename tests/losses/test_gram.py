@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import robustft_ext as rft
-from helpers import TOLERANCE, assert_close_rel, require_backend
+from helpers import TOLERANCE, CudaRules, assert_close_rel, require_backend
 from robustft_ext import backends
 
 
@@ -67,7 +67,8 @@ def _run(kind: str, I, T, scale, backend: str, extra=None):
     return loss, torch.autograd.grad(loss * 1.3, leaves)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
 @pytest.mark.parametrize("kind", ["m2mix", "clip_m2mix", "robust_step"])
 @pytest.mark.parametrize("n,d,limit", [(1, 5, None), (3, 33, None), (300, 24, None),
                                        (300, 24, 1)], ids=["n1", "n3", "n300", "n300-strips"])
@@ -123,6 +124,63 @@ def test_a_near_opposite_pair_takes_the_three_products(cos, design):
     for name in ("gram", "products"):
         design(name)
         out[name] = _run("clip_m2mix", I, T, scale, "native")
+    assert torch.equal(out["gram"][0], out["products"][0])
+    for x, y in zip(out["gram"][1], out["products"][1]):
+        assert torch.equal(x, y)
+
+
+def _against_reference(kind, I, T, scale, extra, backend="native"):
+    loss, grads = _run(kind, I, T, scale, backend, extra)
+    ref_in = [x.detach().double().requires_grad_() for x in (I, T, scale)]
+    ref_extra = None if extra is None else {k: v.detach().double().requires_grad_(v.requires_grad)
+                                            for k, v in extra.items()}
+    ref_loss, ref_grads = _run(kind, *ref_in, "reference", ref_extra)
+    return (loss, grads), (ref_loss, ref_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["clip_m2mix", "robust_step"])
+def test_gram_under_cuda_rules(kind, dtype, design):
+    """The path a GPU takes: the op bodies under CUDA's rules (16-bit inputs keep 16-bit
+    strips in the workspace, the eight products read them), in strips of 128 rows."""
+    design("gram")
+    n, d = 260, 40
+    I, T = _pairs(n, d, dtype, seed=2)
+    scale = torch.tensor(20.0, requires_grad=True)
+    extra = _step_inputs(n, d, dtype) if kind == "robust_step" else None
+    rft.set_workspace_limit(1)
+    try:
+        with CudaRules() as rules:
+            (loss, grads), (ref_loss, ref_grads) = _against_reference(kind, I, T, scale, extra)
+    finally:
+        rft.set_workspace_limit(None)
+    assert "robustft_cuda_rules" in rules.namespaces
+    bound = TOLERANCE[dtype]
+    assert_close_rel(loss, ref_loss, bound, f"{kind} loss", floor=1.0)
+    for name, x, y in zip(("I", "T", "scale"), grads, ref_grads):
+        assert_close_rel(x, y, max(bound, TOLERANCE[x.dtype]), f"{kind} d{name}",
+                         floor=1.0 if x.dim() == 0 else 1e-3)
+
+
+@pytest.mark.parametrize("case", ["float64", "deterministic"])
+def test_cuda_rules_take_the_products_where_cuda_does(case, design):
+    """CUDA's Gram forward merges by atomics in float: for float64 inputs and under
+    torch.use_deterministic_algorithms(True) the step takes the three products there, and so
+    it does under CUDA's rules, bit for bit."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    I, T = _pairs(50, 16, dtype, seed=4)
+    scale = torch.tensor(12.0, dtype=torch.float64 if case == "float64" else torch.float32,
+                         requires_grad=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(case == "deterministic")
+    try:
+        out = {}
+        for name in ("gram", "products"):
+            design(name)
+            with CudaRules():
+                out[name] = _run("clip_m2mix", I, T, scale, "native")
+    finally:
+        torch.use_deterministic_algorithms(before)
     assert torch.equal(out["gram"][0], out["products"][0])
     for x, y in zip(out["gram"][1], out["products"][1]):
         assert torch.equal(x, y)

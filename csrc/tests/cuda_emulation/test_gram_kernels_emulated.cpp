@@ -7,7 +7,7 @@
 // of the values the engine multiplies. Every kernel runs on each engine the launchers take:
 // ffma_float (FfmaEngine<float>) and mma_bf16, mma_f16, mma_tf32 (MmaEngine) with the step's
 // large (128 x 64, 8 warps) and small (64 x 64, 4 warps) shapes; double inputs have no Gram
-// kernels (gram_supported_cuda).
+// kernels (launcher_contract.h, atomic_gram_serves).
 //
 // Per engine, shape and term combination (m^2 + CLIP, m^2 alone):
 //   * gram_lse_kernel between init / finalize_col_states_kernel: the four log-sum-exps (rows
