@@ -1,5 +1,6 @@
 """The geodesic mix (slerp) of m^2-mix in float64: the Python twin of `slerp_weights` in
-csrc/robustft_maths.h and of `mix_rows` / `mix_rows_backward` in csrc/m2mix_ops.h, shared by
+csrc/robustft_maths.h and of the row passes `mix_rows` / `mix_backward` (csrc/step_kernels.h;
+csrc/cpu/step_cpu.cpp, csrc/cuda/row_device.cuh), shared by
 the reference and Triton backends (docs/maths.md, section 3).
 
 slerp(a, b; lam) = w_a a + w_b b with w_a = sin(lam theta) / sin theta, w_b = sin((1 - lam)

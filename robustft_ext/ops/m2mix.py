@@ -19,7 +19,7 @@ def untied(x: Tensor, other: Tensor) -> Tensor:
 
     Two inputs of one Function that are the same tensor (the CLIP and m^2 scales by default):
     under torch.compile (AOT autograd, torch 2.11) only one of the two gradients reached it
-    (tests/test_m2mix.py::test_torch_compile_fullgraph).
+    (tests/losses/test_m2mix.py::test_torch_compile_fullgraph).
     """
     return x.clone() if x is other else x
 

@@ -1,7 +1,7 @@
 """A script, not a test module: `python tests/distributed_clean_worker.py BACKEND[,BACKEND...]`
 spawns 2 gloo processes that import nothing beyond the standard library, torch and
 robustft_ext, and checks in them ClipLoss and RobustFTLoss under torch.distributed against one
-process on the whole batch. tests/test_distributed.py runs it.
+process on the whole batch. tests/losses/test_distributed.py runs it.
 
 Why a separate script: importing open_clip (as the other distributed tests do) imports
 torch.distributed.nn, and that hid a gather that worked only where something else had loaded

@@ -6,7 +6,7 @@ CLIP + m^2 (one fused pass, or two fused calls: native-separate) and a whole Rob
 (CLIP + m^2 + Lipsum-FT + DiVE: one fused pass, or one fused call per term), the fused ones
 under both step designs (native: gram, native-products: products). The loss functions and
 inputs are those of benchmarks/harness/. Each benchmark also checks that the loss it
-timed is finite. `pytest tests/test_benchmarks_micro.py --benchmark-only` shows the table;
+timed is finite. `pytest tests/tooling/test_benchmarks_micro.py --benchmark-only` shows the table;
 under --benchmark-disable each runs once, as a smoke test.
 
 Also where the benchmark scripts write: by default a new CSV and plot folder under the ignored
