@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "cuda/tile_plan.h"
+#include "kept_cache.h"
 #include "step_args.h"
 #include "step_ops.h"
 #include "workspace.h"
@@ -121,6 +122,7 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def("set_workspace_limit(int nbytes) -> ()", [](int64_t nbytes) {
     TORCH_CHECK(nbytes > 0, "robustft_ext: the workspace limit must be positive, got ", nbytes);
     robustft::workspace_limit_bytes().store(nbytes);
+    robustft::kept_cache().trim(nbytes);
   });
   // Which tile configuration the native CUDA kernels take on a device with this much opt-in
   // shared memory per block (cuda/tile_plan.h): (contrastive, step) each "large", "small" or

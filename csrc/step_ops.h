@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "contrastive_ops.h"
+#include "kept_cache.h"
 #include "step_args.h"
 #include "step_kernels.h"
 #include "workspace.h"
@@ -326,7 +327,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     TORCH_CHECK(K > 0, "robustft_ext: not one Gram strip of ", R, " rows fits the workspace "
                 "limit of ", workspace_limit_bytes().load(), " bytes (use the forward that "
                 "keeps nothing)");
-    *kept = at::empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
+    *kept = kept_empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
     if (s.gram) s.g.keep = *kept;
   } else if (kept != nullptr) {
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
@@ -337,7 +338,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     TORCH_CHECK(bytes <= limit, "robustft_ext: keeping the step's ", views, " x ", p.n, " x ",
                 p.n, " dot products takes ", bytes, " bytes, more than the workspace limit of ",
                 limit, " bytes (use the forward that keeps nothing)");
-    p.keep = at::empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
+    p.keep = kept_empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
     *kept = p.keep;
   }
   at::Tensor lse = at::zeros({4, p.n}, opts);
