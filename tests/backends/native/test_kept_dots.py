@@ -296,4 +296,6 @@ def test_a_freed_kept_buffer_serves_the_next_step(op):
     del first, kept
     again = forward()
     assert again[-1].data_ptr() == ptr
-    assert torch.equal(again[-1], values)
+    # Bitwise, since a Gram buffer's last strip is partly unused (its rows past n are never
+    # written nor read) and may hold any bits, NaN among them, which the reused block keeps.
+    assert torch.equal(again[-1].view(torch.int32), values.view(torch.int32))
