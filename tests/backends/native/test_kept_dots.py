@@ -299,3 +299,33 @@ def test_a_freed_kept_buffer_serves_the_next_step(op):
     # Bitwise, since a Gram buffer's last strip is partly unused (its rows past n are never
     # written nor read) and may hold any bits, NaN among them, which the reused block keeps.
     assert torch.equal(again[-1].view(torch.int32), values.view(torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["m2mix", "robust_step"])
+def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
+    """A reused block keeps whatever the previous step left in it: the Gram buffer's unused
+    tail (the last strip's rows past n) must be neither read nor trusted. The block a step frees
+    is filled with NaN before the next step takes it; that step's loss and gradients are those
+    of a step on fresh memory, bit for bit."""
+    require_backend("native", "cpu")
+    n = 300  # two strips of 256 rows: the second uses 44 of them
+    fresh_loss, fresh_grads = _run_step(kind, n, torch.float32)
+    a, b = (features(n, 24).detach() for _ in range(2))
+    one = torch.tensor(1.0)
+    kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
+                                                  True)[-1]
+    assert kept.shape[0] == 2, "the test wants two strips"
+    kept.fill_(float("nan"))
+    ptr = kept.data_ptr()
+    del kept  # the NaN block is cached and serves the next forward of the same size
+    loss, grads = _run_step(kind, n, torch.float32)
+    # The step took the NaN block and freed it again: the next forward of that size gets it,
+    # its unused tail still NaN (the step never wrote there).
+    again = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
+                                                   True)[-1]
+    assert again.data_ptr() == ptr and bool(torch.isnan(again[1]).any())
+    assert torch.isfinite(loss)
+    assert torch.equal(loss, fresh_loss)
+    for g, g_fresh in zip(grads, fresh_grads):
+        if g_fresh is not None:
+            assert torch.equal(g, g_fresh)
