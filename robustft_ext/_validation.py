@@ -132,7 +132,10 @@ def pair_inputs(image_features: object, text_features: object, logit_scale: obje
 def check_lam(lam: object, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The mixing ratio: a float or 0-d tensor in [0, 1], returned as a 0-d `dtype` tensor."""
     t = check_scalar(lam, "lam", device, dtype).detach()
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if not isinstance(lam, torch.Tensor):  # checked on the host value: no read back from t
+        if not 0.0 <= float(lam) <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {float(lam)}")
+    elif torch.compiler.is_compiling() or t.device.type == "meta":
         check_value((t >= 0) & (t <= 1), "lam must lie in [0, 1]")
     elif not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {float(t)}")

@@ -103,7 +103,14 @@ class RobustFTLoss(nn.Module):
         self.rank, self.world_size = rank, world_size
         self.local_loss, self.gather_with_grad = bool(local_loss), bool(gather_with_grad)
         self.backend = backend
-        self.last_lam: float | None = None
+        # The lam of the last call, as the tensor the step used: read as a float only when
+        # asked (a GPU step need not wait for it, a compiled one need not break its graph).
+        self._last_lam: torch.Tensor | None = None
+
+    @property
+    def last_lam(self) -> float | None:
+        """The m^2 mix ratio of the last call (rank 0's under torch.distributed)."""
+        return None if self._last_lam is None else float(self._last_lam)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: Scalar, *, image_pre: torch.Tensor | None = None,
@@ -146,7 +153,7 @@ class RobustFTLoss(nn.Module):
         lam_t = check_lam(self.sampler.draw(), device, acc)
         if self.world_size > 1:
             lam_t = broadcast_from_rank0(lam_t)
-        self.last_lam = float(lam_t)
+        self._last_lam = lam_t.detach()
         m2_scale = x.scale if self.m2_logit_scale is None else check_scalar(
             self.m2_logit_scale, "m2_logit_scale", device, acc)
         return m2_scale, lam_t

@@ -175,3 +175,60 @@ def test_bad_distributed_arguments():
             rft.RobustFTLoss(**kw)
     with pytest.raises(RuntimeError, match="init_process_group"):
         rft.RobustFTLoss(m2_weight=0.1, rank=0, world_size=2)(x["I"], x["T"], 10.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("lam", [0.3, None], ids=["fixed", "sampled"])
+def test_m2_step_under_torch_compile(backend, lam):
+    """With a fixed lam a step with m^2 traces whole under torch.compile(fullgraph=True). A
+    sampled lam is drawn on the host from the user's torch.Generator, which Dynamo cannot
+    trace: that draw runs between graphs. Either way the compiled steps give eager's losses and
+    lams, call after call."""
+    require_backend(backend, "cpu")
+    x = _batch(6, 2, 2, 8)
+
+    def module():
+        return rft.RobustFTLoss(m2_weight=0.1, m2_lam=lam, backend=backend,
+                                generator=torch.Generator().manual_seed(3))
+    eager, traced = module(), module()
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, fullgraph=lam is not None, backend="aot_eager")
+    lams = []
+    for _ in range(3):
+        want = eager(x["I"], x["T"], 10.0)
+        got = compiled(x["I"], x["T"], 10.0)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7), (got, want)
+        assert traced.last_lam == eager.last_lam and 0.0 < eager.last_lam < 1.0
+        lams.append(eager.last_lam)
+    if lam is not None:
+        assert lams == [pytest.approx(lam)] * 3
+    else:
+        assert len(set(lams)) == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_m2_lam_adds_no_host_read(backend):
+    """A step with m^2 (fixed lam) reads no more tensor values back on the host than one
+    without: the lam used is kept as the step's tensor and read as a float only when last_lam
+    is asked for, so a GPU step does not wait for it (the scale checks' reads are the same
+    in both)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    require_backend(backend, "cpu")
+    x = _batch(6, 2, 2, 8)
+
+    def reads(m2_weight: float) -> int:
+        loss = rft.RobustFTLoss(m2_weight=m2_weight, m2_lam=0.3, backend=backend)
+        HostReads.count = 0
+        with HostReads():
+            loss(x["I"], x["T"], torch.tensor(10.0))
+        return HostReads.count
+    assert reads(0.1) == reads(0.0)
