@@ -12,5 +12,9 @@ bash csrc/tests/run_ctest.sh
 # make the emulated kernel test fail (csrc/tests/mutations_kernels.sh has all of them).
 bash csrc/tests/mutation_check.sh csrc/tests/mutations_ci.sh
 
-# pytest exits 5 when it collected no test: that fails here too (set -e).
-"$PYTHON" -m pytest -q -ra tests "$@"
+# pytest exits 5 when it collected no test: that fails here too (set -e). The tests run in
+# one worker process per core (pytest-xdist; PYTEST_WORKERS overrides, 0 runs them in this
+# process): most of the time goes to single-threaded work (the Triton interpreter, offline
+# compiles, cuobjdump, the driver's and gpu_check's subprocesses), so two workers on two cores
+# take about two thirds of the serial time.
+"$PYTHON" -m pytest -q -ra -n "${PYTEST_WORKERS:-auto}" tests "$@"
