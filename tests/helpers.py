@@ -220,6 +220,28 @@ class CudaRules:
         return False
 
 
+def largest_float_tensor_mode():
+    """A TorchDispatchMode that records the most elements of any float tensor the ops run under
+    it return (.largest). Float tensors only: the Triton interpreter's host copies of the
+    kernel arguments are byte tensors of the arguments' size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestFloatTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_leaves(out):
+                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    return LargestFloatTensor()
+
+
 def live_bytes_mode():
     """A TorchDispatchMode that counts the bytes of the storages the ops run under it
     allocate while they are alive, and their peak (.live, .peak): a storage counts from the

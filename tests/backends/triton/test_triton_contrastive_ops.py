@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import import_triton_backend
+from helpers import largest_float_tensor_mode
 from robustft_ext import workspace
 
 pytestmark = pytest.mark.triton
@@ -268,28 +269,17 @@ def test_no_n_by_m_buffers():
     # copies of the kernel arguments are byte tensors of the arguments' size, 4 n 16 bytes
     # for the inputs padded to 16 columns.)
     from torch._library.triton import set_wrap_triton_enabled
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Record(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for x in tree_leaves(out):
-                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
-                    Record.largest = max(Record.largest, x.numel())
-            return out
+    record = largest_float_tensor_mode()
 
     n = m = 48
     a, b, s, t = _inputs(n, m, 5, torch.float32, 14.3, -10.0)
     g = torch.tensor(1.0, device=DEVICE)
-    with Record(), set_wrap_triton_enabled(False):
+    with record, set_wrap_triton_enabled(False):
         _, r, c = tb.contrastive_ops.clip_fwd._init_fn(a, b, s, t, 0, True)
         tb.contrastive_ops.clip_bwd._init_fn(g, a, b, s, t, r, c, 0, True)
         tb.contrastive_ops.siglip_fwd._init_fn(a, b, s, t, False)
         tb.contrastive_ops.siglip_bwd._init_fn(g, a, b, s, t, False)
-    assert 0 < Record.largest < n * m // 2
+    assert 0 < record.largest < n * m // 2
 
 
 def test_argument_checks():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from helpers import (LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend,
                      m2mix_eager_lowp, rel_err)
+from helpers import largest_float_tensor_mode
 from robustft_ext import reference
 
 pytestmark = pytest.mark.triton
@@ -263,30 +264,18 @@ def test_no_n_by_n_buffers(n, D, design):
     # rows (one BLOCK_M): [2 * 16, n] for the three products' m^2 dlogits, [2 * 16, 2 n]
     # (its row stride rounded up to 16) for the Gram formulation's strip of S.
     from torch._library.triton import set_wrap_triton_enabled
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
     import robustft_ext as rft
     from robustft_ext import workspace
 
-    class Record(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for x in tree_leaves(out):
-                # (Float tensors only: the interpreter's host copies of the kernel
-                # arguments are byte tensors of the arguments' size.)
-                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
-                    Record.largest = max(Record.largest, x.numel())
-            return out
+    record = largest_float_tensor_mode()
 
     I, T, s_m, lam, s_c = _inputs(n, D, torch.float32)
     g = torch.tensor(1.0, device=DEVICE)
     workspace.set_workspace_limit(16 * 3 * n * 4)
     rft.set_step_design(design)
     try:
-        with Record(), set_wrap_triton_enabled(False):
+        with record, set_wrap_triton_enabled(False):
             for with_clip in (False, True):
                 _, _, lse = tb.step_ops.m2mix_fwd._init_fn(I, T, s_m, lam, s_c, with_clip)
                 tb.step_ops.m2mix_bwd._init_fn(g, g, I, T, s_m, lam, s_c, lse, with_clip)
@@ -298,7 +287,7 @@ def test_no_n_by_n_buffers(n, D, design):
     ws = 0
     if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D:
         ws = 2 * 16 * (tb.configs.aligned_dim(2 * n) if design == "gram" else n)
-    assert 0 < Record.largest <= max(4 * n, n * Dk, ws) < n * n // 2
+    assert 0 < record.largest <= max(4 * n, n * Dk, ws) < n * n // 2
 
 
 def test_argument_checks():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import robustft_ext as rft
 from helpers import LOWP_FACTOR, TOLERANCE, assert_close_rel, import_triton_backend, rel_err
+from helpers import largest_float_tensor_mode
 from robustft_ext import reference, workspace
 
 pytestmark = pytest.mark.triton
@@ -521,20 +522,7 @@ def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K, design):
     # bounded by the workspace limit, here 16 rows (one BLOCK_M): [2 * 16, n] for UA and UB,
     # [2 * 16, 2 n] (its row stride rounded up to 16) for the Gram formulation's strip of S.
     from torch._library.triton import set_wrap_triton_enabled
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Record(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for x in tree_leaves(out):
-                # (Float tensors only: the interpreter's host copies of the kernel
-                # arguments are byte tensors of the arguments' size.)
-                if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
-                    Record.largest = max(Record.largest, x.numel())
-            return out
+    record = largest_float_tensor_mode()
 
     small_workspace(16 * (3 * n * 4 + 4 * K))
     batch = _batch(n, D, K, torch.float32)
@@ -543,7 +531,7 @@ def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K, design):
     g = torch.tensor(GRADS, device=DEVICE)
     rft.set_step_design(design)
     try:
-        with Record(), set_wrap_triton_enabled(False):
+        with record, set_wrap_triton_enabled(False):
             _, _, lse = tb.step_ops.robust_step_fwd._init_fn(*args)
             tb.step_ops.robust_step_bwd._init_fn(g, *args, lse)
     finally:
@@ -554,7 +542,7 @@ def test_no_n_by_n_or_n_by_k_buffers(small_workspace, n, D, K, design):
     if D > tb.configs.INTERPRETER_FUSED_BWD_MAX_D:
         ws = 2 * 16 * (tb.configs.aligned_dim(2 * n) if design == "gram" else n)
     Dk = tb.configs.aligned_dim(D)
-    assert 0 < Record.largest <= max(4 * n, n * Dk, K * Dk, ws) < min(n * n, n * K) // 2
+    assert 0 < record.largest <= max(4 * n, n * Dk, K * Dk, ws) < min(n * n, n * K) // 2
 
 
 def test_argument_checks():
