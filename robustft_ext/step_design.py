@@ -21,7 +21,8 @@ ENV_VAR = "ROBUSTFT_STEP_DESIGN"
 
 # The largest slerp weight the Gram formulation takes (csrc/step_kernels.h kGramWeightLimit;
 # docs/maths.md, section 9.4, "near-opposite pairs"): a batch with a larger one is evaluated
-# by the three products, which form M in float64.
+# by the three products, which form M in float64. (tests/losses/test_gram.py checks the two
+# agree.)
 GRAM_WEIGHT_LIMIT = 4.0
 
 _design: str | None = None

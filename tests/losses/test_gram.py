@@ -194,3 +194,16 @@ def test_design_setting():
     assert rft.step_design() == "products"
     rft.set_step_design(None)
     assert rft.step_design() == "gram"
+
+
+def test_the_weight_limit_is_one_number_on_both_sides():
+    """The Triton backend's GRAM_WEIGHT_LIMIT and csrc's kGramWeightLimit are the same fact,
+    written once per language (the Triton backend runs without the C++ extension)."""
+    import pathlib
+    import re
+
+    from robustft_ext.step_design import GRAM_WEIGHT_LIMIT
+    header = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "step_kernels.h"
+    found = re.search(r"constexpr double kGramWeightLimit = ([0-9.eE+-]+);", header.read_text())
+    assert found, "kGramWeightLimit not found in csrc/step_kernels.h"
+    assert float(found.group(1)) == GRAM_WEIGHT_LIMIT
