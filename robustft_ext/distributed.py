@@ -1,19 +1,18 @@
 """Gathering features across torch.distributed ranks with open_clip's semantics.
 
-The differentiable gather is torch's functional autograd all-gather
-(`torch.distributed._functional_collectives.all_gather_tensor_autograd`), which open_clip uses
-too: `torch.distributed.nn.all_gather` is deprecated, and `torch.distributed.nn` is a submodule
-that `import torch` does not load, so code relying on the attribute works only where something
-else (open_clip, for one) happened to import it.
+The differentiable gather is an autograd Function over two c10d collectives: the forward
+all-gathers the rows (`all_gather_into_tensor`), the backward reduce-scatters their gradient
+(`reduce_scatter_tensor`, summed), so each rank receives the sum over the ranks of its own
+shard's gradient. It is not torch's functional autograd all-gather: in torch 2.11 a process
+group that has served a functional collective stays alive after `destroy_process_group` (its
+gloo worker threads run on), and its C++ teardown then happens during interpreter shutdown,
+where it can abort the process. Nor is it `torch.distributed.nn.all_gather`: deprecated, and
+`torch.distributed.nn` is a submodule that `import torch` does not load.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-if dist.is_available():  # builds without distributed support have no collectives at all
-    from torch.distributed import _functional_collectives as funcol
-
 
 def check_rank(rank: object, world_size: object) -> None:
     """A module's rank and world_size arguments: a positive int and an int in [0, world_size)."""
@@ -49,14 +48,29 @@ def require_distributed(world_size: int) -> None:
                          f"{dist.get_world_size()} ranks")
 
 
+class _AllGatherRows(torch.autograd.Function):
+    """Every rank's rows of x concatenated by rank; the backward sums the gradient of the
+    gathered rows over the ranks and keeps this rank's shard (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # The collective needs a dense gradient; autograd may hand an expanded or strided one.
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+        return out
+
+
 def all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's tensor, differentiable: the backward sums each shard's gradient over the
     ranks and hands it to the rank that owns the shard (a reduce-scatter)."""
-    world = dist.get_world_size()
-    gathered = funcol.all_gather_tensor_autograd(x.contiguous(), 0, dist.group.WORLD)
-    if isinstance(gathered, funcol.AsyncCollectiveTensor):
-        gathered = gathered.wait()
-    return list(gathered.chunk(world))
+    return list(_AllGatherRows.apply(x).chunk(dist.get_world_size()))
 
 
 def gather_rows(x: torch.Tensor, *, gather_with_grad: bool, put_back: bool, rank: int,

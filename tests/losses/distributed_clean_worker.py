@@ -10,6 +10,7 @@ Prints "ok" and exits 0 when every check passes.
 """
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import os
 import sys
@@ -22,6 +23,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import robustft_ext as rft
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import assert_process_group_released  # noqa: E402 (tests/ is not a package)
 
 WORLD, N_LOCAL, DIM, K, N_REF = 2, 4, 8, 5, 3
 TOL = 1e-9
@@ -137,6 +141,7 @@ def _check_clip_loss(rank: int, backend: str) -> None:
 
 
 def _rank(rank: int, store: str, backends: list[str], errors) -> None:
+    faulthandler.enable()  # a C++ abort still prints every thread's Python stack
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
         for name in ("open_clip", "torch.distributed.nn"):
@@ -148,6 +153,8 @@ def _rank(rank: int, store: str, backends: list[str], errors) -> None:
         if "open_clip" in sys.modules:
             raise AssertionError("something imported open_clip")
         dist.barrier()
+        dist.destroy_process_group()
+        assert_process_group_released()
     except Exception:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
