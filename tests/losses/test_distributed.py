@@ -167,6 +167,26 @@ def test_gloo_processes_match_open_clip_and_single_process(world):
     run_gloo(_worker, world, world, ("reference", "native"))
 
 
+def _expanded_gradient_worker(rank, world):
+    """The gather with gradient under a reduction whose gradient autograd hands over expanded
+    (stride 0): the reduce-scatter needs a dense one (torch's functional all-gather, given
+    such a gradient directly, fails with "Expected input.is_contiguous()")."""
+    from robustft_ext.distributed import gather_rows
+
+    x = torch.full((3, 4), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    gathered = gather_rows(x, gather_with_grad=True, put_back=False, rank=rank, world_size=world)
+    assert gathered.shape == (3 * world, 4)
+    expected = torch.arange(1, world + 1, dtype=torch.float64).repeat_interleave(3)[:, None]
+    _close(gathered.detach(), expected.expand(-1, 4), "gathered rows by rank")
+    gathered.sum().backward()
+    _close(x.grad, torch.full_like(x, float(world)), "d x: every rank's ones, summed")
+
+
+@pytest.mark.distributed
+def test_gather_with_grad_takes_an_expanded_gradient():
+    run_gloo(_expanded_gradient_worker, 2, 2)
+
+
 @pytest.mark.distributed
 def test_two_process_gloo_without_open_clip_matches_single_process():
     """ClipLoss (every local_loss / gather_with_grad) and RobustFTLoss (every combination of
