@@ -135,9 +135,14 @@ def _gloo_rank(rank, world, store_file, errors, worker, args):
         dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
                                 world_size=world)
         worker(rank, *args)
+        # open_clip's losses, the comparator of some workers, gather through
+        # torch.distributed.nn, whose autograd Functions keep the process group alive after
+        # destroy_process_group (its ClipLoss and SigLipLoss each leave the gloo threads
+        # running): a comparator's defect, not the library's.
+        comparator_holds_group = "open_clip" in sys.modules
         dist.barrier()
         dist.destroy_process_group()
-        if "open_clip" not in sys.modules:
+        if not comparator_holds_group:
             assert_process_group_released()
     except Exception:  # report to the parent, which fails the test with the trace
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
@@ -145,11 +150,7 @@ def _gloo_rank(rank, world, store_file, errors, worker, args):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if "open_clip" in sys.modules:
-        # open_clip's losses gather through torch.distributed.nn, whose autograd Functions keep
-        # the process group alive after destroy_process_group (its ClipLoss and SigLipLoss each
-        # leave the gloo threads running), so the teardown at exit could abort this rank: a
-        # comparator's defect, not the library's. Leave without it.
+    if comparator_holds_group:  # its teardown at exit could abort this rank: leave without it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -161,8 +162,7 @@ def assert_process_group_released() -> None:
     process ("terminate called without an active exception", no Python frame): torch 2.11's
     functional autograd all-gather keeps its group alive that way (so do torch.distributed.nn's
     gathers), which is why the library's gather is its own autograd Function over c10d
-    collectives. Linux names the threads under
-    /proc; elsewhere there is nothing to read."""
+    collectives. Linux names the threads under /proc; elsewhere there is nothing to read."""
     import gc
     import os
 
