@@ -284,7 +284,7 @@ inline at::Tensor kept_dot_products(const KernelSet& k, const KeptDotKernels& kd
   TORCH_CHECK(bytes <= limit, "robustft_ext: keeping the ", n, " x ", m, " dot products takes ",
               bytes, " bytes, more than the workspace limit of ", limit,
               " bytes (use the forward that keeps nothing)");
-  at::Tensor dots = kept_empty({n, m}, a.options().dtype(ws_dtype));
+  at::Tensor dots = cached_empty({n, m}, a.options().dtype(ws_dtype));
   kd.dot_products(a.contiguous(), b.contiguous(), dots);
   return dots;
 }

@@ -1,6 +1,7 @@
 // Host memory of the CPU's kept tensors: the forward's dot products (contrastive_ops.h) or
-// Gram strips (step_ops.h), held on the autograd context until their backward. A block the
-// backward frees returns here and serves the next forward that asks for the same size, as
+// Gram strips (step_ops.h), held on the autograd context until their backward, and of the
+// Gram design's O(n D) buffers of every step. A block freed returns here and serves the
+// next request of the same size (the next forward's kept tensors, the next step's buffers), as
 // torch's CUDA caching allocator does for device memory: a training loop's steps ask for the
 // same sizes, and a fresh block from the system is page-faulted in on first touch (64 MiB is
 // 16k faults, about 10 ms on the machine of docs/benchmarks.md, a tenth of a CLIP + m^2
@@ -82,9 +83,10 @@ inline KeptCache& kept_cache() {
   return *cache;
 }
 
-// An uninitialised tensor for a kept buffer: on the CPU from kept_cache(), on other devices
-// at::empty (their allocators cache already).
-inline at::Tensor kept_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+// An uninitialised tensor for a kept buffer or a large buffer every step asks for again (the
+// Gram design's stacked rows and their gradient): on the CPU from kept_cache(), on other
+// devices at::empty (their allocators cache already).
+inline at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   const size_t bytes = size_t(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
   if (opts.device().type() != c10::kCPU || bytes == 0) return at::empty(sizes, opts);
   void* p = kept_cache().take(bytes);

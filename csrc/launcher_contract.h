@@ -317,23 +317,48 @@ inline void check_gram_problem(const GramProblem& p, c10::DeviceType dev) {
   check_acc_vector(p.diag, p.n, p.I, "diag");
   check_acc_vector(p.m2_scale, 1, p.I, "m2_scale");
   if (p.with_clip) check_acc_vector(p.clip_scale, 1, p.I, "clip_scale");
+  TORCH_CHECK(p.layout == GramLayout::kBlocks ||
+                  (p.stacked.defined() && p.stacked.device() == p.I.device() &&
+                   p.stacked.is_contiguous() && p.stacked.dim() == 2 &&
+                   p.stacked.size(0) == 2 * p.n && p.stacked.size(1) == p.I.size(1) &&
+                   p.strip_rows > 0),
+              "robustft_ext: the interleaved Gram layout needs the stacked rows [2 n, D] and "
+              "the strips' rows");
 }
 
-// gram_strip: S [4, R, n - r0] contiguous of the workspace dtype with rows [r0, r0 + R)
-// inside the problem, the factors 0-d (f_clip with CLIP only), stats [2] and u [2, n] of
-// the accumulation dtype.
+// The rows R of a backward strip S in the problem's layout (step_kernels.h): [4, R, n - r0]
+// or [2 R, 2 (n - r0)].
+inline int64_t gram_strip_rows_of(const GramProblem& p, const at::Tensor& S) {
+  return p.layout == GramLayout::kBlocks ? S.size(1) : S.size(0) / 2;
+}
+
+// gram_strip: S contiguous of the workspace dtype in the problem's layout with rows
+// [r0, r0 + R) inside the problem (an interleaved strip on the strips' grid, whole unless
+// it is the last), the factors 0-d (f_clip with CLIP only), stats [2] and u [2, n] of the
+// accumulation dtype.
 inline void check_gram_strip(const GramProblem& p, const at::Tensor& lse, int64_t r0,
                              const at::Tensor& f_m2, const at::Tensor& f_clip,
                              const at::Tensor& S, const at::Tensor& stats, const at::Tensor& u,
                              at::ScalarType ws_dtype, c10::DeviceType dev) {
   check_gram_problem(p, dev);
   check_lse_rows(lse, p.n, p.I);
-  TORCH_CHECK(S.defined() && S.device() == p.I.device() && S.is_contiguous() && S.dim() == 3 &&
-                  S.size(0) == 4 && S.size(1) > 0 && S.scalar_type() == ws_dtype && r0 >= 0 &&
-                  r0 + S.size(1) <= p.n && S.size(2) == p.n - r0,
-              "robustft_ext: the Gram strip S must be a contiguous [4, R, n - r0] ", ws_dtype,
-              " tensor on ", p.I.device(), " with rows [r0, r0 + R) inside the problem's ", p.n,
-              ", got ", S.sizes(), " ", S.scalar_type(), " at r0 = ", r0);
+  TORCH_CHECK(S.defined() && S.device() == p.I.device() && S.is_contiguous() &&
+                  S.scalar_type() == ws_dtype && r0 >= 0,
+              "robustft_ext: the Gram strip S must be a contiguous ", ws_dtype, " tensor on ",
+              p.I.device(), ", got ", S.scalar_type(), " at r0 = ", r0);
+  if (p.layout == GramLayout::kBlocks) {
+    TORCH_CHECK(S.dim() == 3 && S.size(0) == 4 && S.size(1) > 0 && r0 + S.size(1) <= p.n &&
+                    S.size(2) == p.n - r0,
+                "robustft_ext: the Gram strip S must be [4, R, n - r0] with rows [r0, r0 + R) "
+                "inside the problem's ", p.n, ", got ", S.sizes(), " at r0 = ", r0);
+  } else {
+    const int64_t R = S.size(0) / 2;
+    TORCH_CHECK(S.dim() == 2 && S.size(0) % 2 == 0 && R > 0 && r0 % p.strip_rows == 0 &&
+                    R == std::min(p.strip_rows, p.n - r0) && S.size(1) == 2 * (p.n - r0),
+                "robustft_ext: the interleaved Gram strip S must be [2 R, 2 (n - r0)] with R = "
+                "min(", p.strip_rows, ", n - r0) and r0 on the strips' grid, got ", S.sizes(),
+                " at r0 = ", r0);
+  }
   check_acc_vector(f_m2, 1, p.I, "f_m2");
   if (p.with_clip) check_acc_vector(f_clip, 1, p.I, "f_clip");
   check_acc_vector(stats, 2, p.I, "stats");

@@ -62,6 +62,16 @@ struct DiveInputs {
   at::Tensor center;          // [D] acc dtype
 };
 
+// Where a backward strip's Gram blocks (rows [r0, r0 + R) against the columns [r0, n), W =
+// n - r0) lie in its workspace (docs/maths.md, section 9.4):
+//   kBlocks:      S [4, R, W], the blocks II, IT, TI, TT one after another;
+//   kInterleaved: S [2 R, 2 W], the product X_r X_c^T of the strip-interleaved rows
+//                 X = [I_0; T_0; I_1; T_1; ...] (block b: the rows [b R, (b + 1) R) of I,
+//                 then of T), X_r the strip's own block and X_c the blocks from it on. One
+//                 BLAS call forms a strip and two take its gradients, where kBlocks needs
+//                 four and eight of a quarter the size (which BLAS runs more slowly).
+enum class GramLayout { kBlocks, kInterleaved };
+
 // The symmetric Gram formulation of CLIP + m^2-mix (docs/maths.md, section 9.4): every logit
 // from the Gram entries of [I; T] and the slerp weights, one triangle of block pairs forward
 // and one per backward (no M buffer). m^2 is always on; CLIP with with_clip.
@@ -74,11 +84,15 @@ struct GramProblem {
   at::Tensor m2_scale, clip_scale;  // 0-d acc (clip_scale defined with CLIP)
   // The CPU forward's strips: rows [j R, (j + 1) R) against the columns [j R, n), R =
   // strip_rows (the backward's chunk); with keep [K, 4 R n] (acc), the Gram blocks of the
-  // first K strips are kept there (strip j in keep[j][: 4 R (n - j R)] as [4, R, n - j R])
-  // for the backward, which then recomputes nothing for them. Devices that recompute ignore
-  // both.
+  // first K strips are kept there (strip j in keep[j][: 4 R (n - j R)] in the strips'
+  // layout) for the backward, which then recomputes nothing for them. Devices that
+  // recompute ignore both.
   int64_t strip_rows = 0;
   at::Tensor keep;
+  // The backward strips' layout; with kInterleaved, stacked [2 n, D] (the GEMM operand dtype)
+  // holds X = [I_0; T_0; ...] in blocks of strip_rows rows (interleave_strips, step_ops.h).
+  GramLayout layout = GramLayout::kBlocks;
+  at::Tensor stacked;
 };
 
 // The largest slerp weight the Gram formulation takes (section 9.4, "near-opposite pairs"):
@@ -126,9 +140,10 @@ constexpr int64_t kCpuGramStripRows = 256;
                            at::Tensor& grad_I, at::Tensor& grad_T);                     \
   /* Gram forward: lse [4, n] (acc) as step_lse, from the triangle of block pairs. */   \
   void gram_lse_##DEV(const GramProblem& p, at::Tensor& lse);                           \
-  /* Gram backward, the strip of rows [r0, r0 + R) against the columns [r0, n), R =     \
-     S.size(1): S [4, R, n - r0] (workspace dtype, contiguous) = the blocks S_II, S_IT,   \
-     S_TI, S_TT of section 9.4 with a_m, a_c replaced by the 0-d acc factors f_m2, f_clip \
+  /* Gram backward, the strip of rows [r0, r0 + R) against the columns [r0, n): S       \
+     (workspace dtype, contiguous) in p.layout, [4, R, n - r0] or [2 R, 2 (n - r0)], = the \
+     blocks S_II, S_IT, S_TI, S_TT of section 9.4 with a_m, a_c replaced by the 0-d acc  \
+     factors f_m2, f_clip                                                                \
      (the op passes a / (|a_m| + |a_c|)); stats [2] (acc) += (sum over the strip's ordered \
      pairs of dA' A + dB' B, over s_m; of dC' C, over s_c); u [2, n] (acc) += the strip's \
      u_I, u_T terms (unscaled). Each ordered pair counted once: entries with q >= r0 + R  \

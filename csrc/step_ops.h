@@ -13,9 +13,11 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 
@@ -51,6 +53,7 @@ struct StepKernelSet {
                      const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) = nullptr;
   bool (*gram_serves)(at::ScalarType) = nullptr;
   int64_t gram_strip_rows_max = 0;  // 0: as many rows as the workspace allows
+  GramLayout gram_layout = GramLayout::kBlocks;  // the strips gram_strip takes
 };
 
 // The input checks of the mixed pair and its scalars (the op-level contract).
@@ -184,6 +187,41 @@ inline std::pair<int64_t, int64_t> gram_strips(int64_t n, int64_t elem, int64_t 
   return {R, std::min(strips, workspace_limit_bytes().load() / std::max<int64_t>(1, slot * R))};
 }
 
+// X [2 n, D] of `dtype` = [I_0; T_0; I_1; T_1; ...]: block b holds the rows [b R, (b + 1) R)
+// of I, then the same rows of T (the last block fewer where R does not divide n). Strip j's
+// rows of the interleaved layout are X's block j, its columns the blocks from j on, both
+// contiguous.
+inline at::Tensor interleave_strips(const at::Tensor& I, const at::Tensor& T, int64_t R,
+                                    at::ScalarType dtype) {
+  const int64_t n = I.size(0), D = I.size(1), full = n / R * R, rest = n - full;
+  at::Tensor X = cached_empty({2 * n, D}, I.options().dtype(dtype));
+  if (full > 0) {
+    at::Tensor blocks = X.narrow(0, 0, 2 * full).view({full / R, 2, R, D});
+    blocks.select(1, 0).copy_(I.narrow(0, 0, full).view({full / R, R, D}));
+    blocks.select(1, 1).copy_(T.narrow(0, 0, full).view({full / R, R, D}));
+  }
+  if (rest > 0) {
+    X.narrow(0, 2 * full, rest).copy_(I.narrow(0, full, rest));
+    X.narrow(0, 2 * full + rest, rest).copy_(T.narrow(0, full, rest));
+  }
+  return X;
+}
+
+// The inverse of interleave_strips: out_I, out_T [n, D] = the I and T rows of X.
+inline void deinterleave_strips(const at::Tensor& X, int64_t R, at::Tensor& out_I,
+                                at::Tensor& out_T) {
+  const int64_t n = out_I.size(0), D = out_I.size(1), full = n / R * R, rest = n - full;
+  if (full > 0) {
+    const at::Tensor blocks = X.narrow(0, 0, 2 * full).view({full / R, 2, R, D});
+    out_I.narrow(0, 0, full).view({full / R, R, D}).copy_(blocks.select(1, 0));
+    out_T.narrow(0, 0, full).view({full / R, R, D}).copy_(blocks.select(1, 1));
+  }
+  if (rest > 0) {
+    out_I.narrow(0, full, rest).copy_(X.narrow(0, 2 * full, rest));
+    out_T.narrow(0, full, rest).copy_(X.narrow(0, 2 * full + rest, rest));
+  }
+}
+
 // Whether the slerp weights stay within the Gram formulation's limit (docs/maths.md, section
 // 9.4): a batch with a near-opposite pair takes the three products, whose M is formed in
 // double. (One host synchronisation, on the weights' maximum.)
@@ -240,6 +278,10 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
       s.g = GramProblem{p.n, p.with_clip, p.I, p.T, s.weights, p.diag, a.m2_scale,
                         p.with_clip ? a.clip_scale : at::Tensor(),
                         gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max).first};
+      s.g.layout = k.gram_layout;
+      if (s.g.layout == GramLayout::kInterleaved) {
+        s.g.stacked = interleave_strips(p.I, p.T, s.g.strip_rows, ws_dtype);
+      }
     }
   }
   if (s.with_lipsum) setup_lipsum(a, s);
@@ -327,7 +369,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     TORCH_CHECK(K > 0, "robustft_ext: not one Gram strip of ", R, " rows fits the workspace "
                 "limit of ", workspace_limit_bytes().load(), " bytes (use the forward that "
                 "keeps nothing)");
-    *kept = kept_empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
+    *kept = cached_empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
     if (s.gram) s.g.keep = *kept;
   } else if (kept != nullptr) {
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
@@ -338,7 +380,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     TORCH_CHECK(bytes <= limit, "robustft_ext: keeping the step's ", views, " x ", p.n, " x ",
                 p.n, " dot products takes ", bytes, " bytes, more than the workspace limit of ",
                 limit, " bytes (use the forward that keeps nothing)");
-    p.keep = kept_empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
+    p.keep = cached_empty({views, p.n, p.n}, a.image.options().dtype(ws_dtype));
     *kept = p.keep;
   }
   at::Tensor lse = at::zeros({4, p.n}, opts);
@@ -426,15 +468,19 @@ inline TileGrads tile_backward(const StepKernelSet& k, const StepSetup& s, const
 
 // The tile terms' gradients by the Gram formulation (docs/maths.md, section 9.4): strips of
 // rows [r0, r1) against the columns [r0, n), each formed by the device into the four blocks
-// of S / (|a_m| + |a_c|) in the workspace, from which eight GEMMs take every gradient; then
-// the true pair's and the slerp weights' terms per row. grad_I, grad_T are written; the
-// scale statistics returned in stats as tile_backward's.
+// of S / (|a_m| + |a_c|) in the workspace, from which GEMMs take every gradient (eight per
+// strip in the blocks layout; two in the interleaved one, into the gradients of X =
+// [I_0; T_0; ...]); then the true pair's and the slerp weights' terms per row. grad_I, grad_T
+// are written; the scale statistics returned in stats as tile_backward's.
 inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const at::Tensor& grads,
                                const at::Tensor& lse) {
   const auto& g = s.g;
   const int64_t n = g.n, D = g.I.size(1);
   const auto& opts = s.acc_options;
-  TileGrads out{at::zeros({n, D}, opts), at::zeros({n, D}, opts), at::Tensor(), at::zeros({2}, opts)};
+  const bool interleaved = g.layout == GramLayout::kInterleaved;
+  // (The interleaved layout writes every gradient row whole: deinterleave_strips.)
+  auto rows_of_D = [&] { return interleaved ? cached_empty({n, D}, opts) : at::zeros({n, D}, opts); };
+  TileGrads out{rows_of_D(), rows_of_D(), at::Tensor(), at::zeros({2}, opts)};
   const auto zero = at::zeros({}, opts);
   const auto f_m2 = grads[kM2] / (2.0 * n), f_clip = grads[kClip] / double(n);
   const auto a_m = g.m2_scale * f_m2;
@@ -448,27 +494,53 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
   // The kept strips are formed in place; the later strips reuse the first slot (every strip
   // fits a slot of 4 R n), else a workspace of one slot.
   const int64_t kept = g.keep.defined() ? g.keep.size(0) : 0;
-  const at::Tensor ws = kept > 0 ? g.keep[0] : at::empty({4 * rows * n}, g.I.options().dtype(ws_dtype));
+  const at::Tensor ws = kept > 0 ? g.keep[0] : cached_empty({4 * rows * n}, g.I.options().dtype(ws_dtype));
   at::Tensor u = at::zeros({2, n}, opts), stats = at::zeros({2}, opts);
-  const auto I = gemm_operand(k.gemm, g.I), T = gemm_operand(k.gemm, g.T);
-  for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
-    const int64_t R = std::min(rows, n - r0), W = n - r0;
-    at::Tensor S = (j < kept ? g.keep[j] : ws).narrow(0, 0, 4 * R * W).view({4, R, W});
+  // Strip j, rows [r0, r0 + R), formed in its kept slot or the workspace as `shape`.
+  auto form_strip = [&](int64_t j, int64_t r0, std::initializer_list<int64_t> shape) {
+    at::Tensor S = (j < kept ? g.keep[j] : ws).narrow(0, 0, c10::multiply_integers(shape)).view(shape);
     k.gram_strip(g, lse, r0, r_m, r_c, S, stats, u);
-    at::Tensor gI = out.grad_I.narrow(0, r0, R), gT = out.grad_T.narrow(0, r0, R);
-    const auto Ic = I.narrow(0, r0, W), Tc = T.narrow(0, r0, W);
-    k.gemm.gemm_acc(S[0], false, Ic, false, norm, 1.0, gI);
-    k.gemm.gemm_acc(S[1], false, Tc, false, norm, 1.0, gI);
-    k.gemm.gemm_acc(S[2], false, Ic, false, norm, 1.0, gT);
-    k.gemm.gemm_acc(S[3], false, Tc, false, norm, 1.0, gT);
-    if (W > R) {  // the columns past the strip's own rows, transposed onto their rows
-      at::Tensor gIq = out.grad_I.narrow(0, r0 + R, W - R), gTq = out.grad_T.narrow(0, r0 + R, W - R);
-      const auto Ir = I.narrow(0, r0, R), Tr = T.narrow(0, r0, R);
-      auto beyond = [&](int64_t b) { return S[b].narrow(1, R, W - R); };
-      k.gemm.gemm_acc(beyond(0), true, Ir, false, norm, 1.0, gIq);
-      k.gemm.gemm_acc(beyond(2), true, Tr, false, norm, 1.0, gIq);
-      k.gemm.gemm_acc(beyond(1), true, Ir, false, norm, 1.0, gTq);
-      k.gemm.gemm_acc(beyond(3), true, Tr, false, norm, 1.0, gTq);
+    return S;
+  };
+  if (interleaved) {
+    // X's gradient: strip j's rows (X's block j) take S X_c; the blocks past it take S's
+    // columns past its own block, transposed, times X_r. The first strip's two products
+    // cover every row of X, so they write rather than add (beta 0 reads nothing).
+    at::Tensor grad_X = cached_empty({2 * n, D}, opts);
+    for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
+      const int64_t R = std::min(rows, n - r0), W = n - r0;
+      const double beta = j == 0 ? 0.0 : 1.0;
+      const at::Tensor S = form_strip(j, r0, {2 * R, 2 * W});
+      at::Tensor own = grad_X.narrow(0, 2 * r0, 2 * R);
+      k.gemm.gemm_acc(S, false, g.stacked.narrow(0, 2 * r0, 2 * W), false, norm, beta, own);
+      if (W > R) {
+        at::Tensor past = grad_X.narrow(0, 2 * (r0 + R), 2 * (W - R));
+        k.gemm.gemm_acc(S.narrow(1, 2 * R, 2 * (W - R)), true,
+                        g.stacked.narrow(0, 2 * r0, 2 * R), false, norm, beta, past);
+      }
+    }
+    deinterleave_strips(grad_X, rows, out.grad_I, out.grad_T);
+  } else {
+    const auto I = gemm_operand(k.gemm, g.I), T = gemm_operand(k.gemm, g.T);
+    for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
+      const int64_t R = std::min(rows, n - r0), W = n - r0;
+      const at::Tensor S = form_strip(j, r0, {4, R, W});
+      at::Tensor gI = out.grad_I.narrow(0, r0, R), gT = out.grad_T.narrow(0, r0, R);
+      const auto Ic = I.narrow(0, r0, W), Tc = T.narrow(0, r0, W);
+      k.gemm.gemm_acc(S[0], false, Ic, false, norm, 1.0, gI);
+      k.gemm.gemm_acc(S[1], false, Tc, false, norm, 1.0, gI);
+      k.gemm.gemm_acc(S[2], false, Ic, false, norm, 1.0, gT);
+      k.gemm.gemm_acc(S[3], false, Tc, false, norm, 1.0, gT);
+      if (W > R) {  // the columns past the strip's own rows, transposed onto their rows
+        at::Tensor gIq = out.grad_I.narrow(0, r0 + R, W - R);
+        at::Tensor gTq = out.grad_T.narrow(0, r0 + R, W - R);
+        const auto Ir = I.narrow(0, r0, R), Tr = T.narrow(0, r0, R);
+        auto beyond = [&](int64_t b) { return S[b].narrow(1, R, W - R); };
+        k.gemm.gemm_acc(beyond(0), true, Ir, false, norm, 1.0, gIq);
+        k.gemm.gemm_acc(beyond(2), true, Tr, false, norm, 1.0, gIq);
+        k.gemm.gemm_acc(beyond(1), true, Ir, false, norm, 1.0, gTq);
+        k.gemm.gemm_acc(beyond(3), true, Tr, false, norm, 1.0, gTq);
+      }
     }
   }
   // The slerp weights' derivatives (k_p = a_m (dw_a/dc u_I + dw_b/dc u_T)) and the true pair.

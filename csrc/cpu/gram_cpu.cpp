@@ -24,6 +24,7 @@
 
 #include "cpu/cpu_tiles.h"
 #include "cpu/gram_rows.h"
+#include "kept_cache.h"
 #include "launcher_contract.h"
 #include "robustft_maths.h"
 #include "step_kernels.h"
@@ -50,22 +51,39 @@ struct Weights {
   }
 };
 
-// G [4, R, n - r0] = the Gram blocks I I^T, I T^T, T I^T, T T^T of rows [r0, r0 + R) against
-// rows [r0, n): four multi-threaded BLAS calls (I, T of the accumulation dtype).
-void strip_gram_blocks(const at::Tensor& I, const at::Tensor& T, int64_t r0, at::Tensor& G) {
-  const int64_t R = G.size(1), W = G.size(2);
-  const at::Tensor Ir = I.narrow(0, r0, R), Tr = T.narrow(0, r0, R);
-  const at::Tensor Ic = I.narrow(0, r0, W), Tc = T.narrow(0, r0, W);
+// The Gram blocks of the strip of R rows from r0 against the rows [r0, n), into buffer in
+// the problem's layout (step_kernels.h), returned as that strip's view: interleaved, one
+// multi-threaded BLAS call X_r X_c^T of the stacked rows; blocks, four (I I^T, I T^T, T I^T,
+// T T^T) of I and T in the accumulation dtype (Xi, Xt: the caller's copies).
+at::Tensor strip_gram(const GramProblem& p, const at::Tensor& Xi, const at::Tensor& Xt,
+                      int64_t r0, int64_t R, const at::Tensor& buffer) {
+  const int64_t W = p.n - r0;
+  if (p.layout == GramLayout::kInterleaved) {
+    at::Tensor G = buffer.narrow(0, 0, 4 * R * W).view({2 * R, 2 * W});
+    at::mm_out(G, p.stacked.narrow(0, 2 * r0, 2 * R), p.stacked.narrow(0, 2 * r0, 2 * W).t());
+    return G;
+  }
+  at::Tensor G = buffer.narrow(0, 0, 4 * R * W).view({4, R, W});
+  const at::Tensor Ir = Xi.narrow(0, r0, R), Tr = Xt.narrow(0, r0, R);
+  const at::Tensor Ic = Xi.narrow(0, r0, W), Tc = Xt.narrow(0, r0, W);
   at::Tensor G0 = G[0], G1 = G[1], G2 = G[2], G3 = G[3];
   at::mm_out(G0, Ir, Ic.t());
   at::mm_out(G1, Ir, Tc.t());
   at::mm_out(G2, Tr, Ic.t());
   at::mm_out(G3, Tr, Tc.t());
+  return G;
 }
 
-// Strip j's Gram blocks: its slot of the kept strips, or the scratch (rows R, width n - r0).
-at::Tensor strip_view(const at::Tensor& buffer, int64_t R, int64_t W) {
-  return buffer.narrow(0, 0, 4 * R * W).view({4, R, W});
+// I and T in the accumulation dtype where the blocks layout multiplies them (undefined
+// where the stacked rows serve).
+std::pair<at::Tensor, at::Tensor> block_operands(const GramProblem& p, at::ScalarType acc) {
+  if (p.layout == GramLayout::kInterleaved) {
+    TORCH_CHECK(p.stacked.scalar_type() == acc,
+                "robustft_ext: the CPU's stacked Gram rows must be of the accumulation dtype ",
+                acc, ", got ", p.stacked.scalar_type());
+    return {};
+  }
+  return {p.I.to(acc).contiguous(), p.T.to(acc).contiguous()};
 }
 
 // The four statistics of one strip's fold tiles into the calling thread's states: the
@@ -81,11 +99,14 @@ struct StripFold {
   T sm, sc;
   std::array<ColumnStates<T>, 4>& st;  // A, B and C rows, C columns
 
-  void tile(const T* g_ii, int64_t ld, int64_t block, int64_t i0, int64_t j0, int64_t bp,
+  // g_ii: the tile's first II entry in a strip of layout L; its columns [c, c + bq) of the
+  // strip lie in one column block.
+  void tile(const T* g_ii, const gram::StripLayout& L, int64_t c, int64_t i0, int64_t j0, int64_t bp,
             int64_t bq, bool transposed_too) const {
-    const T* g_it = g_ii + block;
-    const T* g_ti = g_it + block;
-    const T* g_tt = g_ti + block;
+    const int64_t ld = L.ld();
+    const T* g_it = g_ii + L.it_off(c);
+    const T* g_ti = g_ii + L.ti_off();
+    const T* g_tt = g_ti + L.it_off(c);
     thread_local std::vector<T> buf;
     buf.resize(size_t(kGramTile) * kGramTile);
     TileScratch<T> s(kGramTile, kGramTile, at::Tensor());
@@ -127,7 +148,7 @@ template <typename T>
 void gram_lse_impl(const GramProblem& p, at::Tensor& lse) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
   const int64_t n = p.n, R = p.strip_rows;
-  const at::Tensor I = p.I.to(acc).contiguous(), Tt = p.T.to(acc).contiguous();
+  const auto [Xi, Xt] = block_operands(p, acc);
   const Weights<T> w(p.weights);
   const at::Tensor diag_c = p.diag.contiguous();
   const int64_t slots = at::get_num_threads();
@@ -140,17 +161,22 @@ void gram_lse_impl(const GramProblem& p, at::Tensor& lse) {
   at::Tensor scratch;
   for (int64_t r0 = 0, j = 0; r0 < n; r0 += R, ++j) {
     const int64_t Rj = std::min(R, n - r0), W = n - r0;
-    if (j >= kept && !scratch.defined()) scratch = at::empty({4 * R * n}, I.options());
-    at::Tensor G = strip_view(j < kept ? p.keep[j] : scratch, Rj, W);
-    strip_gram_blocks(I, Tt, r0, G);
+    if (j >= kept && !scratch.defined()) {
+      scratch = cached_empty({4 * R * n}, p.I.options().dtype(acc));
+    }
+    const at::Tensor G = strip_gram(p, Xi, Xt, r0, Rj, j < kept ? p.keep[j] : scratch);
     const T* g = G.data_ptr<T>();
+    const gram::StripLayout L{Rj, W, p.layout == GramLayout::kInterleaved};
+    // (A strip's column blocks are whole fold tiles wide but for the last, so no tile
+    // straddles two.)
     std::vector<std::pair<int64_t, int64_t>> tiles;
     for (int64_t rr = 0; rr < Rj; rr += kGramTile)
       for (int64_t cc = 0; cc < W; cc += kGramTile) tiles.emplace_back(rr, cc);
     parallel_tasks(int64_t(tiles.size()), [&](int64_t t) {
       const int64_t rr = tiles[t].first, cc = tiles[t].second;
-      fold.tile(g + rr * W + cc, W, Rj * W, r0 + rr, r0 + cc, std::min(kGramTile, Rj - rr),
-                std::min(kGramTile, W - cc), /*transposed_too=*/cc >= Rj);
+      fold.tile(g + rr * L.ld() + L.col(cc), L, cc, r0 + rr, r0 + cc,
+                std::min(kGramTile, Rj - rr), std::min(kGramTile, W - cc),
+                /*transposed_too=*/cc >= Rj);
     });
   }
   T* l = lse.data_ptr<T>();
@@ -182,9 +208,10 @@ template <typename T>
 void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, T f_m, T f_c,
                      bool holds_gram, at::Tensor& S, at::Tensor& stats_t, at::Tensor& u_t) {
   const auto acc = c10::CppTypeToScalarType<T>::value;
-  const int64_t n = p.n, R = S.size(1);
+  const int64_t n = p.n, R = gram_strip_rows_of(p, S);
   if (!holds_gram) {  // (a strip the forward kept holds its Gram blocks already)
-    strip_gram_blocks(p.I.to(acc).contiguous(), p.T.to(acc).contiguous(), r0, S);
+    const auto [Xi, Xt] = block_operands(p, acc);
+    strip_gram(p, Xi, Xt, r0, R, S.view({-1}));
   }
   const Weights<T> w(p.weights);
   const at::Tensor lse_c = lse_t.contiguous();
@@ -202,6 +229,7 @@ void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, 
   a.f_m = f_m;
   a.f_c = f_c;
   a.with_clip = p.with_clip;
+  a.interleaved = p.layout == GramLayout::kInterleaved;
   // Per-thread sums, added in slot order (a fixed thread count fixes which rows each slot
   // took).
   const int64_t slots = at::get_num_threads();

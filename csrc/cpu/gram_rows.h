@@ -8,6 +8,7 @@
 // out of the loop rather than tested in it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -80,9 +81,30 @@ RFT_ROW_BODY void mixed_logits_max(T* out, int64_t rows, int64_t cols, int64_t l
   }
 }
 
+// Where a strip's four blocks lie in its buffer (step_kernels.h's GramLayout): [4, rows,
+// width] one block after another, or interleaved [2 rows, 2 width] (the rows of I, then those
+// of T; the columns in blocks of `rows`, each block's columns of I then of T). The strip's
+// column c of block II in row r of I is at r ld() + col(c); its IT entry it_off(c) further,
+// its TI entry ti_off() further and its TT entry ti_off() + it_off(c). Column blocks:
+// [0, rows) (the strip's own rows) and the ones from block_end on, each contiguous.
+struct StripLayout {
+  int64_t rows = 0, width = 0;
+  bool interleaved = false;
+  int64_t ld() const { return interleaved ? 2 * width : width; }
+  int64_t ti_off() const { return 2 * rows * width; }
+  int64_t col(int64_t c) const { return interleaved ? c + c / rows * rows : c; }
+  int64_t it_off(int64_t c) const {
+    return interleaved ? std::min(rows, width - c / rows * rows) : rows * width;
+  }
+  // The end of the column block that holds c.
+  int64_t block_end(int64_t c) const {
+    return interleaved ? std::min(width, (c / rows + 1) * rows) : (c < rows ? rows : width);
+  }
+};
+
 // A backward strip: rows [r0, r0 + rows) against the columns [r0, n) (width n - r0), its
-// four blocks G_II, G_IT, G_TI, G_TT at s [4, rows, width] on entry and S_II, S_IT, S_TI,
-// S_TT on exit.
+// four blocks G_II, G_IT, G_TI, G_TT at s (in the layout of `interleaved`) on entry and
+// S_II, S_IT, S_TI, S_TT on exit.
 template <typename T>
 struct StripArgs {
   T* s = nullptr;
@@ -92,6 +114,8 @@ struct StripArgs {
   const T* lse = nullptr;  // [4, n]: A, B and C rows, C columns
   T m2_scale = T(0), clip_scale = T(0), f_m = T(0), f_c = T(0);
   bool with_clip = false;
+  bool interleaved = false;
+  StripLayout layout() const { return StripLayout{rows, width, interleaved}; }
 };
 
 // The sums a row of a strip adds: the two scale sums (logit / scale times dlogit over m^2's
@@ -101,17 +125,20 @@ struct RowSums {
   T m2 = T(0), clip = T(0), u_i = T(0), u_t = T(0);
 };
 
-// Entries [c0, c1) of row r (not its true pair). kBoth: the entries serve both orientations
-// (columns past the strip's rows), so they add their transposed terms to the scale sums
-// and their direct ones to the columns' u (u_i, u_t indexed by column).
+// Entries [c0, c1) of row r (not its true pair), within one column block. kBoth: the
+// entries serve both orientations (columns past the strip's rows), so they add their
+// transposed terms to the scale sums and their direct ones to the columns' u (u_i, u_t
+// indexed by column).
 template <typename T, typename Exp, bool kClip, bool kBoth>
 RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64_t c1,
                              T* u_i, T* u_t, RowSums<T>& sums, Exp exp) {
-  const int64_t n = a.n, block = a.rows * a.width, p = a.r0 + r;
-  T* sii = a.s + r * a.width;
-  T* sit = sii + block;
-  T* sti = sit + block;
-  T* stt = sti + block;
+  const int64_t n = a.n, p = a.r0 + r;
+  const StripLayout L = a.layout();
+  // Indexed by the strip's column c: the block's entries are contiguous.
+  T* sii = a.s + r * L.ld() + (L.col(c0) - c0);
+  T* sit = sii + L.it_off(c0);
+  T* sti = sii + L.ti_off();
+  T* stt = sti + L.it_off(c0);
   const T* wa = a.w_a + a.r0;  // by column
   const T* wb = a.w_b + a.r0;
   const T* l_a = a.lse + a.r0;
@@ -166,11 +193,12 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
 // positive.
 template <typename T, typename Exp>
 RFT_ROW_BODY void strip_pair(const StripArgs<T>& a, int64_t r, RowSums<T>& sums, Exp exp) {
-  const int64_t n = a.n, block = a.rows * a.width, p = a.r0 + r;
-  T* sii = a.s + r * a.width + r;
-  T* sit = sii + block;
-  T* sti = sit + block;
-  T* stt = sti + block;
+  const int64_t n = a.n, p = a.r0 + r;
+  const StripLayout L = a.layout();
+  T* sii = a.s + r * L.ld() + L.col(r);
+  T* sit = sii + L.it_off(r);
+  T* sti = sii + L.ti_off();
+  T* stt = sti + L.it_off(r);
   T dC_pq = T(0), dC_qp = T(0);
   if (a.with_clip) {
     const T* l = a.lse;
@@ -200,7 +228,9 @@ RFT_ROW_BODY void strip_rows_of(const StripArgs<T>& a, int64_t rb, int64_t re, d
     strip_span<T, Exp, kClip, false>(a, r, 0, r, u_i, u_t, sums, exp);
     strip_pair<T, Exp>(a, r, sums, exp);
     strip_span<T, Exp, kClip, false>(a, r, r + 1, a.rows, u_i, u_t, sums, exp);
-    strip_span<T, Exp, kClip, true>(a, r, a.rows, a.width, u_i, u_t, sums, exp);
+    for (int64_t c = a.rows; c < a.width; c = a.layout().block_end(c)) {
+      strip_span<T, Exp, kClip, true>(a, r, c, a.layout().block_end(c), u_i, u_t, sums, exp);
+    }
     stats[0] += double(sums.m2);
     stats[1] += double(sums.clip);
     u_i[r] += sums.u_i;

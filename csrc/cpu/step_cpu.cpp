@@ -448,7 +448,8 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            &gram_lse_cpu,
                                            &gram_strip_cpu,
                                            /*gram_serves=*/nullptr,
-                                           kCpuGramStripRows};
+                                           kCpuGramStripRows,
+                                           GramLayout::kInterleaved};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 

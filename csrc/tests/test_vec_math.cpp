@@ -311,7 +311,8 @@ struct StdExp {
 // The Gram loops (cpu/gram_rows.h) against their double instantiation with std::exp on the
 // same float inputs: the mixed logits of both orientations with the true pairs' entries and
 // their maxima, the column-only exp sums, and a backward strip's S entries, scale sums and
-// u, on widths that leave SIMD remainders and a strip whose columns run past its rows.
+// u, on widths that leave SIMD remainders and a strip whose columns run past its rows, in
+// both strip layouts (the interleaved one with a short last column block).
 void check_gram_loops(const vec::Kernels& k) {
   namespace gram = ::robustft::cpu::gram;
   for (const int64_t cols : {1, 7, 33}) {
@@ -410,6 +411,42 @@ void check_gram_loops(const vec::Kernels& k) {
     // The true pairs carry no m^2 dlogit: without CLIP their S entries are 0.
     if (!clip) {
       for (int64_t r = 0; r < R; ++r) RFT_CHECK(s[r * W + r] == 0.0f);
+    }
+    // The same strip interleaved ([2 R, 2 W], its columns in blocks of R, the last of 6):
+    // entry (r, c) of block (v, w) (v, w = 0 for I, 1 for T) at interleaved(v, w, r, c).
+    auto interleaved = [&](int64_t v, int64_t w, int64_t r, int64_t c) {
+      const int64_t b = c / R, len = std::min(R, W - b * R);
+      return size_t((v * R + r) * 2 * W + 2 * b * R + w * len + (c - b * R));
+    };
+    auto blocks = [&](int64_t v, int64_t w, int64_t r, int64_t c) {
+      return size_t(((2 * v + w) * R + r) * W + c);
+    };
+    std::vector<float> si(g.size());
+    for (int64_t v = 0; v < 2; ++v)
+      for (int64_t w = 0; w < 2; ++w)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t c = 0; c < W; ++c) si[interleaved(v, w, r, c)] = g[blocks(v, w, r, c)];
+    gram::StripArgs<float> ai = a;
+    ai.s = si.data();
+    ai.interleaved = true;
+    double stats_i[2] = {0.5, 0.25};
+    std::vector<float> u_i(size_t(2 * n), 0.125f);
+    k.gram_strip_rows(ai, 0, 5, stats_i, u_i.data());
+    k.gram_strip_rows(ai, 5, R, stats_i, u_i.data());
+    for (int64_t v = 0; v < 2; ++v)
+      for (int64_t w = 0; w < 2; ++w)
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t c = 0; c < W; ++c) {
+            const float got = si[interleaved(v, w, r, c)];
+            const double want = sd[blocks(v, w, r, c)];
+            RFT_CHECK_MSG(near(got, want, 2e-5, 1e-6), "interleaved gram S (", v, w, r, c,
+                          "): ", got, " vs ", want);
+          }
+    for (int i = 0; i < 2; ++i) {
+      RFT_CHECK_MSG(near(stats_i[i], want_stats[i], 2e-5, 1e-6), "interleaved gram stat ", i);
+    }
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      RFT_CHECK_MSG(near(u_i[i], want_u[i], 2e-5, 1e-6), "interleaved gram u ", i);
     }
   }
 }
