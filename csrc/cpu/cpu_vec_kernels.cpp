@@ -154,6 +154,7 @@ RFT_VEC_BODY void clip_dlogit_span(float* row, int64_t n, float scale, float bia
     float g = 0.0f;
     if (kRow) g += w_row * exp_f(s - r_lse);
     if (kCol) g += w_col * exp_f(s - col_lse[q]);
+    g = flush_subnormal(g);
     row[q] = g;
     acc_dot += g * dot;
     acc_sum += g;
@@ -189,6 +190,7 @@ RFT_VEC_BODY void clip_dlogits_rows(float* d, int64_t rows, int64_t m, int64_t p
         if (kCol) g += a.w_col * exp_f(s - a.col_lse[qs]);
         g -= a.w_pos;
       }
+      g = flush_subnormal(g);
       row[qs] = g;
       sd += g * dot;
       ss += g;
@@ -221,7 +223,7 @@ RFT_VEC_BODY void siglip_dlogit_span(float* row, int64_t n, float scale, float b
 #pragma omp simd reduction(+ : acc_dot, acc_sum)
   for (int64_t q = 0; q < n; ++q) {
     const float dot = row[q];
-    const float g = w * sigmoid_f(scale * dot + bias);
+    const float g = flush_subnormal(w * sigmoid_f(scale * dot + bias));
     row[q] = g;
     acc_dot += g * dot;
     acc_sum += g;
@@ -242,7 +244,7 @@ RFT_VEC_BODY void siglip_dlogits_body(float* d, int64_t rows, int64_t m, int64_t
     } else {
       siglip_dlogit_span(row, qs, scale, bias, w, sd, ss);
       const float dot = row[qs];
-      const float g = w * (sigmoid_f(scale * dot + bias) - 1.0f);
+      const float g = flush_subnormal(w * (sigmoid_f(scale * dot + bias) - 1.0f));
       row[qs] = g;
       sd += g * dot;
       ss += g;

@@ -5,13 +5,15 @@
 //
 // Rows of a tile or strip are plain contiguous loops: `omp simd` reductions for the sums and
 // maxima, and a row's special entry (an m^2 true pair, whose logit and dlogits differ) split
-// out of the loop rather than tested in it.
+// out of the loop rather than tested in it. A strip's S entries, the backward products'
+// operand, are written without subnormals (vec::flush_subnormal).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "cpu/cpu_vec_math.h"
 #include "robustft_maths.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -168,10 +170,10 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
     const maths::GramGrads<T> g =
         maths::gram_grads(a.f_m, a.f_c, dA_pq, dA_qp, dB_pq, dB_qp, dC_pq, dC_qp, wa_p, wb_p,
                           wa_q, wb_q);
-    sii[c] = g.ii;
-    sit[c] = g.it;
-    sti[c] = g.ti;
-    stt[c] = g.tt;
+    sii[c] = vec::flush_subnormal(g.ii);
+    sit[c] = vec::flush_subnormal(g.it);
+    sti[c] = vec::flush_subnormal(g.ti);
+    stt[c] = vec::flush_subnormal(g.tt);
     s_m2 += dA_pq * a_pq + dB_pq * b_pq;
     s_clip += dC_pq * git;
     s_ui += maths::gram_mixed_dot(dA_qp, gii, dB_qp, git);
@@ -210,10 +212,10 @@ RFT_ROW_BODY void strip_pair(const StripArgs<T>& a, int64_t r, RowSums<T>& sums,
   const T wa = a.w_a[p], wb = a.w_b[p];
   const maths::GramGrads<T> g = maths::gram_grads(a.f_m, a.f_c, T(0), T(0), T(0), T(0), dC_pq,
                                                   dC_qp, wa, wb, wa, wb);
-  *sii = g.ii;
-  *sit = g.it;
-  *sti = g.ti;
-  *stt = g.tt;
+  *sii = vec::flush_subnormal(g.ii);
+  *sit = vec::flush_subnormal(g.it);
+  *sti = vec::flush_subnormal(g.ti);
+  *stt = vec::flush_subnormal(g.tt);
 }
 
 // Rows [rb, re) of a strip into S, their scale sums into stats[0] (m^2) and stats[1]

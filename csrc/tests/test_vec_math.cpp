@@ -282,6 +282,40 @@ void check_dlogit_loops(const vec::Kernels& k) {
     RFT_CHECK_MSG(near(sd, want_dot, 1e-5, 0), "dominant pair: stat_dot ", sd, " vs ", want_dot);
     RFT_CHECK_MSG(near(ss, want_sum, 1e-5, 0), "dominant pair: stat_sum ", ss, " vs ", want_sum);
   }
+  {
+    // Logits 80 to 110 below the row's log-sum-exp: their dlogits would be subnormal, which
+    // slows the BLAS products that read them; the loops write 0 instead, and keep the
+    // normal ones.
+    const int64_t w = 301;
+    std::vector<float> sweep(w);
+    for (int64_t q = 0; q < w; ++q) sweep[q] = -0.6f - 0.3f * float(q) / float(w - 1);
+    const float r_lse = 20.0f;  // 100 x dot - 20 from -80 to -110 (SigLIP: its bias -20)
+    vec::ClipDlogitArgs a;
+    a.scale = 100.0f;
+    a.w_row = 1.0f;
+    a.row_lse = &r_lse;
+    std::vector<float> d = sweep;
+    float sd = 0, ss = 0;
+    k.clip_dlogits(d.data(), 1, w, 0, a, &sd, &ss);
+    std::vector<float> g = sweep;
+    k.siglip_dlogits(g.data(), 1, w, 0, 100.0f, -20.0f, 1.0f, false, 0, &sd, &ss);
+    int64_t kept = 0, flushed = 0;
+    for (int64_t q = 0; q < w; ++q) {
+      const double want = std::exp(100.0 * double(sweep[q]) - 20.0);
+      for (const float got : {d[q], g[q]}) {
+        RFT_CHECK_MSG(got == 0.0f || got >= std::numeric_limits<float>::min(),
+                      "subnormal dlogit ", got, " at ", q);
+        if (want >= 1.001 * double(std::numeric_limits<float>::min())) {
+          RFT_CHECK_MSG(near(got, want, 1e-5, 0), "normal dlogit ", got, " vs ", want);
+          ++kept;
+        } else if (want < 0.999 * double(std::numeric_limits<float>::min())) {
+          RFT_CHECK(got == 0.0f);
+          ++flushed;
+        }
+      }
+    }
+    RFT_CHECK(kept > 0 && flushed > 0);
+  }
   for (const bool pos : {true, false}) {
     std::vector<float> d = dots, sd(rows), ss(rows);
     k.siglip_dlogits(d.data(), rows, m, 2, scale, bias, 1.0f, pos, 0, sd.data(), ss.data());
@@ -411,6 +445,21 @@ void check_gram_loops(const vec::Kernels& k) {
     // The true pairs carry no m^2 dlogit: without CLIP their S entries are 0.
     if (!clip) {
       for (int64_t r = 0; r < R; ++r) RFT_CHECK(s[r * W + r] == 0.0f);
+    }
+    // Log-sum-exps 95 above the logits: every S entry would be subnormal; none is.
+    {
+      std::vector<float> high = lse, s_sub = g;
+      for (float& x : high) x += 95.0f;
+      gram::StripArgs<float> as = a;
+      as.s = s_sub.data();
+      as.lse = high.data();
+      double st[2] = {0, 0};
+      std::vector<float> us(size_t(2 * n), 0.0f);
+      k.gram_strip_rows(as, 0, R, st, us.data());
+      for (const float x : s_sub) {
+        RFT_CHECK_MSG(x == 0.0f || std::fabs(x) >= std::numeric_limits<float>::min(),
+                      "subnormal gram S ", x);
+      }
     }
     // The same strip interleaved ([2 R, 2 W], its columns in blocks of R, the last of 6):
     // entry (r, c) of block (v, w) (v, w = 0 for I, 1 for T) at interleaved(v, w, r, c).

@@ -329,3 +329,32 @@ def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
     for g, g_fresh in zip(grads, fresh_grads):
         if g_fresh is not None:
             assert torch.equal(g, g_fresh)
+
+
+@pytest.mark.parametrize("op", ["clip", "m2mix"])
+def test_the_backward_products_read_no_subnormal(op):
+    """A dlogit of a logit 87 to 104 below its log-sum-exp is a subnormal float, and x86 BLAS
+    products slow down by orders of magnitude on subnormal operands (docs/backends.md): the
+    CPU's loops write 0 for them. After the kept backward the kept buffer holds the operand of
+    the backward's products (CLIP's dlogits, the Gram strips' S): no subnormal in it, where the
+    float64 dlogits of these inputs do fall in that range."""
+    require_backend("native", "cpu")
+    torch.manual_seed(5)
+    n = 64
+    a = features(n, 8).detach()
+    b = a.clone()  # every positive pair at cosine 1: logits up to 100 above the negatives'
+    scale, one = torch.tensor(100.0), torch.tensor(1.0)
+    tiny = torch.finfo(torch.float32).tiny
+    logits = scale.double() * a.double() @ b.double().t()
+    probs = torch.cat([logits.softmax(1).flatten(), logits.softmax(0).flatten()])
+    assert bool(((probs > 0) & (probs < tiny)).any()), "the inputs must reach the subnormals"
+    if op == "clip":
+        _, r, c, kept = torch.ops.robustft_ext.clip_fwd_keep(a, b, scale, one * 0, 0, True)
+        torch.ops.robustft_ext.clip_bwd_kept(one, a, b, scale, one * 0, r, c, kept, 0, True)
+    else:
+        lam = torch.tensor(0.3)
+        m2, clip, lse, kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, scale, lam, scale, True)
+        assert kept.shape[0] == 1, "one strip: the whole buffer is used"
+        torch.ops.robustft_ext.m2mix_bwd_kept(one, one, a, b, scale, lam, scale, lse, kept, True)
+    assert int(((kept != 0) & (kept.abs() < tiny)).sum()) == 0
+    assert bool(torch.isfinite(kept).all()) and bool((kept != 0).any())
