@@ -9,8 +9,9 @@
 // Accuracy over the whole float range, against the library functions evaluated in double
 // (measured over all 2^32 inputs for each instruction set; csrc/tests/test_vec_math.cpp
 // checks a sweep of a million of them and the special values):
-//  * exp_f:      1.01 ulp; gradual underflow to subnormals and 0 (exp(-inf) = 0), +inf
-//                above log(FLT_MAX), NaN for NaN.
+//  * exp_f:      1.01 ulp; 0 below kExpFlushBelow (where exp is under FLT_MIN: no
+//                subnormal result, see flush_subnormal), +inf above log(FLT_MAX), NaN for
+//                NaN.
 //  * log1p_f:    1.41 ulp on (-1, +inf) (the kernels' arguments are exp(-|s|) in (0, 1]),
 //                -inf at -1, NaN below -1 or for NaN, +inf at +inf.
 //  * softplus_f: 1.69 ulp, sigmoid_f: 2.40 ulp: the formulas of robustft_maths.h
@@ -53,34 +54,39 @@ RFT_VEC_INLINE int32_t float_to_bits(float f) {
 
 // x, or 0 where x is subnormal (|x| below the smallest normal T; NaN and infinities kept).
 // The CPU's loops write the operands of their BLAS products (dlogits, the Gram strips' S)
-// through it. exp_f keeps gradual underflow, so a dlogit of a logit 87 to 104 below its
-// log-sum-exp is subnormal (a wide logit scale and a near-duplicate pair reach that), and x86
-// BLAS kernels slow down by orders of magnitude on subnormal operands: MKL's sgemm on an
-// Intel Xeon (2 threads, a 512 x 4096 by 4096 x 512 product) ran 3 times slower with 0.1% of
-// its first operand's entries subnormal and 6 times with 1%. Such an entry adds less than
-// FLT_MIN times a feature to a gradient.
+// through it: a dlogit is an exp times weights, which can fall below FLT_MIN even where the
+// exp does not, and x86 BLAS kernels slow down by orders of magnitude on subnormal operands
+// (MKL's sgemm on an Intel Xeon, 2 threads, a 512 x 4096 by 4096 x 512 product: 3 times
+// slower with 0.1% of its first operand's entries subnormal, 6 times with 1%). Such an
+// entry adds less than FLT_MIN times a feature to a gradient.
 template <typename T>
 RFT_VEC_INLINE T flush_subnormal(T x) {
   constexpr T kMin = std::numeric_limits<T>::min();
   return (x < kMin && x > -kMin) ? T(0) : x;
 }
 
+// The argument below which exp_f is 0: a float a few ulp above log(FLT_MIN), so that
+// exp_f never forms a subnormal (x86 cores take a microcode assist for every multiply that
+// produces or reads one, and these loops run one exp per logit).
+constexpr float kExpFlushBelow = -87.33654f;
+
 // 2^k for integer k in [-126, 127].
 RFT_VEC_INLINE float pow2i(int32_t k) { return bits_to_float((k + 127) << 23); }
 
 // exp(x): x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 in a part exact in
 // k * part and a remainder), exp(r) from Cephes' degree-7 polynomial, then the factor 2^k
-// applied as two normal powers of two 2^(k/2) 2^(k - k/2), so that results down in the
-// subnormals and up to FLT_MAX round once, and beyond FLT_MAX overflow to +inf.
+// applied as two normal powers of two 2^(k/2) 2^(k - k/2), so that results up to FLT_MAX
+// round once and beyond it overflow to +inf; below kExpFlushBelow the result is 0, and the
+// argument is clamped there first so that no lane forms a subnormal.
 RFT_VEC_INLINE float exp_f(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;       // 9 significant bits: k * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;    // ln2 - kLn2Hi
   constexpr float kRound = 12582912.0f;        // 1.5 * 2^23
-  // Past these bounds exp is 0 (below exp's smallest subnormal) or +inf; clamping keeps k
-  // in range. A NaN fails both comparisons and becomes kLo here; the final select
-  // returns it.
-  constexpr float kLo = -104.0f, kHi = 89.0f;
+  // Past these bounds exp_f is 0 (below FLT_MIN) or +inf; clamping keeps k in range and
+  // every lane's result normal. A NaN fails both comparisons and becomes kLo here; the
+  // final select returns it.
+  constexpr float kLo = kExpFlushBelow, kHi = 89.0f;
   float xc = x >= kLo ? x : kLo;
   xc = xc <= kHi ? xc : kHi;
   const float kf = (xc * kLog2e + kRound) - kRound;  // round to nearest
@@ -94,10 +100,10 @@ RFT_VEC_INLINE float exp_f(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  const int32_t k = static_cast<int32_t>(kf);  // in [-150, 128]
-  const int32_t k1 = k >> 1;                   // in [-75, 64]
+  const int32_t k = static_cast<int32_t>(kf);  // in [-126, 128]
+  const int32_t k1 = k >> 1;                   // in [-63, 64]
   const float y = (p * pow2i(k1)) * pow2i(k - k1);
-  return x == x ? y : x;
+  return x >= kLo ? y : (x == x ? 0.0f : x);
 }
 
 // log1p(x), after musl's log1pf: 1 + x = 2^k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2))

@@ -5,7 +5,7 @@
 //    over a strided sweep of all 2^32 float bit patterns (every sign, exponent and
 //    mantissa region, subnormals, infinities and NaNs) plus the edges of their ranges:
 //    at most 2 ulp for exp and log1p, 3 for softplus and sigmoid, the exact special
-//    values elsewhere;
+//    values elsewhere, exp's flush to 0 below FLT_MIN (never a subnormal result);
 //  * the tile and row loops against the scalar double maths of robustft_maths.h on
 //    random tiles whose widths leave SIMD remainders, the Gram loops (cpu/gram_rows.h)
 //    against their own double instantiation.
@@ -76,8 +76,12 @@ std::vector<float> sweep(uint32_t stride) {
   return xs;
 }
 
-double ref_softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
-double ref_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+// exp with exp_f's flush: 0 below vec::kExpFlushBelow (where exp is under FLT_MIN).
+double ref_exp(double x) { return x < double(vec::kExpFlushBelow) ? 0.0 : std::exp(x); }
+double ref_softplus(double x) { return std::max(x, 0.0) + std::log1p(ref_exp(-std::fabs(x))); }
+double ref_sigmoid(double x) {
+  return x >= 0.0 ? 1.0 / (1.0 + ref_exp(-x)) : ref_exp(x) / (1.0 + ref_exp(x));
+}
 
 using ElementwiseFn = void (*)(const float*, float*, int64_t);
 
@@ -110,7 +114,6 @@ void check_elementwise(const char* name, ElementwiseFn fn, double (*ref)(double)
                      worst_x));
 }
 
-double ref_exp(double x) { return std::exp(x); }
 double ref_log1p(double x) { return std::log1p(x); }
 
 void check_specials(const vec::Kernels& k) {
@@ -518,6 +521,17 @@ RFT_CASES(vec_math) {
       check_elementwise("exp", k->exp_n, ref_exp, xs, 2.0);
       check_elementwise("log1p", k->log1p_n, ref_log1p, xs, 2.0);
       check_specials(*k);
+      // No subnormal result, on either side of the flush and at it.
+      std::vector<float> near_min = {vec::kExpFlushBelow, std::nextafter(vec::kExpFlushBelow, 0.0f),
+                                     std::nextafter(vec::kExpFlushBelow, -100.0f), -87.0f, -87.5f};
+      for (int i = 0; i < 2000; ++i) near_min.push_back(-86.0f - 3.0f * float(i) / 2000.0f);
+      std::vector<float> e(near_min.size());
+      k->exp_n(near_min.data(), e.data(), int64_t(near_min.size()));
+      for (size_t i = 0; i < e.size(); ++i) {
+        RFT_CHECK_MSG(e[i] == 0.0f || e[i] >= std::numeric_limits<float>::min(), "exp(",
+                      near_min[i], ") = ", e[i], " is subnormal");
+        RFT_CHECK((e[i] == 0.0f) == (near_min[i] < vec::kExpFlushBelow));
+      }
     });
     add_case("maths/vec_softplus_sigmoid_" + isa, [k] {
       const auto xs = sweep(4099);
