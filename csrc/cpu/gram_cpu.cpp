@@ -6,12 +6,13 @@
 // Forward: by the backward's strips (rows [r0, r1) against the columns [r0, n), the chunk
 // the workspace limit allows), so that both passes take their Gram entries from the same
 // BLAS calls (their rounding agrees) and the forward can keep the first strips for the
-// backward. A strip's four Gram blocks come from four multi-threaded BLAS calls; its
-// 128 x 128 fold tiles are the tasks of one parallel region, each folding both
-// orientations into its thread's own statistics, merged at the end.
+// backward. A strip's four Gram blocks come from one multi-threaded BLAS call of the
+// stacked rows in the interleaved layout (four in the blocks layout of the CUDA emulation,
+// step_kernels.h); its 128 x 128 fold tiles are the tasks of one parallel region, each
+// folding both orientations into its thread's own statistics, merged at the end.
 //
-// Backward strip: its four Gram blocks from four multi-threaded BLAS calls straight into the
-// workspace strip (unless the forward kept them), then one pass per row turns each entry
+// Backward strip: its Gram blocks from the same call(s) straight into the workspace strip
+// (unless the forward kept them), then one pass per row turns each entry
 // into the four S entries in place, with the scale sums and the weight path's column sums
 // u in per-thread vectors.
 #include <ATen/ATen.h>
