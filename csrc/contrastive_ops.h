@@ -75,13 +75,18 @@ inline void check_features(const at::Tensor& a, const at::Tensor& b,
               "robustft_ext: scale and bias must have dtype ", acc_dtype(t));
 }
 
-// scale * <a_i, b_{i+offset}> + bias for every row i, in the accumulation dtype.
-inline at::Tensor positive_logits(const at::Tensor& a, const at::Tensor& b,
-                                  const at::Tensor& scale, const at::Tensor& bias,
-                                  int64_t offset) {
+// The sum over the rows i of the positives' logits scale * <a_i, b_{i+offset}> + bias, in the
+// accumulation dtype: from the diagonal of the dot products a forward keeps (the values its
+// statistics were formed from, read without an n x D temporary), else from the features.
+inline at::Tensor positive_logit_sum(const at::Tensor& a, const at::Tensor& b,
+                                     const at::Tensor& scale, const at::Tensor& bias,
+                                     int64_t offset, const at::Tensor& kept_dots = at::Tensor()) {
   const auto acc = acc_dtype(a.scalar_type());
-  auto dots = (a.to(acc) * b.narrow(0, offset, a.size(0)).to(acc)).sum(1);
-  return dots * scale + bias;
+  const at::Tensor dots =
+      kept_dots.defined()
+          ? kept_dots.diagonal(offset).to(acc)
+          : (a.to(acc) * b.narrow(0, offset, a.size(0)).to(acc)).sum(1);
+  return (dots * scale + bias).sum();
 }
 
 inline void check_clip_problem(const at::Tensor& a, const at::Tensor& b, int64_t diag_offset,
@@ -103,11 +108,11 @@ inline void check_siglip_problem(const at::Tensor& a, const at::Tensor& b, bool 
 }
 
 // The CLIP loss from its log-sum-exp statistics, which lse(ac, bc, row_lse, col_lse) fills
-// (col_lse undefined when not symmetric).
+// (col_lse undefined when not symmetric); kept_dots: the forward's kept dot products, if any.
 template <typename Lse>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_from_lse(
     const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, const at::Tensor& bias,
-    int64_t diag_offset, bool symmetric, Lse&& lse) {
+    int64_t diag_offset, bool symmetric, Lse&& lse, const at::Tensor& kept_dots = at::Tensor()) {
   const int64_t n = a.size(0), m = b.size(0);
   const auto ac = a.contiguous(), bc = b.contiguous();
   const auto opts = a.options().dtype(acc_dtype(a.scalar_type()));
@@ -115,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_loss_from_lse(
   at::Tensor col_lse = at::empty({symmetric ? m : 0}, opts);
   at::Tensor col_arg = symmetric ? col_lse : at::Tensor();
   lse(ac, bc, row_lse, col_arg);
-  const auto pos = positive_logits(ac, bc, scale, bias, diag_offset).sum();
+  const auto pos = positive_logit_sum(ac, bc, scale, bias, diag_offset, kept_dots);
   at::Tensor loss = symmetric ? (row_lse.sum() + col_lse.sum() - 2 * pos) / (2.0 * n)
                               : (row_lse.sum() - pos) / double(n);
   return {loss, row_lse, col_lse};
@@ -152,7 +157,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
   const auto g_norm = grad_loss.to(acc).reshape({}) * spec.norm;  // the dlogits' true factor
   const auto alpha = scale * g_norm;
   at::Tensor grad_a = at::empty({n, D}, a.options().dtype(acc));
-  at::Tensor grad_b = at::zeros({m, D}, b.options().dtype(acc));
+  at::Tensor grad_b = at::empty({m, D}, b.options().dtype(acc));  // the first chunk writes it
   at::Tensor stats = at::zeros({2}, a.options().dtype(acc));
   const auto ac = a.contiguous(), bc = b.contiguous();
   const auto ws_dtype = k.gemm.workspace_dtype(a.scalar_type());
@@ -175,7 +180,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_grad(
     k.dlogits(spec, ac, bc, scale, bias, r0, ds, stats);
     at::Tensor grad_rows = grad_a.narrow(0, r0, r);
     k.gemm.gemm_acc(ds, /*transpose_a=*/false, b_op, false, alpha, 0.0, grad_rows);
-    k.gemm.gemm_acc(ds, /*transpose_a=*/true, a_op.narrow(0, r0, r), false, alpha, 1.0, grad_b);
+    k.gemm.gemm_acc(ds, /*transpose_a=*/true, a_op.narrow(0, r0, r), false, alpha,
+                    r0 == 0 ? 0.0 : 1.0, grad_b);
   }
   stats = stats * g_norm;
   // Separate storage for the two scalars: outputs must not alias.
@@ -214,16 +220,18 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_bwd_impl(
                   scale, bias);
 }
 
-// The SigLIP loss from the sum of softplus(S) over every pair, which sum(ac, bc, out) fills.
+// The SigLIP loss from the sum of softplus(S) over every pair, which sum(ac, bc, out) fills;
+// kept_dots: the forward's kept dot products, if any.
 template <typename Sum>
 at::Tensor siglip_loss_from_sum(const at::Tensor& a, const at::Tensor& b,
                                 const at::Tensor& scale, const at::Tensor& bias,
-                                bool negative_only, Sum&& sum) {
+                                bool negative_only, Sum&& sum,
+                                const at::Tensor& kept_dots = at::Tensor()) {
   const auto ac = a.contiguous(), bc = b.contiguous();
   at::Tensor total = at::empty({}, a.options().dtype(acc_dtype(a.scalar_type())));
   sum(ac, bc, total);
   // -log sigmoid(s) = softplus(s) - s on the positives.
-  if (!negative_only) total = total - positive_logits(ac, bc, scale, bias, 0).sum();
+  if (!negative_only) total = total - positive_logit_sum(ac, bc, scale, bias, 0, kept_dots);
   return total / double(a.size(0));
 }
 
@@ -300,7 +308,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_fwd_keep_
       a, b, scale, bias, diag_offset, symmetric,
       [&](const at::Tensor&, const at::Tensor&, at::Tensor& r, at::Tensor& c) {
         kd.clip_lse_from_dots(dots, scale, bias, r, c);
-      });
+      },
+      dots);
   return {loss, row_lse, col_lse, dots};
 }
 
@@ -326,7 +335,8 @@ inline std::tuple<at::Tensor, at::Tensor> siglip_fwd_keep_impl(
   at::Tensor loss = siglip_loss_from_sum(
       a, b, scale, bias, negative_only, [&](const at::Tensor&, const at::Tensor&, at::Tensor& out) {
         kd.siglip_softplus_sum_from_dots(dots, scale, bias, out);
-      });
+      },
+      dots);
   return {loss, dots};
 }
 

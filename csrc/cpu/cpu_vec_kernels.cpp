@@ -20,6 +20,7 @@
 
 #include <limits>
 
+#include "cpu/cpu_stream.h"
 #include "cpu/cpu_vec_math.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -49,21 +50,25 @@ RFT_VEC_BODY void logit_max_rows(float* t, int64_t rows, int64_t cols, int64_t l
                                  float bias, float* row_max, float* col_max) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = t + r * ld;
+    const float* ahead = next_row(row, r, rows, ld);
     float m = kNegInf;
-    if (col_max != nullptr) {
+    for (int64_t b = 0, e; b < cols; b = e) {
+      e = stream_block(b, cols, ahead);
+      if (col_max != nullptr) {
 #pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < cols; ++c) {
-        const float s = scale * row[c] + bias;
-        if (kWrite) row[c] = s;
-        m = s > m ? s : m;
-        col_max[c] = s > col_max[c] ? s : col_max[c];
-      }
-    } else {
+        for (int64_t c = b; c < e; ++c) {
+          const float s = scale * row[c] + bias;
+          if (kWrite) row[c] = s;
+          m = s > m ? s : m;
+          col_max[c] = s > col_max[c] ? s : col_max[c];
+        }
+      } else {
 #pragma omp simd reduction(max : m)
-      for (int64_t c = 0; c < cols; ++c) {
-        const float s = scale * row[c] + bias;
-        if (kWrite) row[c] = s;
-        m = s > m ? s : m;
+        for (int64_t c = b; c < e; ++c) {
+          const float s = scale * row[c] + bias;
+          if (kWrite) row[c] = s;
+          m = s > m ? s : m;
+        }
       }
     }
     row_max[r] = m;
@@ -89,31 +94,33 @@ RFT_VEC_BODY void exp_sum_rows(const float* t, int64_t rows, int64_t cols, int64
                                const float* col_max, float* col_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = t + r * ld;
-    if (row_sum == nullptr) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float s = kAffine ? scale * row[c] + bias : row[c];
-        col_sum[c] += exp_f(s - col_max[c]);
-      }
-      continue;
-    }
-    const float mr = row_max[r];
+    const float* ahead = next_row(row, r, rows, ld);
+    const float mr = row_sum != nullptr ? row_max[r] : 0.0f;
     float sum = 0.0f;
-    if (col_sum != nullptr) {
+    for (int64_t b = 0, e; b < cols; b = e) {
+      e = stream_block(b, cols, ahead);
+      if (row_sum == nullptr) {
+#pragma omp simd
+        for (int64_t c = b; c < e; ++c) {
+          const float s = kAffine ? scale * row[c] + bias : row[c];
+          col_sum[c] += exp_f(s - col_max[c]);
+        }
+      } else if (col_sum != nullptr) {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const float s = kAffine ? scale * row[c] + bias : row[c];
-        sum += exp_f(s - mr);
-        col_sum[c] += exp_f(s - col_max[c]);
-      }
-    } else {
+        for (int64_t c = b; c < e; ++c) {
+          const float s = kAffine ? scale * row[c] + bias : row[c];
+          sum += exp_f(s - mr);
+          col_sum[c] += exp_f(s - col_max[c]);
+        }
+      } else {
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < cols; ++c) {
-        const float s = kAffine ? scale * row[c] + bias : row[c];
-        sum += exp_f(s - mr);
+        for (int64_t c = b; c < e; ++c) {
+          const float s = kAffine ? scale * row[c] + bias : row[c];
+          sum += exp_f(s - mr);
+        }
       }
     }
-    row_sum[r] = sum;
+    if (row_sum != nullptr) row_sum[r] = sum;
   }
 }
 
@@ -133,31 +140,39 @@ RFT_VEC_BODY void softplus_sums_body(const float* t, int64_t rows, int64_t cols,
                                      float scale, float bias, float* row_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = t + r * ld;
+    const float* ahead = next_row(row, r, rows, ld);
     float sum = 0.0f;
+    for (int64_t b = 0, e; b < cols; b = e) {
+      e = stream_block(b, cols, ahead);
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) sum += softplus_f(scale * row[c] + bias);
+      for (int64_t c = b; c < e; ++c) sum += softplus_f(scale * row[c] + bias);
+    }
     row_sum[r] = sum;
   }
 }
 
 // CLIP dlogits of entries [0, n) of a row (col_lse aligned with them), without a special
-// entry; their sums of dS * dot and of dS are added to sd and ss.
+// entry; their sums of dS * dot and of dS are added to sd and ss. `ahead`: the same entries
+// of the next row, prefetched (or nullptr).
 template <bool kRow, bool kCol>
-RFT_VEC_BODY void clip_dlogit_span(float* row, int64_t n, float scale, float bias, float w_row,
-                                   float r_lse, float w_col, const float* col_lse, float& sd,
-                                   float& ss) {
+RFT_VEC_BODY void clip_dlogit_span(float* row, int64_t n, const float* ahead, float scale,
+                                   float bias, float w_row, float r_lse, float w_col,
+                                   const float* col_lse, float& sd, float& ss) {
   float acc_dot = 0.0f, acc_sum = 0.0f;
+  for (int64_t b = 0, e; b < n; b = e) {
+    e = stream_block(b, n, ahead);
 #pragma omp simd reduction(+ : acc_dot, acc_sum)
-  for (int64_t q = 0; q < n; ++q) {
-    const float dot = row[q];
-    const float s = scale * dot + bias;
-    float g = 0.0f;
-    if (kRow) g += w_row * exp_f(s - r_lse);
-    if (kCol) g += w_col * exp_f(s - col_lse[q]);
-    g = flush_subnormal(g);
-    row[q] = g;
-    acc_dot += g * dot;
-    acc_sum += g;
+    for (int64_t q = b; q < e; ++q) {
+      const float dot = row[q];
+      const float s = scale * dot + bias;
+      float g = 0.0f;
+      if (kRow) g += w_row * exp_f(s - r_lse);
+      if (kCol) g += w_col * exp_f(s - col_lse[q]);
+      g = flush_subnormal(g);
+      row[q] = g;
+      acc_dot += g * dot;
+      acc_sum += g;
+    }
   }
   sd += acc_dot;
   ss += acc_sum;
@@ -172,16 +187,17 @@ RFT_VEC_BODY void clip_dlogits_rows(float* d, int64_t rows, int64_t m, int64_t p
                                     const ClipDlogitArgs& a, float* stat_dot, float* stat_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = d + r * m;
+    const float* ahead = next_row(row, r, rows, m);
     const float r_lse = kRow ? a.row_lse[r] : 0.0f;
     const int64_t qs = p0 + r + a.offset;
     const bool special = a.special != Special::kNone && qs >= 0 && qs < m;
     float sd = 0.0f, ss = 0.0f;
     if (!special) {
-      clip_dlogit_span<kRow, kCol>(row, m, a.scale, a.bias, a.w_row, r_lse, a.w_col, a.col_lse,
-                                   sd, ss);
+      clip_dlogit_span<kRow, kCol>(row, m, ahead, a.scale, a.bias, a.w_row, r_lse, a.w_col,
+                                   a.col_lse, sd, ss);
     } else {
-      clip_dlogit_span<kRow, kCol>(row, qs, a.scale, a.bias, a.w_row, r_lse, a.w_col, a.col_lse,
-                                   sd, ss);
+      clip_dlogit_span<kRow, kCol>(row, qs, ahead, a.scale, a.bias, a.w_row, r_lse, a.w_col,
+                                   a.col_lse, sd, ss);
       const float dot = row[qs];
       float g = 0.0f;
       if (a.special == Special::kSubtract) {
@@ -194,8 +210,9 @@ RFT_VEC_BODY void clip_dlogits_rows(float* d, int64_t rows, int64_t m, int64_t p
       row[qs] = g;
       sd += g * dot;
       ss += g;
-      clip_dlogit_span<kRow, kCol>(row + qs + 1, m - qs - 1, a.scale, a.bias, a.w_row, r_lse,
-                                   a.w_col, kCol ? a.col_lse + qs + 1 : nullptr, sd, ss);
+      clip_dlogit_span<kRow, kCol>(row + qs + 1, m - qs - 1, ahead ? ahead + qs + 1 : nullptr,
+                                   a.scale, a.bias, a.w_row, r_lse, a.w_col,
+                                   kCol ? a.col_lse + qs + 1 : nullptr, sd, ss);
     }
     if (stat_dot != nullptr) stat_dot[r] = sd;
     if (stat_sum != nullptr) stat_sum[r] = ss;
@@ -217,16 +234,19 @@ RFT_VEC_BODY void clip_dlogits_body(float* d, int64_t rows, int64_t m, int64_t p
 }
 
 // SigLIP dlogits w sigmoid(S) of entries [0, n) of a row; sums added to sd and ss.
-RFT_VEC_BODY void siglip_dlogit_span(float* row, int64_t n, float scale, float bias, float w,
-                                     float& sd, float& ss) {
+RFT_VEC_BODY void siglip_dlogit_span(float* row, int64_t n, const float* ahead, float scale,
+                                     float bias, float w, float& sd, float& ss) {
   float acc_dot = 0.0f, acc_sum = 0.0f;
+  for (int64_t b = 0, e; b < n; b = e) {
+    e = stream_block(b, n, ahead);
 #pragma omp simd reduction(+ : acc_dot, acc_sum)
-  for (int64_t q = 0; q < n; ++q) {
-    const float dot = row[q];
-    const float g = flush_subnormal(w * sigmoid_f(scale * dot + bias));
-    row[q] = g;
-    acc_dot += g * dot;
-    acc_sum += g;
+    for (int64_t q = b; q < e; ++q) {
+      const float dot = row[q];
+      const float g = flush_subnormal(w * sigmoid_f(scale * dot + bias));
+      row[q] = g;
+      acc_dot += g * dot;
+      acc_sum += g;
+    }
   }
   sd += acc_dot;
   ss += acc_sum;
@@ -237,18 +257,20 @@ RFT_VEC_BODY void siglip_dlogits_body(float* d, int64_t rows, int64_t m, int64_t
                                       float* stat_dot, float* stat_sum) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = d + r * m;
+    const float* ahead = next_row(row, r, rows, m);
     const int64_t qs = p0 + r + offset;
     float sd = 0.0f, ss = 0.0f;
     if (!(has_positives && qs >= 0 && qs < m)) {
-      siglip_dlogit_span(row, m, scale, bias, w, sd, ss);
+      siglip_dlogit_span(row, m, ahead, scale, bias, w, sd, ss);
     } else {
-      siglip_dlogit_span(row, qs, scale, bias, w, sd, ss);
+      siglip_dlogit_span(row, qs, ahead, scale, bias, w, sd, ss);
       const float dot = row[qs];
       const float g = flush_subnormal(w * (sigmoid_f(scale * dot + bias) - 1.0f));
       row[qs] = g;
       sd += g * dot;
       ss += g;
-      siglip_dlogit_span(row + qs + 1, m - qs - 1, scale, bias, w, sd, ss);
+      siglip_dlogit_span(row + qs + 1, m - qs - 1, ahead ? ahead + qs + 1 : nullptr, scale, bias,
+                         w, sd, ss);
     }
     if (stat_dot != nullptr) stat_dot[r] = sd;
     if (stat_sum != nullptr) stat_sum[r] = ss;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "cpu/cpu_stream.h"
 #include "cpu/cpu_vec_math.h"
 #include "robustft_maths.h"
 
@@ -52,18 +53,23 @@ RFT_ROW_BODY void mixed_logits_max(T* out, int64_t rows, int64_t cols, int64_t l
   for (int64_t r = 0; r < rows; ++r) {
     const T* ga = a.g_a + r * a.ld_g;
     const T* gb = a.g_b + r * a.ld_g;
+    const T* ga_next = next_row(ga, r, rows, a.ld_g);
     T* o = out + r * ld;
-    if (a.per_row) {
-      const T wa = a.w_a[r], wb = a.w_b[r];
+    for (int64_t b = 0, e; b < cols; b = e) {
+      e = stream_block(b, cols, ga_next);
+      if (ga_next != nullptr) prefetch_lines(gb + a.ld_g + b, e - b);
+      if (a.per_row) {
+        const T wa = a.w_a[r], wb = a.w_b[r];
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        o[c] = maths::logit(maths::gram_mixed_dot(wa, ga[c], wb, gb[c]), a.scale, T(0));
-      }
-    } else {
+        for (int64_t c = b; c < e; ++c) {
+          o[c] = maths::logit(maths::gram_mixed_dot(wa, ga[c], wb, gb[c]), a.scale, T(0));
+        }
+      } else {
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        o[c] = maths::logit(maths::gram_mixed_dot(a.w_a[c], ga[c], a.w_b[c], gb[c]), a.scale,
-                            T(0));
+        for (int64_t c = b; c < e; ++c) {
+          o[c] = maths::logit(maths::gram_mixed_dot(a.w_a[c], ga[c], a.w_b[c], gb[c]), a.scale,
+                              T(0));
+        }
       }
     }
     const int64_t cs = r + a.offset;
@@ -151,38 +157,49 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
   const T la_p = a.lse[p], lb_p = a.lse[n + p], lc_p = a.lse[2 * n + p],
           lccol_p = a.lse[3 * n + p];
   const T sm = a.m2_scale, sc = a.clip_scale;
+  // The next row's entries of the four blocks are prefetched block by block (cpu_stream.h).
+  const bool ahead = r + 1 < a.rows;
   T s_m2 = T(0), s_clip = T(0), s_ui = T(0), s_ut = T(0);
-#pragma omp simd reduction(+ : s_m2, s_clip, s_ui, s_ut)
-  for (int64_t c = c0; c < c1; ++c) {
-    const T gii = sii[c], git = sit[c], gti = sti[c], gtt = stt[c];
-    const T wa_q = wa[c], wb_q = wb[c];
-    const T a_pq = maths::gram_mixed_dot(wa_q, gii, wb_q, git);
-    const T a_qp = maths::gram_mixed_dot(wa_p, gii, wb_p, gti);
-    const T b_pq = maths::gram_mixed_dot(wa_q, gti, wb_q, gtt);
-    const T b_qp = maths::gram_mixed_dot(wa_p, git, wb_p, gtt);
-    const T dA_pq = exp(sm * a_pq - la_p), dA_qp = exp(sm * a_qp - l_a[c]);
-    const T dB_pq = exp(sm * b_pq - lb_p), dB_qp = exp(sm * b_qp - l_b[c]);
-    T dC_pq = T(0), dC_qp = T(0);
-    if (kClip) {
-      dC_pq = T(0.5) * (exp(sc * git - lc_p) + exp(sc * git - l_ccol[c]));
-      dC_qp = T(0.5) * (exp(sc * gti - l_c[c]) + exp(sc * gti - lccol_p));
+  for (int64_t b = c0, e; b < c1; b = e) {
+    e = b + kStreamBlock < c1 ? b + kStreamBlock : c1;
+    if (ahead) {
+      prefetch_lines(sii + L.ld() + b, e - b);
+      prefetch_lines(sit + L.ld() + b, e - b);
+      prefetch_lines(sti + L.ld() + b, e - b);
+      prefetch_lines(stt + L.ld() + b, e - b);
     }
-    const maths::GramGrads<T> g =
-        maths::gram_grads(a.f_m, a.f_c, dA_pq, dA_qp, dB_pq, dB_qp, dC_pq, dC_qp, wa_p, wb_p,
-                          wa_q, wb_q);
-    sii[c] = vec::flush_subnormal(g.ii);
-    sit[c] = vec::flush_subnormal(g.it);
-    sti[c] = vec::flush_subnormal(g.ti);
-    stt[c] = vec::flush_subnormal(g.tt);
-    s_m2 += dA_pq * a_pq + dB_pq * b_pq;
-    s_clip += dC_pq * git;
-    s_ui += maths::gram_mixed_dot(dA_qp, gii, dB_qp, git);
-    s_ut += maths::gram_mixed_dot(dA_qp, gti, dB_qp, gtt);
-    if (kBoth) {
-      s_m2 += dA_qp * a_qp + dB_qp * b_qp;
-      s_clip += dC_qp * gti;
-      u_i[c] += maths::gram_mixed_dot(dA_pq, gii, dB_pq, gti);
-      u_t[c] += maths::gram_mixed_dot(dA_pq, git, dB_pq, gtt);
+#pragma omp simd reduction(+ : s_m2, s_clip, s_ui, s_ut)
+    for (int64_t c = b; c < e; ++c) {
+      const T gii = sii[c], git = sit[c], gti = sti[c], gtt = stt[c];
+      const T wa_q = wa[c], wb_q = wb[c];
+      const T a_pq = maths::gram_mixed_dot(wa_q, gii, wb_q, git);
+      const T a_qp = maths::gram_mixed_dot(wa_p, gii, wb_p, gti);
+      const T b_pq = maths::gram_mixed_dot(wa_q, gti, wb_q, gtt);
+      const T b_qp = maths::gram_mixed_dot(wa_p, git, wb_p, gtt);
+      const T dA_pq = exp(sm * a_pq - la_p), dA_qp = exp(sm * a_qp - l_a[c]);
+      const T dB_pq = exp(sm * b_pq - lb_p), dB_qp = exp(sm * b_qp - l_b[c]);
+      T dC_pq = T(0), dC_qp = T(0);
+      if (kClip) {
+        dC_pq = T(0.5) * (exp(sc * git - lc_p) + exp(sc * git - l_ccol[c]));
+        dC_qp = T(0.5) * (exp(sc * gti - l_c[c]) + exp(sc * gti - lccol_p));
+      }
+      const maths::GramGrads<T> g =
+          maths::gram_grads(a.f_m, a.f_c, dA_pq, dA_qp, dB_pq, dB_qp, dC_pq, dC_qp, wa_p, wb_p,
+                            wa_q, wb_q);
+      sii[c] = vec::flush_subnormal(g.ii);
+      sit[c] = vec::flush_subnormal(g.it);
+      sti[c] = vec::flush_subnormal(g.ti);
+      stt[c] = vec::flush_subnormal(g.tt);
+      s_m2 += dA_pq * a_pq + dB_pq * b_pq;
+      s_clip += dC_pq * git;
+      s_ui += maths::gram_mixed_dot(dA_qp, gii, dB_qp, git);
+      s_ut += maths::gram_mixed_dot(dA_qp, gti, dB_qp, gtt);
+      if (kBoth) {
+        s_m2 += dA_qp * a_qp + dB_qp * b_qp;
+        s_clip += dC_qp * gti;
+        u_i[c] += maths::gram_mixed_dot(dA_pq, gii, dB_pq, gti);
+        u_t[c] += maths::gram_mixed_dot(dA_pq, git, dB_pq, gtt);
+      }
     }
   }
   sums.m2 += s_m2;

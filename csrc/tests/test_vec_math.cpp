@@ -149,7 +149,8 @@ bool near(double got, double want, double rtol, double atol) {
 // logits_max + exp_sums and softplus_sums on a tile against robustft_maths.h in double,
 // compact (ld = cols) and as a slice of wider rows.
 void check_tile_loops(const vec::Kernels& k) {
-  for (const int64_t cols : {1, 7, 16, 33, 130}) {
+  // (1100 columns: rows streamed in several prefetched blocks, cpu_stream.h.)
+  for (const int64_t cols : {1, 7, 16, 33, 130, 1100}) {
     const int64_t rows = 5;
     const float scale = 14.285714f, bias = -3.0f;
     const auto dots = random_floats(size_t(rows * cols), -1.0f, 1.0f, uint32_t(cols));
@@ -208,8 +209,16 @@ void check_tile_loops(const vec::Kernels& k) {
 
 // clip_dlogits / siglip_dlogits against maths::clip_dlogit / siglip_dlogit in double,
 // with the special entry inside, outside and at the edge of the chunk.
+void check_dlogit_loops_of(const vec::Kernels& k, int64_t m);
+
 void check_dlogit_loops(const vec::Kernels& k) {
-  const int64_t rows = 4, m = 37;
+  // m = 1100: rows streamed in several prefetched blocks (cpu_stream.h), the special entries
+  // of the chunk at rows 510..513 straddling the first block's end.
+  for (const int64_t m : {int64_t(37), int64_t(1100)}) check_dlogit_loops_of(k, m);
+}
+
+void check_dlogit_loops_of(const vec::Kernels& k, int64_t m) {
+  const int64_t rows = 4;
   const float scale = 10.0f, bias = -2.0f;
   const auto dots = random_floats(size_t(rows * m), -1.0f, 1.0f, 11u);
   const auto row_lse = random_floats(size_t(rows), 3.0f, 6.0f, 12u);
@@ -223,7 +232,8 @@ void check_dlogit_loops(const vec::Kernels& k) {
                         {true, false, vec::Special::kSubtract, 3, 2},
                         {true, false, vec::Special::kZero, 30, 0},
                         {false, true, vec::Special::kNone, 0, 0},
-                        {true, true, vec::Special::kSubtract, 34, 0}};  // rows 34..37: 37 is past m
+                        {true, true, vec::Special::kSubtract, 34, 0},  // m = 37: 37 is past m
+                        {true, true, vec::Special::kSubtract, 510, 0}};
   for (const Mode& md : modes) {
     vec::ClipDlogitArgs a;
     a.scale = scale;
@@ -352,7 +362,7 @@ struct StdExp {
 // both strip layouts (the interleaved one with a short last column block).
 void check_gram_loops(const vec::Kernels& k) {
   namespace gram = ::robustft::cpu::gram;
-  for (const int64_t cols : {1, 7, 33}) {
+  for (const int64_t cols : {1, 7, 33, 1100}) {
     const int64_t rows = 6, ld = cols + 3;
     const auto ga = random_floats(size_t(rows * ld), -1.0f, 1.0f, uint32_t(cols));
     const auto gb = random_floats(size_t(rows * ld), -1.0f, 1.0f, uint32_t(cols + 1));
@@ -402,8 +412,10 @@ void check_gram_loops(const vec::Kernels& k) {
       }
     }
   }
+  // (n = 1150: the blocks layout's rows streamed in several prefetched blocks.)
+  for (const int64_t n : {int64_t(45), int64_t(1150)})
   for (const bool clip : {false, true}) {
-    const int64_t n = 45, r0 = 4, R = 7, W = n - r0;
+    const int64_t r0 = 4, R = 7, W = n - r0;
     const auto g = random_floats(size_t(4 * R * W), -1.0f, 1.0f, 11);
     const auto wa = random_floats(size_t(n), 0.2f, 1.3f, 12);
     const auto wb = random_floats(size_t(n), 0.2f, 1.3f, 13);
