@@ -255,7 +255,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
     p.T = a.text.contiguous();
     p.m2_scale = a.m2_scale;
     p.clip_scale = a.clip_scale;
-    s.pair_dot = (p.I.to(s.acc) * p.T.to(s.acc)).sum(1);
+    s.pair_dot = row_dot_products(p.I, p.T);
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");

@@ -307,6 +307,40 @@ def test_a_freed_kept_buffer_serves_the_next_step(op):
     assert torch.equal(again[-1].view(torch.int32), values.view(torch.int32))
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kept", [True, False])
+def test_freed_feature_gradients_serve_the_next_backward(kind, kept):
+    """CLIP's and SigLIP's feature gradients come from the block cache, as the step's do: the
+    blocks of gradients the caller dropped serve the next backward, which writes them whole
+    (its first chunk's product with beta 0): left full of NaN, they give the fresh results.
+    kept False: the forward keeps nothing and the backward runs in chunks of rows."""
+    require_backend("native", "cpu")
+    a, b = (features(300, 24).requires_grad_() for _ in range(2))
+    s, c = torch.tensor(7.5), torch.tensor(-1.5)
+
+    def grads():
+        a.grad = b.grad = None
+        LOSSES[kind](a, b, s, c).backward()
+        return a.grad, b.grad
+
+    if not kept:
+        rft.set_workspace_limit(300 * 4 * 64)  # a chunk of 64 rows, nothing kept
+    try:
+        fresh = [g.clone() for g in grads()]
+        ga, gb = grads()
+        ptrs = {ga.data_ptr(), gb.data_ptr()}
+        ga.fill_(float("nan"))
+        gb.fill_(float("nan"))
+        del ga, gb
+        a.grad = b.grad = None
+        again = grads()
+    finally:
+        rft.set_workspace_limit(None)
+    assert {g.data_ptr() for g in again} == ptrs
+    for g, want in zip(again, fresh):
+        assert torch.equal(g, want)
+
+
 @pytest.mark.parametrize("kind", ["m2mix", "robust_step"])
 def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
     """A reused block keeps whatever the previous step left in it: the Gram buffer's unused
