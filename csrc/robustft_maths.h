@@ -102,6 +102,21 @@ RFT_HD T clip_dlogit(T s, T row_lse, T col_lse, T w_row, T w_col, T w_pos,
   return d;
 }
 
+// One exp for the two softmax terms of a logit (the CPU's float loops): for any shift M,
+//   w_a exp(s - a) + w_b exp(s - b) = exp(s - M) (w_a exp(M - a) + w_b exp(M - b)),
+// the bracket a sum of a row's and a column's factor, each formed once. With M the largest
+// of the log-sum-exps a and b range over, exp(s - M) <= 1 (a logit is at most its
+// log-sum-exp); with every one of them within kSharedShiftSpread of M, every factor is a
+// normal float (>= w e^-50), and exp(s - M) is 0 only where the exact term is below
+// e^(-87.3 + 50) (6e-17, against a softmax row that sums to 1). Wider spreads take the two
+// exps. The same holds for a tile's row and column sums with M the tile's largest logit.
+constexpr double kSharedShiftSpread = 50.0;
+
+template <typename T>
+RFT_HD T shift_factor(T w, T shift, T lse) {
+  return w * std::exp(shift - lse);
+}
+
 // Derivative of the SigLIP loss with respect to one logit (docs/maths.md, section 2):
 //   dS = w * (sigmoid(s) - [positive]).
 template <typename T>

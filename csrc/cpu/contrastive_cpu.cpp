@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "contrastive_kernels.h"
@@ -144,10 +145,33 @@ void siglip_sum_from_dots_impl(const at::Tensor& dots, const at::Tensor& scale_t
 // Rows [r_begin, r_end) of a dlogit chunk whose row 0 is problem row r0: dot products on
 // entry, the dlogits `spec` describes on exit; each row's sum of dS <P_p, Q_q> into
 // s_dot[r] and of dS into s_sum[r]. row_lse is indexed by problem row.
+// The factors that give CLIP's two dlogit terms from one exp (vec::ClipDlogitArgs), for the
+// rows [r0, r0 + rows) of a problem whose log-sum-exps are row_lse [n] and col_lse [m]: empty
+// where one term is off or the log-sum-exps spread wider than maths::kSharedShiftSpread.
+struct SharedShift {
+  std::vector<float> row_f, col_f;
+  float shift = 0.0f;
+
+  SharedShift(const DlogitSpec& spec, const float* row_lse, int64_t n, const float* col_lse,
+              int64_t m, int64_t r0, int64_t rows) {
+    if (spec.siglip || row_lse == nullptr || col_lse == nullptr) return;
+    const auto [r_lo, r_hi] = std::minmax_element(row_lse, row_lse + n);
+    const auto [c_lo, c_hi] = std::minmax_element(col_lse, col_lse + m);
+    shift = std::max(*r_hi, *c_hi);
+    if (!(shift - std::min(*r_lo, *c_lo) <= float(mx::kSharedShiftSpread))) return;
+    row_f.resize(rows);
+    col_f.resize(m);
+    for (int64_t r = 0; r < rows; ++r) {
+      row_f[r] = mx::shift_factor(float(spec.w_row), shift, row_lse[r0 + r]);
+    }
+    for (int64_t q = 0; q < m; ++q) col_f[q] = mx::shift_factor(float(spec.w_col), shift, col_lse[q]);
+  }
+};
+
 inline void dlogit_rows(const DlogitSpec& spec, float* d, int64_t m, int64_t r0,
                         int64_t r_begin, int64_t r_end, float scale, float bias,
                         const float* row_lse, const float* col_lse, float* s_dot,
-                        float* s_sum) {
+                        float* s_sum, const SharedShift& shared) {
   const auto& k = vec::kernels();
   const int64_t p0 = r0 + r_begin;
   float* rows_d = d + r_begin * m;
@@ -166,13 +190,24 @@ inline void dlogit_rows(const DlogitSpec& spec, float* d, int64_t m, int64_t r0,
   a.col_lse = col_lse;
   a.special = spec.has_positives ? vec::Special::kSubtract : vec::Special::kNone;
   a.offset = spec.pos_offset;
+  if (!shared.row_f.empty()) {
+    a.row_factor = shared.row_f.data() + r_begin;
+    a.col_factor = shared.col_f.data();
+    a.shift = shared.shift;
+  }
   k.clip_dlogits(rows_d, r_end - r_begin, m, p0, a, s_dot + r_begin, s_sum + r_begin);
 }
+
+// Double keeps the two exps.
+struct NoSharedShift {
+  NoSharedShift(const DlogitSpec&, const double*, int64_t, const double*, int64_t, int64_t,
+                int64_t) {}
+};
 
 inline void dlogit_rows(const DlogitSpec& spec, double* d, int64_t m, int64_t r0,
                         int64_t r_begin, int64_t r_end, double scale, double bias,
                         const double* row_lse, const double* col_lse, double* s_dot,
-                        double* s_sum) {
+                        double* s_sum, const NoSharedShift&) {
   const double w_row = spec.w_row, w_col = spec.w_col, w_pos = spec.w_pos;
   for (int64_t r = r_begin; r < r_end; ++r) {
     const int64_t p = r0 + r;
@@ -209,9 +244,11 @@ void dlogits_impl(const DlogitSpec& spec, const at::Tensor& P, const at::Tensor&
   const T* col_lse = (!spec.siglip && spec.w_col != 0.0) ? spec.col_lse.data_ptr<T>() : nullptr;
   T* d = ds.data_ptr<T>();
   std::vector<T> s_dot(rows, T(0)), s_sum(rows, T(0));
+  using Shift = std::conditional_t<std::is_same_v<T, float>, SharedShift, NoSharedShift>;
+  const Shift shared(spec, row_lse, P.size(0), col_lse, m, r0, rows);
   at::parallel_for(0, rows, rows_per_task(m), [&](int64_t r_begin, int64_t r_end) {
     dlogit_rows(spec, d, m, r0, r_begin, r_end, scale, bias, row_lse, col_lse, s_dot.data(),
-                s_sum.data());
+                s_sum.data(), shared);
   });
   T sd = 0, ss = 0;
   for (int64_t r = 0; r < rows; ++r) {  // in row order: independent of the thread split

@@ -194,12 +194,31 @@ void tile_set_logit(const Tile<T>& t, int64_t r, int64_t c, T value, TileScratch
   s.row_max[r] = m;
 }
 
+// Both orientations' sums of a tile of logits S = scale t + bias from one exp per entry,
+// shifted by the tile's largest logit, where every row's and column's maximum (s.row_max,
+// s.col_max) lies within maths::kSharedShiftSpread of it: s.row_sum, s.col_sum (zeroed by
+// the caller) get the sums and s.row_max, s.col_max the shift. False (nothing done) for a
+// wider spread, NaN or infinities.
+inline bool tile_shared_sums(const Tile<float>& t, float scale, float bias,
+                             TileScratch<float>& s) {
+  const auto [lo_r, hi] = std::minmax_element(s.row_max.begin(), s.row_max.begin() + t.rows);
+  const float lo_c = *std::min_element(s.col_max.begin(), s.col_max.begin() + t.cols);
+  const float shift = *hi;
+  if (!(shift - std::min(*lo_r, lo_c) <= float(mx::kSharedShiftSpread))) return false;
+  vec::kernels().dot_exp_sums_shared(t.d, t.rows, t.cols, t.ld, scale, bias, shift,
+                                     s.row_sum.data(), s.col_sum.data());
+  std::fill(s.row_max.begin(), s.row_max.begin() + t.rows, shift);
+  std::fill(s.col_max.begin(), s.col_max.begin() + t.cols, shift);
+  return true;
+}
+
 // The tile's row sums of exp(S - row max) into s.row_sum and, with_cols, its column sums
-// of exp(S - column max) into s.col_sum.
+// of exp(S - column max) into s.col_sum (or both with one shift: tile_shared_sums).
 inline void tile_exp_sums(const Tile<float>& t, TileScratch<float>& s, bool with_cols) {
   float* col_sum = nullptr;
   if (with_cols) {
     std::fill(s.col_sum.begin(), s.col_sum.begin() + t.cols, 0.0f);
+    if (tile_shared_sums(t, 1.0f, 0.0f, s)) return;
     col_sum = s.col_sum.data();
   }
   vec::kernels().exp_sums(t.d, t.rows, t.cols, t.ld, s.row_max.data(), s.row_sum.data(),
@@ -301,8 +320,10 @@ inline void tile_fold_dots(const Tile<float>& t, float scale, float bias, int64_
   }
   const auto& k = vec::kernels();
   k.dot_logit_max(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), col_max);
-  k.dot_exp_sums(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), s.row_sum.data(),
-                 col_max, col_sum);
+  if (!with_cols || !tile_shared_sums(t, scale, bias, s)) {
+    k.dot_exp_sums(t.d, t.rows, t.cols, t.ld, scale, bias, s.row_max.data(), s.row_sum.data(),
+                   col_max, col_sum);
+  }
   for (int64_t r = 0; r < t.rows; ++r) {
     row_states[i0 + r] = mx::lse_push_block(row_states[i0 + r], s.row_max[r], s.row_sum[r]);
   }

@@ -136,6 +136,26 @@ RFT_VEC_BODY void dot_exp_sums_body(const float* t, int64_t rows, int64_t cols, 
   exp_sum_rows<true>(t, rows, cols, ld, scale, bias, row_max, row_sum, col_max, col_sum);
 }
 
+RFT_VEC_BODY void dot_exp_sums_shared_body(const float* t, int64_t rows, int64_t cols,
+                                           int64_t ld, float scale, float bias, float shift,
+                                           float* row_sum, float* col_sum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = t + r * ld;
+    const float* ahead = next_row(row, r, rows, ld);
+    float sum = 0.0f;
+    for (int64_t b = 0, e; b < cols; b = e) {
+      e = stream_block(b, cols, ahead);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = b; c < e; ++c) {
+        const float x = exp_f(scale * row[c] + bias - shift);
+        sum += x;
+        col_sum[c] += x;
+      }
+    }
+    row_sum[r] = sum;
+  }
+}
+
 RFT_VEC_BODY void softplus_sums_body(const float* t, int64_t rows, int64_t cols, int64_t ld,
                                      float scale, float bias, float* row_sum) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -178,6 +198,27 @@ RFT_VEC_BODY void clip_dlogit_span(float* row, int64_t n, const float* ahead, fl
   ss += acc_sum;
 }
 
+// clip_dlogit_span with both terms from one exp (ClipDlogitArgs' factors): row_f the row's
+// factor, col_f the entries' column factors.
+RFT_VEC_BODY void clip_dlogit_span_shared(float* row, int64_t n, const float* ahead, float scale,
+                                          float bias, float shift, float row_f,
+                                          const float* col_f, float& sd, float& ss) {
+  float acc_dot = 0.0f, acc_sum = 0.0f;
+  for (int64_t b = 0, e; b < n; b = e) {
+    e = stream_block(b, n, ahead);
+#pragma omp simd reduction(+ : acc_dot, acc_sum)
+    for (int64_t q = b; q < e; ++q) {
+      const float dot = row[q];
+      const float g = flush_subnormal(exp_f(scale * dot + bias - shift) * (row_f + col_f[q]));
+      row[q] = g;
+      acc_dot += g * dot;
+      acc_sum += g;
+    }
+  }
+  sd += acc_dot;
+  ss += acc_sum;
+}
+
 // The rows' special entries (positives, m^2 true pairs) are left out of the SIMD loops:
 // each row runs as the span before its special entry, the entry itself, and the span
 // after it, so that no sum has to take the entry's term back out (which cancels when it
@@ -192,12 +233,23 @@ RFT_VEC_BODY void clip_dlogits_rows(float* d, int64_t rows, int64_t m, int64_t p
     const int64_t qs = p0 + r + a.offset;
     const bool special = a.special != Special::kNone && qs >= 0 && qs < m;
     float sd = 0.0f, ss = 0.0f;
-    if (!special) {
+    // (Both terms from one exp where the caller gave the factors.)
+    const bool shared = kRow && kCol && a.row_factor != nullptr;
+    const float row_f = shared ? a.row_factor[r] : 0.0f;
+    if (!special && shared) {
+      clip_dlogit_span_shared(row, m, ahead, a.scale, a.bias, a.shift, row_f, a.col_factor, sd,
+                              ss);
+    } else if (!special) {
       clip_dlogit_span<kRow, kCol>(row, m, ahead, a.scale, a.bias, a.w_row, r_lse, a.w_col,
                                    a.col_lse, sd, ss);
     } else {
-      clip_dlogit_span<kRow, kCol>(row, qs, ahead, a.scale, a.bias, a.w_row, r_lse, a.w_col,
-                                   a.col_lse, sd, ss);
+      if (shared) {
+        clip_dlogit_span_shared(row, qs, ahead, a.scale, a.bias, a.shift, row_f, a.col_factor,
+                                sd, ss);
+      } else {
+        clip_dlogit_span<kRow, kCol>(row, qs, ahead, a.scale, a.bias, a.w_row, r_lse, a.w_col,
+                                     a.col_lse, sd, ss);
+      }
       const float dot = row[qs];
       float g = 0.0f;
       if (a.special == Special::kSubtract) {
@@ -210,9 +262,14 @@ RFT_VEC_BODY void clip_dlogits_rows(float* d, int64_t rows, int64_t m, int64_t p
       row[qs] = g;
       sd += g * dot;
       ss += g;
-      clip_dlogit_span<kRow, kCol>(row + qs + 1, m - qs - 1, ahead ? ahead + qs + 1 : nullptr,
-                                   a.scale, a.bias, a.w_row, r_lse, a.w_col,
-                                   kCol ? a.col_lse + qs + 1 : nullptr, sd, ss);
+      if (shared) {
+        clip_dlogit_span_shared(row + qs + 1, m - qs - 1, ahead ? ahead + qs + 1 : nullptr,
+                                a.scale, a.bias, a.shift, row_f, a.col_factor + qs + 1, sd, ss);
+      } else {
+        clip_dlogit_span<kRow, kCol>(row + qs + 1, m - qs - 1,
+                                     ahead ? ahead + qs + 1 : nullptr, a.scale, a.bias, a.w_row,
+                                     r_lse, a.w_col, kCol ? a.col_lse + qs + 1 : nullptr, sd, ss);
+      }
     }
     if (stat_dot != nullptr) stat_dot[r] = sd;
     if (stat_sum != nullptr) stat_sum[r] = ss;
@@ -329,6 +386,11 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
                          const float* col_max, float* col_sum) {                            \
     dot_exp_sums_body(t, rows, cols, ld, scale, bias, row_max, row_sum, col_max, col_sum);  \
   }                                                                                         \
+  ATTR void dot_exp_sums_shared(const float* t, int64_t rows, int64_t cols, int64_t ld,     \
+                                float scale, float bias, float shift, float* row_sum,       \
+                                float* col_sum) {                                           \
+    dot_exp_sums_shared_body(t, rows, cols, ld, scale, bias, shift, row_sum, col_sum);      \
+  }                                                                                         \
   ATTR void softplus_sums(const float* t, int64_t rows, int64_t cols, int64_t ld,           \
                           float scale, float bias, float* row_sum) {                        \
     softplus_sums_body(t, rows, cols, ld, scale, bias, row_sum);                            \
@@ -356,7 +418,8 @@ RFT_VEC_BODY void sigmoid_n_body(const float* x, float* y, int64_t n) {
   ATTR void softplus_n(const float* x, float* y, int64_t n) { softplus_n_body(x, y, n); }   \
   ATTR void sigmoid_n(const float* x, float* y, int64_t n) { sigmoid_n_body(x, y, n); }     \
   const Kernels kSet{NAME,           &logits_max,     &exp_sums, &dot_logit_max,         \
-                     &dot_exp_sums,  &softplus_sums,  &clip_dlogits, &siglip_dlogits,     \
+                     &dot_exp_sums,  &dot_exp_sums_shared, &softplus_sums, &clip_dlogits, \
+                     &siglip_dlogits,                                                      \
                      &gram_logits_max, &gram_strip_rows,                                  \
                      &exp_n,         &log1p_n,        &softplus_n,   &sigmoid_n};         \
   }

@@ -41,6 +41,13 @@ struct ClipDlogitArgs {
   const float* col_lse = nullptr;  // [m]
   Special special = Special::kNone;
   int64_t offset = 0;              // the special entry of row p is q = p + offset
+  // With row_factor and col_factor (and both terms on), an entry's two terms from one exp
+  // (maths::kSharedShiftSpread): dS_pq = exp(S_pq - shift) (row_factor[p - p0] +
+  // col_factor[q]), the factors maths::shift_factor(w, shift, lse). The special entry keeps
+  // the two exps.
+  const float* row_factor = nullptr;  // [rows]
+  const float* col_factor = nullptr;  // [m]
+  float shift = 0.0f;
 };
 
 struct Kernels {
@@ -64,6 +71,12 @@ struct Kernels {
   void (*dot_exp_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
                        float bias, const float* row_max, float* row_sum, const float* col_max,
                        float* col_sum);
+  // Both sums from one exp per entry with one shift (maths::kSharedShiftSpread):
+  // row_sum[r] = sum_c exp(S[r, c] - shift), col_sum[c] += sum_r exp(S[r, c] - shift),
+  // S = scale t + bias.
+  void (*dot_exp_sums_shared)(const float* t, int64_t rows, int64_t cols, int64_t ld,
+                              float scale, float bias, float shift, float* row_sum,
+                              float* col_sum);
   // row_sum[r] = sum_c softplus(scale t[r, c] + bias).
   void (*softplus_sums)(const float* t, int64_t rows, int64_t cols, int64_t ld, float scale,
                         float bias, float* row_sum);

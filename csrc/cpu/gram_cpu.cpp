@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_tiles.h"
@@ -231,6 +232,19 @@ void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, 
   a.f_c = f_c;
   a.with_clip = p.with_clip;
   a.interleaved = p.layout == GramLayout::kInterleaved;
+  // Float: CLIP's two terms of an entry from one exp where its log-sum-exps allow it.
+  std::vector<T> clip_f;
+  if (std::is_same_v<T, float> && p.with_clip) {
+    const T* l_c = a.lse + 2 * n;  // the C rows', then the C columns' [n] each
+    const auto [lo, hi] = std::minmax_element(l_c, l_c + 2 * n);
+    if (*hi - *lo <= T(mx::kSharedShiftSpread)) {
+      clip_f.resize(2 * n);
+      for (int64_t i = 0; i < 2 * n; ++i) clip_f[i] = mx::shift_factor(T(0.5), *hi, l_c[i]);
+      a.clip_row_f = clip_f.data();
+      a.clip_col_f = clip_f.data() + n;
+      a.clip_shift = *hi;
+    }
+  }
   // Per-thread sums, added in slot order (a fixed thread count fixes which rows each slot
   // took).
   const int64_t slots = at::get_num_threads();

@@ -123,6 +123,11 @@ struct StripArgs {
   T m2_scale = T(0), clip_scale = T(0), f_m = T(0), f_c = T(0);
   bool with_clip = false;
   bool interleaved = false;
+  // With CLIP, its two terms of an entry from one exp where given (maths::kSharedShiftSpread):
+  // 0.5 exp(clip_shift - lse) of the C rows' and the C columns' log-sum-exps, [n] each.
+  const T* clip_row_f = nullptr;
+  const T* clip_col_f = nullptr;
+  T clip_shift = T(0);
   StripLayout layout() const { return StripLayout{rows, width, interleaved}; }
 };
 
@@ -137,7 +142,7 @@ struct RowSums {
 // entries serve both orientations (columns past the strip's rows), so they add their
 // transposed terms to the scale sums and their direct ones to the columns' u (u_i, u_t
 // indexed by column).
-template <typename T, typename Exp, bool kClip, bool kBoth>
+template <typename T, typename Exp, bool kClip, bool kShared, bool kBoth>
 RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64_t c1,
                              T* u_i, T* u_t, RowSums<T>& sums, Exp exp) {
   const int64_t n = a.n, p = a.r0 + r;
@@ -157,6 +162,9 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
   const T la_p = a.lse[p], lb_p = a.lse[n + p], lc_p = a.lse[2 * n + p],
           lccol_p = a.lse[3 * n + p];
   const T sm = a.m2_scale, sc = a.clip_scale;
+  const T* rf = kShared ? a.clip_row_f + a.r0 : nullptr;  // by column
+  const T* cf = kShared ? a.clip_col_f + a.r0 : nullptr;
+  const T rf_p = kShared ? a.clip_row_f[p] : T(0), cf_p = kShared ? a.clip_col_f[p] : T(0);
   // The next row's entries of the four blocks are prefetched block by block (cpu_stream.h).
   const bool ahead = r + 1 < a.rows;
   T s_m2 = T(0), s_clip = T(0), s_ui = T(0), s_ut = T(0);
@@ -179,7 +187,10 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
       const T dA_pq = exp(sm * a_pq - la_p), dA_qp = exp(sm * a_qp - l_a[c]);
       const T dB_pq = exp(sm * b_pq - lb_p), dB_qp = exp(sm * b_qp - l_b[c]);
       T dC_pq = T(0), dC_qp = T(0);
-      if (kClip) {
+      if (kClip && kShared) {
+        dC_pq = exp(sc * git - a.clip_shift) * (rf_p + cf[c]);
+        dC_qp = exp(sc * gti - a.clip_shift) * (rf[c] + cf_p);
+      } else if (kClip) {
         dC_pq = T(0.5) * (exp(sc * git - lc_p) + exp(sc * git - l_ccol[c]));
         dC_qp = T(0.5) * (exp(sc * gti - l_c[c]) + exp(sc * gti - lccol_p));
       }
@@ -237,18 +248,19 @@ RFT_ROW_BODY void strip_pair(const StripArgs<T>& a, int64_t r, RowSums<T>& sums,
 
 // Rows [rb, re) of a strip into S, their scale sums into stats[0] (m^2) and stats[1]
 // (CLIP), their u into u [2, n] (u_I then u_T).
-template <typename T, typename Exp, bool kClip>
+template <typename T, typename Exp, bool kClip, bool kShared>
 RFT_ROW_BODY void strip_rows_of(const StripArgs<T>& a, int64_t rb, int64_t re, double* stats,
                                 T* u, Exp exp) {
   T* u_i = u + a.r0;
   T* u_t = u + a.n + a.r0;
   for (int64_t r = rb; r < re; ++r) {
     RowSums<T> sums;
-    strip_span<T, Exp, kClip, false>(a, r, 0, r, u_i, u_t, sums, exp);
+    strip_span<T, Exp, kClip, kShared, false>(a, r, 0, r, u_i, u_t, sums, exp);
     strip_pair<T, Exp>(a, r, sums, exp);
-    strip_span<T, Exp, kClip, false>(a, r, r + 1, a.rows, u_i, u_t, sums, exp);
+    strip_span<T, Exp, kClip, kShared, false>(a, r, r + 1, a.rows, u_i, u_t, sums, exp);
     for (int64_t c = a.rows; c < a.width; c = a.layout().block_end(c)) {
-      strip_span<T, Exp, kClip, true>(a, r, c, a.layout().block_end(c), u_i, u_t, sums, exp);
+      strip_span<T, Exp, kClip, kShared, true>(a, r, c, a.layout().block_end(c), u_i, u_t, sums,
+                                               exp);
     }
     stats[0] += double(sums.m2);
     stats[1] += double(sums.clip);
@@ -260,10 +272,12 @@ RFT_ROW_BODY void strip_rows_of(const StripArgs<T>& a, int64_t rb, int64_t re, d
 template <typename T, typename Exp>
 RFT_ROW_BODY void strip_rows(const StripArgs<T>& a, int64_t rb, int64_t re, double* stats, T* u,
                              Exp exp) {
-  if (a.with_clip) {
-    strip_rows_of<T, Exp, true>(a, rb, re, stats, u, exp);
+  if (a.with_clip && a.clip_row_f != nullptr) {
+    strip_rows_of<T, Exp, true, true>(a, rb, re, stats, u, exp);
+  } else if (a.with_clip) {
+    strip_rows_of<T, Exp, true, false>(a, rb, re, stats, u, exp);
   } else {
-    strip_rows_of<T, Exp, false>(a, rb, re, stats, u, exp);
+    strip_rows_of<T, Exp, false, false>(a, rb, re, stats, u, exp);
   }
 }
 

@@ -204,20 +204,36 @@ void check_tile_loops(const vec::Kernels& k) {
       RFT_CHECK(col_max[c] == float(want_max));
       RFT_CHECK_MSG(near(col_sum[c], want_sum, 1e-5, 0), "col sum ", col_sum[c], " vs ", want_sum);
     }
+    // Both orientations' sums with one shift (the tile's largest logit), added to the column
+    // sums: the same exp sums, rescaled.
+    const float shift = *std::max_element(row_max.begin(), row_max.end());
+    std::vector<float> sh_row(rows), sh_col(cols, 0.5f);
+    k.dot_exp_sums_shared(dots.data(), rows, cols, cols, scale, bias, shift, sh_row.data(),
+                          sh_col.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const double want = double(row_sum[r]) * std::exp(double(row_max[r]) - shift);
+      RFT_CHECK_MSG(near(sh_row[r], want, 2e-5, 0), "shared row sum ", sh_row[r], " vs ", want);
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const double want = 0.5 + double(col_sum[c]) * std::exp(double(col_max[c]) - shift);
+      RFT_CHECK_MSG(near(sh_col[c], want, 2e-5, 0), "shared col sum ", sh_col[c], " vs ", want);
+    }
   }
 }
 
 // clip_dlogits / siglip_dlogits against maths::clip_dlogit / siglip_dlogit in double,
 // with the special entry inside, outside and at the edge of the chunk.
-void check_dlogit_loops_of(const vec::Kernels& k, int64_t m);
+void check_dlogit_loops_of(const vec::Kernels& k, int64_t m, bool use_shared);
 
 void check_dlogit_loops(const vec::Kernels& k) {
   // m = 1100: rows streamed in several prefetched blocks (cpu_stream.h), the special entries
   // of the chunk at rows 510..513 straddling the first block's end.
-  for (const int64_t m : {int64_t(37), int64_t(1100)}) check_dlogit_loops_of(k, m);
+  for (const int64_t m : {int64_t(37), int64_t(1100)}) {
+    for (const bool shared : {false, true}) check_dlogit_loops_of(k, m, shared);
+  }
 }
 
-void check_dlogit_loops_of(const vec::Kernels& k, int64_t m) {
+void check_dlogit_loops_of(const vec::Kernels& k, int64_t m, bool use_shared) {
   const int64_t rows = 4;
   const float scale = 10.0f, bias = -2.0f;
   const auto dots = random_floats(size_t(rows * m), -1.0f, 1.0f, 11u);
@@ -245,6 +261,19 @@ void check_dlogit_loops_of(const vec::Kernels& k, int64_t m) {
     a.col_lse = md.col ? col_lse.data() : nullptr;
     a.special = md.special;
     a.offset = md.offset;
+    // Both terms on: also from one exp per entry, with the factors of the largest
+    // log-sum-exp (the same dlogits within a few ulp).
+    std::vector<float> row_f(rows), col_f(m);
+    const bool shared = md.row && md.col && use_shared;
+    if (shared) {
+      const float shift = std::max(*std::max_element(row_lse.begin(), row_lse.end()),
+                                   *std::max_element(col_lse.begin(), col_lse.end()));
+      for (int64_t r = 0; r < rows; ++r) row_f[r] = mx::shift_factor(a.w_row, shift, row_lse[r]);
+      for (int64_t q = 0; q < m; ++q) col_f[q] = mx::shift_factor(a.w_col, shift, col_lse[q]);
+      a.row_factor = row_f.data();
+      a.col_factor = col_f.data();
+      a.shift = shift;
+    }
     std::vector<float> d = dots, sd(rows), ss(rows);
     k.clip_dlogits(d.data(), rows, m, md.p0, a, sd.data(), ss.data());
     for (int64_t r = 0; r < rows; ++r) {
@@ -456,6 +485,26 @@ void check_gram_loops(const vec::Kernels& k) {
     for (int64_t i = 0; i < 2 * n; ++i) {
       RFT_CHECK_MSG(near(u[i], want_u[i], 2e-5, 1e-6), "gram u ", i, ": ", u[i], " vs ",
                     want_u[i]);
+    }
+    // CLIP's two terms of an entry from one exp (the factors of the largest C log-sum-exp):
+    // the same S, scale sums and u within a few ulp.
+    if (clip) {
+      const float shift = *std::max_element(lse.begin() + 2 * n, lse.end());
+      std::vector<float> f(size_t(2 * n)), s_sh = g, u_sh(size_t(2 * n), 0.125f);
+      for (int64_t i = 0; i < 2 * n; ++i) f[i] = mx::shift_factor(0.5f, shift, lse[2 * n + i]);
+      gram::StripArgs<float> ash = a;
+      ash.s = s_sh.data();
+      ash.clip_row_f = f.data();
+      ash.clip_col_f = f.data() + n;
+      ash.clip_shift = shift;
+      double st[2] = {0.5, 0.25};
+      k.gram_strip_rows(ash, 0, R, st, u_sh.data());
+      for (size_t i = 0; i < s_sh.size(); ++i) {
+        RFT_CHECK_MSG(near(s_sh[i], sd[i], 2e-5, 1e-6), "shared gram S ", i, ": ", s_sh[i],
+                      " vs ", sd[i]);
+      }
+      for (int i = 0; i < 2; ++i) RFT_CHECK(near(st[i], want_stats[i], 2e-5, 1e-6));
+      for (int64_t i = 0; i < 2 * n; ++i) RFT_CHECK(near(u_sh[i], want_u[i], 2e-5, 1e-6));
     }
     // The true pairs carry no m^2 dlogit: without CLIP their S entries are 0.
     if (!clip) {
