@@ -300,8 +300,11 @@ inline at::Tensor lipsum_dots(const GemmKernels& g, const LipsumInputs& lip, int
   const auto G = gemm_operand(g, lip.G);
   const auto F = lip.F.narrow(0, r0, r), P = lip.P.narrow(0, r0, r);
   if (g.workspace_dtype(F.scalar_type()) == one.scalar_type()) {
-    const auto acc = one.scalar_type();
-    g.gemm_acc((F.to(acc) - P.to(acc)).contiguous(), false, G, true, one, 0.0, v);
+    // The difference in a buffer from the block cache (kept_cache.h), as every n x D buffer
+    // of a step: its own allocation would be faulted in afresh each step.
+    at::Tensor diff = cached_empty(F.sizes(), one.options());
+    at::sub_out(diff, F.to(diff.scalar_type()), P.to(diff.scalar_type()));
+    g.gemm_acc(diff, false, G, true, one, 0.0, v);
     return v;
   }
   g.gemm_acc(gemm_operand(g, F), false, G, true, one, 0.0, v);
@@ -621,8 +624,8 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   if (s.with_dive) {
     const double n_ref = double(s.dive.fi.size(0));
     const auto w_a = grads[kAvl] / n_ref, w_p = grads[kPvl] / n_ref;
-    grad_fi = at::empty(s.dive.fi.sizes(), opts);
-    grad_ft = at::empty(s.dive.fi.sizes(), opts);
+    grad_fi = cached_empty(s.dive.fi.sizes(), opts);  // as the step's other gradients
+    grad_ft = cached_empty(s.dive.fi.sizes(), opts);
     k.dive_grads(s.dive, w_a, w_p, grad_fi, grad_ft);
   }
   const auto in_dtype = p.n > 0 ? a.image.scalar_type() : a.ref_image_ft->scalar_type();

@@ -341,6 +341,33 @@ def test_freed_feature_gradients_serve_the_next_backward(kind, kept):
         assert torch.equal(g, want)
 
 
+def _poison_cached_blocks(rows: int, cols: int, count: int) -> None:
+    """Leaves `count` free blocks of rows x cols floats, full of NaN, in the block cache (the
+    kept dot products of clip_fwd_keep, freed)."""
+    one = torch.tensor(1.0)
+    blocks = [torch.ops.robustft_ext.clip_fwd_keep(features(rows, 24).detach(),
+                                                   features(cols, 24).detach(), one * 10,
+                                                   one * 0, 0, False)[-1] for _ in range(count)]
+    for x in blocks:
+        x.fill_(float("nan"))
+
+
+def test_step_buffers_from_reused_blocks_full_of_nan_give_the_fresh_results():
+    """The step's n x D buffers and gradients (the batch's, DiVE's reference rows', the Lipsum
+    difference, the row products) come from the block cache: blocks that a previous use left
+    full of NaN serve the next step, which writes each whole before reading it."""
+    require_backend("native", "cpu")
+    fresh_loss, fresh = _run_step("robust_step", 130, torch.float32)
+    rft.set_workspace_limit(1)  # empties the cache of free blocks other tests left
+    rft.set_workspace_limit(None)
+    _poison_cached_blocks(24, 130, 6)  # 130 x 24 floats: the batch's n x D buffers
+    _poison_cached_blocks(6, 24, 4)    # 6 x 24: DiVE's reference gradients
+    loss, again = _run_step("robust_step", 130, torch.float32)
+    assert torch.equal(loss, fresh_loss)
+    for g, want in zip(again, fresh):
+        assert torch.equal(g, want)
+
+
 @pytest.mark.parametrize("kind", ["m2mix", "robust_step"])
 def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
     """A reused block keeps whatever the previous step left in it: the Gram buffer's unused
