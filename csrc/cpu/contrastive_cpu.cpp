@@ -142,9 +142,6 @@ void siglip_sum_from_dots_impl(const at::Tensor& dots, const at::Tensor& scale_t
   out.fill_(total);
 }
 
-// Rows [r_begin, r_end) of a dlogit chunk whose row 0 is problem row r0: dot products on
-// entry, the dlogits `spec` describes on exit; each row's sum of dS <P_p, Q_q> into
-// s_dot[r] and of dS into s_sum[r]. row_lse is indexed by problem row.
 // The factors that give CLIP's two dlogit terms from one exp (vec::ClipDlogitArgs), for the
 // rows [r0, r0 + rows) of a problem whose log-sum-exps are row_lse [n] and col_lse [m]: empty
 // where one term is off or the log-sum-exps spread wider than maths::kSharedShiftSpread.
@@ -168,6 +165,9 @@ struct SharedShift {
   }
 };
 
+// Rows [r_begin, r_end) of a dlogit chunk whose row 0 is problem row r0: dot products on
+// entry, the dlogits `spec` describes on exit; each row's sum of dS <P_p, Q_q> into
+// s_dot[r] and of dS into s_sum[r]. row_lse is indexed by problem row.
 inline void dlogit_rows(const DlogitSpec& spec, float* d, int64_t m, int64_t r0,
                         int64_t r_begin, int64_t r_end, float scale, float bias,
                         const float* row_lse, const float* col_lse, float* s_dot,
