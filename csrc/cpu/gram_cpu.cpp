@@ -238,8 +238,13 @@ void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, 
     const T* l_c = a.lse + 2 * n;  // the C rows', then the C columns' [n] each
     const auto [lo, hi] = std::minmax_element(l_c, l_c + 2 * n);
     if (*hi - *lo <= T(mx::kSharedShiftSpread)) {
+      // (A strip reads the factors of its rows and columns only: entities r0 on.)
       clip_f.resize(2 * n);
-      for (int64_t i = 0; i < 2 * n; ++i) clip_f[i] = mx::shift_factor(T(0.5), *hi, l_c[i]);
+      for (int64_t h = 0; h < 2; ++h) {
+        for (int64_t i = h * n + r0; i < (h + 1) * n; ++i) {
+          clip_f[i] = mx::shift_factor(T(0.5), *hi, l_c[i]);
+        }
+      }
       a.clip_row_f = clip_f.data();
       a.clip_col_f = clip_f.data() + n;
       a.clip_shift = *hi;
