@@ -5,8 +5,12 @@
 // torch's CUDA caching allocator does for device memory: a training loop's steps ask for the
 // same sizes, and a fresh block from the system is page-faulted in on first touch (64 MiB is
 // 16k faults, about 10 ms on the machine of docs/benchmarks.md, a tenth of a CLIP + m^2
-// step at n = 2048). The free blocks held stay within the workspace limit (the oldest are
-// returned first); set_workspace_limit trims them to the new limit.
+// step at n = 2048). The free blocks held stay within twice the workspace limit (the oldest
+// are returned first): a step's kept products take up to the limit and its other buffers
+// come on top. Were the bound the limit alone, a caller freeing its gradients after the
+// backward freed the kept products would send the kept block back to the system, and every
+// forward would fault it in again (256 MiB a step for CLIP at n = 8192).
+// set_workspace_limit trims them to the new bound.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +18,7 @@
 #include <c10/util/accumulate.h>
 
 #include <cstdint>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -44,13 +49,19 @@ class KeptCache {
     const std::lock_guard<std::mutex> lock(mutex_);
     free_.push_back({p, bytes});
     free_bytes_ += bytes;
-    trim_locked(workspace_limit_bytes().load());
+    trim_locked(held_bound(workspace_limit_bytes().load()));
   }
 
-  // Returns free blocks, the oldest first, until at most `keep_bytes` are held.
-  void trim(int64_t keep_bytes) {
+  // The most bytes of free blocks held under a workspace limit of `limit` bytes.
+  static int64_t held_bound(int64_t limit) {
+    constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+    return limit > kMax / 2 ? kMax : 2 * limit;
+  }
+
+  // Returns free blocks, the oldest first, until at most held_bound(limit) bytes are held.
+  void trim_to_limit(int64_t limit) {
     const std::lock_guard<std::mutex> lock(mutex_);
-    trim_locked(keep_bytes);
+    trim_locked(held_bound(limit));
   }
 
   int64_t free_bytes() {

@@ -122,8 +122,11 @@ TORCH_LIBRARY(robustft_ext, m) {
   m.def("set_workspace_limit(int nbytes) -> ()", [](int64_t nbytes) {
     TORCH_CHECK(nbytes > 0, "robustft_ext: the workspace limit must be positive, got ", nbytes);
     robustft::workspace_limit_bytes().store(nbytes);
-    robustft::kept_cache().trim(nbytes);
+    robustft::kept_cache().trim_to_limit(nbytes);
   });
+  // The bytes of free blocks the CPU's block cache holds (kept_cache.h): at most twice the
+  // workspace limit.
+  m.def("kept_cache_free_bytes() -> int", [] { return robustft::kept_cache().free_bytes(); });
   // Which tile configuration the native CUDA kernels take on a device with this much opt-in
   // shared memory per block (cuda/tile_plan.h): (contrastive, step) each "large", "small" or
   // "none", and the bytes the smaller configurations need. A pure function: no GPU needed.

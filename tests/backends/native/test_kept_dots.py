@@ -341,6 +341,42 @@ def test_freed_feature_gradients_serve_the_next_backward(kind, kept):
         assert torch.equal(g, want)
 
 
+def test_the_kept_block_stays_cached_when_the_caller_frees_its_gradients_after_it():
+    """A training loop frees a step's gradients (a.grad = None) after the backward freed the
+    kept products. With the kept products filling the workspace limit, the cache still holds
+    them beside the gradients' blocks (its bound is twice the limit), so the next forward takes
+    them instead of faulting in a fresh block; set_workspace_limit trims to twice the new
+    limit."""
+    require_backend("native", "cpu")
+    n, d = 300, 24
+    a, b = (features(n, d).requires_grad_() for _ in range(2))
+    s = torch.tensor(7.5)
+    kept_bytes = n * n * 4
+    free_bytes = torch.ops.robustft_ext.kept_cache_free_bytes
+
+    def step():
+        a.grad = b.grad = None
+        rft.clip_loss(a, b, s, backend="native").backward()
+
+    rft.set_workspace_limit(1)  # empties the cache of free blocks other tests left
+    assert free_bytes() == 0
+    rft.set_workspace_limit(kept_bytes)  # the n x n products fill the limit exactly
+    try:
+        step()
+        step()
+        a.grad = b.grad = None
+        held = free_bytes()
+        _poison_cached_blocks(n, n, 4)  # more free blocks than the bound allows
+        bounded = free_bytes()
+        rft.set_workspace_limit(kept_bytes // 2)
+        trimmed = free_bytes()
+    finally:
+        rft.set_workspace_limit(None)
+    assert held >= kept_bytes + 2 * n * d * 4  # the kept block and both gradients
+    assert kept_bytes < bounded <= 2 * kept_bytes
+    assert trimmed <= kept_bytes
+
+
 def _poison_cached_blocks(rows: int, cols: int, count: int) -> None:
     """Leaves `count` free blocks of rows x cols floats, full of NaN, in the block cache (the
     kept dot products of clip_fwd_keep, freed)."""
