@@ -296,7 +296,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
 // is as exact and half the work.
 inline at::Tensor lipsum_dots(const GemmKernels& g, const LipsumInputs& lip, int64_t r0, int64_t r,
                               const at::Tensor& one, const at::Tensor& minus_one) {
-  at::Tensor v = at::empty({r, lip.G.size(0)}, one.options());
+  at::Tensor v = cached_empty({r, lip.G.size(0)}, one.options());
   const auto G = gemm_operand(g, lip.G);
   const auto F = lip.F.narrow(0, r0, r), P = lip.P.narrow(0, r0, r);
   if (g.workspace_dtype(F.scalar_type()) == one.scalar_type()) {

@@ -390,7 +390,7 @@ def _poison_cached_blocks(rows: int, cols: int, count: int) -> None:
 
 def test_step_buffers_from_reused_blocks_full_of_nan_give_the_fresh_results():
     """The step's n x D buffers and gradients (the batch's, DiVE's reference rows', the Lipsum
-    difference, the row products) come from the block cache: blocks that a previous use left
+    difference, the row products) and its Lipsum products V (n x K) come from the block cache: blocks that a previous use left
     full of NaN serve the next step, which writes each whole before reading it."""
     require_backend("native", "cpu")
     fresh_loss, fresh = _run_step("robust_step", 130, torch.float32)
@@ -398,6 +398,7 @@ def test_step_buffers_from_reused_blocks_full_of_nan_give_the_fresh_results():
     rft.set_workspace_limit(None)
     _poison_cached_blocks(24, 130, 6)  # 130 x 24 floats: the batch's n x D buffers
     _poison_cached_blocks(6, 24, 4)    # 6 x 24: DiVE's reference gradients
+    _poison_cached_blocks(9, 130, 2)   # 130 x 9: the Lipsum products V, forward and backward
     loss, again = _run_step("robust_step", 130, torch.float32)
     assert torch.equal(loss, fresh_loss)
     for g, want in zip(again, fresh):
