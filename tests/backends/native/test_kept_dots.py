@@ -390,8 +390,9 @@ def _poison_cached_blocks(rows: int, cols: int, count: int) -> None:
 
 def test_step_buffers_from_reused_blocks_full_of_nan_give_the_fresh_results():
     """The step's n x D buffers and gradients (the batch's, DiVE's reference rows', the Lipsum
-    difference, the row products) and its Lipsum products V (n x K) come from the block cache: blocks that a previous use left
-    full of NaN serve the next step, which writes each whole before reading it."""
+    difference, the row products) and its Lipsum products V (n x K) come from the block cache:
+    blocks that a previous use left full of NaN serve the next step, which writes each whole
+    before reading it."""
     require_backend("native", "cpu")
     fresh_loss, fresh = _run_step("robust_step", 130, torch.float32)
     rft.set_workspace_limit(1)  # empties the cache of free blocks other tests left
