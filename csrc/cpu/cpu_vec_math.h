@@ -74,19 +74,21 @@ constexpr float kExpFlushBelow = -87.33654f;
 RFT_VEC_INLINE float pow2i(int32_t k) { return bits_to_float((k + 127) << 23); }
 
 // exp(x): x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite: ln2 in a part exact in
-// k * part and a remainder), exp(r) from Cephes' degree-7 polynomial, then the factor 2^k
-// applied as two normal powers of two 2^(k/2) 2^(k - k/2), so that results up to FLT_MAX
-// round once and beyond it overflow to +inf; below kExpFlushBelow the result is 0, and the
-// argument is clamped there first so that no lane forms a subnormal.
+// k * part and a remainder), exp(r) from Cephes' degree-7 polynomial p, then 2^k applied by
+// adding k to p's exponent field: exact wherever the result is normal, which the clamps
+// ensure (k = 128 only with r < 0, so p < 1 and the field stays below 255; k = -126 only
+// with r > 0, so p >= 1 and the field stays above 0), and one integer add where a multiply
+// by a power of two would need two (2^128 is not a float). Above kExpOverflowAbove the
+// result is +inf; below kExpFlushBelow it is 0, and the argument is clamped there first so
+// that no lane forms a subnormal.
+constexpr float kExpOverflowAbove = 88.7228317f;  // the largest float whose exp is finite
 RFT_VEC_INLINE float exp_f(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;       // 9 significant bits: k * kLn2Hi is exact
   constexpr float kLn2Lo = -2.12194440e-4f;    // ln2 - kLn2Hi
   constexpr float kRound = 12582912.0f;        // 1.5 * 2^23
-  // Past these bounds exp_f is 0 (below FLT_MIN) or +inf; clamping keeps k in range and
-  // every lane's result normal. A NaN fails both comparisons and becomes kLo here; the
-  // final select returns it.
-  constexpr float kLo = kExpFlushBelow, kHi = 89.0f;
+  // A NaN fails both comparisons and becomes kLo here; the final select returns it.
+  constexpr float kLo = kExpFlushBelow, kHi = kExpOverflowAbove;
   float xc = x >= kLo ? x : kLo;
   xc = xc <= kHi ? xc : kHi;
   const float kf = (xc * kLog2e + kRound) - kRound;  // round to nearest
@@ -101,9 +103,9 @@ RFT_VEC_INLINE float exp_f(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const int32_t k = static_cast<int32_t>(kf);  // in [-126, 128]
-  const int32_t k1 = k >> 1;                   // in [-63, 64]
-  const float y = (p * pow2i(k1)) * pow2i(k - k1);
-  return x >= kLo ? y : (x == x ? 0.0f : x);
+  const float y = bits_to_float(float_to_bits(p) + k * (int32_t(1) << 23));
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  return x >= kLo ? (x <= kHi ? y : kInf) : (x == x ? 0.0f : x);
 }
 
 // log1p(x), after musl's log1pf: 1 + x = 2^k (1 + f) with 1 + f in [sqrt(1/2), sqrt(2))
