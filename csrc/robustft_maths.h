@@ -112,6 +112,13 @@ RFT_HD T clip_dlogit(T s, T row_lse, T col_lse, T w_row, T w_col, T w_pos,
 // exps. The same holds for a tile's row and column sums with M the tile's largest logit.
 constexpr double kSharedShiftSpread = 50.0;
 
+// Whether one shift serves log-sum-exps (or maxima) ranging over [lo, hi]: false for a
+// wider spread, NaN or infinities (their difference is NaN or infinite).
+template <typename T>
+RFT_HD bool shares_shift(T lo, T hi) {
+  return hi - lo <= T(kSharedShiftSpread);
+}
+
 template <typename T>
 RFT_HD T shift_factor(T w, T shift, T lse) {
   return w * std::exp(shift - lse);

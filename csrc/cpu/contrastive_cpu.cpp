@@ -155,7 +155,7 @@ struct SharedShift {
     const auto [r_lo, r_hi] = std::minmax_element(row_lse, row_lse + n);
     const auto [c_lo, c_hi] = std::minmax_element(col_lse, col_lse + m);
     shift = std::max(*r_hi, *c_hi);
-    if (!(shift - std::min(*r_lo, *c_lo) <= float(mx::kSharedShiftSpread))) return;
+    if (!mx::shares_shift(std::min(*r_lo, *c_lo), shift)) return;
     row_f.resize(rows);
     col_f.resize(m);
     for (int64_t r = 0; r < rows; ++r) {

@@ -204,7 +204,7 @@ inline bool tile_shared_sums(const Tile<float>& t, float scale, float bias,
   const auto [lo_r, hi] = std::minmax_element(s.row_max.begin(), s.row_max.begin() + t.rows);
   const float lo_c = *std::min_element(s.col_max.begin(), s.col_max.begin() + t.cols);
   const float shift = *hi;
-  if (!(shift - std::min(*lo_r, lo_c) <= float(mx::kSharedShiftSpread))) return false;
+  if (!mx::shares_shift(std::min(*lo_r, lo_c), shift)) return false;
   vec::kernels().dot_exp_sums_shared(t.d, t.rows, t.cols, t.ld, scale, bias, shift,
                                      s.row_sum.data(), s.col_sum.data());
   std::fill(s.row_max.begin(), s.row_max.begin() + t.rows, shift);

@@ -237,7 +237,7 @@ void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, 
   if (std::is_same_v<T, float> && p.with_clip) {
     const T* l_c = a.lse + 2 * n;  // the C rows', then the C columns' [n] each
     const auto [lo, hi] = std::minmax_element(l_c, l_c + 2 * n);
-    if (*hi - *lo <= T(mx::kSharedShiftSpread)) {
+    if (mx::shares_shift(*lo, *hi)) {
       // (A strip reads the factors of its rows and columns only: entities r0 on.)
       clip_f.resize(2 * n);
       for (int64_t h = 0; h < 2; ++h) {
