@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/double_sums.h"
 #include "cpu/cpu_tiles.h"
 #include "robustft_maths.h"
 #include "contrastive_kernels.h"
@@ -248,8 +249,7 @@ void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Te
     for (int64_t p = p0; p < p1; ++p) {
       const In* a = ip + p * D;
       const In* b = tp + p * D;
-      double c = 0;
-      for (int64_t j = 0; j < D; ++j) c += double(a[j]) * double(b[j]);
+      const double c = dot_double(a, b, D);
       const auto sw = mx::slerp_weights<double>(c, lam);
       w[p] = sw.wa;
       w[n + p] = sw.wb;
@@ -282,11 +282,7 @@ void mix_backward_fused(const at::Tensor& dM, const at::Tensor& I, const at::Ten
       const Acc* d = dp + p * D;
       const In* a = ip + p * D;
       const In* b = tp + p * D;
-      double da = 0, db = 0;
-      for (int64_t j = 0; j < D; ++j) {
-        da += double(d[j]) * double(a[j]);
-        db += double(d[j]) * double(b[j]);
-      }
+      const double da = dot_double(d, a, D), db = dot_double(d, b, D);
       const double wa = w[p], wb = w[n + p];
       const double k = da * w[2 * n + p] + db * w[3 * n + p];
       const Acc g = gp[p];
@@ -316,19 +312,25 @@ void dive_sums_fused(const DiveInputs& d, at::Tensor& sums, at::Tensor& mean) {
   at::parallel_for(0, blocks, std::max<int64_t>(1, 65536 / (kBlock * D)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       // Accumulated in locals and written once: neighbouring blocks' slots share cache lines.
+      // The AVL and PVL sums by column first (a running sum over the whole block would be
+      // one dependent add per entry: double_sums.h), then over the columns by lanes.
       double* pm = part.data() + b * D;
-      double a = 0, p = 0;
+      thread_local std::vector<double> col_a, col_p;
+      col_a.assign(D, 0.0);
+      col_p.assign(D, 0.0);
+      double* ca = col_a.data();
+      double* cp = col_p.data();
       for (int64_t j = b * kBlock; j < std::min(B, (b + 1) * kBlock); ++j) {
         const int64_t o = j * D;
         for (int64_t e = 0; e < D; ++e) {
           const Acc u = Acc(fi[o + e]) - Acc(pi[o + e]), v = Acc(ft[o + e]) - Acc(pt[o + e]);
-          a += double(mx::dive_avl_entry(u, v, m[e]));
-          p += double(mx::dive_pvl_entry(u, v));
+          ca[e] += double(mx::dive_avl_entry(u, v, m[e]));
+          cp[e] += double(mx::dive_pvl_entry(u, v));
           pm[e] += double(u) + double(v);
         }
       }
-      avl[b] = a;
-      pvl[b] = p;
+      avl[b] = lane_sum(D, [&](int64_t e) { return ca[e]; });
+      pvl[b] = lane_sum(D, [&](int64_t e) { return cp[e]; });
     }
   });
   double a = 0, p = 0;
