@@ -8,7 +8,9 @@
 //    values elsewhere, exp's flush to 0 below FLT_MIN (never a subnormal result);
 //  * the tile and row loops against the scalar double maths of robustft_maths.h on
 //    random tiles whose widths leave SIMD remainders, the Gram loops (cpu/gram_rows.h)
-//    against their own double instantiation.
+//    against their own double instantiation;
+//  * the lane sums of cpu/double_sums.h against a long double sum, at lengths with and
+//    without a partial last lane group, and their fixed order (a permutation-free result).
 // Cases belong to the "maths" group.
 #include <cmath>
 #include <cstdint>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "cpu/cpu_vec_kernels.h"
+#include "cpu/double_sums.h"
 #include "harness.h"
 #include "robustft_maths.h"
 
@@ -564,7 +567,40 @@ void check_gram_loops(const vec::Kernels& k) {
   }
 }
 
+// dot_double over n entries against a long double dot product, for lengths around the lane
+// count; lane_sum's order: lane k takes the entries k mod kSumLanes, added in a fixed tree.
+void check_lane_sums() {
+  namespace cpu = ::robustft::cpu;
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (int64_t n : {int64_t(0), int64_t(1), int64_t(15), int64_t(16), int64_t(17), int64_t(33),
+                    int64_t(512), int64_t(513)}) {
+    std::vector<float> a(static_cast<size_t>(n)), b(static_cast<size_t>(n));
+    long double want = 0, scale = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      a[size_t(j)] = dist(gen);
+      b[size_t(j)] = dist(gen);
+      want += static_cast<long double>(a[size_t(j)]) * b[size_t(j)];
+      scale += std::fabs(static_cast<long double>(a[size_t(j)]) * b[size_t(j)]);
+    }
+    const double got = cpu::dot_double(a.data(), b.data(), n);
+    RFT_CHECK_MSG(std::fabs(got - want) <= 4 * std::numeric_limits<double>::epsilon() * scale,
+                  "dot_double over ", n, " entries: ", got, " against ", double(want));
+  }
+  // Entries that cancel only in the lanes' order: 2^60 in lane 0, -2^60 in lane 8, and 1
+  // in lane 1. Lanes k and k + 8 meet first, so the ones survive; a running sum would
+  // lose the first 1 to 2^60.
+  std::vector<double> x(32, 0.0);
+  x[0] = std::ldexp(1.0, 60);
+  x[8] = -std::ldexp(1.0, 60);
+  x[1] = 1.0;
+  x[17] = 1.0;
+  const double total = cpu::lane_sum(int64_t(x.size()), [&](int64_t j) { return x[size_t(j)]; });
+  RFT_CHECK_MSG(total == 2.0, "lane_sum's fixed order: got ", total, ", want 2");
+}
+
 RFT_CASES(vec_math) {
+  add_case("maths/double_lane_sums", [] { check_lane_sums(); });
   add_case("maths/vec_kernels_best_is_first", [] {
     const auto sets = vec::supported_kernels();
     RFT_CHECK(&vec::kernels() == sets.front());
