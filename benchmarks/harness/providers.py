@@ -222,7 +222,10 @@ def _weighted(clip: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
 
 
 def _robust_step_fn(provider: str) -> LossFn:
-    """A RobustFTLoss step with every term on; the extra inputs are made once per shape."""
+    """A RobustFTLoss step with every term on; the extra inputs are made once per shape, and
+    their gradients cleared before each step as a training loop's zero_grad(set_to_none=True)
+    does (the timing loop clears only a, b and the scale's): else every step after the first
+    would also add its DiVE gradients into the previous step's, a pass no training step has."""
     import robustft_ext as rft
 
     extras: dict = {}
@@ -232,6 +235,8 @@ def _robust_step_fn(provider: str) -> LossFn:
         if key not in extras:
             extras.clear()
             extras[key] = robust_step_extras(a)
+        for t in extras[key].values():
+            t.grad = None
         return extras[key]
 
     if provider == "native-separate":

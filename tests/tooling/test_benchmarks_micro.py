@@ -117,6 +117,39 @@ def test_design_providers_pin_their_design_per_call(one_thread, default_design, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("provider", ["reference", "native", "native-separate"])
+def test_a_robust_step_starts_from_cleared_extra_gradients(one_thread, monkeypatch, provider):
+    """Each timed robust_step call is a training step: the DiVE reference rows' gradients are
+    its own, not added onto the previous call's (the timing loop clears only a, b and the
+    scale)."""
+    if provider != "reference":
+        require_backend("native", "cpu")
+    providers, losses = _harness("providers"), _harness("losses")
+    made = []
+
+    def extras(a):
+        made.append(losses.robust_step_extras(a))
+        return made[-1]
+
+    monkeypatch.setattr(providers, "robust_step_extras", extras)
+    fn = providers.make_loss_fn("robust_step", provider, 16)
+    inputs = losses.make_inputs("robust_step", 32, 16, torch.float32, torch.device("cpu"))
+    firsts = []
+    for _ in range(2):
+        for t in inputs:
+            if t is not None:
+                t.grad = None
+        fn(*inputs).backward()
+        if not firsts:  # the first step's gradient tensors, and their values
+            firsts = [(t.grad, t.grad.clone()) for t in made[0].values() if t.requires_grad]
+    assert len(made) == 1 and len(firsts) == 2
+    for grad, values in firsts:
+        assert float(values.abs().max()) > 0
+        # (A step that added into it would have changed it in place: autograd accumulates
+        # into an existing .grad.)
+        assert torch.equal(grad, values)
+
+
 def test_native_products_is_for_the_m2_losses_only():
     providers = _harness("providers")
     cpu = torch.device("cpu")
