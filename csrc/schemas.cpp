@@ -101,20 +101,24 @@ void robustft::define_loss_ops(torch::Library& m) {
   // grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft ([0, D] without DiVE)).
   m.def("robust_step_bwd(Tensor grad_terms, " RFT_STEP_SCHEMA
         ", Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // robust_step_fwd and m2mix_fwd that also return the tiles' dot products [V, n, n] (V = 2
-  // with m^2 + 1 with CLIP; refused when they exceed the workspace limit), and the
-  // backwards that take them instead of recomputing them and overwrite them (they are their
-  // dlogit workspace): a kept tensor serves one backward. CPU only, as the _keep ops above.
-  m.def("robust_step_fwd_keep(" RFT_STEP_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor)");
+  // robust_step_fwd and m2mix_fwd that also return the tiles' products (the Gram strips that
+  // fit the workspace limit, [K, 4 R n]; under the three-products design the dot products
+  // [V, n, n], V = 2 with m^2 + 1 with CLIP, refused beyond the limit) and the O(n D) rest
+  // the backward would form again, `carried` (step_ops.h, StepCarry: <I_p, T_p>, the slerp
+  // weights, the stacked rows, Lipsum's V); and the backwards that take both instead of
+  // recomputing them and overwrite the products (they are their dlogit workspace): a kept
+  // tensor serves one backward. CPU only, as the _keep ops above.
+  m.def("robust_step_fwd_keep(" RFT_STEP_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor[])");
   m.def("robust_step_bwd_kept(Tensor grad_terms, " RFT_STEP_SCHEMA
-        ", Tensor lse, Tensor(a!) kept) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        ", Tensor lse, Tensor(a!) kept, Tensor[] carried) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "m2mix_fwd_keep(Tensor image, Tensor text, Tensor m2_scale, Tensor lam, "
-      "Tensor clip_scale, bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor clip_scale, bool with_clip) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])");
   m.def(
       "m2mix_bwd_kept(Tensor grad_m2, Tensor grad_clip, Tensor image, Tensor text, "
       "Tensor m2_scale, Tensor lam, Tensor clip_scale, Tensor lse, Tensor(a!) kept, "
-      "bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor[] carried, bool with_clip) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY(robustft_ext, m) {

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <vector>
 #include <initializer_list>
 #include <limits>
 #include <tuple>
@@ -134,6 +135,35 @@ struct StepSetup {
   at::TensorOptions acc_options;
 };
 
+// What a CPU forward that keeps its products (the _keep ops) also hands its backward, so
+// that the backward does not form it again: the list [pair_dot, weights, stacked, lipsum_v]
+// of a step's <I_p, T_p> ([n] acc, with m^2 or CLIP), slerp weights ([4, n] double, with
+// m^2), the Gram strips' stacked rows X ([2 n, D] of the workspace dtype, with m^2 under the
+// Gram design where the device's strips take them) and Lipsum's products V ([n, K] acc, where
+// one chunk holds them). An entry the step does not form is empty ([0] of the accumulation
+// dtype), so that the shapes depend on the arguments and settings alone, as the ops' fakes
+// (robustft_ext/ops/m2mix.py, carry_shapes) need.
+enum CarryEntry : int64_t { kCarryPairDot, kCarryWeights, kCarryStacked, kCarryLipsumV, kCarryEntries };
+using StepCarry = std::vector<at::Tensor>;
+
+// Entry e of a carry from the forward (nullptr: none, the backward forms it), checked against
+// the shape and dtype the backward would form it in: a carry is only valid for the arguments
+// of its own forward.
+inline const at::Tensor* carried_entry(const StepCarry* carried, CarryEntry e,
+                                       at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  if (carried == nullptr) return nullptr;
+  TORCH_CHECK(int64_t(carried->size()) == kCarryEntries,
+              "robustft_ext: carried must be the forward's list of ", int64_t(kCarryEntries),
+              " tensors, got ", carried->size());
+  const at::Tensor& t = (*carried)[e];
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == opts.dtype().toScalarType() &&
+                  t.device() == opts.device() && t.is_contiguous(),
+              "robustft_ext: carried[", int64_t(e), "] must be the forward's contiguous ", sizes,
+              " ", opts.dtype().toScalarType(), " tensor on ", opts.device(), ", got ", t.sizes(),
+              " ", t.scalar_type(), " on ", t.device());
+  return &t;
+}
+
 inline void setup_lipsum(const StepArgs& a, StepSetup& s) {
   TORCH_CHECK(given(a.image_pre) && given(a.lipsum_texts),
               "robustft_ext: Lipsum needs both image_pre and lipsum_texts");
@@ -230,8 +260,9 @@ inline bool weights_suit_gram(const at::Tensor& weights) {
 }
 
 // allow_gram false: the three products whatever the design (the backward of kept three-view
-// dot products).
-inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allow_gram = true) {
+// dot products). carried: what the forward formed (StepCarry), taken instead of forming it.
+inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allow_gram = true,
+                            const StepCarry* carried = nullptr) {
   StepSetup s;
   StepProblem& p = s.p;
   p.with_m2 = a.with_m2;
@@ -255,19 +286,24 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
     p.T = a.text.contiguous();
     p.m2_scale = a.m2_scale;
     p.clip_scale = a.clip_scale;
-    s.pair_dot = row_dot_products(p.I, p.T);
+    const auto* pair = carried_entry(carried, kCarryPairDot, {p.n}, s.acc_options);
+    s.pair_dot = pair != nullptr ? *pair : row_dot_products(p.I, p.T);
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
     const auto lam = a.lam.to(at::kDouble);
-    s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
+    const auto* weights =
+        carried_entry(carried, kCarryWeights, {4, p.n}, p.I.options().dtype(at::kDouble));
+    s.weights = weights != nullptr ? *weights : at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
     s.gram = allow_gram && gram_wanted(k, a.image.scalar_type());
     if (s.gram) {
       at::Tensor no_mix;
-      k.mix(p.I, p.T, lam, no_mix, s.weights);
+      if (weights == nullptr) k.mix(p.I, p.T, lam, no_mix, s.weights);
       s.gram = weights_suit_gram(s.weights);
     }
     if (!s.gram) {
+      // (The mix writes the weights again: not into the forward's carry, an input.)
+      if (weights != nullptr) s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
       // The tile operand: rounded once to the dtype the device's tile products take.
       p.M = at::empty(p.I.sizes(), p.I.options().dtype(k.gemm.workspace_dtype(a.image.scalar_type())));
       k.mix(p.I, p.T, lam, p.M, s.weights);
@@ -280,7 +316,10 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
                         gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max).first};
       s.g.layout = k.gram_layout;
       if (s.g.layout == GramLayout::kInterleaved) {
-        s.g.stacked = interleave_strips(p.I, p.T, s.g.strip_rows, ws_dtype);
+        const auto* stacked = carried_entry(carried, kCarryStacked, {2 * p.n, p.I.size(1)},
+                                            p.I.options().dtype(ws_dtype));
+        s.g.stacked = stacked != nullptr ? *stacked
+                                         : interleave_strips(p.I, p.T, s.g.strip_rows, ws_dtype);
       }
     }
   }
@@ -320,30 +359,35 @@ inline int64_t lipsum_chunk_rows(const LipsumInputs& lip, const at::Tensor& one)
   return std::min(lip.F.size(0), std::max<int64_t>(1, workspace_limit_bytes().load() / per_row));
 }
 
-// sum_pk (s_0 V_pk)^2 (docs/maths.md, section 5).
+// sum_pk (s_0 V_pk)^2 (docs/maths.md, section 5). With keep_v, V in *keep_v where one chunk
+// holds it (else *keep_v is left as it is).
 inline at::Tensor lipsum_sum_sq(const GemmKernels& g, const LipsumInputs& lip,
-                                const at::TensorOptions& acc) {
+                                const at::TensorOptions& acc, at::Tensor* keep_v = nullptr) {
   const auto one = at::ones({}, acc), minus_one = -one;
   const int64_t n = lip.F.size(0), rows = lipsum_chunk_rows(lip, one);
   at::Tensor total = at::zeros({}, acc);
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
-    total += lipsum_dots(g, lip, r0, std::min(rows, n - r0), one, minus_one).square().sum();
+    const at::Tensor v = lipsum_dots(g, lip, r0, std::min(rows, n - r0), one, minus_one);
+    total += v.square().sum();
+    if (keep_v != nullptr && rows == n) *keep_v = v;
   }
   return total * lip.scale * lip.scale;
 }
 
 // grad_F += w s_0^2 V G with w = g_lipsum / (K n). V is formed in the accumulation dtype, so
 // G joins it there (a GEMM takes one operand dtype): rounding V to 16 bits instead would add
-// an error the forward does not have, and G is only K x D.
+// an error the forward does not have, and G is only K x D. v_all: the forward's V, whole
+// (none: formed again chunk by chunk).
 inline void lipsum_backward(const GemmKernels& g, const LipsumInputs& lip, const at::Tensor& w,
-                            at::Tensor& grad_F) {
+                            at::Tensor& grad_F, const at::Tensor* v_all = nullptr) {
   const auto one = at::ones({}, grad_F.options()), minus_one = -one;
   const int64_t n = lip.F.size(0), rows = lipsum_chunk_rows(lip, one);
   const auto alpha = w * lip.scale * lip.scale;
   const auto G = lip.G.to(one.scalar_type()).contiguous();
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t r = std::min(rows, n - r0);
-    at::Tensor v = lipsum_dots(g, lip, r0, r, one, minus_one);
+    const at::Tensor v = v_all != nullptr ? v_all->narrow(0, r0, r)
+                                          : lipsum_dots(g, lip, r0, r, one, minus_one);
     at::Tensor grad_rows = grad_F.narrow(0, r0, r);
     g.gemm_acc(v, false, G, false, alpha, 1.0, grad_rows);
   }
@@ -357,9 +401,11 @@ inline int64_t step_views(const StepProblem& p) { return (p.with_m2 ? 2 : 0) + (
 // backward (StepProblem::keep; the CPU's kept dot products, contrastive_ops.h): the backward
 // then needs no GEMM to recompute them. Refused when they would exceed the workspace limit
 // (the caller decides beforehand, so that the output's shape is known).
+// With `carry` (and `kept`), also what the backward would form again (StepCarry).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKernelSet& k,
                                                                      const StepArgs& a,
-                                                                     at::Tensor* kept = nullptr) {
+                                                                     at::Tensor* kept = nullptr,
+                                                                     StepCarry* carry = nullptr) {
   RFT_KERNEL_GUARDS();
   auto s = step_setup(k, a);
   auto& p = s.p;
@@ -400,8 +446,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   if (p.with_clip) {
     t[kClip] = (lse[2].sum() + lse[3].sum() - 2 * a.clip_scale * s.pair_dot.sum()) / (2.0 * n);
   }
+  at::Tensor lipsum_v;
   if (s.with_lipsum) {
-    t[kLipsum] = lipsum_sum_sq(k.gemm, s.lip, opts) / (2.0 * double(s.lip.G.size(0)) * n);
+    t[kLipsum] = lipsum_sum_sq(k.gemm, s.lip, opts, carry != nullptr ? &lipsum_v : nullptr) /
+                 (2.0 * double(s.lip.G.size(0)) * n);
   }
   if (s.with_dive) {
     const double n_ref = double(s.dive.fi.size(0));
@@ -409,6 +457,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
     k.dive_sums(s.dive, sums, diff_mean);
     t[kAvl] = sums[0] / n_ref;
     t[kPvl] = sums[1] / n_ref;
+  }
+  if (carry != nullptr) {
+    const auto none = at::empty({0}, opts);
+    carry->assign(kCarryEntries, none);
+    if (p.with_m2 || p.with_clip) (*carry)[kCarryPairDot] = s.pair_dot;
+    if (p.with_m2) (*carry)[kCarryWeights] = s.weights;
+    if (p.with_m2 && gram_wanted(k, a.image.scalar_type()) &&
+        k.gram_layout == GramLayout::kInterleaved) {
+      // (Weights that send the batch to the three products leave the entry unused.)
+      const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
+      (*carry)[kCarryStacked] =
+          s.gram ? s.g.stacked : at::empty({2 * p.n, p.I.size(1)}, p.I.options().dtype(ws_dtype));
+    }
+    if (lipsum_v.defined()) (*carry)[kCarryLipsumV] = lipsum_v;
   }
   return {at::stack({t[0], t[1], t[2], t[3], t[4]}), diff_mean, lse};
 }
@@ -559,11 +621,12 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
 // (grad_image, grad_text, grad_clip_scale, grad_m2_scale, grad_ref_image_ft, grad_ref_text_ft)
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepArgs& a,
-              const at::Tensor& lse, const at::Tensor& kept = at::Tensor()) {
+              const at::Tensor& lse, const at::Tensor& kept = at::Tensor(),
+              const StepCarry* carried = nullptr) {
   RFT_KERNEL_GUARDS();
   // Kept Gram strips are [K, 4 R n]; kept three-view products [V, n, n].
   const bool kept_strips = kept.defined() && kept.dim() == 2;
-  auto s = step_setup(k, a, /*allow_gram=*/!kept.defined() || kept_strips);
+  auto s = step_setup(k, a, /*allow_gram=*/!kept.defined() || kept_strips, carried);
   if (kept_strips && s.gram) {
     TORCH_CHECK(kept.is_contiguous() && kept.size(1) == 4 * s.g.strip_rows * s.g.n &&
                     kept.scalar_type() == k.gemm.workspace_dtype(a.image.scalar_type()) &&
@@ -618,7 +681,10 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   }
   if (s.with_lipsum) {
     const auto w = grads[kLipsum] / (double(s.lip.G.size(0)) * double(p.n));
-    lipsum_backward(k.gemm, s.lip, w, grad_I);
+    const int64_t K = s.lip.G.size(0);
+    const bool one_chunk = lipsum_chunk_rows(s.lip, at::ones({}, opts)) == p.n;
+    const auto* v = one_chunk ? carried_entry(carried, kCarryLipsumV, {p.n, K}, opts) : nullptr;
+    lipsum_backward(k.gemm, s.lip, w, grad_I, v);
   }
   at::Tensor grad_fi = at::zeros({0, D}, opts), grad_ft = at::zeros({0, D}, opts);
   if (s.with_dive) {
@@ -656,9 +722,9 @@ inline StepArgs m2mix_args(const at::Tensor& image, const at::Tensor& text,
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_m2mix_fwd(
     const StepKernelSet& k, const at::Tensor& image, const at::Tensor& text,
     const at::Tensor& m2_scale, const at::Tensor& lam, const at::Tensor& clip_scale,
-    bool with_clip, at::Tensor* kept = nullptr) {
+    bool with_clip, at::Tensor* kept = nullptr, StepCarry* carry = nullptr) {
   auto [terms, diff_mean, lse] =
-      step_fwd_impl(k, m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip), kept);
+      step_fwd_impl(k, m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip), kept, carry);
   // Separate storage per output: outputs must not alias.
   return {terms[kM2].clone(), terms[kClip].clone(),
           with_clip ? lse : lse.narrow(0, 0, 2).clone()};
@@ -669,7 +735,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_m2mix_bwd
     const StepKernelSet& k, const at::Tensor& grad_m2, const at::Tensor& grad_clip,
     const at::Tensor& image, const at::Tensor& text, const at::Tensor& m2_scale,
     const at::Tensor& lam, const at::Tensor& clip_scale, const at::Tensor& lse, bool with_clip,
-    const at::Tensor& kept = at::Tensor()) {
+    const at::Tensor& kept = at::Tensor(), const StepCarry* carried = nullptr) {
   const auto a = m2mix_args(image, text, m2_scale, lam, clip_scale, with_clip);
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == (with_clip ? 4 : 2) && lse.size(1) == image.size(0),
               "robustft_ext: saved m2mix log-sum-exp statistics do not match the inputs");
@@ -679,7 +745,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_m2mix_bwd
   const auto zero = at::zeros({}, lse4.options());
   const auto grads = at::stack({grad_clip.to(acc).reshape({}), grad_m2.to(acc).reshape({}),
                                 zero, zero, zero});
-  auto r = step_bwd_impl(k, grads, a, lse4, kept);
+  auto r = step_bwd_impl(k, grads, a, lse4, kept, carried);
   return {std::get<0>(r), std::get<1>(r), std::get<3>(r), std::get<2>(r)};
 }
 

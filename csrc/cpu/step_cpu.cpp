@@ -462,28 +462,33 @@ RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 TORCH_LIBRARY_IMPL(robustft_ext, CPU, m) {
   m.impl("robust_step_fwd_keep", [](RFT_STEP_PARAMS) {
     at::Tensor kept;
-    auto [terms, diff_mean, lse] = step_fwd_impl(kCpuStepKernels, RFT_STEP_ARGS, &kept);
-    return std::make_tuple(terms, diff_mean, lse, kept);
+    StepCarry carry;
+    auto [terms, diff_mean, lse] = step_fwd_impl(kCpuStepKernels, RFT_STEP_ARGS, &kept, &carry);
+    return std::make_tuple(terms, diff_mean, lse, kept, carry);
   });
   m.impl("robust_step_bwd_kept", [](const at::Tensor& grad_terms, RFT_STEP_PARAMS,
-                                    const at::Tensor& lse, at::Tensor& kept) {
-    return step_bwd_impl(kCpuStepKernels, grad_terms, RFT_STEP_ARGS, lse, kept);
+                                    const at::Tensor& lse, at::Tensor& kept,
+                                    at::TensorList carried) {
+    const StepCarry c(carried.begin(), carried.end());
+    return step_bwd_impl(kCpuStepKernels, grad_terms, RFT_STEP_ARGS, lse, kept, &c);
   });
   m.impl("m2mix_fwd_keep", [](const at::Tensor& image, const at::Tensor& text,
                               const at::Tensor& m2_scale, const at::Tensor& lam,
                               const at::Tensor& clip_scale, bool with_clip) {
     at::Tensor kept;
-    auto [m2, clip, lse] =
-        step_m2mix_fwd(kCpuStepKernels, image, text, m2_scale, lam, clip_scale, with_clip, &kept);
-    return std::make_tuple(m2, clip, lse, kept);
+    StepCarry carry;
+    auto [m2, clip, lse] = step_m2mix_fwd(kCpuStepKernels, image, text, m2_scale, lam,
+                                          clip_scale, with_clip, &kept, &carry);
+    return std::make_tuple(m2, clip, lse, kept, carry);
   });
   m.impl("m2mix_bwd_kept", [](const at::Tensor& grad_m2, const at::Tensor& grad_clip,
                               const at::Tensor& image, const at::Tensor& text,
                               const at::Tensor& m2_scale, const at::Tensor& lam,
                               const at::Tensor& clip_scale, const at::Tensor& lse,
-                              at::Tensor& kept, bool with_clip) {
+                              at::Tensor& kept, at::TensorList carried, bool with_clip) {
+    const StepCarry c(carried.begin(), carried.end());
     return step_m2mix_bwd(kCpuStepKernels, grad_m2, grad_clip, image, text, m2_scale, lam,
-                          clip_scale, lse, with_clip, kept);
+                          clip_scale, lse, with_clip, kept, &c);
   });
 }
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from .. import _extension, backends, reference
 from .._validation import PairInputs, Scalar, acc_dtype, check_lam, check_scalar, pair_inputs
 from ..step_design import step_design
+from ..workspace import workspace_limit
 from ._fake import acc_empty, like, scalar
 
 
@@ -41,6 +42,25 @@ def kept_shape(n: int, dtype: torch.dtype, with_m2: bool, with_clip: bool) -> tu
     return (n_views, n, n)
 
 
+def carry_fakes(image: Tensor, with_m2: bool, with_clip: bool,
+                lipsum_texts: Tensor | None = None) -> list[Tensor]:
+    """The list `carried` that the native CPU's m2mix / robust_step _keep ops hand their
+    backward besides the kept products (csrc/step_ops.h, StepCarry): <I_p, T_p> [n], the slerp
+    weights [4, n] float64, the Gram strips' stacked rows [2 n, D] and Lipsum's V [n, K] where
+    one chunk of the workspace limit holds it; an entry the step does not form is [0]."""
+    n, d = image.shape
+    none = acc_empty(image, 0)
+    pair = acc_empty(image, n) if with_m2 or with_clip else none
+    weights = image.new_empty((4, n), dtype=torch.float64) if with_m2 else none
+    stacked = acc_empty(image, 2 * n, d) if with_m2 and step_design() == "gram" else none
+    v = none
+    if lipsum_texts is not None:
+        k = lipsum_texts.shape[0]
+        if 0 < n * k * acc_dtype(image.dtype).itemsize <= workspace_limit():
+            v = acc_empty(image, n, k)
+    return [pair, weights, stacked, v]
+
+
 def kept_entries(n: int, dtype: torch.dtype, with_m2: bool, with_clip: bool) -> int:
     """How many values the _keep ops would keep (0: nothing the limit allows)."""
     shape = kept_shape(n, dtype, with_m2, with_clip)
@@ -62,12 +82,12 @@ class M2MixFunction(torch.autograd.Function):
                 grad_enabled: bool):
         image, text = image.contiguous(), text.contiguous()
         ops = backends.fused_ops(backend)
-        ctx.kept = None
+        ctx.kept = ctx.carried = None
         if not torch.compiler.is_compiling() and backends.keeps_products(
                 ctx, backend, grad_enabled, image,
                 lambda: kept_entries(image.shape[0], image.dtype, True, with_clip)):
-            m2, clip, lse, ctx.kept = ops.m2mix_fwd_keep(image, text, m2_scale, lam, clip_scale,
-                                                         with_clip)
+            m2, clip, lse, ctx.kept, ctx.carried = ops.m2mix_fwd_keep(image, text, m2_scale, lam,
+                                                                      clip_scale, with_clip)
         else:
             m2, clip, lse = ops.m2mix_fwd(image, text, m2_scale, lam, clip_scale, with_clip)
         ctx.save_for_backward(image, text, m2_scale, lam, clip_scale, lse)
@@ -86,9 +106,10 @@ class M2MixFunction(torch.autograd.Function):
         ops = backends.fused_ops(ctx.backend)
         args = (grad_m2.contiguous(), grad_clip.contiguous(), image, text, m2_scale, lam,
                 clip_scale, lse)
-        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes
+        # (A second backward, retain_graph, recomputes.)
+        kept, carried, ctx.kept, ctx.carried = ctx.kept, ctx.carried, None, None
         if kept is not None:
-            gi, gt, gsm, gsc = ops.m2mix_bwd_kept(*args, kept, ctx.with_clip)
+            gi, gt, gsm, gsc = ops.m2mix_bwd_kept(*args, kept, carried, ctx.with_clip)
         else:
             gi, gt, gsm, gsc = ops.m2mix_bwd(*args, ctx.with_clip)
         need = ctx.needs_input_grad
@@ -159,15 +180,17 @@ def _m2mix_bwd_fake(grad_m2, grad_clip, image, text, m2_scale, lam, clip_scale, 
     return like(image), like(text), scalar(image), scalar(image)
 
 
-# The native CPU's forward that keeps the tiles' dot products [V, n, n], and its backward.
+# The native CPU's forward that keeps the tiles' products and what else its backward would
+# form again, and that backward.
 @_extension.register_fake("m2mix_fwd_keep")
 def _m2mix_fwd_keep_fake(image, text, m2_scale, lam, clip_scale, with_clip):
     return (*_m2mix_fwd_fake(image, text, m2_scale, lam, clip_scale, with_clip),
-            acc_empty(image, *kept_shape(image.shape[0], image.dtype, True, with_clip)))
+            acc_empty(image, *kept_shape(image.shape[0], image.dtype, True, with_clip)),
+            carry_fakes(image, True, with_clip))
 
 
 @_extension.register_fake("m2mix_bwd_kept")
 def _m2mix_bwd_kept_fake(grad_m2, grad_clip, image, text, m2_scale, lam, clip_scale, lse, kept,
-                         with_clip):
+                         carried, with_clip):
     return _m2mix_bwd_fake(grad_m2, grad_clip, image, text, m2_scale, lam, clip_scale, lse,
                            with_clip)

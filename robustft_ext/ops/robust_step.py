@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _extension, backends
 from ._fake import acc_empty, scalar
-from .m2mix import kept_entries, kept_shape, step_views
+from .m2mix import carry_fakes, kept_entries, kept_shape, step_views
 
 
 class StepArgs(NamedTuple):
@@ -68,12 +68,12 @@ class RobustStepFunction(torch.autograd.Function):
     def forward(ctx, backend: str, grad_enabled: bool, *fields):
         args = StepArgs(*fields).contiguous()
         ops = backends.fused_ops(backend)
-        ctx.kept = None
+        ctx.kept = ctx.carried = None
         if args.views and not torch.compiler.is_compiling() and backends.keeps_products(
                 ctx, backend, grad_enabled, args.image,
                 lambda: kept_entries(args.image.shape[0], args.image.dtype, args.with_m2,
                                      args.with_clip)):
-            terms, diff_mean, lse, ctx.kept = ops.robust_step_fwd_keep(*args)
+            terms, diff_mean, lse, ctx.kept, ctx.carried = ops.robust_step_fwd_keep(*args)
         else:
             terms, diff_mean, lse = ops.robust_step_fwd(*args)
         # Which fields are tensors (the absent optional ones are None), to rebuild StepArgs.
@@ -90,9 +90,10 @@ class RobustStepFunction(torch.autograd.Function):
         tensors, flags = iter(tensors), iter(ctx.flags)
         args = StepArgs(*(next(tensors) if present else next(flags) for present in ctx.present))
         ops = backends.fused_ops(ctx.backend)
-        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph) recomputes
+        # (A second backward, retain_graph, recomputes.)
+        kept, carried, ctx.kept, ctx.carried = ctx.kept, ctx.carried, None, None
         if kept is not None:
-            grads = ops.robust_step_bwd_kept(grad_terms.contiguous(), *args, lse, kept)
+            grads = ops.robust_step_bwd_kept(grad_terms.contiguous(), *args, lse, kept, carried)
         else:
             grads = ops.robust_step_bwd(grad_terms.contiguous(), *args, lse)
         by_field = dict(zip(_GRAD_FIELDS, grads))
@@ -128,14 +129,17 @@ def _robust_step_bwd_fake(grad_terms, *fields_and_lse):
             ref.new_empty((n_ref, d)), ref.new_empty((n_ref, d)))
 
 
-# The native CPU's forward that keeps the tiles' products [V, n, n], and its backward.
+# The native CPU's forward that keeps the tiles' products and what else its backward would
+# form again, and that backward.
 @_extension.register_fake("robust_step_fwd_keep")
 def _robust_step_fwd_keep_fake(*fields):
     args = StepArgs(*fields)
     shape = kept_shape(args.image.shape[0], args.image.dtype, args.with_m2, args.with_clip)
-    return (*_robust_step_fwd_fake(*fields), acc_empty(args.image, *shape))
+    lipsum = args.lipsum_texts if args.image_pre is not None else None
+    return (*_robust_step_fwd_fake(*fields), acc_empty(args.image, *shape),
+            carry_fakes(args.image, args.with_m2, args.with_clip, lipsum))
 
 
 @_extension.register_fake("robust_step_bwd_kept")
-def _robust_step_bwd_kept_fake(grad_terms, *fields_lse_kept):
-    return _robust_step_bwd_fake(grad_terms, *fields_lse_kept[:-1])
+def _robust_step_bwd_kept_fake(grad_terms, *fields_lse_kept_carried):
+    return _robust_step_bwd_fake(grad_terms, *fields_lse_kept_carried[:-2])

@@ -78,17 +78,17 @@ def _samples(ops, device: str) -> dict[str, list[tuple]]:
     if device == "cpu" and ops is torch.ops.robustft_ext:
         _, r, c, dots = ops.clip_fwd_keep(a, b, s, bias, 0, True)
         _, sdots = ops.siglip_fwd_keep(a, b, s, bias, False)
-        _, _, lse_m, kept_m = ops.m2mix_fwd_keep(a, b, s, lam, m2s, True)
-        _, _, lse_s, kept_s = ops.robust_step_fwd_keep(*full)
+        _, _, lse_m, kept_m, carried_m = ops.m2mix_fwd_keep(a, b, s, lam, m2s, True)
+        _, _, lse_s, kept_s, carried_s = ops.robust_step_fwd_keep(*full)
         samples.update({
             "clip_fwd_keep": [(a, b, s, bias, 0, True)],
             "clip_bwd_kept": [(g, a, b, s, bias, r, c, dots, 0, True)],
             "siglip_fwd_keep": [(a, b, s, bias, False)],
             "siglip_bwd_kept": [(g, a, b, s, bias, sdots, False)],
             "m2mix_fwd_keep": [(a, b, s, lam, m2s, True)],
-            "m2mix_bwd_kept": [(g, t(0.7), a, b, s, lam, m2s, lse_m, kept_m, True)],
+            "m2mix_bwd_kept": [(g, t(0.7), a, b, s, lam, m2s, lse_m, kept_m, carried_m, True)],
             "robust_step_fwd_keep": [full],
-            "robust_step_bwd_kept": [(grads, *full, lse_s, kept_s)],
+            "robust_step_bwd_kept": [(grads, *full, lse_s, kept_s, carried_s)],
         })
     return samples
 

@@ -148,6 +148,66 @@ def test_kept_backward_rejects_mismatched_products():
             torch.ops.robustft_ext.clip_bwd_kept(g, a, b, one, one, r, c, bad, 0, True)
 
 
+def _step_keep_args(n: int = 40, d: int = 12):
+    """A whole step's arguments (robust_step ops), its kept products and carry, and grads."""
+    from robustft_ext.ops.robust_step import StepArgs
+    torch.manual_seed(5)
+    t = torch.tensor
+    a, b, pre, texts = (features(k, d).detach() for k in (n, n, n, 7))
+    refs = [features(9, d).detach() for _ in range(4)]
+    args = tuple(StepArgs(a, b, t(3.0), t(9.0), t(0.3), True, True, pre, texts, t(2.0), *refs,
+                          t([0.01] * d)))
+    _, _, lse, kept, carried = torch.ops.robustft_ext.robust_step_fwd_keep(*args)
+    return args, lse, kept, carried, t([1.0, 0.1, 0.5, 2.0, 3.0])
+
+
+def test_kept_backward_rejects_a_mismatched_carry():
+    """The forward's carry (pair products, slerp weights, stacked rows, Lipsum's V) is checked
+    entry by entry against what the backward would form, naming the entry."""
+    require_backend("native", "cpu")
+    args, lse, kept, carried, grads = _step_keep_args()
+    assert [tuple(x.shape) for x in carried] == [(40,), (4, 40), (80, 12), (40, 7)]
+    bad = [carried[:3], [carried[0][:39], *carried[1:]], [carried[0], carried[1].float(),
+           *carried[2:]], [*carried[:2], carried[2].t(), carried[3]],
+           [*carried[:3], carried[3][:, :6]]]
+    messages = ["list of 4 tensors", r"carried\[0\]", r"carried\[1\]", r"carried\[2\]",
+                r"carried\[3\]"]
+    for c, message in zip(bad, messages):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.robustft_ext.robust_step_bwd_kept(grads, *args, lse, kept.clone(), c)
+
+
+@pytest.mark.parametrize("entry", [0, 1, 2, 3])
+def test_the_kept_backward_takes_the_forward_carry(entry):
+    """Each carried entry is what the backward reads (it forms none of them again): the
+    backward with the carry as given matches the backward that recomputes, and one altered
+    entry changes the gradients, without being written to (the carry is an input)."""
+    require_backend("native", "cpu")
+    args, lse, kept, carried, grads = _step_keep_args()
+    ops = torch.ops.robustft_ext
+    fresh = ops.robust_step_bwd(grads, *args, lse)
+    got = ops.robust_step_bwd_kept(grads, *args, lse, kept.clone(), carried)
+    for x, y in zip(got, fresh):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    altered = list(carried)
+    altered[entry] = carried[entry] * 1.25
+    before = altered[entry].clone()
+    image_grad = ops.robust_step_bwd_kept(grads, *args, lse, kept.clone(), altered)[0]
+    assert float((image_grad - fresh[0]).abs().max()) > 1e-4 * float(fresh[0].abs().max())
+    assert torch.equal(altered[entry], before)
+
+
+def test_weights_that_leave_the_gram_design_do_not_write_into_the_carry():
+    """Carried weights the Gram design refuses (NaN here) send the backward to the three
+    products, whose mix forms the weights again: into a buffer of its own, not the carry."""
+    require_backend("native", "cpu")
+    args, lse, kept, carried, grads = _step_keep_args()
+    nan_weights = torch.full_like(carried[1], float("nan"))
+    torch.ops.robustft_ext.robust_step_bwd_kept(grads, *args, lse, kept.clone(),
+                                                [carried[0], nan_weights, *carried[2:]])
+    assert bool(torch.isnan(nan_weights).all())
+
+
 def test_gradcheck_float64_through_kept_products():
     require_backend("native", "cpu", torch.float64)
     a = features(6, 5, torch.float64).requires_grad_()
@@ -294,17 +354,20 @@ def test_a_freed_kept_buffer_serves_the_next_step(op):
         return torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3),
                                                      one * 12, True)
 
+    def kept_of(out):  # (m2mix_fwd_keep's last output is the carried list)
+        return out[-1] if op == "clip" else out[3]
+
     first = forward()
-    kept = first[-1]
-    held = forward()[-1]  # the first is still held: a different block
+    kept = kept_of(first)
+    held = kept_of(forward())  # the first is still held: a different block
     assert held.data_ptr() != kept.data_ptr()
     ptr, values = kept.data_ptr(), kept.clone()
     del first, kept
-    again = forward()
-    assert again[-1].data_ptr() == ptr
+    again = kept_of(forward())
+    assert again.data_ptr() == ptr
     # Bitwise, since a Gram buffer's last strip is partly unused (its rows past n are never
     # written nor read) and may hold any bits, NaN among them, which the reused block keeps.
-    assert torch.equal(again[-1].view(torch.int32), values.view(torch.int32))
+    assert torch.equal(again.view(torch.int32), values.view(torch.int32))
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -418,7 +481,7 @@ def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
     a, b = (features(n, 24).detach() for _ in range(2))
     one = torch.tensor(1.0)
     kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
-                                                  True)[-1]
+                                                  True)[3]
     assert kept.shape[0] == 2, "the test wants two strips"
     kept.fill_(float("nan"))
     ptr = kept.data_ptr()
@@ -427,7 +490,7 @@ def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
     # The step took the NaN block and freed it again: the next forward of that size gets it,
     # its unused tail still NaN (the step never wrote there).
     again = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
-                                                   True)[-1]
+                                                   True)[3]
     assert again.data_ptr() == ptr and bool(torch.isnan(again[1]).any())
     assert torch.isfinite(loss)
     assert torch.equal(loss, fresh_loss)
@@ -458,8 +521,10 @@ def test_the_backward_products_read_no_subnormal(op):
         torch.ops.robustft_ext.clip_bwd_kept(one, a, b, scale, one * 0, r, c, kept, 0, True)
     else:
         lam = torch.tensor(0.3)
-        m2, clip, lse, kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, scale, lam, scale, True)
+        m2, clip, lse, kept, carried = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, scale, lam,
+                                                                              scale, True)
         assert kept.shape[0] == 1, "one strip: the whole buffer is used"
-        torch.ops.robustft_ext.m2mix_bwd_kept(one, one, a, b, scale, lam, scale, lse, kept, True)
+        torch.ops.robustft_ext.m2mix_bwd_kept(one, one, a, b, scale, lam, scale, lse, kept, carried,
+                                              True)
     assert int(((kept != 0) & (kept.abs() < tiny)).sum()) == 0
     assert bool(torch.isfinite(kept).all()) and bool((kept != 0).any())
