@@ -268,6 +268,28 @@ inline void check_pair_backward(const at::Tensor& coef, const at::Tensor& I, con
   }
 }
 
+// unstack_pair_backward (step_kernels.h): X [2 n, D] contiguous, dX [2 n, D] contiguous of
+// coef's dtype, R > 0, the gradients contiguous [n, D] of coef's dtype, all on one device.
+inline void check_unstack_pair_backward(const at::Tensor& coef, const at::Tensor& X,
+                                        const at::Tensor& dX, int64_t R, const at::Tensor& grad_I,
+                                        const at::Tensor& grad_T, c10::DeviceType dev) {
+  check_on(coef, dev, coef, "coef");
+  TORCH_CHECK(coef.dim() == 1 && coef.is_contiguous(), "robustft_ext: coef must be a contiguous [n] vector");
+  const int64_t n = coef.size(0);
+  TORCH_CHECK(R > 0, "robustft_ext: the stacked rows' blocks must hold R > 0 rows, got ", R);
+  TORCH_CHECK(X.dim() == 2 && X.size(0) == 2 * n && X.is_contiguous() && X.device() == coef.device(),
+              "robustft_ext: the stacked rows X must be a contiguous [2 n, D] tensor, got ", X.sizes());
+  for (const at::Tensor* t : {&dX, &grad_I, &grad_T}) {
+    const int64_t rows = t == &dX ? 2 * n : n;
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == X.size(1) &&
+                    t->is_contiguous() && t->scalar_type() == coef.scalar_type() &&
+                    t->device() == coef.device(),
+                "robustft_ext: unstack_pair_backward takes contiguous [", rows, ", ", X.size(1),
+                "] ", coef.scalar_type(), " ", t == &dX ? "dX" : "gradients", ", got ", t->sizes(),
+                " ", t->scalar_type());
+  }
+}
+
 // DiVE's launchers: fi, ft, pi, pt contiguous [B', D] of one dtype, center [D] accumulation.
 inline void check_dive(const DiveInputs& d, c10::DeviceType dev) {
   check_on(d.fi, dev, d.fi, "ref_image_ft");

@@ -158,6 +158,15 @@ RFT_DECLARE_STEP_KERNELS(cpu)
 RFT_DECLARE_STEP_KERNELS(cuda)
 RFT_DECLARE_STEP_KERNELS(cuda_rules)
 
+// The interleaved layout's end of the Gram backward (the CPU's; the blocks layout adds into
+// grad_I, grad_T directly and takes pair_backward): from the stacked rows X and their
+// gradient dX [2 n, D] in blocks of R rows (interleave_strips, step_ops.h; X of the
+// workspace dtype, dX of the accumulation dtype), grad_I_p = dX_{I row of p} + coef_p T_p,
+// grad_T_p = dX_{T row of p} + coef_p I_p, written whole ([n, D] acc, contiguous): the
+// rows back in their own order and pair_backward's terms in one pass.
+void unstack_pair_backward_cpu(const at::Tensor& coef, const at::Tensor& X, const at::Tensor& dX,
+                               int64_t R, at::Tensor& grad_I, at::Tensor& grad_T);
+
 #undef RFT_DECLARE_STEP_KERNELS
 
 }  // namespace robustft

@@ -55,6 +55,10 @@ struct StepKernelSet {
   bool (*gram_serves)(at::ScalarType) = nullptr;
   int64_t gram_strip_rows_max = 0;  // 0: as many rows as the workspace allows
   GramLayout gram_layout = GramLayout::kBlocks;  // the strips gram_strip takes
+  // The interleaved layout's unstacking of the gradients with pair_backward's terms
+  // (step_kernels.h); a device of that layout has it.
+  void (*unstack_pair_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                at::Tensor&, at::Tensor&) = nullptr;
 };
 
 // The input checks of the mixed pair and its scalars (the op-level contract).
@@ -235,21 +239,6 @@ inline at::Tensor interleave_strips(const at::Tensor& I, const at::Tensor& T, in
     X.narrow(0, 2 * full + rest, rest).copy_(T.narrow(0, full, rest));
   }
   return X;
-}
-
-// The inverse of interleave_strips: out_I, out_T [n, D] = the I and T rows of X.
-inline void deinterleave_strips(const at::Tensor& X, int64_t R, at::Tensor& out_I,
-                                at::Tensor& out_T) {
-  const int64_t n = out_I.size(0), D = out_I.size(1), full = n / R * R, rest = n - full;
-  if (full > 0) {
-    const at::Tensor blocks = X.narrow(0, 0, 2 * full).view({full / R, 2, R, D});
-    out_I.narrow(0, 0, full).view({full / R, R, D}).copy_(blocks.select(1, 0));
-    out_T.narrow(0, 0, full).view({full / R, R, D}).copy_(blocks.select(1, 1));
-  }
-  if (rest > 0) {
-    out_I.narrow(0, full, rest).copy_(X.narrow(0, 2 * full, rest));
-    out_T.narrow(0, full, rest).copy_(X.narrow(0, 2 * full + rest, rest));
-  }
 }
 
 // Whether the slerp weights stay within the Gram formulation's limit (docs/maths.md, section
@@ -543,7 +532,7 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
   const int64_t n = g.n, D = g.I.size(1);
   const auto& opts = s.acc_options;
   const bool interleaved = g.layout == GramLayout::kInterleaved;
-  // (The interleaved layout writes every gradient row whole: deinterleave_strips.)
+  // (The interleaved layout writes every gradient row whole: unstack_pair_backward.)
   auto rows_of_D = [&] { return interleaved ? cached_empty({n, D}, opts) : at::zeros({n, D}, opts); };
   TileGrads out{rows_of_D(), rows_of_D(), at::Tensor(), at::zeros({2}, opts)};
   const auto zero = at::zeros({}, opts);
@@ -567,11 +556,14 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
     k.gram_strip(g, lse, r0, r_m, r_c, S, stats, u);
     return S;
   };
+  at::Tensor grad_X;  // the interleaved layout's
   if (interleaved) {
+    TORCH_CHECK(k.unstack_pair_backward != nullptr,
+                "robustft_ext: a device of the interleaved Gram layout needs unstack_pair_backward");
     // X's gradient: strip j's rows (X's block j) take S X_c; the blocks past it take S's
     // columns past its own block, transposed, times X_r. The first strip's two products
     // cover every row of X, so they write rather than add (beta 0 reads nothing).
-    at::Tensor grad_X = cached_empty({2 * n, D}, opts);
+    grad_X = cached_empty({2 * n, D}, opts);
     for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
       const int64_t R = std::min(rows, n - r0), W = n - r0;
       const double beta = j == 0 ? 0.0 : 1.0;
@@ -584,7 +576,6 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
                         g.stacked.narrow(0, 2 * r0, 2 * R), false, norm, beta, past);
       }
     }
-    deinterleave_strips(grad_X, rows, out.grad_I, out.grad_T);
   } else {
     const auto I = gemm_operand(k.gemm, g.I), T = gemm_operand(k.gemm, g.T);
     for (int64_t r0 = 0, j = 0; r0 < n; r0 += rows, ++j) {
@@ -612,7 +603,11 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
   const auto w = g.weights.to(s.acc);
   const auto g_diag = f_m2 * ((g.diag - lse[0]).exp() + (g.diag - lse[1]).exp() - 2);
   const auto coef = (a_m * (w[2] * u[0] + w[3] * u[1]) + g.m2_scale * g_diag).contiguous();
-  k.pair_backward(coef, g.I, g.T, out.grad_I, out.grad_T);
+  if (interleaved) {
+    k.unstack_pair_backward(coef, g.stacked, grad_X, rows, out.grad_I, out.grad_T);
+  } else {
+    k.pair_backward(coef, g.I, g.T, out.grad_I, out.grad_T);
+  }
   out.stats = at::stack({stats[0] * f_m2 + (g_diag * s.pair_dot).sum(),
                          g.with_clip ? stats[1] * f_clip : zero});
   return out;

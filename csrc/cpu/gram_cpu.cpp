@@ -1,7 +1,7 @@
 // The C++ CPU kernels of the symmetric Gram formulation of CLIP + m^2-mix (docs/maths.md,
-// section 9.4): the launchers gram_lse_cpu, gram_strip_cpu and pair_backward_cpu of
-// step_kernels.h. Their row loops are gram_rows.h's (vectorised for float by
-// cpu_vec_kernels.cpp).
+// section 9.4): the launchers gram_lse_cpu, gram_strip_cpu, pair_backward_cpu and
+// unstack_pair_backward_cpu of step_kernels.h. Their row loops are gram_rows.h's (vectorised
+// for float by cpu_vec_kernels.cpp).
 //
 // Forward: by the backward's strips (rows [r0, r1) against the columns [r0, n), the chunk
 // the workspace limit allows), so that both passes take their Gram entries from the same
@@ -296,6 +296,36 @@ void pair_backward_impl(const at::Tensor& coef, const at::Tensor& I, const at::T
   });
 }
 
+template <typename X_t, typename Acc>
+void unstack_pair_backward_impl(const at::Tensor& coef, const at::Tensor& X, const at::Tensor& dX,
+                                int64_t R, at::Tensor& grad_I, at::Tensor& grad_T) {
+  const int64_t n = coef.size(0), D = X.size(1);
+  const Acc* c = coef.data_ptr<Acc>();
+  const X_t* x = X.data_ptr<X_t>();
+  const Acc* dx = dX.data_ptr<Acc>();
+  Acc* gi = grad_I.data_ptr<Acc>();
+  Acc* gt = grad_T.data_ptr<Acc>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)),
+                   [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      // Row p is row o of block b, whose I rows come first, then its T rows.
+      const int64_t b = p / R, o = p % R, rows = std::min(R, n - b * R);
+      const int64_t i_row = 2 * b * R + o, t_row = i_row + rows;
+      const X_t* __restrict__ xi = x + i_row * D;
+      const X_t* __restrict__ xt = x + t_row * D;
+      const Acc* __restrict__ di = dx + i_row * D;
+      const Acc* __restrict__ dt = dx + t_row * D;
+      Acc* __restrict__ oi = gi + p * D;
+      Acc* __restrict__ ot = gt + p * D;
+      const Acc k = c[p];
+      for (int64_t j = 0; j < D; ++j) {
+        oi[j] = di[j] + k * Acc(xt[j]);
+        ot[j] = dt[j] + k * Acc(xi[j]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void gram_lse_cpu(const GramProblem& p, at::Tensor& lse) {
@@ -334,6 +364,20 @@ void pair_backward_cpu(const at::Tensor& coef, const at::Tensor& I, const at::Te
       pair_backward_impl<scalar_t, float>(coef, I, T, grad_I, grad_T);
     }
   });
+}
+
+void unstack_pair_backward_cpu(const at::Tensor& coef, const at::Tensor& X, const at::Tensor& dX,
+                               int64_t R, at::Tensor& grad_I, at::Tensor& grad_T) {
+  check_unstack_pair_backward(coef, X, dX, R, grad_I, grad_T, c10::kCPU);
+  if (coef.scalar_type() == at::kDouble) {
+    TORCH_CHECK(X.scalar_type() == at::kDouble, "robustft_ext: float64 gradients take float64 X");
+    unstack_pair_backward_impl<double, double>(coef, X, dX, R, grad_I, grad_T);
+  } else {
+    TORCH_CHECK(coef.scalar_type() == at::kFloat && X.scalar_type() == at::kFloat,
+                "robustft_ext: unstack_pair_backward takes float X and gradients or float64 ones, "
+                "got ", X.scalar_type(), " and ", coef.scalar_type());
+    unstack_pair_backward_impl<float, float>(coef, X, dX, R, grad_I, grad_T);
+  }
 }
 
 }  // namespace robustft

@@ -451,7 +451,8 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            &gram_strip_cpu,
                                            /*gram_serves=*/nullptr,
                                            kCpuGramStripRows,
-                                           GramLayout::kInterleaved};
+                                           GramLayout::kInterleaved,
+                                           &unstack_pair_backward_cpu};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 
