@@ -146,7 +146,7 @@ struct StepSetup {
 // Gram design where the device's strips take them) and Lipsum's products V ([n, K] acc, where
 // one chunk holds them). An entry the step does not form is empty ([0] of the accumulation
 // dtype), so that the shapes depend on the arguments and settings alone, as the ops' fakes
-// (robustft_ext/ops/m2mix.py, carry_shapes) need.
+// (robustft_ext/ops/m2mix.py, carry_fakes) need.
 enum CarryEntry : int64_t { kCarryPairDot, kCarryWeights, kCarryStacked, kCarryLipsumV, kCarryEntries };
 using StepCarry = std::vector<at::Tensor>;
 
