@@ -676,9 +676,12 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
   }
   if (s.with_lipsum) {
     const auto w = grads[kLipsum] / (double(s.lip.G.size(0)) * double(p.n));
-    const int64_t K = s.lip.G.size(0);
-    const bool one_chunk = lipsum_chunk_rows(s.lip, at::ones({}, opts)) == p.n;
-    const auto* v = one_chunk ? carried_entry(carried, kCarryLipsumV, {p.n, K}, opts) : nullptr;
+    // V is carried where the forward's limit held it in one chunk: taken whenever carried
+    // (the limit may have changed since), formed again otherwise.
+    const bool has_v = carried != nullptr && int64_t(carried->size()) == kCarryEntries &&
+                       (*carried)[kCarryLipsumV].numel() > 0;
+    const auto* v = has_v ? carried_entry(carried, kCarryLipsumV, {p.n, s.lip.G.size(0)}, opts)
+                          : nullptr;
     lipsum_backward(k.gemm, s.lip, w, grad_I, v);
   }
   at::Tensor grad_fi = at::zeros({0, D}, opts), grad_ft = at::zeros({0, D}, opts);

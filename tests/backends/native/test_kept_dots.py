@@ -197,6 +197,34 @@ def test_the_kept_backward_takes_the_forward_carry(entry):
     assert torch.equal(altered[entry], before)
 
 
+def test_the_carry_serves_a_backward_under_another_workspace_limit():
+    """Lipsum's V is carried only where the forward's limit holds it in one chunk; a backward
+    run after the limit changed takes what the forward carried (here nothing: V formed
+    again) rather than asking for what the new limit would have carried."""
+    require_backend("native", "cpu")
+    from robustft_ext.ops.robust_step import StepArgs
+    torch.manual_seed(5)
+    t = torch.tensor
+    n, d = 40, 12
+    a, b, pre = (features(n, d).detach() for _ in range(3))
+    texts = features(200, d).detach()  # n K floats = 32000 bytes, past the limit below
+    refs = [features(9, d).detach() for _ in range(4)]
+    args = tuple(StepArgs(a, b, t(3.0), t(9.0), t(0.3), True, True, pre, texts, t(2.0), *refs,
+                          t([0.01] * d)))
+    grads = t([1.0, 0.1, 0.5, 2.0, 3.0])
+    ops = torch.ops.robustft_ext
+    rft.set_workspace_limit(26000)  # one Gram strip of 4 n^2 floats fits, V does not
+    try:
+        _, _, lse, kept, carried = ops.robust_step_fwd_keep(*args)
+    finally:
+        rft.set_workspace_limit(None)
+    assert kept.shape[0] == 1 and carried[3].numel() == 0
+    got = ops.robust_step_bwd_kept(grads, *args, lse, kept, carried)
+    fresh = ops.robust_step_bwd(grads, *args, lse)
+    for x, y in zip(got, fresh):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_weights_that_leave_the_gram_design_do_not_write_into_the_carry():
     """Carried weights the Gram design refuses (NaN here) send the backward to the three
     products, whose mix forms the weights again: into a buffer of its own, not the carry."""
