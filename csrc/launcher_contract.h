@@ -237,6 +237,21 @@ inline void check_mix(const at::Tensor& I, const at::Tensor& T, const at::Tensor
   check_slerp_weight_rows(weights, I);
 }
 
+// mix_rows_pair_dot: mix's contract, and pair_dot a contiguous [n] of the accumulation dtype.
+inline void check_mix_pair_dot(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam,
+                               const at::Tensor& M, const at::Tensor& weights,
+                               const at::Tensor& pair_dot, at::ScalarType ws_dtype,
+                               c10::DeviceType dev) {
+  check_mix(I, T, lam, M, weights, ws_dtype, dev);
+  TORCH_CHECK(pair_dot.defined(), "robustft_ext: mix_rows_pair_dot needs a pair_dot tensor");
+  TORCH_CHECK(pair_dot.dim() == 1 && pair_dot.size(0) == I.size(0) && pair_dot.is_contiguous() &&
+                  pair_dot.scalar_type() == acc_dtype(I.scalar_type()) &&
+                  pair_dot.device() == I.device(),
+              "robustft_ext: mix writes pair_dot as a contiguous [", I.size(0), "] ",
+              acc_dtype(I.scalar_type()), " tensor on ", I.device(), ", got ", pair_dot.sizes(),
+              " ", pair_dot.scalar_type(), " on ", pair_dot.device());
+}
+
 // mix_backward: dM, grad_I, grad_T contiguous [n, D] of the accumulation dtype, g_pair [n] too.
 inline void check_mix_backward(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
                                const at::Tensor& weights, const at::Tensor& g_pair,

@@ -167,6 +167,12 @@ RFT_DECLARE_STEP_KERNELS(cuda_rules)
 void unstack_pair_backward_cpu(const at::Tensor& coef, const at::Tensor& X, const at::Tensor& dX,
                                int64_t R, at::Tensor& grad_I, at::Tensor& grad_T);
 
+// mix_rows that also writes the pair's dot products pair_dot [n] (accumulation dtype,
+// contiguous) = <I_p, T_p> rounded from the double product the weights are formed from (the
+// CPU's): a step then reads them from here instead of a pass over I and T of their own.
+void mix_rows_pair_dot_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam,
+                           at::Tensor& M, at::Tensor& weights, at::Tensor& pair_dot);
+
 #undef RFT_DECLARE_STEP_KERNELS
 
 }  // namespace robustft

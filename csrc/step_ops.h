@@ -59,6 +59,11 @@ struct StepKernelSet {
   // (step_kernels.h); a device of that layout has it.
   void (*unstack_pair_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                 at::Tensor&, at::Tensor&) = nullptr;
+  // mix that also writes <I_p, T_p> (step_kernels.h, mix_rows_pair_dot), where the device
+  // has it: a step with m^2 then takes the pair's dot products from the slerp prologue's
+  // pass over I and T instead of one of their own (null: row_dot_products).
+  void (*mix_pair_dot)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                       at::Tensor&, at::Tensor&) = nullptr;
 };
 
 // The input checks of the mixed pair and its scalars (the op-level contract).
@@ -276,7 +281,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
     p.m2_scale = a.m2_scale;
     p.clip_scale = a.clip_scale;
     const auto* pair = carried_entry(carried, kCarryPairDot, {p.n}, s.acc_options);
-    s.pair_dot = pair != nullptr ? *pair : row_dot_products(p.I, p.T);
+    if (pair != nullptr) s.pair_dot = *pair;
   }
   if (p.with_m2) {
     check_m2_scalar(a.lam, a.image, "lam");
@@ -284,10 +289,20 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
     const auto* weights =
         carried_entry(carried, kCarryWeights, {4, p.n}, p.I.options().dtype(at::kDouble));
     s.weights = weights != nullptr ? *weights : at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
+    // The slerp prologue, which forms <I_p, T_p> in double for the weights: where the device
+    // can, it also writes them as the pair's dot products (once, the first time).
+    auto mix = [&](at::Tensor& M) {
+      if (k.mix_pair_dot != nullptr && !s.pair_dot.defined()) {
+        s.pair_dot = at::empty({p.n}, s.acc_options);
+        k.mix_pair_dot(p.I, p.T, lam, M, s.weights, s.pair_dot);
+      } else {
+        k.mix(p.I, p.T, lam, M, s.weights);
+      }
+    };
     s.gram = allow_gram && gram_wanted(k, a.image.scalar_type());
     if (s.gram) {
       at::Tensor no_mix;
-      if (weights == nullptr) k.mix(p.I, p.T, lam, no_mix, s.weights);
+      if (weights == nullptr) mix(no_mix);
       s.gram = weights_suit_gram(s.weights);
     }
     if (!s.gram) {
@@ -295,8 +310,13 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
       if (weights != nullptr) s.weights = at::empty({4, p.n}, p.I.options().dtype(at::kDouble));
       // The tile operand: rounded once to the dtype the device's tile products take.
       p.M = at::empty(p.I.sizes(), p.I.options().dtype(k.gemm.workspace_dtype(a.image.scalar_type())));
-      k.mix(p.I, p.T, lam, p.M, s.weights);
+      mix(p.M);
     }
+  }
+  if ((p.with_m2 || p.with_clip) && !s.pair_dot.defined()) {
+    s.pair_dot = row_dot_products(p.I, p.T);
+  }
+  if (p.with_m2) {
     p.diag = s.pair_dot * a.m2_scale;
     if (s.gram) {
       const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());

@@ -236,20 +236,26 @@ void step_dlogits_impl(const StepProblem& p, const at::Tensor& lse_t, int64_t r0
 inline int64_t mix_grain(int64_t D) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)); }
 
 // The slerp prologue in one pass per row, in double: c = <I_p, T_p>, the weights,
-// M_p = w_a I_p + w_b T_p rounded once to M's dtype (no M: the weights alone).
+// M_p = w_a I_p + w_b T_p rounded once to M's dtype (no M: the weights alone), and with
+// pair_dot (acc), c rounded to it.
 template <typename In, typename Out>
 void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Tensor& M,
-                    at::Tensor& weights) {
+                    at::Tensor& weights, const at::Tensor& pair_dot = at::Tensor()) {
   const int64_t n = I.size(0), D = I.size(1);
   const In* ip = I.data_ptr<In>();
   const In* tp = T.data_ptr<In>();
   Out* mp = M.defined() ? M.data_ptr<Out>() : nullptr;
   double* w = weights.data_ptr<double>();
+  const bool pair_double = pair_dot.defined() && pair_dot.scalar_type() == at::kDouble;
+  float* pf = pair_dot.defined() && !pair_double ? pair_dot.data_ptr<float>() : nullptr;
+  double* pd = pair_double ? pair_dot.data_ptr<double>() : nullptr;
   at::parallel_for(0, n, mix_grain(D), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const In* a = ip + p * D;
       const In* b = tp + p * D;
       const double c = dot_double(a, b, D);
+      if (pf != nullptr) pf[p] = float(c);
+      if (pd != nullptr) pd[p] = c;
       const auto sw = mx::slerp_weights<double>(c, lam);
       w[p] = sw.wa;
       w[n + p] = sw.wb;
@@ -383,19 +389,35 @@ void step_dlogits_cpu(const StepProblem& p, const at::Tensor& lse, int64_t r0, a
   RFT_DISPATCH_ACC(p.I, [&] { step_dlogits_impl<acc_t>(p, lse, r0, dA, dB, dC, stats); });
 }
 
-void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam, at::Tensor& M,
-                  at::Tensor& weights) {
-  check_mix(I, T, lam, M, weights, workspace_dtype_cpu(I.scalar_type()), c10::kCPU);
+namespace {
+
+void mix_rows_dispatch(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam,
+                       at::Tensor& M, at::Tensor& weights, const at::Tensor& pair_dot) {
   const double l = lam.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, I.scalar_type(), "mix_rows_cpu", [&] {
     if (!M.defined() || M.scalar_type() == I.scalar_type()) {
-      mix_rows_fused<scalar_t, scalar_t>(I, T, l, M, weights);
+      mix_rows_fused<scalar_t, scalar_t>(I, T, l, M, weights, pair_dot);
     } else if (M.scalar_type() == at::kDouble) {
-      mix_rows_fused<scalar_t, double>(I, T, l, M, weights);
+      mix_rows_fused<scalar_t, double>(I, T, l, M, weights, pair_dot);
     } else {
-      mix_rows_fused<scalar_t, float>(I, T, l, M, weights);
+      mix_rows_fused<scalar_t, float>(I, T, l, M, weights, pair_dot);
     }
   });
+}
+
+}  // namespace
+
+void mix_rows_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam, at::Tensor& M,
+                  at::Tensor& weights) {
+  check_mix(I, T, lam, M, weights, workspace_dtype_cpu(I.scalar_type()), c10::kCPU);
+  mix_rows_dispatch(I, T, lam, M, weights, at::Tensor());
+}
+
+void mix_rows_pair_dot_cpu(const at::Tensor& I, const at::Tensor& T, const at::Tensor& lam,
+                           at::Tensor& M, at::Tensor& weights, at::Tensor& pair_dot) {
+  check_mix_pair_dot(I, T, lam, M, weights, pair_dot, workspace_dtype_cpu(I.scalar_type()),
+                     c10::kCPU);
+  mix_rows_dispatch(I, T, lam, M, weights, pair_dot);
 }
 
 void mix_backward_cpu(const at::Tensor& dM, const at::Tensor& I, const at::Tensor& T,
@@ -452,7 +474,8 @@ static const StepKernelSet kCpuStepKernels{&step_lse_cpu,
                                            /*gram_serves=*/nullptr,
                                            kCpuGramStripRows,
                                            GramLayout::kInterleaved,
-                                           &unstack_pair_backward_cpu};
+                                           &unstack_pair_backward_cpu,
+                                           &mix_rows_pair_dot_cpu};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CPU, kCpuStepKernels)
 

@@ -14,6 +14,7 @@
 
 #include "harness.h"
 #include "robustft_maths.h"
+#include "step_kernels.h"
 
 namespace {
 
@@ -170,6 +171,49 @@ void test_slerp_identical_rows() {
   }
 }
 
+// The CPU's slerp prologue that also writes the pair's dot products: the weights (and M) are
+// mix_rows_cpu's, pair_dot is <I_p, T_p> (from the double product) in the accumulation dtype,
+// and a pair_dot of another length or dtype is refused by name before anything is written.
+void test_mix_pair_dot_launcher() {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  const int64_t n = 37, D = 33;  // neither a multiple of a vector width
+  const Tensor I0 = unit_rows(at::randn({n, D}, gen, at::TensorOptions().dtype(at::kDouble)));
+  const Tensor T0 = unit_rows(I0 + 0.7 * at::randn({n, D}, gen, at::TensorOptions().dtype(at::kDouble)));
+  const Tensor lam = at::scalar_tensor(0.3, at::TensorOptions().dtype(at::kDouble));
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    const Tensor I = I0.to(dtype), T = T0.to(dtype);
+    const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    const auto d64 = at::TensorOptions().dtype(at::kDouble);
+    Tensor w_ref = at::empty({4, n}, d64), w = at::empty({4, n}, d64);
+    Tensor M_ref = at::empty({n, D}, at::TensorOptions().dtype(acc)), M = at::empty_like(M_ref);
+    Tensor pair = at::full({n}, -7.0, at::TensorOptions().dtype(acc));
+    robustft::mix_rows_cpu(I, T, lam, M_ref, w_ref);
+    robustft::mix_rows_pair_dot_cpu(I, T, lam, M, w, pair);
+    RFT_CHECK_MSG(at::equal(w, w_ref) && at::equal(M, M_ref), "dtype ", dtype);
+    const Tensor dots = (I.to(at::kDouble) * T.to(at::kDouble)).sum(1);
+    const double err = (pair.to(at::kDouble) - dots).abs().max().item<double>();
+    RFT_CHECK_MSG(err <= (acc == at::kDouble ? 1e-14 : 1e-7), "dtype ", dtype, " error ", err);
+    Tensor no_m;  // the weights alone
+    Tensor pair2 = at::full({n}, -7.0, at::TensorOptions().dtype(acc));
+    robustft::mix_rows_pair_dot_cpu(I, T, lam, no_m, w, pair2);
+    RFT_CHECK_MSG(at::equal(pair2, pair) && at::equal(w, w_ref), "dtype ", dtype, " without M");
+  }
+  const Tensor I = I0.to(at::kFloat), T = T0.to(at::kFloat);
+  Tensor w = at::empty({4, n}, at::TensorOptions().dtype(at::kDouble)), no_m;
+  for (Tensor bad : {at::zeros({n + 1}), at::zeros({n}, at::TensorOptions().dtype(at::kDouble)),
+                     at::zeros({n, 1}), at::zeros({n, 2}).select(1, 0),
+                     Tensor()}) {
+    bool named = false;
+    try {
+      robustft::mix_rows_pair_dot_cpu(I, T, lam, no_m, w, bad);
+    } catch (const c10::Error& e) {
+      named = std::string(e.what()).find("pair_dot") != std::string::npos;
+    }
+    RFT_CHECK_MSG(named, "a bad pair_dot ", bad.defined() ? bad.sizes() : at::IntArrayRef{},
+                  " was not refused by name");
+  }
+}
+
 }  // namespace
 
 RFT_CASES(m2mix) {
@@ -180,6 +224,7 @@ RFT_CASES(m2mix) {
   add_case("maths/slerp_weights_antipodal/float", &check_weights_antipodal<float>);
   add_case("maths/slerp_weights_antipodal/double", &check_weights_antipodal<double>);
   add_case("m2mix/slerp_identical_rows", &test_slerp_identical_rows);
+  add_case("m2mix/mix_pair_dot_launcher", &test_mix_pair_dot_launcher);
   for (auto dtype : {at::kDouble, at::kFloat}) {
     for (int64_t n : {1, 3, 70, 1100}) {
       for (int64_t D : {5, 17}) {
