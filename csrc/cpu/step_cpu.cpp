@@ -240,7 +240,7 @@ inline int64_t mix_grain(int64_t D) { return std::max<int64_t>(1, 65536 / std::m
 // pair_dot (acc), c rounded to it.
 template <typename In, typename Out>
 void mix_rows_fused(const at::Tensor& I, const at::Tensor& T, double lam, at::Tensor& M,
-                    at::Tensor& weights, const at::Tensor& pair_dot = at::Tensor()) {
+                    at::Tensor& weights, const at::Tensor& pair_dot) {
   const int64_t n = I.size(0), D = I.size(1);
   const In* ip = I.data_ptr<In>();
   const In* tp = T.data_ptr<In>();

@@ -199,7 +199,7 @@ void test_mix_pair_dot_launcher() {
     RFT_CHECK_MSG(at::equal(pair2, pair) && at::equal(w, w_ref), "dtype ", dtype, " without M");
   }
   const Tensor I = I0.to(at::kFloat), T = T0.to(at::kFloat);
-  Tensor w = at::empty({4, n}, at::TensorOptions().dtype(at::kDouble)), no_m;
+  Tensor w = at::full({4, n}, -7.0, at::TensorOptions().dtype(at::kDouble)), no_m;
   for (Tensor bad : {at::zeros({n + 1}), at::zeros({n}, at::TensorOptions().dtype(at::kDouble)),
                      at::zeros({n, 1}), at::zeros({n, 2}).select(1, 0),
                      Tensor()}) {
@@ -211,6 +211,7 @@ void test_mix_pair_dot_launcher() {
     }
     RFT_CHECK_MSG(named, "a bad pair_dot ", bad.defined() ? bad.sizes() : at::IntArrayRef{},
                   " was not refused by name");
+    RFT_CHECK(at::all(w == -7.0).item<bool>());
   }
 }
 
