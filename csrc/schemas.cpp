@@ -102,7 +102,7 @@ void robustft::define_loss_ops(torch::Library& m) {
   m.def("robust_step_bwd(Tensor grad_terms, " RFT_STEP_SCHEMA
         ", Tensor lse) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // robust_step_fwd and m2mix_fwd that also return the tiles' products (the Gram strips that
-  // fit the workspace limit, [K, 4 R n]; under the three-products design the dot products
+  // fit the workspace limit, packed, [E]; under the three-products design the dot products
   // [V, n, n], V = 2 with m^2 + 1 with CLIP, refused beyond the limit) and the O(n D) rest
   // the backward would form again, `carried` (step_ops.h, StepCarry: <I_p, T_p>, the slerp
   // weights, the stacked rows, Lipsum's V); and the backwards that take both instead of
@@ -153,12 +153,13 @@ TORCH_LIBRARY(robustft_ext, m) {
     robustft::step_design_setting().store(
         int(design == "gram" ? robustft::StepDesign::kGram : robustft::StepDesign::kProducts));
   });
-  // (rows per strip R, kept strips K) of the Gram formulation's CPU passes for n rows of
-  // `element_size` bytes under the current workspace limit (step_ops.h, gram_strips): the
-  // kept Gram strips of m2mix_fwd_keep / robust_step_fwd_keep (the CPU's) are [K, 4 R n].
-  m.def("gram_strips(int n, int element_size) -> (int, int)", [](int64_t n, int64_t elem) {
-    const auto [R, K] = robustft::gram_strips(n, elem, robustft::kCpuGramStripRows);
-    return std::make_tuple(R, K);
+  // (rows per strip R, kept strips K, kept entries E) of the Gram formulation's CPU passes
+  // for n rows of `element_size` bytes under the current workspace limit (step_ops.h,
+  // gram_strips): the kept Gram strips of m2mix_fwd_keep / robust_step_fwd_keep (the CPU's)
+  // are [E], the first K strips packed.
+  m.def("gram_strips(int n, int element_size) -> (int, int, int)", [](int64_t n, int64_t elem) {
+    const auto g = robustft::gram_strips(n, elem, robustft::kCpuGramStripRows);
+    return std::make_tuple(g.rows, g.kept, g.entries);
   });
   robustft::define_loss_ops(m);
 }

@@ -83,10 +83,9 @@ struct GramProblem {
   at::Tensor diag;                  // [n] acc: the true pair s_m <I_p, T_p>
   at::Tensor m2_scale, clip_scale;  // 0-d acc (clip_scale defined with CLIP)
   // The CPU forward's strips: rows [j R, (j + 1) R) against the columns [j R, n), R =
-  // strip_rows (the backward's chunk); with keep [K, 4 R n] (acc), the Gram blocks of the
-  // first K strips are kept there (strip j in keep[j][: 4 R (n - j R)] in the strips'
-  // layout) for the backward, which then recomputes nothing for them. Devices that
-  // recompute ignore both.
+  // strip_rows (the backward's chunk); with keep (flat, acc), the Gram blocks of the first
+  // K strips are kept there, packed (gram_kept_strip) in the strips' layout, for the
+  // backward, which then recomputes nothing for them. Devices that recompute ignore both.
   int64_t strip_rows = 0;
   at::Tensor keep;
   // The backward strips' layout; with kInterleaved, stacked [2 n, D] (the GEMM operand dtype)
@@ -106,6 +105,46 @@ constexpr double kGramWeightLimit = 4.0;
 // the triangle's n^2 / 2 (1.06 times at n = 2048). The CUDA forward schedules the triangle
 // by tiles and takes the workspace's strips.
 constexpr int64_t kCpuGramStripRows = 256;
+
+// The most rows of the GPU backends' Gram strips (CUDA's here, Triton's GRAM_STRIP_ROWS_MAX).
+// Their backward recomputes each strip's Gram tiles, its own square block whole: 4 n^2 D R / n
+// more multiply-adds in all. 2048 rows hold that to an eighth at n = 16384 (the design point
+// of benchmarks/README.md) whatever the workspace limit, and a 2048-row strip still fills a
+// GPU with tiles.
+constexpr int64_t kGpuGramStripRows = 2048;
+
+// The kept strips' packing: strip j (rows [j R, j R + R_j), R_j = min(R, n - j R), against
+// the columns [j R, n)) holds 4 R_j (n - j R) entries, and the strips follow one another from
+// strip 0 with no gap. A later strip is narrower than the first, so a limit holds more strips
+// packed than in slots of the first strip's size (at n = 8192, R = 256 and 512 MiB of float,
+// 26 of the 32 strips against 16).
+inline int64_t gram_strip_entries(int64_t n, int64_t R, int64_t j) {
+  const int64_t W = n - j * R;
+  return 4 * std::min(R, W) * W;
+}
+
+// Where strip j starts in the packed buffer (the entries of the strips before it).
+inline int64_t gram_kept_offset(int64_t n, int64_t R, int64_t j) {
+  int64_t offset = 0;
+  for (int64_t i = 0; i < j; ++i) offset += gram_strip_entries(n, R, i);
+  return offset;
+}
+
+// How many whole strips a packed buffer of `entries` holds, or -1 when no number of strips
+// fills it exactly (a buffer that is not a forward's).
+inline int64_t gram_kept_count(int64_t n, int64_t R, int64_t entries) {
+  int64_t offset = 0;
+  for (int64_t j = 0; R > 0 && j * R < n; ++j) {
+    if (offset == entries) return j;
+    offset += gram_strip_entries(n, R, j);
+  }
+  return offset == entries ? (n + R - 1) / std::max<int64_t>(R, 1) : -1;
+}
+
+// Strip j's entries in the packed buffer `keep`.
+inline at::Tensor gram_kept_strip(const at::Tensor& keep, int64_t n, int64_t R, int64_t j) {
+  return keep.narrow(0, gram_kept_offset(n, R, j), gram_strip_entries(n, R, j));
+}
 
 // The O(n D) launchers (mix, mix_backward, dive_sums, dive_grads) are one pass over the rows
 // each, on the device: the slerp prologue's and DiVE's maths as a dozen whole-tensor ATen

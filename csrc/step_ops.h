@@ -216,14 +216,25 @@ inline bool gram_wanted(const StepKernelSet& k, at::ScalarType dtype) {
 }
 
 // The strips of the Gram formulation for n rows of element size `elem` in the workspace:
-// (rows per strip R, at most max_rows unless 0, strips K of them that a forward keeps within
-// the workspace limit, each in a slot of 4 R n elements). The backward's chunk is a strip.
-inline std::pair<int64_t, int64_t> gram_strips(int64_t n, int64_t elem, int64_t max_rows) {
-  const int64_t slot = 4 * n * elem;
-  int64_t R = workspace_chunk_rows(n, slot, kChunkAlign);
-  if (max_rows > 0) R = std::min(R, max_rows);
-  const int64_t strips = (n + R - 1) / R;
-  return {R, std::min(strips, workspace_limit_bytes().load() / std::max<int64_t>(1, slot * R))};
+// rows per strip (at most max_rows unless 0; the backward's chunk is a strip), and the
+// strips a forward keeps within the workspace limit, packed (gram_kept_strip, step_kernels.h),
+// with their entries.
+struct GramStrips {
+  int64_t rows = 0, kept = 0, entries = 0;
+};
+
+inline GramStrips gram_strips(int64_t n, int64_t elem, int64_t max_rows) {
+  GramStrips g;
+  g.rows = workspace_chunk_rows(n, 4 * n * elem, kChunkAlign);
+  if (max_rows > 0) g.rows = std::min(g.rows, max_rows);
+  const int64_t limit = workspace_limit_bytes().load();
+  for (int64_t r0 = 0; r0 < n; r0 += g.rows) {
+    const int64_t more = gram_strip_entries(n, g.rows, g.kept);
+    if ((g.entries + more) * elem > limit) break;
+    g.entries += more;
+    ++g.kept;
+  }
+  return g;
 }
 
 // X [2 n, D] of `dtype` = [I_0; T_0; I_1; T_1; ...]: block b holds the rows [b R, (b + 1) R)
@@ -322,7 +333,7 @@ inline StepSetup step_setup(const StepKernelSet& k, const StepArgs& a, bool allo
       const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
       s.g = GramProblem{p.n, p.with_clip, p.I, p.T, s.weights, p.diag, a.m2_scale,
                         p.with_clip ? a.clip_scale : at::Tensor(),
-                        gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max).first};
+                        gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max).rows};
       s.g.layout = k.gram_layout;
       if (s.g.layout == GramLayout::kInterleaved) {
         const auto* stacked = carried_entry(carried, kCarryStacked, {2 * p.n, p.I.size(1)},
@@ -420,14 +431,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> step_fwd_impl(const StepKe
   auto& p = s.p;
   const auto& opts = s.acc_options;
   if (kept != nullptr && p.with_m2 && gram_wanted(k, a.image.scalar_type())) {
-    // The Gram blocks of the strips that fit the limit ([K, 4 R n]); a batch that the
-    // weights' limit sends to the three products keeps nothing (the slots stay unused).
+    // The Gram blocks of the strips that fit the limit, packed; a batch that the weights'
+    // limit sends to the three products keeps nothing (the buffer stays unused).
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
-    const auto [R, K] = gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max);
-    TORCH_CHECK(K > 0, "robustft_ext: not one Gram strip of ", R, " rows fits the workspace "
-                "limit of ", workspace_limit_bytes().load(), " bytes (use the forward that "
-                "keeps nothing)");
-    *kept = cached_empty({K, 4 * R * p.n}, a.image.options().dtype(ws_dtype));
+    const auto strips = gram_strips(p.n, at::elementSize(ws_dtype), k.gram_strip_rows_max);
+    TORCH_CHECK(strips.kept > 0, "robustft_ext: not one Gram strip of ", strips.rows,
+                " rows fits the workspace limit of ", workspace_limit_bytes().load(),
+                " bytes (use the forward that keeps nothing)");
+    *kept = cached_empty({strips.entries}, a.image.options().dtype(ws_dtype));
     if (s.gram) s.g.keep = *kept;
   } else if (kept != nullptr) {
     const auto ws_dtype = k.gemm.workspace_dtype(a.image.scalar_type());
@@ -565,14 +576,18 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
   const auto r_m = a_m / norm, r_c = a_c / norm;
   const auto ws_dtype = k.gemm.workspace_dtype(g.I.scalar_type());
   const int64_t rows = g.strip_rows;
-  // The kept strips are formed in place; the later strips reuse the first slot (every strip
-  // fits a slot of 4 R n), else a workspace of one slot.
-  const int64_t kept = g.keep.defined() ? g.keep.size(0) : 0;
-  const at::Tensor ws = kept > 0 ? g.keep[0] : cached_empty({4 * rows * n}, g.I.options().dtype(ws_dtype));
+  // The kept strips are formed in place; the later strips reuse the first strip's entries
+  // (the widest strip: it holds any other), else a workspace of that size.
+  const int64_t kept = g.keep.defined() ? gram_kept_count(n, rows, g.keep.numel()) : 0;
+  const at::Tensor ws = kept > 0 ? gram_kept_strip(g.keep, n, rows, 0)
+                                 : cached_empty({gram_strip_entries(n, rows, 0)},
+                                                g.I.options().dtype(ws_dtype));
   at::Tensor u = at::zeros({2, n}, opts), stats = at::zeros({2}, opts);
   // Strip j, rows [r0, r0 + R), formed in its kept slot or the workspace as `shape`.
   auto form_strip = [&](int64_t j, int64_t r0, std::initializer_list<int64_t> shape) {
-    at::Tensor S = (j < kept ? g.keep[j] : ws).narrow(0, 0, c10::multiply_integers(shape)).view(shape);
+    at::Tensor S = (j < kept ? gram_kept_strip(g.keep, n, rows, j) : ws)
+                       .narrow(0, 0, c10::multiply_integers(shape))
+                       .view(shape);
     k.gram_strip(g, lse, r0, r_m, r_c, S, stats, u);
     return S;
   };
@@ -639,15 +654,16 @@ step_bwd_impl(const StepKernelSet& k, const at::Tensor& grad_terms, const StepAr
               const at::Tensor& lse, const at::Tensor& kept = at::Tensor(),
               const StepCarry* carried = nullptr) {
   RFT_KERNEL_GUARDS();
-  // Kept Gram strips are [K, 4 R n]; kept three-view products [V, n, n].
-  const bool kept_strips = kept.defined() && kept.dim() == 2;
+  // Kept Gram strips are packed, flat; kept three-view products [V, n, n].
+  const bool kept_strips = kept.defined() && kept.dim() == 1;
   auto s = step_setup(k, a, /*allow_gram=*/!kept.defined() || kept_strips, carried);
   if (kept_strips && s.gram) {
-    TORCH_CHECK(kept.is_contiguous() && kept.size(1) == 4 * s.g.strip_rows * s.g.n &&
+    TORCH_CHECK(kept.is_contiguous() && gram_kept_count(s.g.n, s.g.strip_rows, kept.numel()) > 0 &&
                     kept.scalar_type() == k.gemm.workspace_dtype(a.image.scalar_type()) &&
                     kept.device() == a.image.device(),
-                "robustft_ext: the kept Gram strips must be the forward's contiguous [K, 4 R n] "
-                "tensor of the workspace dtype, got ", kept.sizes(), " ", kept.scalar_type());
+                "robustft_ext: the kept Gram strips must be the forward's packed strips (a "
+                "contiguous 1-d tensor of the workspace dtype holding whole strips of ",
+                s.g.strip_rows, " rows), got ", kept.sizes(), " ", kept.scalar_type());
     s.g.keep = kept;
   } else if (kept.defined() && !kept_strips) {
     // The forward's dot products (step_fwd_impl), overwritten here by the dlogits.

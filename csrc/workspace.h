@@ -14,7 +14,9 @@
 
 namespace robustft {
 
-constexpr int64_t kDefaultWorkspaceBytes = int64_t(256) << 20;  // 256 MiB
+// 512 MiB: twice CLIP's N x N float products at N = 8192, since the Gram formulation keeps
+// twice CLIP's entries (docs/backends.md, workspace).
+constexpr int64_t kDefaultWorkspaceBytes = int64_t(512) << 20;
 
 inline std::atomic<int64_t>& workspace_limit_bytes() {
   static std::atomic<int64_t> limit{kDefaultWorkspaceBytes};

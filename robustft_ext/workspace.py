@@ -8,7 +8,7 @@ the native CPU forward of CLIP or SigLIP keeps its N x N dot products for the ba
 then recomputes nothing): only when they fit it. Both fused backends (native and triton) read
 this one limit.
 
-The default is 256 MiB. `ROBUSTFT_WORKSPACE_MB` sets it for a process; `set_workspace_limit`
+The default is 512 MiB. `ROBUSTFT_WORKSPACE_MB` sets it for a process; `set_workspace_limit`
 changes it at run time.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from . import _extension
 
-DEFAULT_WORKSPACE_BYTES = 256 * 2**20
+DEFAULT_WORKSPACE_BYTES = 512 * 2**20
 ENV_VAR = "ROBUSTFT_WORKSPACE_MB"
 
 _limit_bytes: int | None = None
@@ -40,7 +40,7 @@ def _from_env() -> int:
 
 def workspace_limit() -> int:
     """The most bytes a fused backward pass may hold as dS workspace, or a CPU forward keep as
-    dot products (default 256 MiB)."""
+    dot products (default 512 MiB)."""
     global _limit_bytes
     if _limit_bytes is None:
         _limit_bytes = _from_env()

@@ -190,7 +190,7 @@ static const StepKernelSet kCudaRulesStepKernels{
     GemmKernels{&gemm_acc_cuda_rules, &workspace_dtype_cuda_rules},
     &mix_rows_cuda_rules, &mix_backward_cuda_rules, &dive_sums_cuda_rules,
     &dive_grads_cuda_rules, &pair_backward_cuda_rules, &gram_lse_cuda_rules,
-    &gram_strip_cuda_rules, &atomic_gram_serves};
+    &gram_strip_cuda_rules, &atomic_gram_serves, kGpuGramStripRows};
 
 TORCH_LIBRARY(robustft_cuda_rules, m) { define_loss_ops(m); }
 

@@ -159,14 +159,15 @@ void gram_lse_impl(const GramProblem& p, at::Tensor& lse) {
                                     ColumnStates<T>(p.with_clip ? n : 0, slots)};
   const StripFold<T> fold{p, w, diag_c.data_ptr<T>(), value<T>(p.m2_scale),
                           value<T>(p.clip_scale), st};
-  const int64_t kept = p.keep.defined() ? p.keep.size(0) : 0;
+  const int64_t kept = p.keep.defined() ? gram_kept_count(n, R, p.keep.numel()) : 0;
   at::Tensor scratch;
   for (int64_t r0 = 0, j = 0; r0 < n; r0 += R, ++j) {
     const int64_t Rj = std::min(R, n - r0), W = n - r0;
-    if (j >= kept && !scratch.defined()) {
-      scratch = cached_empty({4 * R * n}, p.I.options().dtype(acc));
+    if (j >= kept && !scratch.defined()) {  // (strip j's size holds any later strip)
+      scratch = cached_empty({gram_strip_entries(n, R, j)}, p.I.options().dtype(acc));
     }
-    const at::Tensor G = strip_gram(p, Xi, Xt, r0, Rj, j < kept ? p.keep[j] : scratch);
+    const at::Tensor G =
+        strip_gram(p, Xi, Xt, r0, Rj, j < kept ? gram_kept_strip(p.keep, n, R, j) : scratch);
     const T* g = G.data_ptr<T>();
     const gram::StripLayout L{Rj, W, p.layout == GramLayout::kInterleaved};
     // (A strip's column blocks are whole fold tiles wide but for the last, so no tile
@@ -335,10 +336,11 @@ void gram_lse_cpu(const GramProblem& p, at::Tensor& lse) {
               "robustft_ext: the CPU Gram forward's strips are whole fold tiles of ", kGramTile,
               " rows, got ", p.strip_rows);
   TORCH_CHECK(!p.keep.defined() ||
-                  (p.keep.dim() == 2 && p.keep.is_contiguous() &&
-                   p.keep.size(1) == 4 * p.strip_rows * p.n &&
+                  (p.keep.dim() == 1 && p.keep.is_contiguous() &&
+                   gram_kept_count(p.n, p.strip_rows, p.keep.numel()) >= 0 &&
                    p.keep.scalar_type() == acc_dtype(p.I.scalar_type())),
-              "robustft_ext: the kept Gram strips must be a contiguous [K, 4 R n] tensor");
+              "robustft_ext: the kept Gram strips must be a contiguous 1-d tensor of the "
+              "accumulation dtype holding whole strips, packed (gram_kept_strip)");
   RFT_DISPATCH_ACC(p.I, [&] { gram_lse_impl<acc_t>(p, lse); });
 }
 
@@ -347,7 +349,8 @@ void gram_strip_cpu(const GramProblem& p, const at::Tensor& lse, int64_t r0,
                     at::Tensor& stats, at::Tensor& u) {
   check_gram_strip(p, lse, r0, f_m2, f_clip, S, stats, u, acc_dtype(p.I.scalar_type()),
                    c10::kCPU);
-  const bool holds_gram = p.keep.defined() && r0 < p.keep.size(0) * p.strip_rows;
+  const bool holds_gram =
+      p.keep.defined() && r0 < gram_kept_count(p.n, p.strip_rows, p.keep.numel()) * p.strip_rows;
   RFT_DISPATCH_ACC(p.I, [&] {
     gram_strip_impl<acc_t>(p, lse, r0, f_m2.item<acc_t>(),
                            p.with_clip ? f_clip.item<acc_t>() : acc_t(0), holds_gram, S, stats, u);

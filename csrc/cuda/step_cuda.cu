@@ -352,7 +352,8 @@ static const StepKernelSet kCudaStepKernels{&step_lse_cuda,
                                             &pair_backward_cuda,
                                             &gram_lse_cuda,
                                             &gram_strip_cuda,
-                                            &atomic_gram_serves};
+                                            &atomic_gram_serves,
+                                            kGpuGramStripRows};
 
 RFT_REGISTER_STEP_OPS(robustft_ext, CUDA, kCudaStepKernels)
 

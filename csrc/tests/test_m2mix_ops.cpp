@@ -19,6 +19,10 @@
 namespace {
 
 namespace mx = ::robustft::maths;
+using ::robustft::gram_kept_count;
+using ::robustft::gram_kept_offset;
+using ::robustft::gram_kept_strip;
+using ::robustft::gram_strip_entries;
 using at::Tensor;
 using rft_test::add_case;
 using rft_test::cat;
@@ -171,6 +175,37 @@ void test_slerp_identical_rows() {
   }
 }
 
+// The kept Gram strips' packing (step_kernels.h): strip j holds 4 R_j (n - j R) entries,
+// R_j = min(R, n - j R); the strips follow one another with no gap and cover the packed
+// buffer of all strips exactly; gram_kept_count inverts the offsets and refuses a size that
+// ends inside a strip.
+void test_gram_kept_packing() {
+  for (int64_t n : {1, 5, 256, 300, 1024, 1100}) {
+    for (int64_t R : {128, 256}) {
+      const int64_t strips = (n + R - 1) / R;
+      int64_t offset = 0;
+      for (int64_t j = 0; j < strips; ++j) {
+        const int64_t rows = std::min(R, n - j * R), W = n - j * R;
+        RFT_CHECK_MSG(gram_kept_offset(n, R, j) == offset, "offset of strip ", j, ", n=", n,
+                      " R=", R);
+        RFT_CHECK_MSG(gram_strip_entries(n, R, j) == 4 * rows * W, "entries of strip ", j);
+        RFT_CHECK_MSG(gram_kept_count(n, R, offset) == j, "count at strip ", j, ", n=", n);
+        RFT_CHECK_MSG(gram_kept_count(n, R, offset + 1) == -1, "inside strip ", j, ", n=", n);
+        const at::Tensor keep = at::arange(gram_kept_offset(n, R, strips), at::kLong);
+        const at::Tensor strip = gram_kept_strip(keep, n, R, j);
+        RFT_CHECK_MSG(strip.numel() == 4 * rows * W && strip[0].item<int64_t>() == offset,
+                      "strip ", j, "'s view, n=", n);
+        offset += 4 * rows * W;
+      }
+      RFT_CHECK_MSG(gram_kept_count(n, R, offset) == strips, "all strips, n=", n, " R=", R);
+      RFT_CHECK_MSG(gram_kept_count(n, R, offset + 1) == -1, "past the last strip, n=", n);
+      if (n % R == 0) {  // whole strips: 4 R (K n - R K (K - 1) / 2) = 2 n^2 + 2 n R
+        RFT_CHECK_MSG(offset == 2 * n * n + 2 * n * R, "total, n=", n, " R=", R);
+      }
+    }
+  }
+}
+
 // The CPU's slerp prologue that also writes the pair's dot products: the weights (and M) are
 // mix_rows_cpu's, pair_dot is <I_p, T_p> (from the double product) in the accumulation dtype,
 // and a pair_dot of another length or dtype is refused by name before anything is written.
@@ -226,6 +261,7 @@ RFT_CASES(m2mix) {
   add_case("maths/slerp_weights_antipodal/double", &check_weights_antipodal<double>);
   add_case("m2mix/slerp_identical_rows", &test_slerp_identical_rows);
   add_case("m2mix/mix_pair_dot_launcher", &test_mix_pair_dot_launcher);
+  add_case("m2mix/gram_kept_packing", &test_gram_kept_packing);
   for (auto dtype : {at::kDouble, at::kFloat}) {
     for (int64_t n : {1, 3, 70, 1100}) {
       for (int64_t D : {5, 17}) {

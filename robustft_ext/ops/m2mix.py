@@ -33,11 +33,11 @@ def step_views(with_m2: bool, with_clip: bool) -> int:
 def kept_shape(n: int, dtype: torch.dtype, with_m2: bool, with_clip: bool) -> tuple[int, ...]:
     """The shape of what the native CPU's m2mix / robust_step _keep ops keep for their
     backward: with m^2 under the Gram design (robustft_ext.step_design) the Gram blocks of
-    the K strips of R rows that fit the workspace limit, [K, 4 R n] (K may be 0: nothing
+    the strips of R rows that fit the workspace limit, packed, [E] (E may be 0: nothing
     fits); otherwise the views' dot products [V, n, n]."""
     if with_m2 and step_design() == "gram":
-        rows, strips = torch.ops.robustft_ext.gram_strips(n, acc_dtype(dtype).itemsize)
-        return (strips, 4 * rows * n)
+        _, _, entries = torch.ops.robustft_ext.gram_strips(n, acc_dtype(dtype).itemsize)
+        return (entries,)
     n_views = step_views(with_m2, with_clip)
     return (n_views, n, n)
 

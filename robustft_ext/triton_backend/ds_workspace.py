@@ -3,7 +3,7 @@
 The large-D backward (contrastive_ops.py, step_ops.py) forms the unit dlogits U of one row
 chunk at a time into a workspace (a dlogit kernel) and multiplies the chunk into the feature
 gradients with library GEMMs. The chunk is as many rows as fit in robustft_ext.workspace's limit
-(default 256 MiB), never fewer than one BLOCK_M row block, so the backward's extra memory is
+(default 512 MiB), never fewer than one BLOCK_M row block, so the backward's extra memory is
 bounded at any batch size.
 """
 from __future__ import annotations

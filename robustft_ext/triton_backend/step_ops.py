@@ -87,6 +87,11 @@ _PAIR_DOTS = traceable(slerp_kernels.pair_dots_kernel)
 _SLERP_MIX = traceable(slerp_kernels.slerp_mix_kernel)
 _SLERP_BWD = traceable(slerp_kernels.slerp_bwd_kernel)
 
+# The most rows of a Gram backward strip, as csrc/step_kernels.h's kGpuGramStripRows: each
+# strip recomputes its own square block whole (4 n^2 D R / n more multiply-adds in all), which
+# 2048 rows hold to an eighth at n = 16384 whatever the workspace limit.
+GRAM_STRIP_ROWS_MAX = 2048
+
 # The five losses of a step, in the order of robust_step_fwd's `terms` and of `grads`
 # (csrc/step_ops.h StepTerm).
 K_CLIP, K_M2, K_LIPSUM, K_AVL, K_PVL = range(5)
@@ -621,7 +626,7 @@ def _gram_grads(s: _Step, grads: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, T
     stats [2] = the m^2 and CLIP scale gradients without the true pair's share, u [2, n]).
 
     Strips of rows [r0, r1) against the columns [r0, n), as many rows as the workspace limit
-    allows (ds_workspace.chunk_rows): one launch of gram_kernels.gram_strip_kernel forms
+    allows (ds_workspace.chunk_rows), at most GRAM_STRIP_ROWS_MAX: one launch of gram_kernels.gram_strip_kernel forms
     S[r0:r1, r0:] / norm in the workspace (interleaved: S is a [2 R, 2 (n - r0)] block of
     dG + dG^T over the rows X = [I_0; T_0; I_1; T_1; ...]), norm = |a_m| + |a_c| so that
     16-bit workspaces hold entries of order one, and two float32-output library GEMMs take
@@ -632,7 +637,8 @@ def _gram_grads(s: _Step, grads: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, T
     n, D, f32 = s.n, s.D, s.f32
     cfg = s.config("gram_strip")
     ws_dtype = ds_workspace.ds_dtype(s.dtype)
-    rows = ds_workspace.chunk_rows(n, gram_strip_row_bytes(n, ws_dtype, cfg), cfg.block_m)
+    rows = min(ds_workspace.chunk_rows(n, gram_strip_row_bytes(n, ws_dtype, cfg), cfg.block_m),
+               GRAM_STRIP_ROWS_MAX)
     width, width_r, width_n = (configs.aligned_dim(2 * n), configs.aligned_dim(rows),
                                configs.aligned_dim(n))
     zero = torch.zeros((), **f32)

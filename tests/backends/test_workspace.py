@@ -24,9 +24,9 @@ def small_workspace():
     rft.set_workspace_limit(None)
 
 
-def test_default_limit_is_256_mib():
+def test_default_limit_is_512_mib():
     """The default reaches both sides in a fresh process: the Python decision to keep the CPU's
-    dot products (256 MiB of float32, not a byte more), and the compiled ops' own copy of the
+    dot products (512 MiB of float32, not a byte more), and the compiled ops' own copy of the
     limit, which refuses to keep products one row over it, naming the limit."""
     import subprocess
     import sys
@@ -38,10 +38,10 @@ def test_default_limit_is_256_mib():
         rft.set_step_design("products")  # whose kept products take the limit whole
         ctx = types.SimpleNamespace(needs_input_grad=(True,))
         a = torch.zeros(1, 1)
-        entries = 256 * 2**20 // 4
+        entries = 512 * 2**20 // 4
         assert backends.keeps_products(ctx, "native", True, a, entries)
         assert not backends.keeps_products(ctx, "native", True, a, entries + 1)
-        n = 4730  # three 4730 x 4730 float32 products: 268,474,800 bytes, over 256 MiB
+        n = 6689  # three 6689 x 6689 float32 products: 536,912,652 bytes, over 512 MiB
         x = torch.nn.functional.normalize(torch.randn(n, 4), dim=1)
         s, lam = torch.tensor(1.0), torch.tensor(0.3)
         try:
@@ -52,8 +52,8 @@ def test_default_limit_is_256_mib():
     env = {k: v for k, v in os.environ.items() if k != workspace.ENV_VAR}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, check=True).stdout
-    assert "more than the workspace limit of 268435456 bytes" in out, out
-    assert workspace.DEFAULT_WORKSPACE_BYTES == 256 * 2**20
+    assert "more than the workspace limit of 536870912 bytes" in out, out
+    assert workspace.DEFAULT_WORKSPACE_BYTES == 512 * 2**20
 
 
 def test_set_and_restore():

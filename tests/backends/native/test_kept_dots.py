@@ -218,7 +218,7 @@ def test_the_carry_serves_a_backward_under_another_workspace_limit():
         _, _, lse, kept, carried = ops.robust_step_fwd_keep(*args)
     finally:
         rft.set_workspace_limit(None)
-    assert kept.shape[0] == 1 and carried[3].numel() == 0
+    assert kept.numel() == 4 * n * n and carried[3].numel() == 0  # one strip of n rows
     got = ops.robust_step_bwd_kept(grads, *args, lse, kept, carried)
     fresh = ops.robust_step_bwd(grads, *args, lse)
     for x, y in zip(got, fresh):
@@ -342,12 +342,18 @@ def test_step_keep_op_refuses_products_over_the_limit(design, message):
 
 @pytest.mark.parametrize("kind", ["m2mix", "clip_m2mix", "robust_step"])
 def test_gram_keeps_the_strips_that_fit(kind):
-    """The Gram design keeps the Gram blocks of as many backward strips as fit the limit: all
-    of them, the first of two, or none (a limit below one strip of 128 rows), the numbers those
-    strips' backward would recompute otherwise."""
+    """The Gram design keeps the Gram blocks of as many backward strips as fit the limit,
+    packed: all of them, the first of two, or none (a limit below one strip of 128 rows), the
+    numbers those strips' backward would recompute otherwise. The second strip (44 rows against
+    44 columns) takes only its own entries: a limit of the two strips' exact size keeps both,
+    where two strips of the first one's size would not fit."""
     require_backend("native", "cpu")
     n, slot = 300, 4 * 300 * 4  # a strip row's four Gram entries per column, float32
-    cases = {"all": (None, (256, 2)), "first": (256 * slot, (256, 1)), "none": (128 * slot - 1, (128, 0))}
+    first, second = 4 * 256 * 300, 4 * 44 * 44  # the strips' entries
+    cases = {"all": (None, (256, 2, first + second)),
+             "packed": (4 * (first + second), (256, 2, first + second)),
+             "first": (4 * (first + second) - 1, (256, 1, first)),
+             "none": (128 * slot - 1, (128, 0, 0))}
     results = {}
     for name, (limit, expected) in cases.items():
         if limit is not None:
@@ -358,7 +364,7 @@ def test_gram_keeps_the_strips_that_fit(kind):
         finally:
             rft.set_workspace_limit(None)
     loss, grads = results["none"]
-    for name in ("all", "first"):
+    for name in ("all", "packed", "first"):
         other_loss, other_grads = results[name]
         assert_close_rel(other_loss, loss, 1e-6, f"{name} loss")
         for x, y in zip(other_grads, grads):
@@ -393,8 +399,7 @@ def test_a_freed_kept_buffer_serves_the_next_step(op):
     del first, kept
     again = kept_of(forward())
     assert again.data_ptr() == ptr
-    # Bitwise, since a Gram buffer's last strip is partly unused (its rows past n are never
-    # written nor read) and may hold any bits, NaN among them, which the reused block keeps.
+    # Bitwise, NaN included: the reused block keeps whatever bits the first forward wrote.
     assert torch.equal(again.view(torch.int32), values.view(torch.int32))
 
 
@@ -499,27 +504,26 @@ def test_step_buffers_from_reused_blocks_full_of_nan_give_the_fresh_results():
 
 @pytest.mark.parametrize("kind", ["m2mix", "robust_step"])
 def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
-    """A reused block keeps whatever the previous step left in it: the Gram buffer's unused
-    tail (the last strip's rows past n) must be neither read nor trusted. The block a step frees
-    is filled with NaN before the next step takes it; that step's loss and gradients are those
-    of a step on fresh memory, bit for bit."""
+    """A reused block keeps whatever the previous step left in it. The block a step frees is
+    filled with NaN before the next step takes it; that step's loss and gradients are those of a
+    step on fresh memory, bit for bit, and the packed strips leave no entry of it unwritten."""
     require_backend("native", "cpu")
-    n = 300  # two strips of 256 rows: the second uses 44 of them
+    n = 300  # two strips of 256 rows: the second has 44 of them
     fresh_loss, fresh_grads = _run_step(kind, n, torch.float32)
     a, b = (features(n, 24).detach() for _ in range(2))
     one = torch.tensor(1.0)
     kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
                                                   True)[3]
-    assert kept.shape[0] == 2, "the test wants two strips"
+    assert torch.ops.robustft_ext.gram_strips(n, 4)[1] == 2, "the test wants two strips"
     kept.fill_(float("nan"))
     ptr = kept.data_ptr()
     del kept  # the NaN block is cached and serves the next forward of the same size
     loss, grads = _run_step(kind, n, torch.float32)
-    # The step took the NaN block and freed it again: the next forward of that size gets it,
-    # its unused tail still NaN (the step never wrote there).
+    # The step took the NaN block and freed it again: the next forward of that size gets it
+    # and writes every entry (the strips are packed: no unused tail keeps a NaN).
     again = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
                                                    True)[3]
-    assert again.data_ptr() == ptr and bool(torch.isnan(again[1]).any())
+    assert again.data_ptr() == ptr and bool(torch.isfinite(again).all())
     assert torch.isfinite(loss)
     assert torch.equal(loss, fresh_loss)
     for g, g_fresh in zip(grads, fresh_grads):
@@ -551,7 +555,7 @@ def test_the_backward_products_read_no_subnormal(op):
         lam = torch.tensor(0.3)
         m2, clip, lse, kept, carried = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, scale, lam,
                                                                               scale, True)
-        assert kept.shape[0] == 1, "one strip: the whole buffer is used"
+        assert kept.numel() == 4 * n * n, "one strip"
         torch.ops.robustft_ext.m2mix_bwd_kept(one, one, a, b, scale, lam, scale, lse, kept, carried,
                                               True)
     assert int(((kept != 0) & (kept.abs() < tiny)).sum()) == 0
