@@ -583,7 +583,7 @@ inline TileGrads gram_backward(const StepKernelSet& k, const StepSetup& s, const
                                  : cached_empty({gram_strip_entries(n, rows, 0)},
                                                 g.I.options().dtype(ws_dtype));
   at::Tensor u = at::zeros({2, n}, opts), stats = at::zeros({2}, opts);
-  // Strip j, rows [r0, r0 + R), formed in its kept slot or the workspace as `shape`.
+  // Strip j, rows [r0, r0 + R), formed in its kept entries or the workspace as `shape`.
   auto form_strip = [&](int64_t j, int64_t r0, std::initializer_list<int64_t> shape) {
     at::Tensor S = (j < kept ? gram_kept_strip(g.keep, n, rows, j) : ws)
                        .narrow(0, 0, c10::multiply_integers(shape))
