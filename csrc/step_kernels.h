@@ -133,12 +133,9 @@ inline int64_t gram_kept_offset(int64_t n, int64_t R, int64_t j) {
 // How many whole strips a packed buffer of `entries` holds, or -1 when no number of strips
 // fills it exactly (a buffer that is not a forward's).
 inline int64_t gram_kept_count(int64_t n, int64_t R, int64_t entries) {
-  int64_t offset = 0;
-  for (int64_t j = 0; R > 0 && j * R < n; ++j) {
-    if (offset == entries) return j;
-    offset += gram_strip_entries(n, R, j);
-  }
-  return offset == entries ? (n + R - 1) / std::max<int64_t>(R, 1) : -1;
+  int64_t offset = 0, j = 0;
+  while (offset < entries && R > 0 && j * R < n) offset += gram_strip_entries(n, R, j++);
+  return offset == entries ? j : -1;
 }
 
 // Strip j's entries in the packed buffer `keep`.
