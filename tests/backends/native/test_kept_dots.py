@@ -531,6 +531,29 @@ def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
             assert torch.equal(g, g_fresh)
 
 
+def test_the_kept_strips_are_the_interleaved_gram_blocks():
+    """Each kept strip is X_r X_c^T of the strip-interleaved rows X = [I_0; T_0; I_1; T_1]
+    (blocks of 256 rows, the last of 44), its own block included, packed one after another
+    with nothing between or after them."""
+    require_backend("native", "cpu")
+    n, R = 300, 256
+    a, b = (features(n, 24).detach() for _ in range(2))
+    one = torch.tensor(1.0)
+    kept = torch.ops.robustft_ext.m2mix_fwd_keep(a, b, one * 10, torch.tensor(0.3), one * 12,
+                                                  True)[3]
+    assert tuple(torch.ops.robustft_ext.gram_strips(n, 4)) == (R, 2, kept.numel())
+    X = torch.cat([a[:R], b[:R], a[R:], b[R:]]).double()
+    offset = 0
+    for r0 in (0, R):
+        rows, width = min(R, n - r0), n - r0
+        strip = kept[offset:offset + 4 * rows * width].view(2 * rows, 2 * width)
+        offset += strip.numel()
+        X_c = X[2 * r0:]
+        torch.testing.assert_close(strip.double(), X_c[:2 * rows] @ X_c.t(), rtol=0,
+                                   atol=1e-6)
+    assert offset == kept.numel()
+
+
 @pytest.mark.parametrize("op", ["clip", "m2mix"])
 def test_the_backward_products_read_no_subnormal(op):
     """A dlogit of a logit 87 to 104 below its log-sum-exp is a subnormal float, and x86 BLAS
