@@ -33,6 +33,7 @@
 #include "contrastive_kernels.h"
 #include "contrastive_ops.h"
 #include "cpu/cpu_tiles.h"
+#include "cpu/shared_shift.h"
 #include "launcher_contract.h"
 #include "robustft_maths.h"
 
@@ -143,25 +144,16 @@ void siglip_sum_from_dots_impl(const at::Tensor& dots, const at::Tensor& scale_t
 }
 
 // The factors that give CLIP's two dlogit terms from one exp (vec::ClipDlogitArgs), for the
-// rows [r0, r0 + rows) of a problem whose log-sum-exps are row_lse [n] and col_lse [m]: empty
-// where one term is off or the log-sum-exps spread wider than maths::kSharedShiftSpread.
+// rows [r0, r0 + rows) of a problem whose log-sum-exps are row_lse [n] and col_lse [m]: off
+// where one term is off (shift_factors, shared_shift.h, for the rest).
 struct SharedShift {
-  std::vector<float> row_f, col_f;
-  float shift = 0.0f;
+  ShiftFactors f;
 
   SharedShift(const DlogitSpec& spec, const float* row_lse, int64_t n, const float* col_lse,
               int64_t m, int64_t r0, int64_t rows) {
     if (spec.siglip || row_lse == nullptr || col_lse == nullptr) return;
-    const auto [r_lo, r_hi] = std::minmax_element(row_lse, row_lse + n);
-    const auto [c_lo, c_hi] = std::minmax_element(col_lse, col_lse + m);
-    shift = std::max(*r_hi, *c_hi);
-    if (!mx::shares_shift(std::min(*r_lo, *c_lo), shift)) return;
-    row_f.resize(rows);
-    col_f.resize(m);
-    for (int64_t r = 0; r < rows; ++r) {
-      row_f[r] = mx::shift_factor(float(spec.w_row), shift, row_lse[r0 + r]);
-    }
-    for (int64_t q = 0; q < m; ++q) col_f[q] = mx::shift_factor(float(spec.w_col), shift, col_lse[q]);
+    f = shift_factors(row_lse, n, col_lse, m, float(spec.w_row), float(spec.w_col), r0, rows,
+                      0, m);
   }
 };
 
@@ -190,10 +182,10 @@ inline void dlogit_rows(const DlogitSpec& spec, float* d, int64_t m, int64_t r0,
   a.col_lse = col_lse;
   a.special = spec.has_positives ? vec::Special::kSubtract : vec::Special::kNone;
   a.offset = spec.pos_offset;
-  if (!shared.row_f.empty()) {
-    a.row_factor = shared.row_f.data() + r_begin;
-    a.col_factor = shared.col_f.data();
-    a.shift = shared.shift;
+  if (shared.f.on) {
+    a.row_factor = shared.f.row_f.data() + r_begin;
+    a.col_factor = shared.f.col_f.data();
+    a.shift = shared.f.shift;
   }
   k.clip_dlogits(rows_d, r_end - r_begin, m, p0, a, s_dot + r_begin, s_sum + r_begin);
 }

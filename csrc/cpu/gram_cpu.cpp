@@ -26,6 +26,7 @@
 
 #include "cpu/cpu_tiles.h"
 #include "cpu/gram_rows.h"
+#include "cpu/shared_shift.h"
 #include "kept_cache.h"
 #include "launcher_contract.h"
 #include "robustft_maths.h"
@@ -233,22 +234,19 @@ void gram_strip_impl(const GramProblem& p, const at::Tensor& lse_t, int64_t r0, 
   a.f_c = f_c;
   a.with_clip = p.with_clip;
   a.interleaved = p.layout == GramLayout::kInterleaved;
-  // Float: CLIP's two terms of an entry from one exp where its log-sum-exps allow it.
-  std::vector<T> clip_f;
-  if (std::is_same_v<T, float> && p.with_clip) {
-    const T* l_c = a.lse + 2 * n;  // the C rows', then the C columns' [n] each
-    const auto [lo, hi] = std::minmax_element(l_c, l_c + 2 * n);
-    if (mx::shares_shift(*lo, *hi)) {
-      // (A strip reads the factors of its rows and columns only: entities r0 on.)
-      clip_f.resize(2 * n);
-      for (int64_t h = 0; h < 2; ++h) {
-        for (int64_t i = h * n + r0; i < (h + 1) * n; ++i) {
-          clip_f[i] = mx::shift_factor(T(0.5), *hi, l_c[i]);
-        }
+  // Float: CLIP's two terms of an entry from one exp where its log-sum-exps allow it, the
+  // factors of the strip's rows and columns (entities r0 on) from the C rows' and the C
+  // columns' log-sum-exps.
+  [[maybe_unused]] ShiftFactors clip_f;
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.with_clip) {
+      const T* l_c = a.lse + 2 * n;
+      clip_f = shift_factors(l_c, n, l_c + n, n, 0.5f, 0.5f, r0, n - r0, r0, n - r0);
+      if (clip_f.on) {
+        a.clip_row_f = clip_f.row_f.data();
+        a.clip_col_f = clip_f.col_f.data();
+        a.clip_shift = clip_f.shift;
       }
-      a.clip_row_f = clip_f.data();
-      a.clip_col_f = clip_f.data() + n;
-      a.clip_shift = *hi;
     }
   }
   // Per-thread sums, added in slot order (a fixed thread count fixes which rows each slot

@@ -124,7 +124,8 @@ struct StripArgs {
   bool with_clip = false;
   bool interleaved = false;
   // With CLIP, its two terms of an entry from one exp where given (maths::kSharedShiftSpread):
-  // 0.5 exp(clip_shift - lse) of the C rows' and the C columns' log-sum-exps, [n] each.
+  // 0.5 exp(clip_shift - lse) of the C rows' and the C columns' log-sum-exps of the strip's
+  // entities, [n - r0] each (entity r0 + i at i).
   const T* clip_row_f = nullptr;
   const T* clip_col_f = nullptr;
   T clip_shift = T(0);
@@ -162,9 +163,9 @@ RFT_ROW_BODY void strip_span(const StripArgs<T>& a, int64_t r, int64_t c0, int64
   const T la_p = a.lse[p], lb_p = a.lse[n + p], lc_p = a.lse[2 * n + p],
           lccol_p = a.lse[3 * n + p];
   const T sm = a.m2_scale, sc = a.clip_scale;
-  const T* rf = kShared ? a.clip_row_f + a.r0 : nullptr;  // by column
-  const T* cf = kShared ? a.clip_col_f + a.r0 : nullptr;
-  const T rf_p = kShared ? a.clip_row_f[p] : T(0), cf_p = kShared ? a.clip_col_f[p] : T(0);
+  const T* rf = kShared ? a.clip_row_f : nullptr;  // by column
+  const T* cf = kShared ? a.clip_col_f : nullptr;
+  const T rf_p = kShared ? a.clip_row_f[r] : T(0), cf_p = kShared ? a.clip_col_f[r] : T(0);
   // The next row's entries of the four blocks are prefetched block by block (cpu_stream.h).
   const bool ahead = r + 1 < a.rows;
   T s_m2 = T(0), s_clip = T(0), s_ui = T(0), s_ut = T(0);

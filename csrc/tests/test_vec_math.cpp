@@ -22,6 +22,7 @@
 
 #include "cpu/cpu_vec_kernels.h"
 #include "cpu/double_sums.h"
+#include "cpu/shared_shift.h"
 #include "harness.h"
 #include "robustft_maths.h"
 
@@ -29,6 +30,8 @@ namespace {
 
 namespace mx = ::robustft::maths;
 namespace vec = ::robustft::cpu::vec;
+using ::robustft::cpu::shift_factors;
+using ::robustft::cpu::ShiftFactors;
 using rft_test::add_case;
 using rft_test::cat;
 
@@ -492,14 +495,18 @@ void check_gram_loops(const vec::Kernels& k) {
     // CLIP's two terms of an entry from one exp (the factors of the largest C log-sum-exp):
     // the same S, scale sums and u within a few ulp.
     if (clip) {
-      const float shift = *std::max_element(lse.begin() + 2 * n, lse.end());
-      std::vector<float> f(size_t(2 * n)), s_sh = g, u_sh(size_t(2 * n), 0.125f);
-      for (int64_t i = 0; i < 2 * n; ++i) f[i] = mx::shift_factor(0.5f, shift, lse[2 * n + i]);
+      // (The strip's entities r0 on: factor i is entity r0 + i's.)
+      const float* l_c = lse.data() + 2 * n;
+      const ShiftFactors f = shift_factors(l_c, n, l_c + n, n, 0.5f, 0.5f, r0, W, r0, W);
+      RFT_CHECK(f.on && f.shift == *std::max_element(lse.begin() + 2 * n, lse.end()));
+      RFT_CHECK(f.row_f[1] == mx::shift_factor(0.5f, f.shift, l_c[r0 + 1]) &&
+                f.col_f[2] == mx::shift_factor(0.5f, f.shift, l_c[n + r0 + 2]));
+      std::vector<float> s_sh = g, u_sh(size_t(2 * n), 0.125f);
       gram::StripArgs<float> ash = a;
       ash.s = s_sh.data();
-      ash.clip_row_f = f.data();
-      ash.clip_col_f = f.data() + n;
-      ash.clip_shift = shift;
+      ash.clip_row_f = f.row_f.data();
+      ash.clip_col_f = f.col_f.data();
+      ash.clip_shift = f.shift;
       double st[2] = {0.5, 0.25};
       k.gram_strip_rows(ash, 0, R, st, u_sh.data());
       for (size_t i = 0; i < s_sh.size(); ++i) {
