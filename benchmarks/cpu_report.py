@@ -13,7 +13,8 @@ glibc mmap threshold so that its peak memory shows), and then, from that run's r
   benchmarks/cpu_results/compare.csv   cpu_compare.py's rows: each provider's minimum and
                                        median ms and peak MB per (loss, N)
   benchmarks/cpu_results/targets.csv   the targets table (harness/targets.py)
-  benchmarks/cpu_results/run.json      date, machine (CPU model, cores, threads), load average
+  benchmarks/cpu_results/run.json      date, machine (CPU model, torch's CPU capability, cores,
+                                       threads), load average
                                        before and after, torch and robustft_ext versions,
                                        commit, the command, N and rounds, duration
   benchmarks/cpu_results/report.md     the tables in Markdown
@@ -91,7 +92,9 @@ def groups_of(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 
 
 def machine() -> dict:
-    """The CPU model, the cores this process may run on, and the library versions."""
+    """The CPU model, torch's CPU capability (the widest vector instructions torch's own
+    kernels take on this CPU, e.g. AVX512 or AVX2), the cores this process may run on, and the
+    library versions."""
     import torch
 
     from harness.environment import cpu_model, versions
@@ -101,7 +104,8 @@ def machine() -> dict:
     except AttributeError:
         cores = os.cpu_count() or 0
     v = versions()
-    return dict(cpu=model, cores=cores, torch=torch.__version__, robustft_ext=v["robustft_ext"],
+    return dict(cpu=model, cpu_capability=torch.backends.cpu.get_cpu_capability(), cores=cores,
+                torch=torch.__version__, robustft_ext=v["robustft_ext"],
                 commit=_git("rev-parse", "--short", "HEAD"),
                 uncommitted=bool(_git("status", "--porcelain", "--untracked-files=no")))
 
@@ -177,6 +181,8 @@ def report_markdown(run: dict, rows: list[dict], trows: list[dict], plots: list[
     """The report: what ran where and when, the targets tables, every provider, the plots."""
     rounds = ", ".join(f"{r} rounds at N = {', '.join(map(str, ns))}" for ns, r in run["groups"])
     loads = sorted(float(r["load1"]) for r in rows if r.get("load1") not in (None, ""))
+    # (A run.json from before the capability was recorded has none.)
+    capability = f" ({run['cpu_capability']})" if run.get("cpu_capability") else ""
     per_config = ("-" if not loads else f"{loads[0]:g}" if loads[0] == loads[-1]
                   else f"{loads[0]:g}-{loads[-1]:g}")
     ns = sorted({n for group, _ in run["groups"] for n in group})
@@ -185,7 +191,7 @@ def report_markdown(run: dict, rows: list[dict], trows: list[dict], plots: list[
              "every N it measured, and the full run replaces it.\n\n" if run["trial"] else "")
     lines = [
         trial + f"Run of {run['start'][:16].replace('T', ' ')} to {run['end'][11:16]} UTC "
-        f"({run['duration_s'] / 60:.0f} min) on {run['cpu']}, {run['cores']} cores, "
+        f"({run['duration_s'] / 60:.0f} min) on {run['cpu']}{capability}, {run['cores']} cores, "
         f"{run['threads']} threads; torch {run['torch']}, robustft_ext {run['robustft_ext']} "
         f"(commit {run['commit'] or '?'}"
         f"{', with uncommitted changes' if run['uncommitted'] else ''}"

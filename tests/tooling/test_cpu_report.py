@@ -205,11 +205,13 @@ def test_cpu_report_end_to_end(tmp_path, restore_process):
         assert key in run, key
     assert run["threads"] == 1 and run["trial"] is True and len(run["load_before"]) == 3
     assert run["torch"] == torch.__version__ and run["groups"] == [[[16], 2]]
+    assert run["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert {t["provider"] for t in _read(out / "targets.csv")} == {"native", "native-products"}
     text = page.read_text()
     assert text.startswith("# Page\n\nbefore\n\n" + cpu_report.BEGIN)
     assert text.endswith(cpu_report.END + "\n\nafter\n") and "old numbers" not in text
     assert "A trial run at N = 16" in text and f"{run['cores']} cores, 1 threads" in text
+    assert f"({run['cpu_capability']}), {run['cores']} cores" in text
     assert "| CLIP + 0.01 m^2 | 16 |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "plots" / "clip_m2mix_fp32_D8_full.png").exists()
