@@ -626,8 +626,8 @@ def _gram_grads(s: _Step, grads: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, T
     stats [2] = the m^2 and CLIP scale gradients without the true pair's share, u [2, n]).
 
     Strips of rows [r0, r1) against the columns [r0, n), as many rows as the workspace limit
-    allows (ds_workspace.chunk_rows), at most GRAM_STRIP_ROWS_MAX: one launch of gram_kernels.gram_strip_kernel forms
-    S[r0:r1, r0:] / norm in the workspace (interleaved: S is a [2 R, 2 (n - r0)] block of
+    allows (ds_workspace.chunk_rows) and at most GRAM_STRIP_ROWS_MAX: one launch of
+    gram_kernels.gram_strip_kernel forms S[r0:r1, r0:] / norm in the workspace (interleaved: S is a [2 R, 2 (n - r0)] block of
     dG + dG^T over the rows X = [I_0; T_0; I_1; T_1; ...]), norm = |a_m| + |a_c| so that
     16-bit workspaces hold entries of order one, and two float32-output library GEMMs take
     the strip's gradients from it:
