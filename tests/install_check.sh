@@ -6,11 +6,13 @@
 #                                  system site-packages; `pip install -v .` (not editable): the
 #                                  CUDA kernels where nvcc can build against that torch, else the
 #                                  CPU kernels and a warning; then a smoke subset of the tests.
-#   tests/install_check.sh package `python -m build` (an sdist, then a wheel built from it) with the
-#                                  installed torch; the wheel, and then the sdist, each installed
-#                                  into a fresh venv over the system site-packages (torch,
-#                                  open_clip): import, clip_loss on the native kernels,
-#                                  robustft-train --help, robustft-open-clip-train --help.
+#   tests/install_check.sh package `python -m build` (an sdist, then a wheel built from the unpacked
+#                                  sdist, which proves the sdist holds what the build needs) with
+#                                  the installed torch; the wheel installed into a fresh venv over
+#                                  the system site-packages (torch, open_clip): import, clip_loss
+#                                  on the native kernels, robustft-train --help,
+#                                  robustft-open-clip-train --help. (Installing the sdist too
+#                                  would compile the same sources a second time.)
 # Works on a copy of the tracked files (what a clone holds), in a temporary folder it removes.
 # Environment: PYTHON (default python3), TORCH_SPEC (default: torch, the newest), KEEP=1 keeps
 # the temporary folder.
@@ -90,14 +92,17 @@ package() {
   grep "robustft_ext: building" "$WORK/package.log"
   ls -l "$WORK/dist"
   echo "   sdist and wheel built in $((SECONDS - start)) s"
-  for artifact in "$WORK"/dist/*.whl "$WORK"/dist/*.tar.gz; do
-    local venv="$WORK/venv-$(basename "$artifact" | tr -c 'A-Za-z0-9\n' _)"
-    echo "== install check: $(basename "$artifact") into a fresh venv"
-    "$PYTHON" -m venv --system-site-packages "$venv"
-    # with the extra that open_clip's trainer needs (robustft-open-clip-train)
-    ROBUSTFT_FORCE_CPU=1 "$venv/bin/pip" install -q --no-build-isolation "$artifact[open-clip-train]"
-    check_installed "$venv" cli
-  done
+  local wheels=("$WORK"/dist/*.whl) sdists=("$WORK"/dist/*.tar.gz)
+  if [ "${#wheels[@]}" -ne 1 ] || [ ! -f "${wheels[0]}" ] || [ "${#sdists[@]}" -ne 1 ] || [ ! -f "${sdists[0]}" ]; then
+    echo "install check: expected one sdist and one wheel in $WORK/dist" >&2
+    exit 1
+  fi
+  local venv="$WORK/venv-wheel"
+  echo "== install check: $(basename "${wheels[0]}") into a fresh venv"
+  "$PYTHON" -m venv --system-site-packages "$venv"
+  # with the extra that open_clip's trainer needs (robustft-open-clip-train)
+  "$venv/bin/pip" install -q --no-build-isolation "${wheels[0]}[open-clip-train]"
+  check_installed "$venv" cli
   echo "== install check: packaging done in $((SECONDS - start)) s"
 }
 
