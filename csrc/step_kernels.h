@@ -68,8 +68,9 @@ struct DiveInputs {
 //   kInterleaved: S [2 R, 2 W], the product X_r X_c^T of the strip-interleaved rows
 //                 X = [I_0; T_0; I_1; T_1; ...] (block b: the rows [b R, (b + 1) R) of I,
 //                 then of T), X_r the strip's own block and X_c the blocks from it on. One
-//                 BLAS call forms a strip and two take its gradients, where kBlocks needs
-//                 four and eight of a quarter the size (which BLAS runs more slowly).
+//                 BLAS call forms a strip past its own block and two take its gradients,
+//                 where kBlocks needs four and eight of a quarter the size (which BLAS runs
+//                 more slowly).
 enum class GramLayout { kBlocks, kInterleaved };
 
 // The symmetric Gram formulation of CLIP + m^2-mix (docs/maths.md, section 9.4): every logit
@@ -101,9 +102,9 @@ constexpr double kGramWeightLimit = 4.0;
 
 // The most rows of the CPU's Gram strips. Its forward takes the Gram blocks strip by strip
 // (the backward's strips, so that it can keep them for it) and computes each strip's own
-// square block whole: its products cover n^2 / 2 + n R / 2 entries of each block, against
-// the triangle's n^2 / 2 (1.06 times at n = 2048). The CUDA forward schedules the triangle
-// by tiles and takes the workspace's strips.
+// square block but for its T I^T quarter (copied from I T^T): its products cover 2 n^2 + n R
+// of the 2n x 2n Gram matrix's entries, against the triangle's 2 n^2 (1.06 times at n =
+// 2048). The CUDA forward schedules the triangle by tiles and takes the workspace's strips.
 constexpr int64_t kCpuGramStripRows = 256;
 
 // The most rows of the GPU backends' Gram strips (CUDA's here, Triton's GRAM_STRIP_ROWS_MAX).

@@ -534,7 +534,8 @@ def test_a_reused_kept_block_full_of_nan_gives_the_fresh_results(kind):
 def test_the_kept_strips_are_the_interleaved_gram_blocks():
     """Each kept strip is X_r X_c^T of the strip-interleaved rows X = [I_0; T_0; I_1; T_1]
     (blocks of 256 rows, the last of 44), its own block included, packed one after another
-    with nothing between or after them."""
+    with nothing between or after them. The own block's T I^T quarter is the transpose of its
+    I T^T quarter exactly (the forward copies it rather than multiplying it)."""
     require_backend("native", "cpu")
     n, R = 300, 256
     a, b = (features(n, 24).detach() for _ in range(2))
@@ -551,6 +552,7 @@ def test_the_kept_strips_are_the_interleaved_gram_blocks():
         X_c = X[2 * r0:]
         torch.testing.assert_close(strip.double(), X_c[:2 * rows] @ X_c.t(), rtol=0,
                                    atol=1e-6)
+        assert torch.equal(strip[rows:, :rows], strip[:rows, rows:2 * rows].t())
     assert offset == kept.numel()
 
 
