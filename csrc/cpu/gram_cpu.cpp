@@ -9,8 +9,9 @@
 // backward. A strip's four Gram blocks come from multi-threaded BLAS calls of the stacked
 // rows in the interleaved layout, one for the columns past its own block and two for that
 // block, whose T I^T quarter is copied (four calls in the blocks layout of the CUDA
-// emulation, step_kernels.h); its 128 x 128 fold tiles are the tasks of one parallel region, each
-// folding both orientations into its thread's own statistics, merged at the end.
+// emulation, step_kernels.h); its 128 x 128 fold tiles are the tasks of one parallel
+// region, each folding both orientations into its thread's own statistics, merged at the
+// end.
 //
 // Backward strip: its Gram blocks from the same call(s) straight into the workspace strip
 // (unless the forward kept them), then one pass per row turns each entry
@@ -57,7 +58,7 @@ struct Weights {
 
 // dst[i, j] = src[j, i] for an R x R block of either acc dtype (row strides ld_dst, ld_src),
 // by 32 x 32 tiles whose rows of both sides stay in cache: ATen's copy of the transposed view
-// took 0.12-0.15 ms for R = 256 (AMD EPYC, 2026-12-08), ten times one pass over the bytes.
+// took 0.12-0.15 ms for R = 256 (AMD EPYC, 2 threads, 2026-12-08).
 template <typename T>
 void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t R) {
   constexpr int64_t kTile = 32;
@@ -75,9 +76,9 @@ void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64
 }
 
 // The Gram blocks of the strip of R rows from r0 against the rows [r0, n), into buffer in
-// the problem's layout (step_kernels.h), returned as that strip's view: interleaved, X_r
-// X_c^T of the stacked rows; blocks, four (I I^T, I T^T, T I^T,
-// T T^T) of I and T in the accumulation dtype (Xi, Xt: the caller's copies).
+// the problem's layout (step_kernels.h), returned as that strip's view: interleaved,
+// X_r X_c^T of the stacked rows; blocks, four products (I I^T, I T^T, T I^T, T T^T) of I and
+// T in the accumulation dtype (Xi, Xt: the caller's copies).
 at::Tensor strip_gram(const GramProblem& p, const at::Tensor& Xi, const at::Tensor& Xt,
                       int64_t r0, int64_t R, const at::Tensor& buffer) {
   const int64_t W = p.n - r0;
