@@ -93,7 +93,8 @@ package() {
   ls -l "$WORK/dist"
   echo "   sdist and wheel built in $((SECONDS - start)) s"
   local wheels=("$WORK"/dist/*.whl) sdists=("$WORK"/dist/*.tar.gz)
-  if [ "${#wheels[@]}" -ne 1 ] || [ ! -f "${wheels[0]}" ] || [ "${#sdists[@]}" -ne 1 ] || [ ! -f "${sdists[0]}" ]; then
+  if [ "${#wheels[@]}" -ne 1 ] || [ ! -f "${wheels[0]}" ] ||
+     [ "${#sdists[@]}" -ne 1 ] || [ ! -f "${sdists[0]}" ]; then
     echo "install check: expected one sdist and one wheel in $WORK/dist" >&2
     exit 1
   fi
